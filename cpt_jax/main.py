@@ -1,0 +1,372 @@
+r"""Train one run, or the runs a config lists, in a workdir; re-running the command resumes.
+
+    python -m cpt_jax.main --config configs/demo.py --workdir /tmp/demo [--config.total_steps=50]
+
+The flow, top to bottom: validate the config (before anything is written or compiled); data;
+model, optimizer and shardings; restore or initialise; compile ahead of time; the train loop with
+logs, evals and async checkpoints. A config with `runs` trains each named run in `DIR/<name>`
+(`init_from="run:<name>"` links to a sibling run) and prints their comparison at the end.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import copy
+import dataclasses
+import functools
+import json
+import logging
+import os
+import sys
+import time
+
+import jax
+import ml_collections
+import numpy as np
+import optax
+from absl import app, flags
+from jax.sharding import NamedSharding, PartitionSpec as P
+from ml_collections import config_flags
+
+from cpt_jax import checkpoint, data, models, sharding, summary, train
+from cpt_jax.metrics import MetricWriter, log_line, peak_flops, read_jsonl, setup_logging
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/demo.py[:arg].")
+_WORKDIR = flags.DEFINE_string("workdir", None, "Where checkpoints, metrics and logs go.")
+
+log = logging.getLogger("cpt_jax")
+
+
+class ConfigError(ValueError):
+    """A config field that cannot work; raised before anything is written or compiled."""
+
+
+# ----------------------------------------------------------------------------------------------
+# Validation: cheap checks that name the field, before any expensive or irreversible work.
+# ----------------------------------------------------------------------------------------------
+def _model_config(config, vocab_size: int) -> models.ModelConfig:
+    m = config.model
+    try:
+        return models.model_config(
+            m.size, vocab_size, dtype=m.dtype, scan_layers=m.scan_layers, remat=m.remat,
+            attention=m.attention, rope_theta=m.rope_theta, tie_embeddings=m.tie_embeddings,
+            qkv_bias=m.qkv_bias,
+        )
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+
+
+def validate(config, devices=None, check_init_from: bool = True) -> jax.sharding.Mesh:
+    """Checks every field a run depends on; returns the mesh. `check_init_from=False` where the
+    checkpoint is made by an earlier run of the same config."""
+    for field in ("total_steps", "batch_size", "seq_len", "log_every", "eval_every", "checkpoint_every",
+                  "keep_checkpoints", "optimizer.grad_accum"):
+        value = functools.reduce(getattr, field.split("."), config)
+        if not isinstance(value, int) or value <= 0:
+            raise ConfigError(f"{field}={value!r} must be a positive integer")
+    if not 0.0 <= config.data.replay_ratio < 1.0:
+        raise ConfigError(f"data.replay_ratio={config.data.replay_ratio} must be in [0, 1)")
+    if config.data.replay_ratio > 0 and config.data.replay == config.data.target:
+        raise ConfigError(f"data.replay={config.data.replay!r} is the target language itself")
+    for field in ("target", "replay"):
+        if getattr(config.data, field) not in data.LANGS:
+            raise ConfigError(f"data.{field}={getattr(config.data, field)!r} is not one of {data.LANGS}")
+    if config.model.dtype not in ("float32", "bfloat16", "float16"):
+        raise ConfigError(f"model.dtype={config.model.dtype!r} must be float32, bfloat16 or float16")
+    _model_config(config, vocab_size=max(config.model.vocab_size, 1))
+    try:
+        mesh = sharding.make_mesh(config.mesh.shape, devices)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    dp, accum = sharding.data_parallel_size(mesh), config.optimizer.grad_accum
+    if config.batch_size % (dp * accum):
+        raise ConfigError(
+            f"batch_size={config.batch_size} is not divisible by data-parallel size {dp} "
+            f"(mesh data x fsdp) x optimizer.grad_accum={accum}")
+    if config.batch_size % jax.process_count():
+        raise ConfigError(f"batch_size={config.batch_size} is not divisible by {jax.process_count()} processes")
+    if config.init_from and check_init_from:
+        ckpt_dir = checkpoint.checkpoint_dir(config.init_from)
+        if not os.path.isdir(ckpt_dir) or checkpoint.Checkpointer(ckpt_dir, read_only=True).latest_step() is None:
+            raise ConfigError(f"init_from={config.init_from!r}: no checkpoint found there")
+    return mesh
+
+
+# ----------------------------------------------------------------------------------------------
+# One run.
+# ----------------------------------------------------------------------------------------------
+def train_run(config: ml_collections.ConfigDict, workdir: str, devices=None) -> list[dict]:
+    """Trains (or resumes, or skips if finished) one run; returns its metrics records."""
+    mesh = validate(config, devices)
+    is_main = jax.process_index() == 0
+
+    # --- Data: the bilingual corpus, its tokenizer, and the stream as a function of the step.
+    bundle = data.build_bilingual(config.data.cache_dir or None, config.data.vocab_size, config.seq_len,
+                                  eval_fraction=config.data.eval_fraction)
+    weights = {config.data.target: 1.0 - config.data.replay_ratio}
+    if config.data.replay_ratio > 0:
+        weights[config.data.replay] = config.data.replay_ratio
+    mixture = data.Mixture({k: bundle.train[k] for k in weights}, weights, seed=config.seed)
+    names = mixture.source_names
+
+    # --- Model, optimizer, shardings.
+    vocab = config.model.vocab_size or bundle.tokenizer.vocab_size
+    if vocab < bundle.tokenizer.vocab_size:
+        raise ConfigError(f"model.vocab_size={vocab} is smaller than the tokenizer's {bundle.tokenizer.vocab_size}")
+    mcfg = _model_config(config, vocab)
+    spec = models.spec(mcfg)
+    tx = train.optimizer(config.optimizer, config.total_steps)
+    lr_fn = train.schedule(config.optimizer.peak_lr, config.total_steps, config.optimizer.warmup_frac,
+                           config.optimizer.min_lr_frac)
+    replicated = NamedSharding(mesh, P())
+    p_sh = sharding.param_shardings(spec.abstract_params, spec.axes, mesh)
+    abstract_opt = jax.eval_shape(tx.init, spec.abstract_params)
+    o_sh = optax.tree_map_params(tx, lambda _, s: s, abstract_opt, p_sh, transform_non_params=lambda _: replicated)
+    state_sh = train.TrainState(step=replicated, params=p_sh, opt_state=o_sh)
+    batch_sh = {"tokens": sharding.batch_sharding(mesh, 2), "source": sharding.batch_sharding(mesh, 1),
+                "valid": sharding.batch_sharding(mesh, 1)}
+    meta = {
+        "config": json.loads(config.to_json()), "model": dataclasses.asdict(mcfg),
+        "tokenizer": bundle.tokenizer.fingerprint, "sources": names,
+    }
+
+    # init_from must speak the same vocabulary: checked before any compile or write.
+    if config.init_from:
+        src = checkpoint.Checkpointer(checkpoint.checkpoint_dir(config.init_from), read_only=True)
+        src_meta = src.meta()
+        if src_meta.get("tokenizer") != bundle.tokenizer.fingerprint:
+            raise ConfigError(f"init_from={config.init_from!r} was trained with tokenizer "
+                              f"{src_meta.get('tokenizer')}, this run uses {bundle.tokenizer.fingerprint}")
+        if src_meta["model"]["vocab_size"] != vocab or src_meta["model"]["hidden"] != mcfg.hidden:
+            raise ConfigError(f"init_from={config.init_from!r} holds a different model "
+                              f"({src_meta['model']['hidden']} hidden, {src_meta['model']['vocab_size']} vocab)")
+
+    with jax.set_mesh(mesh):
+        # --- Restore or initialise: own checkpoint, else init_from (params only), else random.
+        os.makedirs(workdir, exist_ok=True)
+        ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), config.keep_checkpoints,
+                                       config.keep_every)
+        start = ckpt.latest_step()
+        abstract_params = checkpoint.abstract_with_shardings(spec.abstract_params, p_sh)
+        init_opt = jax.jit(tx.init, out_shardings=o_sh)
+        if start is not None:
+            params, opt_state, _ = ckpt.restore(start, abstract_params,
+                                                checkpoint.abstract_with_shardings(abstract_opt, o_sh))
+            log.info("resumed %s at step %d", workdir, start)
+        else:
+            if config.init_from:
+                params, _, _ = src.restore(src.latest_step(), abstract_params)
+                log.info("initialised params from %s (step %d)", config.init_from, src.latest_step())
+            else:
+                init = jax.jit(functools.partial(models.init_params, mcfg), out_shardings=p_sh)
+                params = init(jax.random.key(config.seed))
+            opt_state = init_opt(params)
+        step = start or 0
+        state = train.TrainState(jax.device_put(np.int32(step), replicated), params, opt_state)
+        writer = MetricWriter(workdir, start, enabled=is_main)
+        if is_main:
+            with open(os.path.join(workdir, "config.json"), "w") as f:
+                f.write(config.to_json(indent=2))
+        if step >= config.total_steps:
+            log.info("%s is already finished (step %d)", workdir, step)
+            ckpt.close()
+            writer.close()
+            return read_jsonl(writer.path)
+
+        # --- Compile ahead of time; print the memory estimate before step 1.
+        step_fn = jax.jit(
+            functools.partial(train.train_step, graphdef=spec.graphdef, tx=tx, lr_fn=lr_fn,
+                              num_sources=len(names), grad_accum=config.optimizer.grad_accum),
+            in_shardings=(state_sh, {k: batch_sh[k] for k in ("tokens", "source")}), out_shardings=(state_sh, None), donate_argnums=0,
+        )
+        b, t = config.batch_size, config.seq_len
+        abstract_batch = {"tokens": jax.ShapeDtypeStruct((b, t + 1), np.int32, sharding=batch_sh["tokens"]),
+                          "source": jax.ShapeDtypeStruct((b,), np.int32, sharding=batch_sh["source"])}
+        t0 = time.perf_counter()
+        compiled = step_fn.lower(jax.eval_shape(lambda: state), abstract_batch).compile()
+        mem = compiled.memory_analysis()
+        log.info("compiled train step in %.1fs; %s params (%s non-embedding); memory per device: %s",
+                 time.perf_counter() - t0, f"{mcfg.param_count():,}", f"{mcfg.non_embedding_params():,}",
+                 _memory_summary(mem))
+        eval_fn = jax.jit(functools.partial(train.eval_step, graphdef=spec.graphdef),
+                          in_shardings=(p_sh, batch_sh["tokens"], batch_sh["valid"]))
+
+        # --- Batches: built on the host for this process's slots, one step ahead of the device.
+        per_proc = b // jax.process_count()
+        slots = slice(jax.process_index() * per_proc, (jax.process_index() + 1) * per_proc)
+
+        def host_batch(s):
+            tokens, source = mixture.batch(s, b, slots)
+            return {"tokens": tokens, "source": source}
+
+        def to_device(host):
+            return {k: jax.make_array_from_process_local_data(batch_sh[k], v) for k, v in host.items()}
+
+        def evaluate(params) -> dict:
+            """Mean token loss over every held-out row (up to data.eval_batches batches); the
+            last batch is padded with masked rows so nothing is dropped."""
+            out = {}
+            for name, rows in bundle.eval.items():
+                n = -(-len(rows) // b)
+                if config.data.eval_batches:
+                    n = min(n, config.data.eval_batches)
+                sums = []
+                for i in range(n):
+                    chunk = rows[i * b:(i + 1) * b]
+                    valid = np.zeros(b, np.float32)
+                    valid[:len(chunk)] = 1.0
+                    chunk = np.concatenate([chunk, np.zeros((b - len(chunk), t + 1), np.int32)])
+                    sums.append(eval_fn(params, *to_device({"tokens": chunk[slots], "valid": valid[slots]}).values()))
+                total, count = np.sum(jax.device_get(sums), axis=0)
+                out[f"eval/{name}/loss"] = total / count
+            return out
+
+        def record(s, m, train_s, steps) -> dict:
+            counts, epochs = mixture.cumulative_counts(s, b), mixture.epochs(s, b)
+            r = {"train/loss": m["loss"], "train/grad_norm": m["grad_norm"], "train/lr": m["lr"],
+                 "train/tokens": s * b * t}
+            for i, name in enumerate(names):
+                if m["source_count"][i] > 0:
+                    r[f"train/{name}/loss"] = m["source_loss_sum"][i] / m["source_count"][i]
+                r[f"data/{name}_fraction"] = counts[name] / (s * b)
+                r[f"data/{name}_epoch"] = epochs[name]
+            tps = steps * b * t / train_s
+            r["perf/tokens_per_sec"] = tps
+            r["perf/step_time_s"] = train_s / steps
+            peak = peak_flops(jax.devices()[0])
+            if peak:
+                r["perf/mfu"] = tps * models.flops_per_token(mcfg, t) / (peak * jax.device_count())
+            return r
+
+        if start is None:
+            first = evaluate(state.params)
+            writer.write(0, first)
+            log.info(log_line(0, config.total_steps, first, None))
+
+        # --- Train loop. Metrics of a logged step are fetched only after the next step is
+        # dispatched, so the host never stalls the device; speed is measured between the moments
+        # two logged steps finish, less the time spent in evals.
+        pool = concurrent.futures.ThreadPoolExecutor(1)
+        next_host = pool.submit(host_batch, step)
+        pending = None  # (step, device metrics, evals)
+        clock = {"t": time.perf_counter(), "step": step, "eval_s": 0.0}
+
+        def emit(s, m, evals):
+            m = jax.device_get(m)  # waits for step s only
+            now = time.perf_counter()
+            r = {**record(s, m, now - clock["t"] - clock["eval_s"], s - clock["step"]), **evals}
+            clock.update(t=now, step=s, eval_s=0.0)
+            writer.write(s, r)
+            log.info(log_line(s, config.total_steps, r, (config.total_steps - s) * r["perf/step_time_s"]))
+
+        while step < config.total_steps:
+            batch = to_device(next_host.result())
+            if step + 1 < config.total_steps:
+                next_host = pool.submit(host_batch, step + 1)
+            state, m = compiled(state, batch)
+            step += 1
+            if pending:
+                emit(*pending)
+                pending = None
+            last = step == config.total_steps
+            evals = {}
+            if step % config.eval_every == 0 or last:
+                jax.block_until_ready(state.params)  # the wait for training is train time
+                t_eval = time.perf_counter()
+                evals = evaluate(state.params)
+                clock["eval_s"] += time.perf_counter() - t_eval
+            if step % config.log_every == 0 or evals:
+                pending = (step, m, evals)
+            if step % config.checkpoint_every == 0 or last:
+                ckpt.save(step, state.params, state.opt_state, meta)
+        if pending:
+            emit(*pending)
+        pool.shutdown()
+        ckpt.wait()
+        ckpt.close()
+        writer.close()
+    return read_jsonl(writer.path)
+
+
+def _memory_summary(mem) -> str:
+    if mem is None:
+        return "n/a"
+    gib = lambda x: f"{x / 2**30:.2f} GiB"  # noqa: E731
+    return (f"args {gib(mem.argument_size_in_bytes)}, temps {gib(mem.temp_size_in_bytes)}, "
+            f"outputs {gib(mem.output_size_in_bytes)} (donated state aliases its inputs)")
+
+
+# ----------------------------------------------------------------------------------------------
+# Several runs from one config (the demo; later the sweep).
+# ----------------------------------------------------------------------------------------------
+def expand_runs(config: ml_collections.ConfigDict, workdir: str) -> list[tuple[str, ml_collections.ConfigDict, str]]:
+    """(name, config, workdir) for each run; a config without `runs` is one run in `workdir`."""
+    if "runs" not in config:
+        return [("", config, workdir)]
+    out = []
+    base = copy.deepcopy(config)
+    with base.unlocked():
+        del base["runs"]
+        if "report" in base:
+            del base["report"]
+    for name, overrides in config.runs.items():
+        run = copy.deepcopy(base)
+        try:
+            run.update_from_flattened_dict(_flatten(overrides.to_dict()))
+        except (KeyError, AttributeError) as e:
+            raise ConfigError(f"runs.{name}: unknown config field {e}") from None
+        if run.init_from.startswith("run:"):
+            run.init_from = os.path.join(workdir, run.init_from[4:])
+        out.append((name, run, os.path.join(workdir, name)))
+    # A run starts after the run it continues (ConfigDict does not keep the file's key order).
+    done: list = []
+    while out:
+        ready = next(r for r in out if not r[1].init_from.startswith(workdir + os.sep)
+                     or any(r[1].init_from == d[2] for d in done) or all(r[1].init_from != o[2] for o in out))
+        done.append(ready)
+        out.remove(ready)
+    return done
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    flat = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            flat.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            flat[f"{prefix}{k}"] = v
+    return flat
+
+
+def run_all(config: ml_collections.ConfigDict, workdir: str) -> None:
+    runs = expand_runs(config, workdir)
+    # Validate every run before the first one trains: a typo in the last run fails now.
+    for name, run, _ in runs:
+        try:
+            validate(run, check_init_from=all(run.init_from != d for _, _, d in runs))
+        except ConfigError as e:
+            raise ConfigError(f"runs.{name}: {e}" if name else str(e)) from None
+    t0 = time.perf_counter()
+    for name, run, run_dir in runs:
+        if name:
+            log.info("=== run %s -> %s", name, run_dir)
+        train_run(run, run_dir)
+    if "report" in config and jax.process_index() == 0:
+        print(summary.compare(workdir, config.report.to_dict(), time.perf_counter() - t0))
+
+
+def main(argv) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    setup_logging()
+    if _CONFIG.value is None or not _WORKDIR.value:
+        raise app.UsageError("--config and --workdir are required")
+    try:
+        run_all(_CONFIG.value, _WORKDIR.value)
+    except ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    app.run(main)

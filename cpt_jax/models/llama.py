@@ -1,0 +1,201 @@
+"""A LLaMA-2-style decoder in Flax NNX: RMSNorm, RoPE, SwiGLU, grouped-query attention.
+
+Parameters are float32 and carry logical axis names (metadata `axes`); `sharding.py` maps those
+names to mesh axes. The per-layer parameters are always stored stacked along a leading `layers`
+axis, whether the forward pass scans over them or unrolls a Python loop, so checkpoints do not
+depend on `scan_layers` (the scan-vs-unrolled mismatch is a known pitfall of other trainers).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from cpt_jax import sharding
+
+REMAT_POLICIES = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_no_batch": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """Architecture plus the numerics and layout knobs of one model."""
+
+    vocab_size: int
+    hidden: int
+    intermediate: int
+    layers: int
+    heads: int
+    kv_heads: int
+    head_dim: int = 0  # 0: hidden // heads
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    tie_embeddings: bool = False
+    qkv_bias: bool = False  # Qwen2 style
+    init_std: float = 0.02
+    dtype: str = "float32"  # compute dtype; parameters stay float32
+    scan_layers: bool = True
+    remat: str = "none"  # a key of REMAT_POLICIES
+    attention: str = "xla"  # jax.nn.dot_product_attention implementation: xla | cudnn | auto
+
+    def __post_init__(self):
+        if self.head_dim == 0:
+            object.__setattr__(self, "head_dim", self.hidden // self.heads)
+        if self.heads % self.kv_heads:
+            raise ValueError(f"model.heads={self.heads} is not a multiple of model.kv_heads={self.kv_heads}")
+        if self.head_dim % 2:
+            raise ValueError(f"model head_dim={self.head_dim} must be even for RoPE")
+        if self.remat not in REMAT_POLICIES:
+            raise ValueError(f"model.remat={self.remat!r} is not one of {sorted(REMAT_POLICIES)}")
+        if self.attention not in ("xla", "cudnn", "auto"):
+            raise ValueError(f"model.attention={self.attention!r} is not one of xla, cudnn, auto")
+
+    def param_count(self) -> int:
+        """Exact number of parameters of this architecture (no model is built)."""
+        return self.non_embedding_params() + (0 if self.tie_embeddings else self.vocab_size * self.hidden)
+
+    def non_embedding_params(self) -> int:
+        """All parameters but the input embedding table; the output head counts even when tied,
+        because its matmul is real work (this is the N of the MFU formula)."""
+        d, f, h, k, hd = self.hidden, self.intermediate, self.heads, self.kv_heads, self.head_dim
+        attn = d * h * hd * 2 + d * k * hd * 2 + (h * hd + 2 * k * hd if self.qkv_bias else 0)
+        block = attn + 3 * d * f + 2 * d
+        return self.layers * block + d + self.vocab_size * d
+
+
+def _param(rngs: nnx.Rngs, shape: tuple[int, ...], axes: tuple[str, ...], std: float) -> nnx.Param:
+    return nnx.Param(std * jax.random.normal(rngs.params(), shape, jnp.float32), axes=axes)
+
+
+def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
+    # Statistics in float32 whatever the compute dtype.
+    x32 = x.astype(jnp.float32)
+    y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+    return (y * weight).astype(x.dtype)
+
+
+def rope_tables(positions: jax.Array, head_dim: int, theta: float) -> tuple[jax.Array, jax.Array]:
+    """cos/sin of shape [batch, seq, head_dim // 2] for the half-rotation (HF LLaMA) layout."""
+    inv_freq = 1.0 / theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim)
+    angles = positions.astype(jnp.float32)[..., None] * inv_freq
+    return jnp.cos(angles), jnp.sin(angles)
+
+
+def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """x: [batch, seq, heads, head_dim]; rotates the two halves of head_dim (HF convention)."""
+    x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+    cos, sin = cos[:, :, None, :], sin[:, :, None, :]
+    return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
+
+
+class Block(nnx.Module):
+    """One pre-norm transformer layer: x + attn(norm(x)), then x + mlp(norm(x))."""
+
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        d, f, h, k, hd, std = cfg.hidden, cfg.intermediate, cfg.heads, cfg.kv_heads, cfg.head_dim, cfg.init_std
+        self.cfg = cfg
+        self.attn_norm = nnx.Param(jnp.ones((d,), jnp.float32), axes=("norm",))
+        self.q = _param(rngs, (d, h, hd), ("embed", "heads", "head_dim"), std)
+        self.k = _param(rngs, (d, k, hd), ("embed", "kv_heads", "head_dim"), std)
+        self.v = _param(rngs, (d, k, hd), ("embed", "kv_heads", "head_dim"), std)
+        self.o = _param(rngs, (h, hd, d), ("heads", "head_dim", "embed"), std)
+        if cfg.qkv_bias:
+            self.q_bias = nnx.Param(jnp.zeros((h, hd), jnp.float32), axes=("heads", "head_dim"))
+            self.k_bias = nnx.Param(jnp.zeros((k, hd), jnp.float32), axes=("kv_heads", "head_dim"))
+            self.v_bias = nnx.Param(jnp.zeros((k, hd), jnp.float32), axes=("kv_heads", "head_dim"))
+        self.mlp_norm = nnx.Param(jnp.ones((d,), jnp.float32), axes=("norm",))
+        self.gate = _param(rngs, (d, f), ("embed", "mlp"), std)
+        self.up = _param(rngs, (d, f), ("embed", "mlp"), std)
+        self.down = _param(rngs, (f, d), ("mlp", "embed"), std)
+
+    def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+        cfg, dt = self.cfg, jnp.dtype(self.cfg.dtype)
+        w = lambda p: p[...].astype(dt)  # noqa: E731  (params live in float32, compute in dt)
+
+        y = rms_norm(x, self.attn_norm[...], cfg.norm_eps)
+        q = jnp.einsum("btd,dhk->bthk", y, w(self.q))
+        k = jnp.einsum("btd,dhk->bthk", y, w(self.k))
+        v = jnp.einsum("btd,dhk->bthk", y, w(self.v))
+        if cfg.qkv_bias:
+            q, k, v = q + w(self.q_bias), k + w(self.k_bias), v + w(self.v_bias)
+        q = sharding.constrain(apply_rope(q, cos, sin), ("batch", "length", "heads", "head_dim"))
+        k = sharding.constrain(apply_rope(k, cos, sin), ("batch", "length", "kv_heads", "head_dim"))
+        impl = None if cfg.attention == "auto" else cfg.attention
+        a = jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=impl)
+        x = x + jnp.einsum("bthk,hkd->btd", a, w(self.o))
+        x = sharding.constrain(x, ("batch", "length", "embed"))
+
+        y = rms_norm(x, self.mlp_norm[...], cfg.norm_eps)
+        hidden = jax.nn.silu(y @ w(self.gate)) * (y @ w(self.up))
+        hidden = sharding.constrain(hidden, ("batch", "length", "mlp"))
+        x = x + hidden @ w(self.down)
+        return sharding.constrain(x, ("batch", "length", "embed"))
+
+
+def _stacked_blocks(cfg: ModelConfig, rngs: nnx.Rngs) -> Block:
+    """`cfg.layers` Blocks as one Block whose params have a leading `layers` axis."""
+    keys = jax.random.split(rngs.params(), cfg.layers)
+    state = jax.vmap(lambda key: nnx.state(Block(cfg, nnx.Rngs(key))))(keys)
+    state = jax.tree.map(
+        lambda v: v.replace(axes=("layers", *v.get_metadata()["axes"])),
+        state,
+        is_leaf=lambda x: isinstance(x, nnx.Variable),
+    )
+    graphdef = nnx.graphdef(nnx.eval_shape(lambda: Block(cfg, nnx.Rngs(0))))
+    return nnx.merge(graphdef, state)
+
+
+class Llama(nnx.Module):
+    """Decoder-only LM: tokens [batch, seq] -> logits [batch, seq, vocab] (float32)."""
+
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        self.cfg = cfg
+        self.embed = _param(rngs, (cfg.vocab_size, cfg.hidden), ("vocab", "embed"), cfg.init_std)
+        self.layers = _stacked_blocks(cfg, rngs)
+        self.final_norm = nnx.Param(jnp.ones((cfg.hidden,), jnp.float32), axes=("norm",))
+        if not cfg.tie_embeddings:
+            self.lm_head = _param(rngs, (cfg.hidden, cfg.vocab_size), ("embed", "vocab"), cfg.init_std)
+
+    def hidden_states(self, tokens: jax.Array, positions: jax.Array | None = None) -> jax.Array:
+        cfg = self.cfg
+        if positions is None:
+            positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
+        cos, sin = rope_tables(positions, cfg.head_dim, cfg.rope_theta)
+        x = self.embed[...].astype(cfg.dtype)[tokens]
+        x = sharding.constrain(x, ("batch", "length", "embed"))
+
+        graphdef, stacked = nnx.split(self.layers)
+
+        def layer(x, params):
+            return nnx.merge(graphdef, params)(x, cos, sin), None
+
+        if cfg.remat != "none":
+            layer = jax.checkpoint(layer, policy=REMAT_POLICIES[cfg.remat], prevent_cse=not cfg.scan_layers)
+        if cfg.scan_layers:
+            x, _ = jax.lax.scan(layer, x, stacked)
+        else:
+            for i in range(cfg.layers):
+                x, _ = layer(x, jax.tree.map(lambda p: p[i], stacked))
+        return rms_norm(x, self.final_norm[...], cfg.norm_eps)
+
+    def head_weight(self) -> jax.Array:
+        """[hidden, vocab] output projection (the transposed embedding when tied)."""
+        return self.embed[...].T if self.cfg.tie_embeddings else self.lm_head[...]
+
+    def __call__(self, tokens: jax.Array, positions: jax.Array | None = None) -> jax.Array:
+        x = self.hidden_states(tokens, positions)
+        logits = x @ self.head_weight().astype(self.cfg.dtype)
+        return sharding.constrain(logits.astype(jnp.float32), ("batch", "length", "vocab"))
+
+
+def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
+    """Training FLOPs per token: 6 x non-embedding params + 12 x layers x hidden x seq."""
+    return 6.0 * cfg.non_embedding_params() + 12.0 * cfg.layers * cfg.hidden * seq_len
+

@@ -1,0 +1,106 @@
+"""Device mesh and the one table that maps logical axis names to mesh axes.
+
+Parameters and key activations name their dimensions logically ("embed", "mlp", ...). `RULES` is
+the single place that decides how those names land on the mesh axes (data, fsdp, tensor). A
+dimension that a mesh axis does not divide stays replicated on that axis, so the same model runs
+on 1 device, on 8, or on a pod without edits.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import jax
+import numpy as np
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+
+MESH_AXES = ("data", "fsdp", "tensor")
+
+# logical name -> mesh axes it may be split over, in order.
+RULES: dict[str, tuple[str, ...]] = {
+    "batch": ("data", "fsdp"),
+    "length": (),
+    "vocab": ("tensor",),
+    "embed": ("fsdp",),
+    "mlp": ("tensor",),
+    "heads": ("tensor",),
+    "kv_heads": ("tensor",),
+    "head_dim": (),
+    "norm": (),
+    "layers": (),
+}
+
+
+def mesh_shape(shape: Sequence[int], num_devices: int) -> tuple[int, ...]:
+    """Resolves one -1 entry of `mesh.shape` so the product is `num_devices`; checks the rest."""
+    shape = tuple(int(s) for s in shape)
+    if len(shape) != len(MESH_AXES):
+        raise ValueError(f"mesh.shape={shape} must have {len(MESH_AXES)} entries {MESH_AXES}")
+    if shape.count(-1) > 1 or any(s == 0 or s < -1 for s in shape):
+        raise ValueError(f"mesh.shape={shape}: entries must be positive, with at most one -1")
+    known = math.prod(s for s in shape if s != -1)
+    if num_devices % known:
+        raise ValueError(f"mesh.shape={shape} does not divide the {num_devices} available devices")
+    shape = tuple(num_devices // known if s == -1 else s for s in shape)
+    if math.prod(shape) != num_devices:
+        raise ValueError(f"mesh.shape={shape} uses {math.prod(shape)} devices but {num_devices} are available")
+    return shape
+
+
+def make_mesh(shape: Sequence[int], devices: Sequence[jax.Device] | None = None) -> Mesh:
+    devices = list(jax.devices() if devices is None else devices)
+    shape = mesh_shape(shape, len(devices))
+    # Auto axes: Flax layers with sharded params fail under the Explicit default of make_mesh.
+    return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES), devices=devices)
+
+
+def logical_spec(axes: Sequence[str | None], shape: Sequence[int] | None = None, mesh=None) -> P:
+    """PartitionSpec for logical `axes` under RULES. Each mesh axis is used at most once; one that
+    does not divide the dimension (when `shape` and `mesh` are known) is left out."""
+    used: set[str] = set()
+    out = []
+    for i, name in enumerate(axes):
+        if name is not None and name not in RULES:
+            raise ValueError(f"logical axis {name!r} has no rule in sharding.RULES")
+        chosen = []
+        size = 1
+        for m in RULES.get(name, ()) if name else ():
+            n = mesh.shape[m] if mesh is not None else 1
+            if m in used or (shape is not None and shape[i] % (size * n)):
+                continue
+            chosen.append(m)
+            size *= n
+        used.update(chosen)
+        out.append(None if not chosen else chosen[0] if len(chosen) == 1 else tuple(chosen))
+    return P(*out)
+
+
+def constrain(x: jax.Array, axes: Sequence[str | None]) -> jax.Array:
+    """Sharding constraint on an activation; a no-op when no mesh is set (plain eager use)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return x
+    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, logical_spec(axes, x.shape, mesh)))
+
+
+def param_shardings(abstract_params, axes, mesh: Mesh):
+    """NamedShardings for a pure dict of parameters, from the matching pure dict of logical axes."""
+    return jax.tree.map(
+        lambda p, a: NamedSharding(mesh, logical_spec(a, p.shape, mesh)), abstract_params, axes,
+        is_leaf=lambda x: hasattr(x, "shape"),
+    )
+
+
+def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:
+    return NamedSharding(mesh, P(RULES["batch"], *([None] * (ndim - 1))))
+
+
+def data_parallel_size(mesh: Mesh) -> int:
+    return int(np.prod([mesh.shape[m] for m in RULES["batch"]]))
+
+
+__all__ = [
+    "MESH_AXES", "RULES", "batch_sharding", "constrain", "data_parallel_size", "logical_spec",
+    "make_mesh", "mesh_shape", "param_shardings",
+]

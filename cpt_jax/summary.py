@@ -1,0 +1,95 @@
+"""The comparison printed after a multi-run config: CPT vs from-scratch, and forgetting.
+
+Everything comes from the runs' own `metrics.jsonl`; nothing is recomputed. Also draws the eval
+curves of every run to `DIR/summary.png`.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+from cpt_jax.metrics import read_jsonl
+
+
+def eval_curve(records: list[dict], lang: str) -> tuple[np.ndarray, np.ndarray]:
+    """(tokens, loss) at every eval of `lang` in a run's records."""
+    key = f"eval/{lang}/loss"
+    pts = [(r.get("train/tokens", 0.0), r[key]) for r in records if key in r]
+    return np.array([p[0] for p in pts]), np.array([p[1] for p in pts])
+
+
+def tokens_to_reach(tokens: np.ndarray, loss: np.ndarray, target: float) -> float | None:
+    """Tokens at which a loss curve first gets down to `target` (linear between evals)."""
+    below = np.nonzero(loss <= target)[0]
+    if not len(below):
+        return None
+    i = below[0]
+    if i == 0:
+        return float(tokens[0])
+    t0, t1, l0, l1 = tokens[i - 1], tokens[i], loss[i - 1], loss[i]
+    return float(t0 + (t1 - t0) * (l0 - target) / (l0 - l1))
+
+
+def compare(workdir: str, report: dict, wall_s: float | None = None) -> str:
+    """report = {"source": run, "cpt": run, "scratch": run, "target": "zh", "replay": "en"}."""
+    runs = [report["source"], report["cpt"], report["scratch"]]
+    recs = {r: read_jsonl(os.path.join(workdir, r, "metrics.jsonl")) for r in runs}
+    tgt, src = report["target"], report["replay"]
+    lines = [f"{'run':<10} {'tokens':>10} {f'{src} eval start':>14} {f'{src} eval end':>12} "
+             f"{f'{tgt} eval start':>14} {f'{tgt} eval end':>12}"]
+    for r in runs:
+        _, s_loss = eval_curve(recs[r], src)
+        tok, t_loss = eval_curve(recs[r], tgt)
+        lines.append(f"{r:<10} {tok[-1]:>10,.0f} {s_loss[0]:>14.3f} {s_loss[-1]:>12.3f} "
+                     f"{t_loss[0]:>14.3f} {t_loss[-1]:>12.3f}")
+
+    cpt_tok, cpt_loss = eval_curve(recs[report["cpt"]], tgt)
+    scr_tok, scr_loss = eval_curve(recs[report["scratch"]], tgt)
+    lines.append("")
+    lines.append(f"{tgt} eval loss at equal tokens (CPT vs scratch):")
+    for t, c in zip(cpt_tok, cpt_loss):
+        j = np.nonzero(scr_tok == t)[0]
+        if len(j):
+            lines.append(f"  {t:>10,.0f} tokens: CPT {c:.3f}  scratch {scr_loss[j[0]]:.3f}  "
+                         f"(CPT {c - scr_loss[j[0]]:+.3f})")
+    reach = tokens_to_reach(scr_tok, scr_loss, cpt_loss[-1])
+    if reach is None:
+        lines.append(f"  scratch never reaches CPT's final {tgt} loss {cpt_loss[-1]:.3f} "
+                     f"within {scr_tok[-1]:,.0f} tokens")
+    else:
+        lines.append(f"  scratch needs {reach:,.0f} tokens to reach CPT's final {tgt} loss "
+                     f"({cpt_tok[-1]:,.0f} for CPT)")
+    _, before = eval_curve(recs[report["source"]], src)
+    _, after = eval_curve(recs[report["cpt"]], src)
+    lines.append(f"{src} eval loss (forgetting): source model {before[-1]:.3f} -> after CPT {after[-1]:.3f} "
+                 f"({after[-1] - before[-1]:+.3f})")
+    plot = _plot(workdir, recs, (src, tgt))
+    if plot:
+        lines.append(f"curves: {plot}")
+    if wall_s is not None:
+        lines.append(f"wall time: {wall_s / 60:.1f} min")
+    return "\n".join(lines)
+
+
+def _plot(workdir: str, recs: dict[str, list[dict]], langs: tuple[str, str]) -> str | None:
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for ax, lang in zip(axes, langs):
+        for run, records in recs.items():
+            tok, loss = eval_curve(records, lang)
+            ax.plot(tok / 1e6, loss, marker="o", markersize=3, label=run)
+        ax.set(title=f"{lang} eval loss", xlabel="tokens trained in the run (M)", ylabel="loss")
+        ax.legend()
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    path = os.path.join(workdir, "summary.png")
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path

@@ -1,0 +1,103 @@
+"""The pure-functional update: optimizer, schedule, `train_step` and `eval_step`.
+
+Nothing here touches globals, the host, or the mesh: `train_step(state, batch)` maps arrays to
+arrays, and the caller decides how to jit and shard it (`main.py`).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from cpt_jax import sharding
+
+
+@flax.struct.dataclass
+class TrainState:
+    step: jax.Array  # int32 scalar: number of updates applied
+    params: dict  # float32 pure dict
+    opt_state: Any
+
+
+def schedule(peak_lr: float, total_steps: int, warmup_frac: float, min_lr_frac: float) -> optax.Schedule:
+    """Linear warmup from 0 over `warmup_frac` of the steps, then cosine to `min_lr_frac * peak_lr`."""
+    warmup = max(1, int(round(warmup_frac * total_steps)))
+    return optax.warmup_cosine_decay_schedule(
+        init_value=0.0, peak_value=peak_lr, warmup_steps=warmup,
+        decay_steps=max(total_steps, warmup + 1), end_value=peak_lr * min_lr_frac,
+    )
+
+
+def optimizer(opt, total_steps: int) -> optax.GradientTransformation:
+    """AdamW with global-norm clipping; weight decay on matrices only (not norms or biases)."""
+    lr = schedule(opt.peak_lr, total_steps, opt.warmup_frac, opt.min_lr_frac)
+    return optax.chain(
+        optax.clip_by_global_norm(opt.clip_norm),
+        optax.adamw(lr, b1=opt.b1, b2=opt.b2, eps=opt.eps, weight_decay=opt.weight_decay,
+                    mask=lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)),
+    )
+
+
+def token_losses(graphdef, params: dict, tokens: jax.Array) -> jax.Array:
+    """Next-token cross-entropy per position: tokens [b, seq+1] -> [b, seq] float32."""
+    model = nnx.merge(graphdef, params)
+    logits = model(tokens[:, :-1])
+    return optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:])
+
+
+def _loss_and_stats(params, graphdef, tokens, source, num_sources):
+    per_example = token_losses(graphdef, params, tokens).mean(axis=1)
+    onehot = jax.nn.one_hot(source, num_sources, dtype=jnp.float32)  # [b, sources]
+    return per_example.mean(), (onehot.T @ per_example, onehot.sum(axis=0))
+
+
+def train_step(state: TrainState, batch: dict, *, graphdef, tx: optax.GradientTransformation,
+               lr_fn: optax.Schedule, num_sources: int, grad_accum: int = 1) -> tuple[TrainState, dict]:
+    """One optimizer update on `batch` = {"tokens": [b, seq+1] int32, "source": [b] int32}.
+
+    With `grad_accum` > 1 the batch is split into that many microbatches whose gradients are
+    averaged before the single update (same result as the whole batch, less activation memory).
+    """
+    grad_fn = jax.value_and_grad(_loss_and_stats, has_aux=True)
+
+    def micro(tokens, source):
+        (loss, (src_sum, src_cnt)), grads = grad_fn(state.params, graphdef, tokens, source, num_sources)
+        return loss, src_sum, src_cnt, grads
+
+    tokens, source = batch["tokens"], batch["source"]
+    if grad_accum == 1:
+        loss, src_sum, src_cnt, grads = micro(tokens, source)
+    else:
+        split = lambda x: x.reshape(grad_accum, -1, *x.shape[1:])  # noqa: E731
+        def body(acc, xs):
+            tok = sharding.constrain(xs[0], ("batch", "length"))
+            return jax.tree.map(jnp.add, acc, micro(tok, xs[1])), None
+
+        zeros = jax.tree.map(jnp.zeros_like, jax.eval_shape(micro, split(tokens)[0], split(source)[0]))
+        total, _ = jax.lax.scan(body, zeros, (split(tokens), split(source)))
+        loss, src_sum, src_cnt, grads = total
+        loss = loss / grad_accum
+        grads = jax.tree.map(lambda g: g / grad_accum, grads)
+
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    metrics = {
+        "loss": loss,
+        "grad_norm": optax.global_norm(grads),
+        "lr": lr_fn(state.step),
+        "source_loss_sum": src_sum,
+        "source_count": src_cnt,
+    }
+    return TrainState(state.step + 1, params, opt_state), metrics
+
+
+def eval_step(params: dict, tokens: jax.Array, valid: jax.Array, *, graphdef) -> tuple[jax.Array, jax.Array]:
+    """Sum of token cross-entropies over the `valid` rows and their token count, to be summed over
+    batches and divided once: the mean over a whole eval set whatever its batching and padding."""
+    losses = token_losses(graphdef, params, tokens) * valid[:, None]
+    return losses.sum(), valid.sum() * losses.shape[1]
