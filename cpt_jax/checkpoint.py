@@ -77,6 +77,3 @@ class Checkpointer:
     def close(self) -> None:
         self.manager.close()
 
-
-def abstract_with_shardings(tree, shardings):
-    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)

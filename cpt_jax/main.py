@@ -23,9 +23,7 @@ import time
 import jax
 import ml_collections
 import numpy as np
-import optax
 from absl import app, flags
-from jax.sharding import NamedSharding, PartitionSpec as P
 from ml_collections import config_flags
 
 from cpt_jax import checkpoint, data, models, sharding, summary, train
@@ -99,6 +97,12 @@ def train_run(config: ml_collections.ConfigDict, workdir: str, devices=None) -> 
     """Trains (or resumes, or skips if finished) one run; returns its metrics records."""
     mesh = validate(config, devices)
     is_main = jax.process_index() == 0
+    ckpt_dir = os.path.join(workdir, "checkpoints")
+    if os.path.isdir(ckpt_dir):
+        done = checkpoint.Checkpointer(ckpt_dir, read_only=True).latest_step()
+        if done is not None and done >= config.total_steps:
+            log.info("%s is already finished (step %d)", workdir, done)
+            return read_jsonl(os.path.join(workdir, "metrics.jsonl"))
 
     # --- Data: the bilingual corpus, its tokenizer, and the stream as a function of the step.
     bundle = data.build_bilingual(config.data.cache_dir or None, config.data.vocab_size, config.seq_len,
@@ -114,17 +118,6 @@ def train_run(config: ml_collections.ConfigDict, workdir: str, devices=None) -> 
     if vocab < bundle.tokenizer.vocab_size:
         raise ConfigError(f"model.vocab_size={vocab} is smaller than the tokenizer's {bundle.tokenizer.vocab_size}")
     mcfg = _model_config(config, vocab)
-    spec = models.spec(mcfg)
-    tx = train.optimizer(config.optimizer, config.total_steps)
-    lr_fn = train.schedule(config.optimizer.peak_lr, config.total_steps, config.optimizer.warmup_frac,
-                           config.optimizer.min_lr_frac)
-    replicated = NamedSharding(mesh, P())
-    p_sh = sharding.param_shardings(spec.abstract_params, spec.axes, mesh)
-    abstract_opt = jax.eval_shape(tx.init, spec.abstract_params)
-    o_sh = optax.tree_map_params(tx, lambda _, s: s, abstract_opt, p_sh, transform_non_params=lambda _: replicated)
-    state_sh = train.TrainState(step=replicated, params=p_sh, opt_state=o_sh)
-    batch_sh = {"tokens": sharding.batch_sharding(mesh, 2), "source": sharding.batch_sharding(mesh, 1),
-                "valid": sharding.batch_sharding(mesh, 1)}
     meta = {
         "config": json.loads(config.to_json()), "model": dataclasses.asdict(mcfg),
         "tokenizer": bundle.tokenizer.fingerprint, "sources": names,
@@ -141,55 +134,35 @@ def train_run(config: ml_collections.ConfigDict, workdir: str, devices=None) -> 
             raise ConfigError(f"init_from={config.init_from!r} holds a different model "
                               f"({src_meta['model']['hidden']} hidden, {src_meta['model']['vocab_size']} vocab)")
 
+    # --- Shardings and the train step, compiled ahead of time: memory is printed before step 1.
+    b, t = config.batch_size, config.seq_len
+    t0 = time.perf_counter()
+    steps = train.compile_steps(mcfg, config.optimizer, config.total_steps, mesh, b, t, len(names))
+    log.info("compiled train step in %.1fs; %s params (%s non-embedding); memory per device: %s",
+             time.perf_counter() - t0, f"{mcfg.param_count():,}", f"{mcfg.non_embedding_params():,}",
+             _memory_summary(steps.memory))
+
     with jax.set_mesh(mesh):
         # --- Restore or initialise: own checkpoint, else init_from (params only), else random.
         os.makedirs(workdir, exist_ok=True)
-        ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), config.keep_checkpoints,
-                                       config.keep_every)
+        ckpt = checkpoint.Checkpointer(ckpt_dir, config.keep_checkpoints, config.keep_every)
         start = ckpt.latest_step()
-        abstract_params = checkpoint.abstract_with_shardings(spec.abstract_params, p_sh)
-        init_opt = jax.jit(tx.init, out_shardings=o_sh)
         if start is not None:
-            params, opt_state, _ = ckpt.restore(start, abstract_params,
-                                                checkpoint.abstract_with_shardings(abstract_opt, o_sh))
+            params, opt_state, _ = ckpt.restore(start, steps.abstract_state.params, steps.abstract_state.opt_state)
             log.info("resumed %s at step %d", workdir, start)
         else:
             if config.init_from:
-                params, _, _ = src.restore(src.latest_step(), abstract_params)
+                params, _, _ = src.restore(src.latest_step(), steps.abstract_state.params)
                 log.info("initialised params from %s (step %d)", config.init_from, src.latest_step())
             else:
-                init = jax.jit(functools.partial(models.init_params, mcfg), out_shardings=p_sh)
-                params = init(jax.random.key(config.seed))
-            opt_state = init_opt(params)
+                params = steps.init_params(jax.random.key(config.seed))
+            opt_state = steps.init_opt_state(params)
         step = start or 0
-        state = train.TrainState(jax.device_put(np.int32(step), replicated), params, opt_state)
+        state = train.TrainState(jax.device_put(np.int32(step), steps.state_sharding.step), params, opt_state)
         writer = MetricWriter(workdir, start, enabled=is_main)
         if is_main:
             with open(os.path.join(workdir, "config.json"), "w") as f:
                 f.write(config.to_json(indent=2))
-        if step >= config.total_steps:
-            log.info("%s is already finished (step %d)", workdir, step)
-            ckpt.close()
-            writer.close()
-            return read_jsonl(writer.path)
-
-        # --- Compile ahead of time; print the memory estimate before step 1.
-        step_fn = jax.jit(
-            functools.partial(train.train_step, graphdef=spec.graphdef, tx=tx, lr_fn=lr_fn,
-                              num_sources=len(names), grad_accum=config.optimizer.grad_accum),
-            in_shardings=(state_sh, {k: batch_sh[k] for k in ("tokens", "source")}), out_shardings=(state_sh, None), donate_argnums=0,
-        )
-        b, t = config.batch_size, config.seq_len
-        abstract_batch = {"tokens": jax.ShapeDtypeStruct((b, t + 1), np.int32, sharding=batch_sh["tokens"]),
-                          "source": jax.ShapeDtypeStruct((b,), np.int32, sharding=batch_sh["source"])}
-        t0 = time.perf_counter()
-        compiled = step_fn.lower(jax.eval_shape(lambda: state), abstract_batch).compile()
-        mem = compiled.memory_analysis()
-        log.info("compiled train step in %.1fs; %s params (%s non-embedding); memory per device: %s",
-                 time.perf_counter() - t0, f"{mcfg.param_count():,}", f"{mcfg.non_embedding_params():,}",
-                 _memory_summary(mem))
-        eval_fn = jax.jit(functools.partial(train.eval_step, graphdef=spec.graphdef),
-                          in_shardings=(p_sh, batch_sh["tokens"], batch_sh["valid"]))
 
         # --- Batches: built on the host for this process's slots, one step ahead of the device.
         per_proc = b // jax.process_count()
@@ -200,7 +173,7 @@ def train_run(config: ml_collections.ConfigDict, workdir: str, devices=None) -> 
             return {"tokens": tokens, "source": source}
 
         def to_device(host):
-            return {k: jax.make_array_from_process_local_data(batch_sh[k], v) for k, v in host.items()}
+            return {k: jax.make_array_from_process_local_data(steps.batch_sharding[k], v) for k, v in host.items()}
 
         def evaluate(params) -> dict:
             """Mean token loss over every held-out row (up to data.eval_batches batches); the
@@ -216,7 +189,7 @@ def train_run(config: ml_collections.ConfigDict, workdir: str, devices=None) -> 
                     valid = np.zeros(b, np.float32)
                     valid[:len(chunk)] = 1.0
                     chunk = np.concatenate([chunk, np.zeros((b - len(chunk), t + 1), np.int32)])
-                    sums.append(eval_fn(params, *to_device({"tokens": chunk[slots], "valid": valid[slots]}).values()))
+                    sums.append(steps.eval(params, *to_device({"tokens": chunk[slots], "valid": valid[slots]}).values()))
                 total, count = np.sum(jax.device_get(sums), axis=0)
                 out[f"eval/{name}/loss"] = total / count
             return out
@@ -263,7 +236,7 @@ def train_run(config: ml_collections.ConfigDict, workdir: str, devices=None) -> 
             batch = to_device(next_host.result())
             if step + 1 < config.total_steps:
                 next_host = pool.submit(host_batch, step + 1)
-            state, m = compiled(state, batch)
+            state, m = steps.train(state, batch)
             step += 1
             if pending:
                 emit(*pending)
@@ -355,6 +328,22 @@ def run_all(config: ml_collections.ConfigDict, workdir: str) -> None:
         print(summary.compare(workdir, config.report.to_dict(), time.perf_counter() - t0))
 
 
+def parse_flags(argv: list[str]) -> list[str]:
+    """absl flag parsing, with a bad `--config.X` override reported in one line, not a traceback."""
+    try:
+        return flags.FLAGS(argv)
+    except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as e:
+        while isinstance(e, BaseException) and e.args:  # ml_collections nests KeyError in AttributeError
+            e = e.args[0]
+        detail = "; ".join(line.strip("\"' ") for line in str(e).splitlines())
+        field = detail.split(";")[0]
+        bad = [a.split("=")[0] for a in argv if a.startswith("--config.") and a.split("=")[0].endswith("." + field)]
+        if bad:
+            detail = f"{bad[0].removeprefix('--')}: no such config field{detail.removeprefix(field)}"
+        print(f"config error: {detail}", file=sys.stderr)
+        sys.exit(2)
+
+
 def main(argv) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
@@ -369,4 +358,4 @@ def main(argv) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)

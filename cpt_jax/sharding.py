@@ -56,8 +56,9 @@ def make_mesh(shape: Sequence[int], devices: Sequence[jax.Device] | None = None)
 
 
 def logical_spec(axes: Sequence[str | None], shape: Sequence[int] | None = None, mesh=None) -> P:
-    """PartitionSpec for logical `axes` under RULES. Each mesh axis is used at most once; one that
-    does not divide the dimension (when `shape` and `mesh` are known) is left out."""
+    """PartitionSpec for logical `axes` under RULES. Each mesh axis is used at most once; one of
+    size 1, or one that does not divide the dimension (when `shape` and `mesh` are known), is left
+    out."""
     used: set[str] = set()
     out = []
     for i, name in enumerate(axes):
@@ -66,8 +67,8 @@ def logical_spec(axes: Sequence[str | None], shape: Sequence[int] | None = None,
         chosen = []
         size = 1
         for m in RULES.get(name, ()) if name else ():
-            n = mesh.shape[m] if mesh is not None else 1
-            if m in used or (shape is not None and shape[i] % (size * n)):
+            n = mesh.shape[m] if mesh is not None else 2
+            if m in used or n == 1 or (shape is not None and shape[i] % (size * n)):
                 continue
             chosen.append(m)
             size *= n

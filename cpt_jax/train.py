@@ -1,12 +1,14 @@
-"""The pure-functional update: optimizer, schedule, `train_step` and `eval_step`.
+"""The pure-functional update (`train_step`, `eval_step`, optimizer, schedule) and `compile_steps`,
+which jits them over a mesh with explicit in/out shardings and a donated state.
 
-Nothing here touches globals, the host, or the mesh: `train_step(state, batch)` maps arrays to
-arrays, and the caller decides how to jit and shard it (`main.py`).
+`train_step(state, batch) -> (state, metrics)` touches no globals, no host and no mesh: arrays in,
+arrays out. Where it runs and how it is sharded is decided once, in `compile_steps`.
 """
 
 from __future__ import annotations
 
-from typing import Any
+import functools
+from typing import Any, Callable, NamedTuple
 
 import flax.struct
 import jax
@@ -14,7 +16,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from cpt_jax import sharding
+from cpt_jax import models, sharding
 
 
 @flax.struct.dataclass
@@ -101,3 +103,58 @@ def eval_step(params: dict, tokens: jax.Array, valid: jax.Array, *, graphdef) ->
     batches and divided once: the mean over a whole eval set whatever its batching and padding."""
     losses = token_losses(graphdef, params, tokens) * valid[:, None]
     return losses.sum(), valid.sum() * losses.shape[1]
+
+
+class Steps(NamedTuple):
+    """The compiled program of a run and the shardings it was compiled for."""
+
+    spec: models.ModelSpec
+    state_sharding: TrainState
+    batch_sharding: dict  # tokens [b, seq+1], source [b], valid [b]
+    abstract_state: TrainState  # ShapeDtypeStructs carrying their shardings (for restore)
+    init_params: Callable  # key -> params, born sharded
+    init_opt_state: Callable  # params -> opt_state, born sharded
+    train: Callable  # (state, batch) -> (state, metrics); donates state
+    eval: Callable  # (params, tokens, valid) -> (loss sum, token count)
+    memory: Any  # the compiled train step's memory analysis
+
+
+def compile_steps(mcfg: models.ModelConfig, opt, total_steps: int, mesh, batch_size: int, seq_len: int,
+                  num_sources: int) -> Steps:
+    """Shardings from the logical-axis rules, then the train step compiled ahead of time."""
+    spec = models.spec(mcfg)
+    tx = optimizer(opt, total_steps)
+    lr_fn = schedule(opt.peak_lr, total_steps, opt.warmup_frac, opt.min_lr_frac)
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    p_sh = sharding.param_shardings(spec.abstract_params, spec.axes, mesh)
+    abstract_opt = jax.eval_shape(tx.init, spec.abstract_params)
+    o_sh = optax.tree_map_params(tx, lambda _, s: s, abstract_opt, p_sh, transform_non_params=lambda _: replicated)
+    state_sh = TrainState(step=replicated, params=p_sh, opt_state=o_sh)
+    batch_sh = {"tokens": sharding.batch_sharding(mesh, 2), "source": sharding.batch_sharding(mesh, 1),
+                "valid": sharding.batch_sharding(mesh, 1)}
+    with_sharding = lambda tree, sh: jax.tree.map(  # noqa: E731
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, sh)
+    abstract_state = with_sharding(
+        TrainState(jax.ShapeDtypeStruct((), jnp.int32), spec.abstract_params, abstract_opt), state_sh)
+
+    train_jit = jax.jit(
+        functools.partial(train_step, graphdef=spec.graphdef, tx=tx, lr_fn=lr_fn, num_sources=num_sources,
+                          grad_accum=opt.grad_accum),
+        in_shardings=(state_sh, {"tokens": batch_sh["tokens"], "source": batch_sh["source"]}),
+        out_shardings=(state_sh, None), donate_argnums=0,
+    )
+    abstract_batch = {
+        "tokens": jax.ShapeDtypeStruct((batch_size, seq_len + 1), jnp.int32, sharding=batch_sh["tokens"]),
+        "source": jax.ShapeDtypeStruct((batch_size,), jnp.int32, sharding=batch_sh["source"]),
+    }
+    with jax.set_mesh(mesh):
+        compiled = train_jit.lower(abstract_state, abstract_batch).compile()
+    return Steps(
+        spec=spec, state_sharding=state_sh, batch_sharding=batch_sh, abstract_state=abstract_state,
+        init_params=jax.jit(functools.partial(models.init_params, mcfg), out_shardings=p_sh),
+        init_opt_state=jax.jit(tx.init, out_shardings=o_sh),
+        train=compiled,
+        eval=jax.jit(functools.partial(eval_step, graphdef=spec.graphdef),
+                     in_shardings=(p_sh, batch_sh["tokens"], batch_sh["valid"])),
+        memory=compiled.memory_analysis(),
+    )
