@@ -1,0 +1,39 @@
+"""cpt_jax: cross-lingual continual pre-training of LLaMA-style models in JAX.
+
+Core pins are what pip resolves on a fresh Python 3.11 CPU machine (2026-11); accelerator extras
+swap in the matching jax plugin: `pip install -e '.[cuda12]'` or `'.[tpu]'`.
+"""
+
+from setuptools import find_packages, setup
+
+JAX = "0.10.2"
+
+setup(
+    name="cpt_jax",
+    version="0.1.0",
+    description="Cross-lingual continual pre-training at scale, in JAX (arXiv 2407.02118 and beyond)",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    packages=find_packages(include=["cpt_jax", "cpt_jax.*"]),
+    python_requires=">=3.11",
+    install_requires=[
+        f"jax=={JAX}",
+        f"jaxlib=={JAX}",
+        "flax==0.12.8",
+        "optax==0.2.8",
+        "orbax-checkpoint==0.12.8",
+        "tensorflow-datasets==4.9.10",
+        "sentencepiece==0.2.3",
+        "ml-collections==1.1.0",
+        "absl-py==2.5.1",
+        "numpy==2.4.6",
+        "h5py==3.16.0",  # reads the bundled Chinese corpus (HDF5)
+        "tensorboardX==2.6.5",  # TensorBoard events without TensorFlow
+        "matplotlib==3.11.2",  # PNG plots of runs
+    ],
+    extras_require={
+        "test": ["pytest==9.2.0"],
+        "cuda12": [f"jax[cuda12]=={JAX}"],
+        "tpu": [f"jax[tpu]=={JAX}"],
+    },
+)
