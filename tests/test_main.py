@@ -1,0 +1,106 @@
+"""The entry point as users run it: `python -m cpt_jax.main` in a subprocess, on the real corpus."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# A fast single run: the 'test' size, real bilingual data, 25% English replay, 8 fake devices.
+SMALL = ["--config", "configs/bible.py:test", "--config.batch_size=8", "--config.seq_len=32",
+         "--config.data.replay_ratio=0.25", "--config.data.eval_batches=2", "--config.log_every=10",
+         "--config.eval_every=40", "--config.mesh.shape=(2,2,2)"]
+
+
+def cli(workdir, *args, wait=True):
+    cmd = [sys.executable, "-m", "cpt_jax.main", "--workdir", str(workdir), *args]
+    if not wait:
+        return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+
+
+def records(workdir):
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def comparable(recs):
+    """Everything but wall-clock speed must match between runs."""
+    return [{k: v for k, v in r.items() if not k.startswith("perf/")} for r in recs]
+
+
+def test_sigkill_then_rerun_equals_uninterrupted(tmp_path):
+    args = SMALL + ["--config.total_steps=200", "--config.checkpoint_every=20"]
+    whole = cli(tmp_path / "whole", *args)
+    assert whole.returncode == 0, whole.stdout + whole.stderr
+
+    proc = cli(tmp_path / "killed", *args, wait=False)
+    ckpts = tmp_path / "killed" / "checkpoints"
+    deadline = time.time() + 300
+    while not (ckpts / "60").exists():  # orbax renames a step dir into place once it is complete
+        assert proc.poll() is None, proc.stdout.read()
+        assert time.time() < deadline
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done = sorted(int(p.name) for p in ckpts.iterdir() if p.name.isdigit())
+    assert 60 <= done[-1] < 200, done  # killed mid-run
+    resumed = cli(tmp_path / "killed", *args)
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    assert f"resumed {tmp_path / 'killed'} at step {done[-1]}" in resumed.stderr
+
+    a, b = comparable(records(tmp_path / "whole")), comparable(records(tmp_path / "killed"))
+    assert [r["step"] for r in b] == [r["step"] for r in a]  # no duplicated or missing lines
+    assert a == b
+    last = a[-1]
+    assert last["step"] == 200 and "eval/en/loss" in last and "eval/zh/loss" in last
+    assert abs(last["data/en_fraction"] - 0.25) < 0.01  # replay share, logged
+    assert last["eval/zh/loss"] < a[0]["eval/zh/loss"] - 0.5  # it learned
+
+
+def _snapshot(path):
+    return {str(p.relative_to(path)): p.read_bytes() if p.is_file() else None for p in sorted(path.rglob("*"))}
+
+
+@pytest.mark.parametrize("args,field", [
+    (["--config.no_such_field=1"], "config.no_such_field"),
+    (["--config.mesh.shape=(3,1,1)"], "mesh.shape"),
+    (["--config.batch_size=10"], "batch_size"),
+    (["--config.init_from=/nonexistent/run"], "init_from"),
+])
+def test_bad_input_fails_early_with_one_line_and_keeps_workdir(tmp_path, args, field):
+    workdir = tmp_path / "run"
+    (workdir / "checkpoints").mkdir(parents=True)
+    (workdir / "metrics.jsonl").write_text('{"step": 7, "train/loss": 1.0}\n')
+    before = _snapshot(workdir)
+    r = cli(workdir, *SMALL, *args)
+    assert r.returncode == 2
+    lines = [line for line in r.stderr.splitlines() if line.strip()]
+    errors = [line for line in lines if line.startswith("config error:")]
+    assert len(errors) == 1 and field in errors[0], r.stderr
+    assert "Traceback" not in r.stderr and "compiled train step" not in r.stderr
+    assert _snapshot(workdir) == before
+
+
+def test_demo_prints_its_table_from_the_runs(tmp_path):
+    args = ["--config", "configs/demo.py", "--config.runs.english.total_steps=8", "--config.runs.cpt.total_steps=4",
+            "--config.runs.scratch.total_steps=4", "--config.eval_every=2", "--config.log_every=2",
+            "--config.data.eval_batches=1", "--config.batch_size=8", "--config.seq_len=32",
+            "--config.model.size=test"]
+    r = cli(tmp_path, *args)
+    assert r.returncode == 0, r.stdout + r.stderr
+    out = r.stdout
+    cpt, scratch, english = (records(tmp_path / n) for n in ("cpt", "scratch", "english"))
+    # The table is the runs' own numbers: CPT starts from the English model's final eval.
+    assert cpt[0]["eval/en/loss"] == english[-1]["eval/en/loss"]
+    assert f"{cpt[-1]['eval/zh/loss']:.3f}" in out and f"{scratch[-1]['eval/zh/loss']:.3f}" in out
+    assert "forgetting" in out and (tmp_path / "summary.png").stat().st_size > 10_000
+    assert cpt[-1]["train/tokens"] == scratch[-1]["train/tokens"]  # equal tokens
+    # Re-running the finished demo trains nothing and prints the same table.
+    again = cli(tmp_path, *args)
+    assert again.returncode == 0 and "compiled train step" not in again.stderr
+    assert again.stdout.split("wall time")[0] == out.split("wall time")[0]
