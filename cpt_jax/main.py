@@ -194,7 +194,7 @@ def train_run(config: ml_collections.ConfigDict, workdir: str, devices=None) -> 
                 out[f"eval/{name}/loss"] = total / count
             return out
 
-        def record(s, m, train_s, steps) -> dict:
+        def record(s, m, train_s, n_steps) -> dict:
             counts, epochs = mixture.cumulative_counts(s, b), mixture.epochs(s, b)
             r = {"train/loss": m["loss"], "train/grad_norm": m["grad_norm"], "train/lr": m["lr"],
                  "train/tokens": s * b * t}
@@ -203,9 +203,9 @@ def train_run(config: ml_collections.ConfigDict, workdir: str, devices=None) -> 
                     r[f"train/{name}/loss"] = m["source_loss_sum"][i] / m["source_count"][i]
                 r[f"data/{name}_fraction"] = counts[name] / (s * b)
                 r[f"data/{name}_epoch"] = epochs[name]
-            tps = steps * b * t / train_s
+            tps = n_steps * b * t / train_s
             r["perf/tokens_per_sec"] = tps
-            r["perf/step_time_s"] = train_s / steps
+            r["perf/step_time_s"] = train_s / n_steps
             peak = peak_flops(jax.devices()[0])
             if peak:
                 r["perf/mfu"] = tps * models.flops_per_token(mcfg, t) / (peak * jax.device_count())

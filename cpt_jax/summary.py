@@ -65,27 +65,29 @@ def compare(workdir: str, report: dict, wall_s: float | None = None) -> str:
     _, after = eval_curve(recs[report["cpt"]], src)
     lines.append(f"{src} eval loss (forgetting): source model {before[-1]:.3f} -> after CPT {after[-1]:.3f} "
                  f"({after[-1] - before[-1]:+.3f})")
-    plot = _plot(workdir, recs, (src, tgt))
-    if plot:
-        lines.append(f"curves: {plot}")
+    lines.append(f"curves: {_plot(workdir, recs, report)}")
     if wall_s is not None:
         lines.append(f"wall time: {wall_s / 60:.1f} min")
     return "\n".join(lines)
 
 
-def _plot(workdir: str, recs: dict[str, list[dict]], langs: tuple[str, str]) -> str | None:
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return None
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    for ax, lang in zip(axes, langs):
-        for run, records in recs.items():
-            tok, loss = eval_curve(records, lang)
-            ax.plot(tok / 1e6, loss, marker="o", markersize=3, label=run)
-        ax.set(title=f"{lang} eval loss", xlabel="tokens trained in the run (M)", ylabel="loss")
+def _plot(workdir: str, recs: dict[str, list[dict]], report: dict) -> str:
+    """Eval curves of every run in both languages, plus the target language of CPT vs scratch
+    from their first eval on, where the gap is too small to see on the full scale."""
+    import matplotlib
+    matplotlib.use("Agg")  # headless: clusters and CI have no display
+    import matplotlib.pyplot as plt
+
+    src, tgt = report["replay"], report["target"]
+    panels = [(f"{src} eval loss", src, list(recs), 0), (f"{tgt} eval loss", tgt, list(recs), 0),
+              (f"{tgt}: CPT vs scratch", tgt, [report["cpt"], report["scratch"]], 1)]
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    for ax, (title, lang, runs, skip) in zip(axes, panels):
+        for run in runs:
+            tok, loss = eval_curve(recs[run], lang)
+            ax.plot(tok[skip:] / 1e6, loss[skip:], marker="o", markersize=3, label=run,
+                    color=f"C{list(recs).index(run)}")
+        ax.set(title=title, xlabel="tokens trained in the run (M)", ylabel="loss")
         ax.legend()
         ax.grid(alpha=0.3)
     fig.tight_layout()

@@ -2,7 +2,7 @@
 
 A size is named by the paper's parameter figure ("1393m"). That figure is 16 L d^2 + 32000 d, a
 formula rather than a count of these FFN widths, so each row shows both the paper's figure and
-the true parameter count (`python -m cpt_jax.models.sizes` prints the table).
+the true parameter count (`python -m cpt_jax.models` prints the table).
 """
 
 from __future__ import annotations
@@ -79,10 +79,3 @@ def table(vocab_size: int = PAPER_VOCAB) -> list[dict]:
         })
     return rows
 
-
-if __name__ == "__main__":
-    print(f"{'size':>6} {'paper M':>8} {'true M':>8} {'hidden':>6} {'inter':>6} {'heads':>5} {'layers':>6}")
-    for r in table():
-        paper = "-" if r["paper_m"] is None else str(r["paper_m"])
-        print(f"{r['size']:>6} {paper:>8} {r['params'] / 1e6:8.1f} {r['hidden']:>6} {r['intermediate']:>6} "
-              f"{r['heads']:>5} {r['layers']:>6}  {r['note']}")
