@@ -226,6 +226,30 @@ def test_mixture_three_sources():
     assert (ids != 2).all() and abs((ids == 0).sum() - 25) <= 1
 
 
+def test_mixture_staged_weights_switch_at_the_step():
+    srcs = {"en": _source(0, 50), "zh": _source(1, 70)}
+    stages = [(0, {"en": 0.3, "zh": 0.7}), (100, {"en": 0.05, "zh": 0.95}), (250, {"en": 0.0, "zh": 1.0})]
+    m = Mixture(srcs, stages, seed=2)
+    per_step = np.array([m.step_counts(s, 20)["en"] for s in range(300)])
+    assert (per_step[:100].sum(), per_step[100:250].sum(), per_step[250:].sum()) == (600, 150, 0)
+    assert per_step[:100].min() == 6 and per_step[100:250].max() == 1  # exact in every batch up to rounding
+    assert m.weights_at(99) == {"en": 0.3, "zh": 0.7} and m.weights_at(100)["en"] == 0.05
+    for s in (0, 99, 100, 101, 249, 250, 10**9):
+        _, ids = m.batch(s, 20)
+        assert int((ids == 0).sum()) == m.step_counts(s, 20)["en"]
+    # The English stream continues across stages: no row is repeated within its first epoch.
+    rows = np.concatenate([_decode(t[i == 0])[1] for t, i in (m.batch(s, 20) for s in range(120))])
+    assert len(rows) == 620 and all(np.bincount(rows[:600], minlength=50) == 12)
+    # A restarted process agrees at any step, in any stage.
+    again = Mixture({k: v.copy() for k, v in srcs.items()}, stages, seed=2)
+    for s in (260, 3, 150):
+        assert np.array_equal(again.batch(s, 20)[0], m.batch(s, 20)[0])
+    with pytest.raises(ValueError, match="start at step 0"):
+        Mixture(srcs, [(5, {"en": 0.5, "zh": 0.5})])
+    with pytest.raises(ValueError, match="weights from step 100"):
+        Mixture(srcs, [(0, {"en": 0.5, "zh": 0.5}), (100, {"en": 0.5, "zh": 0.6})])
+
+
 def test_mixture_deterministic_across_restart():
     srcs = {"en": _source(0, 50), "zh": _source(1, 70)}
     w = {"en": 0.3, "zh": 0.7}

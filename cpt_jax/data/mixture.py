@@ -14,7 +14,9 @@ the number of examples drawn before ``step`` is computed as step * B):
    (cumulative at step+1 minus cumulative at step) are >= 0 and sum to B. With
    two sources this is exactly floor(N * w_0) for the first; with more, every
    source stays within K-1 examples of N * w_k. Integer/Fraction arithmetic
-   only, so no float drift at large steps.
+   only, so no float drift at large steps. With staged weights the chain
+   runs per stage over the examples since the stage began, added to the
+   exact totals of the stages before.
 2. Slot placement. A permutation of the B slots seeded by (seed, step) decides
    which slots get which source.
 3. Row choice. The j-th example ever drawn from source k is row
@@ -26,7 +28,7 @@ from __future__ import annotations
 
 import math
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from fractions import Fraction
 
 import numpy as np
@@ -35,27 +37,30 @@ import numpy as np
 _SLOT_TAG, _ROW_TAG = 0, 1
 
 
+Weights = Mapping[str, float]
+
+
 class Mixture:
-    def __init__(self, sources: Mapping[str, np.ndarray], weights: Mapping[str, float], seed: int = 0,
-                 perm_cache_size: int = 16):
-        if set(sources) != set(weights):
-            missing = sorted(set(sources) - set(weights))
-            extra = sorted(set(weights) - set(sources))
-            raise ValueError(f"weights/sources names differ: no weight for {missing}, no source for {extra}")
+    """``weights`` is one mapping {source: weight} for the whole run, or stages
+    ``[(start_step, weights), ...]`` (the first at step 0, starts increasing): e.g. 30% replay for
+    the first 10% of steps, then 5%. Counts stay exact across a switch: the draws before a stage
+    are fixed, and the stage's chain of floors runs over the examples since its start."""
+
+    def __init__(self, sources: Mapping[str, np.ndarray], weights: Weights | Sequence[tuple[int, Weights]],
+                 seed: int = 0, perm_cache_size: int = 16):
         if not sources:
             raise ValueError("need at least one source")
         if not isinstance(seed, (int, np.integer)) or seed < 0:
             raise ValueError(f"seed must be a non-negative int, got {seed!r}")
         self.seed = int(seed)
         self.source_names: tuple[str, ...] = tuple(sources)
-
-        for name in self.source_names:
-            w = float(weights[name])
-            if not math.isfinite(w) or w < 0:
-                raise ValueError(f"weight of source {name!r} must be finite and >= 0, got {weights[name]!r}")
-        total = sum(float(weights[n]) for n in self.source_names)
-        if abs(total - 1.0) > 1e-6:
-            raise ValueError(f"weights must sum to 1 (within 1e-6), got {total!r}: {dict(weights)}")
+        stages = [(0, weights)] if isinstance(weights, Mapping) else [(int(s), w) for s, w in weights]
+        if not stages or stages[0][0] != 0 or any(a[0] >= b[0] for a, b in zip(stages, stages[1:])):
+            raise ValueError(f"weight stages must start at step 0 and increase, got starts {[s for s, _ in stages]}")
+        for start, w in stages:
+            self._check_weights(w, f"weights from step {start}" if len(stages) > 1 else "weights")
+        self.stages: list[tuple[int, dict[str, float]]] = [
+            (start, {n: float(w[n]) for n in self.source_names}) for start, w in stages]
 
         self._data: list[np.ndarray] = []
         width = None
@@ -66,54 +71,77 @@ class Mixture:
             if width is not None and arr.shape[1] != width:
                 raise ValueError(f"source {name!r} has rows of {arr.shape[1]} tokens, others {width}")
             width = arr.shape[1]
-            if float(weights[name]) > 0 and arr.shape[0] == 0:
-                raise ValueError(f"source {name!r} has weight {weights[name]} but no rows")
+            if arr.shape[0] == 0 and any(w[name] > 0 for _, w in self.stages):
+                raise ValueError(f"source {name!r} has a positive weight but no rows")
             self._data.append(arr.astype(np.int32, copy=False))
         self.row_len: int = int(width)  # seq_len + 1
-        self.weights: dict[str, float] = {n: float(weights[n]) for n in self.source_names}
-
-        # Exact weights (limit_denominator turns 0.7 into 7/10, not 0.69999...).
-        fr = [Fraction(float(weights[n])).limit_denominator(10**9) for n in self.source_names]
-        # Chain ratios: share of source k among sources k..K-1 (last takes the rest).
-        self._ratios: list[tuple[int, int]] = []
-        for k in range(len(fr) - 1):
-            tail = sum(fr[k:], Fraction(0))
-            r = fr[k] / tail if tail > 0 else Fraction(0)
-            self._ratios.append((r.numerator, r.denominator))
-
+        self._ratios = [self._chain_ratios(w) for _, w in self.stages]
         self._perm_cache: OrderedDict[tuple[int, int], np.ndarray] = OrderedDict()
         self._perm_cache_size = perm_cache_size
 
+    def _check_weights(self, weights: Weights, what: str) -> None:
+        if set(weights) != set(self.source_names):
+            missing = sorted(set(self.source_names) - set(weights))
+            extra = sorted(set(weights) - set(self.source_names))
+            raise ValueError(f"{what}: names differ from the sources: no weight for {missing}, no source for {extra}")
+        for name, w in weights.items():
+            if not math.isfinite(float(w)) or float(w) < 0:
+                raise ValueError(f"{what}: weight of source {name!r} must be finite and >= 0, got {w!r}")
+        total = sum(float(w) for w in weights.values())
+        if abs(total - 1.0) > 1e-6:
+            raise ValueError(f"{what} must sum to 1 (within 1e-6), got {total!r}: {dict(weights)}")
+
+    def _chain_ratios(self, weights: dict[str, float]) -> list[tuple[int, int]]:
+        """Share of source k among sources k..K-1 (the last takes the rest), as exact fractions
+        (limit_denominator turns 0.7 into 7/10, not 0.69999...)."""
+        fr = [Fraction(weights[n]).limit_denominator(10**9) for n in self.source_names]
+        out = []
+        for k in range(len(fr) - 1):
+            tail = sum(fr[k:], Fraction(0))
+            r = fr[k] / tail if tail > 0 else Fraction(0)
+            out.append((r.numerator, r.denominator))
+        return out
+
+    def weights_at(self, step: int) -> dict[str, float]:
+        """The configured weights in force at ``step``."""
+        return next(w for start, w in reversed(self.stages) if start <= step)
+
     # ---- counts -------------------------------------------------------------
 
-    def _cumulative(self, n_examples: int) -> list[int]:
-        """Draws per source among the first n_examples of the stream."""
-        out, rest = [], n_examples
-        for num, den in self._ratios:
-            c = rest * num // den  # Python ints: exact at any step
-            out.append(c)
-            rest -= c
-        out.append(rest)
-        return out
+    def _cumulative(self, step: int, batch_size: int) -> list[int]:
+        """Draws per source in steps 0..step-1: the whole of each earlier stage, then the chain
+        of floors over this stage's examples so far. Python ints: exact at any step."""
+        total = [0] * len(self.source_names)
+        for i, (start, _) in enumerate(self.stages):
+            if start >= step:
+                break
+            end = self.stages[i + 1][0] if i + 1 < len(self.stages) else step
+            rest = (min(end, step) - start) * batch_size
+            for k, (num, den) in enumerate(self._ratios[i]):
+                c = rest * num // den
+                total[k] += c
+                rest -= c
+            total[-1] += rest
+        return total
 
     def cumulative_counts(self, step: int, batch_size: int) -> dict[str, int]:
         """Examples drawn from each source in steps 0..step-1."""
-        return dict(zip(self.source_names, self._cumulative(step * batch_size)))
+        return dict(zip(self.source_names, self._cumulative(step, batch_size)))
 
     def step_counts(self, step: int, batch_size: int) -> dict[str, int]:
         """Examples of each source in the batch of ``step``."""
-        a, b = self._cumulative(step * batch_size), self._cumulative((step + 1) * batch_size)
+        a, b = self._cumulative(step, batch_size), self._cumulative(step + 1, batch_size)
         return {n: y - x for n, x, y in zip(self.source_names, a, b)}
 
     def epoch(self, name: str, step: int, batch_size: int) -> int:
         """Epoch of ``name`` that the batch at ``step`` starts drawing from (for logging)."""
         k = self.source_names.index(name)
         n = self._data[k].shape[0]
-        return self._cumulative(step * batch_size)[k] // n if n else 0
+        return self._cumulative(step, batch_size)[k] // n if n else 0
 
     def epochs(self, step: int, batch_size: int) -> dict[str, float]:
         """Fractional epochs completed per source before ``step``."""
-        c = self._cumulative(step * batch_size)
+        c = self._cumulative(step, batch_size)
         return {n: (c[k] / self._data[k].shape[0] if self._data[k].shape[0] else 0.0)
                 for k, n in enumerate(self.source_names)}
 
@@ -137,8 +165,8 @@ class Mixture:
         source_names) for the given slots of the global batch at ``step``."""
         if step < 0 or batch_size < 1:
             raise ValueError(f"need step >= 0 and batch_size >= 1, got {step}, {batch_size}")
-        before = self._cumulative(step * batch_size)
-        after = self._cumulative((step + 1) * batch_size)
+        before = self._cumulative(step, batch_size)
+        after = self._cumulative(step + 1, batch_size)
 
         slot_perm = np.random.default_rng([self.seed, _SLOT_TAG, step]).permutation(batch_size)
         src = np.empty(batch_size, np.int32)
