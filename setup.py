@@ -23,7 +23,10 @@ setup(
         "optax==0.2.8",
         "orbax-checkpoint==0.12.8",
         "tensorflow-datasets==4.9.10",
+        "array-record==0.8.6",  # TFDS's random-access format; prepared sources are stored in it
+        "pyarrow==26.0.1",  # parquet sources
         "sentencepiece==0.2.3",
+        "tokenizers==0.23.3",  # HF tokenizer.json files, without transformers
         "ml-collections==1.1.0",
         "absl-py==2.5.1",
         "numpy==2.4.6",

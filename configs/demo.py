@@ -33,7 +33,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.optimizer.weight_decay = 0.0
     # Chinese alone needs ~2.6k pieces (one per common character); 4000 leaves ~1.4k for English
     # merges and makes the head, which dominates a tiny model's FLOPs, half as costly as 8000.
-    c.data.vocab_size = 4000
+    c.data.tokenizer.vocab_size = 4000
     c.data.eval_batches = 8
     c.log_every = 20
     c.eval_every = 40

@@ -39,14 +39,29 @@ def base() -> ml_collections.ConfigDict:
     c.optimizer.grad_accum = 1  # microbatches per update
 
     c.data = ml_collections.ConfigDict()
-    c.data.corpus = "bible"  # the bundled bilingual corpus (KJV English, CUV Chinese)
-    c.data.target = "zh"  # the language being learned
-    c.data.replay = "en"  # the source language replayed against forgetting
+    c.data.dir = ""  # prepared sources, tokenizers, token stores; "": $CPT_JAX_CACHE/data or ~/.cache/cpt_jax/data
+    # name -> source (cpt_jax/data/sources.py): kind "bible" (bundled KJV/CUV, lang en|zh), "files"
+    # (paths, format txt|jsonl|parquet, text_field, eval_fraction) or "tfds" (tfds_name, split,
+    # eval_split, text_feature, data_dir). Each has a held-out eval split, logged as eval/<name>/loss.
+    c.data.sources = ml_collections.ConfigDict({
+        "en": {"kind": "bible", "lang": "en"},
+        "zh": {"kind": "bible", "lang": "zh"},
+    })
+    c.data.target = "zh"  # the source being learned
+    c.data.replay = "en"  # the source replayed against forgetting
     c.data.replay_ratio = 0.05  # share of sequences drawn from `replay`; 0 disables replay
-    c.data.vocab_size = 8000  # of the sentencepiece tokenizer trained on both languages
-    c.data.eval_fraction = 0.03  # chapters held out (the same ones in both languages)
+    c.data.weights = ml_collections.ConfigDict()  # {source: weight}: any number of sources, overrides the three above
+    c.data.stages = ()  # ((start, replay ratio or {source: weight}), ...); start: a step, or a fraction of total_steps
+    c.data.tokenizer = ml_collections.ConfigDict()
+    c.data.tokenizer.path = ""  # a sentencepiece .model or HF tokenizer.json (or a dir); "": train one
+    c.data.tokenizer.vocab_size = 8000  # of the trained sentencepiece tokenizer
+    c.data.tokenizer.model_type = "bpe"  # bpe | unigram
+    c.data.tokenizer.character_coverage = 0.9995  # CJK needs nearly all characters as pieces
+    c.data.tokenizer.byte_fallback = True  # anything else becomes UTF-8 bytes, never <unk>
+    c.data.tokenizer.train_on = ()  # source names; (): all sources
+    c.data.tokenizer.max_docs = 200_000  # per source, evenly spaced: enough for a tokenizer
     c.data.eval_batches = 0  # cap on eval batches per set; 0: the whole held-out set
-    c.data.cache_dir = ""  # "": $CPT_JAX_CACHE or ~/.cache/cpt_jax
+    c.data.workers = 1  # processes tokenizing a store; 1: in-process (sentencepiece already uses every core)
 
     c.mesh = ml_collections.ConfigDict()
     c.mesh.shape = (-1, 1, 1)  # (data, fsdp, tensor); one -1 fills the remaining devices

@@ -26,7 +26,8 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-from cpt_jax import checkpoint, data, models, sharding, summary, train
+from cpt_jax import checkpoint, models, sharding, summary, train
+from cpt_jax.data import pipeline
 from cpt_jax.metrics import MetricWriter, log_line, peak_flops, read_jsonl, setup_logging
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/demo.py[:arg].")
@@ -65,10 +66,18 @@ def validate(config, devices=None, check_init_from: bool = True) -> jax.sharding
     if not 0.0 <= config.data.replay_ratio < 1.0:
         raise ConfigError(f"data.replay_ratio={config.data.replay_ratio} must be in [0, 1)")
     if config.data.replay_ratio > 0 and config.data.replay == config.data.target:
-        raise ConfigError(f"data.replay={config.data.replay!r} is the target language itself")
+        raise ConfigError(f"data.replay={config.data.replay!r} is the target source itself")
+    try:
+        pipeline.source_specs(config.data)
+        pipeline.mixture_stages(config.data, config.total_steps)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     for field in ("target", "replay"):
-        if getattr(config.data, field) not in data.LANGS:
-            raise ConfigError(f"data.{field}={getattr(config.data, field)!r} is not one of {data.LANGS}")
+        if getattr(config.data, field) not in config.data.sources:
+            raise ConfigError(f"data.{field}={getattr(config.data, field)!r} is not one of data.sources "
+                              f"{list(config.data.sources)}")
+    if config.data.tokenizer.path and not os.path.exists(config.data.tokenizer.path):
+        raise ConfigError(f"data.tokenizer.path={config.data.tokenizer.path!r} does not exist")
     if config.model.dtype not in ("float32", "bfloat16", "float16"):
         raise ConfigError(f"model.dtype={config.model.dtype!r} must be float32, bfloat16 or float16")
     _model_config(config, vocab_size=max(config.model.vocab_size, 1))
@@ -104,13 +113,13 @@ def train_run(config: ml_collections.ConfigDict, workdir: str, devices=None) -> 
             log.info("%s is already finished (step %d)", workdir, done)
             return read_jsonl(os.path.join(workdir, "metrics.jsonl"))
 
-    # --- Data: the bilingual corpus, its tokenizer, and the stream as a function of the step.
-    bundle = data.build_bilingual(config.data.cache_dir or None, config.data.vocab_size, config.seq_len,
-                                  eval_fraction=config.data.eval_fraction)
-    weights = {config.data.target: 1.0 - config.data.replay_ratio}
-    if config.data.replay_ratio > 0:
-        weights[config.data.replay] = config.data.replay_ratio
-    mixture = data.Mixture({k: bundle.train[k] for k in weights}, weights, seed=config.seed)
+    # --- Data: sources, tokenizer and token stores (prepared on first use), and the stream as a
+    # pure function of the step.
+    try:
+        bundle = pipeline.build(config.data, config.seq_len)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    mixture = pipeline.mixture(config.data, bundle, config.total_steps, config.seed)
     names = mixture.source_names
 
     # --- Model, optimizer, shardings.
@@ -194,6 +203,8 @@ def train_run(config: ml_collections.ConfigDict, workdir: str, devices=None) -> 
                 out[f"eval/{name}/loss"] = total / count
             return out
 
+        seen_epochs: dict[str, float] = {}
+
         def record(s, m, train_s, n_steps) -> dict:
             counts, epochs = mixture.cumulative_counts(s, b), mixture.epochs(s, b)
             r = {"train/loss": m["loss"], "train/grad_norm": m["grad_norm"], "train/lr": m["lr"],
@@ -203,6 +214,10 @@ def train_run(config: ml_collections.ConfigDict, workdir: str, devices=None) -> 
                     r[f"train/{name}/loss"] = m["source_loss_sum"][i] / m["source_count"][i]
                 r[f"data/{name}_fraction"] = counts[name] / (s * b)
                 r[f"data/{name}_epoch"] = epochs[name]
+                if int(epochs[name]) > int(seen_epochs.get(name, epochs[name])):
+                    log.info("source %s ran past its end: epoch %d began before step %d (reshuffled by seed)",
+                             name, int(epochs[name]), s)
+                seen_epochs[name] = epochs[name]
             tps = n_steps * b * t / train_s
             r["perf/tokens_per_sec"] = tps
             r["perf/step_time_s"] = train_s / n_steps

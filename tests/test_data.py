@@ -16,7 +16,6 @@ from cpt_jax.data import (
     PAD_ID,
     Mixture,
     Tokenizer,
-    build_bilingual,
     default_cache_dir,
     load_bible,
     pack,
@@ -308,48 +307,3 @@ def test_mixture_validation_names_source():
     with pytest.raises(ValueError, match="'zh'"):
         Mixture({"en": a, "zh": _source(1, 4, width=6)}, {"en": 0.5, "zh": 0.5})
     Mixture({"en": a, "zh": b[:0]}, {"en": 1.0, "zh": 0.0})  # empty is fine at weight 0
-
-
-# ---------------------------------------------------------------- build_bilingual
-
-
-def test_build_bilingual_cache(cache, bible, tmp_path):
-    # Private build dir, but reuse the already-fetched archives and extracted corpus.
-    for sub in ("downloads", "corpora"):
-        (tmp_path / sub).symlink_to(cache / sub, target_is_directory=True)
-    data = build_bilingual(tmp_path, vocab_size=4000, seq_len=256)
-    pack_dir = next(tmp_path.glob("bilingual/*/seq256"))
-    manifest = json.loads((pack_dir / "manifest.json").read_text())
-    assert manifest["tokenizer_fingerprint"] == data.tokenizer.fingerprint
-    for split in ("train", "eval"):
-        for lang in ("en", "zh"):
-            arr = getattr(data, split)[lang]
-            assert arr.dtype == np.int32 and arr.shape[1] == 257 and arr.shape[0] > 0
-            assert manifest["arrays"][f"{split}_{lang}"]["rows"] == arr.shape[0]
-            assert arr.max() < data.tokenizer.vocab_size
-    # Eval rows really are the held-out chapters, and train rows the rest.
-    train_en, eval_en = split_documents(bible["en"], 0.03)
-    assert data.tokenizer.decode(data.eval["en"][0][:40]).startswith(eval_en[0].text[:20])
-    expect = pack(data.tokenizer.encode_batch([d.text for d in train_en]), 256, data.tokenizer.eos_id)
-    assert np.array_equal(expect, data.train["en"])
-
-    # Warm call: loads, rewrites nothing.
-    mtimes = {p: p.stat().st_mtime_ns for p in pack_dir.parent.rglob("*") if p.is_file()}
-    warm = build_bilingual(tmp_path, vocab_size=4000, seq_len=256)
-    assert {p: p.stat().st_mtime_ns for p in mtimes} == mtimes
-    assert warm.tokenizer.fingerprint == data.tokenizer.fingerprint
-    assert all(np.array_equal(warm.train[k], data.train[k]) for k in ("en", "zh"))
-
-    # A manifest that does not match (e.g. other tokenizer) triggers a rebuild...
-    manifest["tokenizer_fingerprint"] = "0" * 16
-    (pack_dir / "manifest.json").write_text(json.dumps(manifest))
-    (pack_dir / "train_zh.npy").write_bytes(b"garbage")
-    rebuilt = build_bilingual(tmp_path, vocab_size=4000, seq_len=256)
-    assert np.array_equal(rebuilt.train["zh"], data.train["zh"])
-    assert json.loads((pack_dir / "manifest.json").read_text())["tokenizer_fingerprint"] == data.tokenizer.fingerprint
-    # ...and so does a missing one (arrays alone are never trusted).
-    (pack_dir / "manifest.json").unlink()
-    (pack_dir / "eval_en.npy").write_bytes(b"garbage")
-    again = build_bilingual(tmp_path, vocab_size=4000, seq_len=256)
-    assert np.array_equal(again.eval["en"], data.eval["en"])
-    assert (pack_dir / "manifest.json").exists()

@@ -71,6 +71,8 @@ def _snapshot(path):
     (["--config.mesh.shape=(3,1,1)"], "mesh.shape"),
     (["--config.batch_size=10"], "batch_size"),
     (["--config.init_from=/nonexistent/run"], "init_from"),
+    (["--config.data.target=fr"], "data.target"),
+    (["--config.data.tokenizer.path=/nonexistent/tokenizer.json"], "data.tokenizer.path"),
 ])
 def test_bad_input_fails_early_with_one_line_and_keeps_workdir(tmp_path, args, field):
     workdir = tmp_path / "run"

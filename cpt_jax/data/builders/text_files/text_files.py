@@ -1,0 +1,180 @@
+"""TFDS builder over local text files: one example `{"text": str}` per document.
+
+Documents by format (whitespace-only documents are skipped):
+  txt      blocks of non-blank lines; one or more blank lines separate documents, so a
+           file of paragraphs gives one document per paragraph, and a file with no blank
+           lines is one document
+  jsonl    one JSON object per non-blank line; the document is its `text_field` string
+  parquet  one row per document; the document is its `text_field` string column
+
+Splits `train` and `eval`: a document is held out iff a 64-bit hash of its content is
+below the config's `eval_cutoff` (see `eval_cutoff`), so copies of one document never
+straddle the two splits. Documents keep their file order.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from collections.abc import Iterable, Iterator
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import tensorflow_datasets as tfds
+from etils import epath
+
+FORMATS = ("txt", "jsonl", "parquet")
+
+
+def _utf8_lines(path: str) -> Iterator[tuple[int, str]]:
+    """(line number, line) pairs; invalid UTF-8 fails with its byte offset."""
+    offset = 0
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise ValueError(f"{path}: invalid UTF-8 at byte {offset + e.start} (line {lineno})") from None
+            offset += len(raw)
+            if lineno == 1:
+                line = line.removeprefix("\ufeff")  # a byte-order mark is not text
+            yield lineno, line
+
+
+def _txt_documents(path: str) -> Iterator[str]:
+    block: list[str] = []
+    for _, line in _utf8_lines(path):
+        if line.strip():
+            block.append(line.rstrip("\r\n"))
+        elif block:
+            yield "\n".join(block)
+            block = []
+    if block:
+        yield "\n".join(block)
+
+
+def _jsonl_documents(path: str, text_field: str) -> Iterator[str]:
+    for lineno, line in _utf8_lines(path):
+        if not line.strip():
+            continue
+        where = f"{path}: line {lineno}"
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{where}: invalid JSON ({e.msg})") from None
+        if not isinstance(row, dict) or text_field not in row:
+            raise ValueError(f"{where}: no field {text_field!r}")
+        text = row[text_field]
+        if not isinstance(text, str):
+            raise ValueError(f"{where}: field {text_field!r} is {type(text).__name__}, not a string")
+        try:
+            text.encode("utf-8")  # JSON escapes can smuggle in lone surrogates
+        except UnicodeEncodeError as e:
+            raise ValueError(f"{where}: field {text_field!r} is not valid Unicode ({e.reason})") from None
+        yield text
+
+
+def _parquet_documents(path: str, text_field: str) -> Iterator[str]:
+    try:
+        table = pq.ParquetFile(path)
+    except pa.ArrowException as e:
+        raise ValueError(f"{path}: not a readable parquet file ({e})") from None
+    schema = table.schema_arrow
+    if text_field not in schema.names:
+        raise ValueError(f"{path}: no column {text_field!r} (columns: {schema.names})")
+    kind = schema.field(text_field).type
+    if not (pa.types.is_string(kind) or pa.types.is_large_string(kind)):
+        raise ValueError(f"{path}: column {text_field!r} has type {kind}, not string")
+    row = 0
+    for batch in table.iter_batches(batch_size=1024, columns=[text_field]):
+        for text in batch.column(0).to_pylist():
+            if text is None:
+                raise ValueError(f"{path}: row {row}: {text_field!r} is null")
+            yield text
+            row += 1
+
+
+def read_documents(path: str, format: str, text_field: str) -> Iterator[str]:
+    """The non-empty documents of one file; bad content raises ValueError naming the
+    file and the line, byte or row."""
+    if format == "txt":
+        docs = _txt_documents(path)
+    elif format == "jsonl":
+        docs = _jsonl_documents(path, text_field)
+    elif format == "parquet":
+        docs = _parquet_documents(path, text_field)
+    else:
+        raise ValueError(f"{path}: unknown format {format!r}; expected one of {FORMATS}")
+    return (d for d in docs if d.strip())
+
+
+def _content_hash(text: str) -> int:
+    return int.from_bytes(hashlib.blake2b(text.encode("utf-8"), digest_size=8).digest(), "big")
+
+
+def eval_cutoff(documents: Iterable[str], eval_fraction: float) -> int:
+    """The hash cutoff that holds out about `eval_fraction` of `documents`, at least one
+    and never all of them. Reads every document, so it is also the validation pass."""
+    target = int(eval_fraction * 2**64)
+    n = below = 0
+    lowest, highest = 2**64, -1
+    for text in documents:
+        h = _content_hash(text)
+        n += 1
+        below += h < target
+        lowest, highest = min(lowest, h), max(highest, h)
+    if n == 0:
+        raise ValueError("no non-empty documents")
+    if n == 1:
+        raise ValueError("only 1 document; need at least 2, since one is held out for eval")
+    if lowest == highest:
+        raise ValueError(f"all {n} documents are identical; need 2 different ones to hold one out")
+    if below == 0:
+        return lowest + 1  # hold out the document(s) with the lowest hash
+    if below == n:
+        return highest  # keep the document(s) with the highest hash for training
+    return target
+
+
+@dataclasses.dataclass
+class TextFilesConfig(tfds.core.BuilderConfig):
+    """One source's files. A prepared config is reused as is, so its name must change
+    whenever the files do (cpt_jax.data.sources hashes paths, sizes and mtimes into it)."""
+
+    files: tuple[str, ...] = dataclasses.field(default=(), repr=False)  # TFDS logs the repr
+    format: str = "txt"
+    text_field: str = "text"
+    eval_cutoff: int = 0  # from `eval_cutoff`; documents hashing below it are held out
+
+
+class TextFiles(tfds.core.GeneratorBasedBuilder):
+    """Documents of local txt/jsonl/parquet files, split into `train` and `eval`."""
+
+    VERSION = tfds.core.Version("1.0.0")
+    RELEASE_NOTES = {"1.0.0": "Initial release."}
+    BUILDER_CONFIGS: list[TextFilesConfig] = []  # one per source, made at run time
+    # TFDS derives this itself through the `importlib_resources` backport, which it only
+    # requires on Python < 3.9; naming the file directly needs nothing extra.
+    code_path = epath.Path(__file__)
+
+    def _info(self) -> tfds.core.DatasetInfo:
+        return tfds.core.DatasetInfo(
+            builder=self,
+            description=__doc__,
+            features=tfds.features.FeaturesDict({"text": tfds.features.Text()}),
+            disable_shuffling=True,  # keep file order; consumers shuffle as they need
+        )
+
+    def _split_generators(self, dl_manager):
+        del dl_manager  # the files are local: nothing to download
+        return {"train": self._generate_examples(held_out=False), "eval": self._generate_examples(held_out=True)}
+
+    def _generate_examples(self, held_out: bool):
+        config = self.builder_config
+        key = 0  # increasing int keys keep file order under disable_shuffling
+        for path in config.files:
+            for text in read_documents(path, config.format, config.text_field):
+                if (_content_hash(text) < config.eval_cutoff) == held_out:
+                    yield key, {"text": text}
+                    key += 1

@@ -1,0 +1,331 @@
+"""Named text sources, each read by random access from a prepared TFDS dataset
+(array_record; TensorFlow is never needed).
+
+A source is configured as `data.sources.<name> = {"kind": ..., ...}`:
+
+  bible  lang: "en" | "zh". The bundled KJV/CUV corpus, one document per chapter
+         (builders/bible). eval: the chapters `corpora.split_documents` holds out at 3%,
+         the same chapters in both languages.
+  files  paths: glob or list of globs; format: "txt" | "jsonl" | "parquet" (default: from
+         the files' extension); text_field: jsonl key / parquet column (default "text");
+         eval_fraction (default 0.01). Built by builders/text_files: a txt document is a
+         block of lines ended by a blank line (so one per paragraph); jsonl/parquet have one
+         per row. eval: documents whose content hash is below a cutoff, about
+         eval_fraction of them and at least one.
+  tfds   tfds_name: e.g. "wikipedia/20230601.en" or "c4/en:3.1.0"; split (default
+         "train"); eval_split (default "": hold out eval_fraction of `split` by index
+         hash, see `_IndexHoldout`); text_feature (default "text"); data_dir (default:
+         TFDS's, $TFDS_DATA_DIR or ~/tensorflow_datasets). It must already be prepared
+         with `tfds build --file_format=array_record`; it is never downloaded here.
+
+Our builders write to `<data_dir>/tfds/<builder>/<config>/<version>`, so a prepared files
+or bible source can also be read elsewhere as kind "tfds" with data_dir `<data_dir>/tfds`.
+TFDS builds into an `incomplete.*` folder and renames it when done, so an interrupted
+build is never read as complete and the next `prepare` builds it again.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import glob
+import hashlib
+import json
+import os
+import re
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import tensorflow_datasets as tfds
+
+from cpt_jax.data.builders.bible import EVAL_FRACTION as BIBLE_EVAL_FRACTION
+from cpt_jax.data.builders.bible import Bible
+from cpt_jax.data.builders.text_files import FORMATS, TextFiles, TextFilesConfig, eval_cutoff, read_documents
+
+KINDS = ("bible", "files", "tfds")
+LANGS = ("en", "zh")
+SPLITS = ("train", "eval")
+
+# Fields each kind accepts (besides "kind") and those it requires.
+_FIELDS = {
+    "bible": {"lang"},
+    "files": {"paths", "format", "text_field", "eval_fraction"},
+    "tfds": {"tfds_name", "split", "eval_split", "text_feature", "data_dir", "eval_fraction"},
+}
+_REQUIRED = {"bible": {"lang"}, "files": {"paths"}, "tfds": {"tfds_name"}}
+_EXTENSIONS = {".txt": "txt", ".jsonl": "jsonl", ".parquet": "parquet"}
+
+
+@dataclasses.dataclass(frozen=True)
+class SourceSpec:
+    """One validated `data.sources.<name>` entry; fields unused by `kind` keep their defaults."""
+
+    name: str
+    kind: str  # bible | files | tfds
+    lang: str = ""  # bible
+    paths: tuple[str, ...] = ()  # files: globs
+    format: str = ""  # files: txt | jsonl | parquet; "": from the extension
+    text_field: str = "text"  # files: jsonl key / parquet column
+    eval_fraction: float = 0.01  # files; tfds without eval_split; bible: fixed at 0.03
+    tfds_name: str = ""  # tfds: "name[/config][:version]"
+    split: str = "train"  # tfds
+    eval_split: str = ""  # tfds; "": hold out eval_fraction of `split`
+    text_feature: str = "text"  # tfds
+    data_dir: str = ""  # tfds; "": TFDS's default
+
+
+# ---------------------------------------------------------------- config
+
+
+def _paths(where: str, value: Any) -> tuple[str, ...]:
+    paths = (value,) if isinstance(value, str) else value
+    if not isinstance(paths, Sequence) or not paths or not all(isinstance(p, str) and p for p in paths):
+        raise ValueError(f"{where}.paths: expected a glob or a non-empty list of globs, got {value!r}")
+    return tuple(paths)
+
+
+def _check_values(where: str, spec: SourceSpec, given: set[str]) -> None:
+    """Type and range checks on the fields the user gave."""
+    for field in given - {"paths", "eval_fraction"}:
+        if not isinstance(getattr(spec, field), str):
+            raise ValueError(f"{where}.{field}: expected a string, got {getattr(spec, field)!r}")
+    for field in given & {"text_field", "tfds_name", "split", "text_feature"}:
+        if not getattr(spec, field):
+            raise ValueError(f"{where}.{field}: must not be empty")
+    if "lang" in given and spec.lang not in LANGS:
+        raise ValueError(f"{where}.lang: must be one of {LANGS}, got {spec.lang!r}")
+    if "format" in given and spec.format not in ("", *FORMATS):
+        raise ValueError(f"{where}.format: must be one of {FORMATS} (or empty: from the extension), got {spec.format!r}")
+    fraction = spec.eval_fraction
+    if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 < fraction <= 0.5:
+        raise ValueError(f"{where}.eval_fraction: must be a number in (0, 0.5], got {fraction!r}")
+    if spec.eval_split and spec.eval_split == spec.split:
+        raise ValueError(f"{where}.eval_split: must differ from split {spec.split!r}, or train and eval would overlap")
+
+
+def source_spec(name: str, cfg: Any) -> SourceSpec:
+    """Validate one `data.sources.<name>` entry (a dict or ConfigDict).
+
+    Raises ValueError naming `data.sources.<name>.<field>` for an unknown, missing or
+    invalid field."""
+    where = f"data.sources.{name}"
+    raw = cfg.to_dict() if hasattr(cfg, "to_dict") else cfg
+    if not isinstance(raw, Mapping):
+        raise ValueError(f"{where}: expected a mapping of fields, got {cfg!r}")
+    kind = raw.get("kind")
+    if kind not in KINDS:
+        raise ValueError(f"{where}.kind: must be one of {KINDS}, got {kind!r}")
+    fields = {k: v for k, v in raw.items() if k != "kind"}
+    unknown = sorted(set(fields) - _FIELDS[kind])
+    if unknown:
+        raise ValueError(f"{where}.{unknown[0]}: unknown field for kind {kind!r} (allowed: {sorted(_FIELDS[kind])})")
+    missing = sorted(_REQUIRED[kind] - set(fields))
+    if missing:
+        raise ValueError(f"{where}.{missing[0]}: required for kind {kind!r}")
+    if "paths" in fields:
+        fields["paths"] = _paths(where, fields["paths"])
+    if kind == "bible":
+        fields["eval_fraction"] = BIBLE_EVAL_FRACTION  # the corpus' own held-out chapters
+    spec = SourceSpec(name=name, kind=kind, **fields)
+    _check_values(where, spec, set(raw) - {"kind"})
+    return spec
+
+
+# ---------------------------------------------------------------- identity
+
+
+def _digest(identity: Any) -> str:
+    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _resolve_files(spec: SourceSpec) -> tuple[list[str], str]:
+    """Absolute paths the globs match (sorted per glob, first occurrence kept) and their format."""
+    files: dict[str, None] = {}
+    for pattern in spec.paths:
+        matches = sorted(p for p in glob.glob(os.path.expanduser(pattern), recursive=True) if os.path.isfile(p))
+        if not matches:
+            raise ValueError(f"data.sources.{spec.name}.paths: {pattern!r} matches no files")
+        files.update(dict.fromkeys(os.path.abspath(p) for p in matches))
+    if spec.format:
+        return list(files), spec.format
+    formats = {_EXTENSIONS.get(Path(p).suffix.lower()) for p in files}
+    if len(formats) != 1 or None in formats:
+        examples = sorted({Path(p).suffix or Path(p).name for p in files})[:5]
+        raise ValueError(f"data.sources.{spec.name}.format: cannot tell it from the file extensions "
+                         f"{examples}; set it to one of {FORMATS}")
+    return list(files), formats.pop()
+
+
+def _files_identity(spec: SourceSpec) -> tuple[list[str], str, str]:
+    """The files, their format, and a digest of everything that decides the prepared
+    data, file sizes and mtimes included, so that changed files get a fresh build."""
+    files, fmt = _resolve_files(spec)
+    stats = [os.stat(p) for p in files]
+    digest = _digest({
+        "version": str(TextFiles.VERSION),
+        "files": [[p, st.st_size, st.st_mtime_ns] for p, st in zip(files, stats)],
+        "format": fmt,
+        "text_field": spec.text_field,
+        "eval_fraction": spec.eval_fraction,
+    })
+    return files, fmt, digest
+
+
+def _files_config(spec: SourceSpec) -> TextFilesConfig:
+    files, fmt, digest = _files_identity(spec)
+    slug = re.sub(r"[^\w.-]+", "_", spec.name)  # TFDS config names allow only these
+    return TextFilesConfig(name=f"{slug}-{digest}", description=f"source {spec.name!r}: {len(files)} {fmt} files",
+                           files=tuple(files), format=fmt, text_field=spec.text_field)
+
+
+def fingerprint(spec: SourceSpec) -> str:
+    """16 hex chars that change when the source's content identity changes: for files
+    their paths, sizes and mtimes; for tfds the prepared dataset's name/config/version
+    and the splits read; for bible the language and builder version."""
+    if spec.kind == "files":
+        return _files_identity(spec)[2]
+    if spec.kind == "bible":
+        return _digest(["bible", spec.lang, str(Bible.VERSION)])
+    info = _prepared_tfds(spec).info
+    holdout = spec.eval_split or f"hash:{spec.eval_fraction}"
+    return _digest(["tfds", info.full_name, spec.split, holdout, spec.text_feature])
+
+
+# ---------------------------------------------------------------- TFDS datasets
+
+
+def _tfds_dir(data_dir: str | os.PathLike) -> str:
+    return os.fspath(Path(data_dir) / "tfds")
+
+
+def _text_files(config: TextFilesConfig, data_dir: str | os.PathLike) -> TextFiles:
+    return TextFiles(config=config, data_dir=_tfds_dir(data_dir), file_format="array_record")
+
+
+def _own_builder(spec: SourceSpec, data_dir: str | os.PathLike) -> tfds.core.DatasetBuilder:
+    """The builder of a bible or files source, prepared or not."""
+    if spec.kind == "bible":
+        return Bible(config=spec.lang, data_dir=_tfds_dir(data_dir), file_format="array_record")
+    return _text_files(_files_config(spec), data_dir)
+
+
+def _prepared_tfds(spec: SourceSpec) -> tfds.core.DatasetBuilder:
+    """The already prepared dataset of a tfds source, read from its files alone (no
+    builder code, so no catalog imports and no downloads), checked for our use."""
+    where = f"data.sources.{spec.name}"
+    data_dir = spec.data_dir or tfds.core.constants.DATA_DIR
+    try:
+        builder = tfds.core.read_only_builder.builder_from_files(spec.tfds_name, data_dir=data_dir)
+    except tfds.core.DatasetNotFoundError:
+        raise ValueError(
+            f"{where}.tfds_name: TFDS dataset {spec.tfds_name!r} is not prepared in {data_dir}. It is never "
+            f"downloaded here; prepare it first with: tfds build {spec.tfds_name} --data_dir={data_dir} "
+            f"--file_format=array_record") from None
+    info = builder.info
+    if not info.available_file_formats() & tfds.core.FileFormat.with_random_access():
+        raise ValueError(f"{where}: {info.full_name} in {data_dir} is stored as {info.file_format.value}, which "
+                         f"has no random access; rebuild it with tfds build --file_format=array_record")
+    for field in ("split", "eval_split"):
+        split = getattr(spec, field)
+        if split and split not in info.splits:
+            raise ValueError(f"{where}.{field}: {info.full_name} has no split {split!r} (splits: {list(info.splits)})")
+    features = info.features
+    names = list(features.keys()) if isinstance(features, tfds.features.FeaturesDict) else []
+    if spec.text_feature not in names or not isinstance(features[spec.text_feature], tfds.features.Text):
+        raise ValueError(f"{where}.text_feature: {info.full_name} has no text feature {spec.text_feature!r} "
+                         f"(features: {names})")
+    if not spec.eval_split and info.splits[spec.split].num_examples < 2:
+        raise ValueError(f"{where}.split: {spec.split!r} has fewer than 2 examples; one is held out for eval")
+    return builder
+
+
+def _files_eval_cutoff(spec: SourceSpec, config: TextFilesConfig) -> int:
+    """Read every document once: validates all files before anything is written."""
+    docs = (d for path in config.files for d in read_documents(path, config.format, config.text_field))
+    try:
+        return eval_cutoff(docs, spec.eval_fraction)
+    except ValueError as e:
+        raise ValueError(f"data.sources.{spec.name} (paths {list(spec.paths)}): {e}") from None
+
+
+def prepare(spec: SourceSpec, data_dir: str | os.PathLike) -> None:
+    """Build a bible or files source into `<data_dir>/tfds` unless already built (then
+    it is reused as is); check that a tfds source is prepared. Bad input raises a
+    ValueError naming the source and the file or field, before anything is written."""
+    if spec.kind == "tfds":
+        _prepared_tfds(spec)
+        return
+    builder = _own_builder(spec, data_dir)
+    if builder.is_prepared():
+        return
+    if spec.kind == "files":
+        config = builder.builder_config
+        builder = _text_files(dataclasses.replace(config, eval_cutoff=_files_eval_cutoff(spec, config)), data_dir)
+    # Nothing to fetch: without this, TFDS first asks GCS whether a prepared copy exists.
+    builder.download_and_prepare(download_config=tfds.download.DownloadConfig(try_download_gcs=False))
+
+
+# ---------------------------------------------------------------- reading
+
+
+class _IndexHoldout:
+    """Positions of a split held out from (or kept in) `n` records by index: one record
+    in every block of round(1 / eval_fraction), at a position chosen by a hash of the
+    block number. Deterministic, disjoint, and O(1) per lookup, so no index list is
+    built even for splits of hundreds of millions of records."""
+
+    def __init__(self, n: int, eval_fraction: float, held_out: bool):
+        self.n, self.block, self.held_out = n, round(1 / eval_fraction), held_out
+
+    def __len__(self) -> int:
+        n_eval = -(-self.n // self.block)  # every block, the last partial one included, holds out one
+        return n_eval if self.held_out else self.n - n_eval
+
+    def __getitem__(self, k: int) -> int:
+        if self.held_out:
+            return k * self.block + self._eval_offset(k)
+        block, offset = divmod(k, self.block - 1)  # all blocks but the last keep block - 1 records
+        return block * self.block + offset + (offset >= self._eval_offset(block))
+
+    def _eval_offset(self, block: int) -> int:
+        size = min(self.block, self.n - block * self.block)
+        digest = hashlib.blake2b(block.to_bytes(8, "big"), digest_size=8).digest()
+        return int.from_bytes(digest, "big") % size
+
+
+class TextSplit:
+    """Random access to the documents of one split of a source, as str."""
+
+    def __init__(self, records: Any, feature: str, positions: Sequence[int] | None = None):
+        self._records = records  # a TFDS data source: len() and __getitems__ over dicts
+        self._feature = feature
+        self._positions = positions if positions is not None else range(len(records))
+
+    def __len__(self) -> int:
+        return len(self._positions)
+
+    def texts(self, start: int, stop: int) -> list[str]:
+        """Documents [start, stop), decoded."""
+        if not 0 <= start <= stop <= len(self):
+            raise IndexError(f"texts({start}, {stop}) out of range for a split of {len(self)} documents")
+        rows = self._records.__getitems__([self._positions[k] for k in range(start, stop)])
+        return [row[self._feature].decode("utf-8") for row in rows]
+
+
+def open_split(spec: SourceSpec, split: str, data_dir: str | os.PathLike) -> TextSplit:
+    """The `train` or `eval` documents of a source; bible and files sources must have been
+    prepared into `data_dir` (with their current files) by `prepare`."""
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    if spec.kind == "tfds":
+        builder = _prepared_tfds(spec)
+        if spec.eval_split:
+            return TextSplit(builder.as_data_source({"train": spec.split, "eval": spec.eval_split}[split]),
+                             spec.text_feature)
+        records = builder.as_data_source(spec.split)
+        return TextSplit(records, spec.text_feature, _IndexHoldout(len(records), spec.eval_fraction, split == "eval"))
+    builder = _own_builder(spec, data_dir)
+    if not builder.is_prepared():
+        raise ValueError(f"data.sources.{spec.name}: not prepared in {_tfds_dir(data_dir)} (or its files changed "
+                         f"since); call prepare() first")
+    return TextSplit(builder.as_data_source(split), "text")
