@@ -23,6 +23,7 @@ from cpt_jax.data import (
     train_tokenizer,
 )
 from cpt_jax.data.corpora import KNOWN_VERSIFICATION_DIFFS, atomic_path
+from cpt_jax.data.mixture import permute
 
 # ---------------------------------------------------------------- fixtures
 
@@ -292,6 +293,18 @@ def test_mixture_every_row_once_per_epoch():
     total = counts.sum()  # 160 draws = 22 full epochs + 6
     assert total == 160 and counts.min() == total // 7 and counts.max() == math.ceil(total / 7)
     assert m.epoch("small", 10, 32) == 160 // 7
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 48, 1000, 4097])
+def test_row_permutation_is_a_bijection_chosen_by_key(n):
+    p = permute(np.arange(n), n, (0, 1, 2, 3))
+    assert sorted(p.tolist()) == list(range(n))
+    assert np.array_equal(permute(np.arange(n)[::-1], n, (0, 1, 2, 3)), p[::-1])  # pointwise, any order
+    if n > 3:
+        assert not np.array_equal(p, permute(np.arange(n), n, (0, 1, 2, 4)))
+    big = 10**12  # evaluated at the needed indices only: no table of a trillion rows
+    q = permute(np.arange(big - 64, big), big, (7,))
+    assert q.min() >= 0 and q.max() < big and np.unique(q).size == 64
 
 
 def test_mixture_validation_names_source():

@@ -20,14 +20,16 @@ the number of examples drawn before ``step`` is computed as step * B):
 2. Slot placement. A permutation of the B slots seeded by (seed, step) decides
    which slots get which source.
 3. Row choice. The j-th example ever drawn from source k is row
-   perm_{seed,k,e}[j % n_k] with epoch e = j // n_k: each epoch is a fresh
-   permutation, so every row is seen exactly once per epoch.
+   perm_{seed,k,e}(j % n_k) with epoch e = j // n_k: each epoch is a fresh
+   permutation, so every row is seen exactly once per epoch. The permutation
+   is a keyed Feistel network with cycle-walking, evaluated only at the
+   indices a batch needs: no O(n) table, so the first batch after a resume
+   costs the same for a store of a thousand rows or of a billion.
 """
 
 from __future__ import annotations
 
 import math
-from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from fractions import Fraction
 
@@ -47,7 +49,7 @@ class Mixture:
     are fixed, and the stage's chain of floors runs over the examples since its start."""
 
     def __init__(self, sources: Mapping[str, np.ndarray], weights: Weights | Sequence[tuple[int, Weights]],
-                 seed: int = 0, perm_cache_size: int = 16):
+                 seed: int = 0):
         if not sources:
             raise ValueError("need at least one source")
         if not isinstance(seed, (int, np.integer)) or seed < 0:
@@ -76,8 +78,6 @@ class Mixture:
             self._data.append(arr.astype(np.int32, copy=False))
         self.row_len: int = int(width)  # seq_len + 1
         self._ratios = [self._chain_ratios(w) for _, w in self.stages]
-        self._perm_cache: OrderedDict[tuple[int, int], np.ndarray] = OrderedDict()
-        self._perm_cache_size = perm_cache_size
 
     def _check_weights(self, weights: Weights, what: str) -> None:
         if set(weights) != set(self.source_names):
@@ -147,19 +147,6 @@ class Mixture:
 
     # ---- sampling -----------------------------------------------------------
 
-    def _row_perm(self, k: int, epoch: int) -> np.ndarray:
-        key = (k, epoch)
-        perm = self._perm_cache.get(key)
-        if perm is None:
-            rng = np.random.default_rng([self.seed, _ROW_TAG, k, epoch])
-            perm = rng.permutation(self._data[k].shape[0])
-            self._perm_cache[key] = perm
-            if len(self._perm_cache) > self._perm_cache_size:
-                self._perm_cache.popitem(last=False)
-        else:
-            self._perm_cache.move_to_end(key)
-        return perm
-
     def batch(self, step: int, batch_size: int, slots: slice | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Tokens int32 [b, row_len] and source ids int32 [b] (index into
         source_names) for the given slots of the global batch at ``step``."""
@@ -189,6 +176,37 @@ class Mixture:
             rows = np.empty_like(idx)
             for e in np.unique(ep):  # usually one epoch, two at an epoch boundary
                 m = ep == e
-                rows[m] = self._row_perm(int(k), int(e))[idx[m]]
+                rows[m] = permute(idx[m], n, (self.seed, _ROW_TAG, int(k), int(e)))
             tokens[mask] = self._data[k][rows]
         return tokens, src
+
+
+_ROUNDS = 4
+
+
+def _mix(z: np.ndarray) -> np.ndarray:
+    """splitmix64's finalizer: a strong 64-bit hash (uint64 arithmetic wraps, as intended)."""
+    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return z ^ (z >> np.uint64(31))
+
+
+def permute(idx: np.ndarray, n: int, key: tuple[int, ...]) -> np.ndarray:
+    """The images of ``idx`` under a pseudo-random permutation of range(n) chosen by ``key``.
+
+    A balanced Feistel network is a bijection on [0, 4^h) for any round function; values that
+    land outside [0, n) are sent through it again (cycle-walking), which keeps it a bijection on
+    [0, n). 4^h < 4n, so a few walks suffice."""
+    half = max(1, ((n - 1).bit_length() + 1) // 2)
+    mask = np.uint64((1 << half) - 1)
+    round_keys = np.random.default_rng(list(key)).integers(0, 2**63, _ROUNDS, dtype=np.uint64)
+    out = np.asarray(idx, dtype=np.uint64).copy()
+    todo = np.arange(out.size)
+    with np.errstate(over="ignore"):
+        while todo.size:
+            left, right = out[todo] >> np.uint64(half), out[todo] & mask
+            for rk in round_keys:
+                left, right = right, left ^ (_mix(right ^ rk) & mask)
+            out[todo] = (left << np.uint64(half)) | right
+            todo = todo[out[todo] >= n]
+    return out.astype(np.int64)

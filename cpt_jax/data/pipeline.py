@@ -82,7 +82,9 @@ def mixture_stages(dcfg, total_steps: int) -> list[tuple[int, dict[str, float]]]
     return stages
 
 
-def _tokenizer(dcfg, specs: dict[str, src_lib.SourceSpec], root: Path):
+def tokenizer(dcfg, specs: dict[str, src_lib.SourceSpec], root: Path):
+    """`data.tokenizer.path`, else a sentencepiece model trained on the sources' train splits
+    (cached under the data dir by a hash of the sources and options)."""
     t = dcfg.tokenizer
     if t.path:
         return load_tokenizer(t.path)
@@ -133,7 +135,7 @@ def build(dcfg, seq_len: int, workers: int | None = None) -> Data:
     specs = source_specs(dcfg)
     for spec in specs.values():
         src_lib.prepare(spec, root)
-    tok = _tokenizer(dcfg, specs, root)
+    tok = tokenizer(dcfg, specs, root)
     workers = workers or dcfg.workers
     out: dict[str, dict[str, Store]] = {s: {} for s in SPLITS}
     for name, spec in specs.items():

@@ -26,12 +26,15 @@ build is never read as complete and the next `prepare` builds it again.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import glob
 import hashlib
 import json
+import logging
 import os
 import re
+import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -41,6 +44,8 @@ import tensorflow_datasets as tfds
 from cpt_jax.data.builders.bible import EVAL_FRACTION as BIBLE_EVAL_FRACTION
 from cpt_jax.data.builders.bible import Bible
 from cpt_jax.data.builders.text_files import FORMATS, TextFiles, TextFilesConfig, eval_cutoff, read_documents
+
+log = logging.getLogger("cpt_jax")
 
 KINDS = ("bible", "files", "tfds")
 LANGS = ("en", "zh")
@@ -261,8 +266,12 @@ def prepare(spec: SourceSpec, data_dir: str | os.PathLike) -> None:
     if spec.kind == "files":
         config = builder.builder_config
         builder = _text_files(dataclasses.replace(config, eval_cutoff=_files_eval_cutoff(spec, config)), data_dir)
-    # Nothing to fetch: without this, TFDS first asks GCS whether a prepared copy exists.
-    builder.download_and_prepare(download_config=tfds.download.DownloadConfig(try_download_gcs=False))
+    # Nothing to fetch: without this, TFDS first asks GCS whether a prepared copy exists. TFDS
+    # prints its progress to stdout, which belongs to callers (JSON of the prepare CLI, benches).
+    log.info("preparing source %s into %s", spec.name, builder.data_dir)
+    tfds.disable_progress_bar()  # bars flood the logs of cluster jobs
+    with contextlib.redirect_stdout(sys.stderr):
+        builder.download_and_prepare(download_config=tfds.download.DownloadConfig(try_download_gcs=False))
 
 
 # ---------------------------------------------------------------- reading
