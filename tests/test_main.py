@@ -73,6 +73,7 @@ def _snapshot(path):
     (["--config.init_from=/nonexistent/run"], "init_from"),
     (["--config.data.target=fr"], "data.target"),
     (["--config.data.tokenizer.path=/nonexistent/tokenizer.json"], "data.tokenizer.path"),
+    (["--config.model.vocab_size=100"], "model.vocab_size"),
 ])
 def test_bad_input_fails_early_with_one_line_and_keeps_workdir(tmp_path, args, field):
     workdir = tmp_path / "run"
