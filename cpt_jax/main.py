@@ -72,10 +72,6 @@ def validate(config, devices=None, check_init_from: bool = True) -> jax.sharding
         pipeline.mixture_stages(config.data, config.total_steps)
     except ValueError as e:
         raise ConfigError(str(e)) from None
-    for field in ("target", "replay"):
-        if getattr(config.data, field) not in config.data.sources:
-            raise ConfigError(f"data.{field}={getattr(config.data, field)!r} is not one of data.sources "
-                              f"{list(config.data.sources)}")
     if config.data.tokenizer.path and not os.path.exists(config.data.tokenizer.path):
         raise ConfigError(f"data.tokenizer.path={config.data.tokenizer.path!r} does not exist")
     if config.model.dtype not in ("float32", "bfloat16", "float16"):

@@ -75,6 +75,15 @@ def test_mixture_stages_from_config(tmp_path):
     d.weights = {"fr": 1.0}
     with pytest.raises(ValueError, match="fr"):
         pipeline.mixture_stages(d, 10)
+    d.weights = {"en": 0.2, "zh": 0.7}
+    with pytest.raises(ValueError, match="sum to 1"):
+        pipeline.mixture_stages(d, 10)
+    d.weights, d.stages = {}, ((500, 0.1), (0.4, 0.0))  # 0.4 of 1000 steps is before step 500
+    with pytest.raises(ValueError, match="increase"):
+        pipeline.mixture_stages(d, 1000)
+    d.stages, d.target = (), "fr"
+    with pytest.raises(ValueError, match="data.target"):
+        pipeline.mixture_stages(d, 1000)
 
 
 def test_bad_sources_name_the_field(tmp_path):

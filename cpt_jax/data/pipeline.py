@@ -68,6 +68,9 @@ def mixture_stages(dcfg, total_steps: int) -> list[tuple[int, dict[str, float]]]
         r = float(spec)
         if not 0.0 <= r < 1.0:
             raise ValueError(f"replay ratio {r} must be in [0, 1)")
+        for field in ("target", "replay"):
+            if dcfg[field] not in names:
+                raise ValueError(f"data.{field}={dcfg[field]!r} is not one of data.sources {names}")
         w = {n: 0.0 for n in names}
         w[dcfg.target] = 1.0 - r
         if r > 0:
@@ -79,6 +82,13 @@ def mixture_stages(dcfg, total_steps: int) -> list[tuple[int, dict[str, float]]]
     for start, spec in dcfg.stages:
         step = int(round(start * total_steps)) if isinstance(start, float) and start < 1 else int(start)
         stages.append((step, weights(spec)))
+    # Checked here, not only by Mixture, so that a bad config fails before any data is prepared.
+    for (a, _), (b, _) in zip(stages, stages[1:]):
+        if b <= a:
+            raise ValueError(f"data.stages must start after step 0 and increase, got starts {[s for s, _ in stages]}")
+    for start, w in stages:
+        if any(v < 0 for v in w.values()) or abs(sum(w.values()) - 1.0) > 1e-6:
+            raise ValueError(f"data weights from step {start} must be >= 0 and sum to 1, got {w}")
     return stages
 
 
