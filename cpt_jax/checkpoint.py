@@ -47,12 +47,13 @@ class Checkpointer:
         return list(self.manager.all_steps())
 
     def save(self, step: int, params, opt_state, meta: dict) -> None:
-        """Starts an async save; `wait()` (or the next save) finishes it."""
-        self.manager.save(step, args=ocp.args.Composite(
-            params=ocp.args.StandardSave(params),
-            opt_state=ocp.args.StandardSave(opt_state),
-            meta=ocp.args.JsonSave({**meta, "step": int(step), "layout": LAYOUT}),
-        ))
+        """Starts an async save; `wait()` (or the next save) finishes it. `opt_state=None` saves
+        params and meta only (converted models; numpy arrays are written without a device copy)."""
+        items = {"params": ocp.args.StandardSave(params),
+                 "meta": ocp.args.JsonSave({**meta, "step": int(step), "layout": LAYOUT})}
+        if opt_state is not None:
+            items["opt_state"] = ocp.args.StandardSave(opt_state)
+        self.manager.save(step, args=ocp.args.Composite(**items))
 
     def meta(self, step: int | None = None) -> dict:
         step = self.latest_step() if step is None else step

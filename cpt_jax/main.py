@@ -43,16 +43,23 @@ class ConfigError(ValueError):
 # ----------------------------------------------------------------------------------------------
 # Validation: cheap checks that name the field, before any expensive or irreversible work.
 # ----------------------------------------------------------------------------------------------
-def _model_config(config, vocab_size: int) -> models.ModelConfig:
+def _model_config(config, vocab_size: int, source: dict | None = None) -> models.ModelConfig:
+    """The run's architecture: a named size, or (model.size="init_from") the architecture of the
+    init_from checkpoint, `source` (its metadata's model), with this run's numerics."""
     m = config.model
+    numerics = dict(dtype=m.dtype, scan_layers=m.scan_layers, remat=m.remat, attention=m.attention)
     try:
-        return models.model_config(
-            m.size, vocab_size, dtype=m.dtype, scan_layers=m.scan_layers, remat=m.remat,
-            attention=m.attention, rope_theta=m.rope_theta, tie_embeddings=m.tie_embeddings,
-            qkv_bias=m.qkv_bias,
-        )
+        if m.size == "init_from":
+            return models.ModelConfig.from_dict({**source, **numerics})
+        return models.model_config(m.size, vocab_size, rope_theta=m.rope_theta, tie_embeddings=m.tie_embeddings,
+                                   qkv_bias=m.qkv_bias, **numerics)
     except ValueError as e:
         raise ConfigError(str(e)) from None
+
+
+def _init_from_dir(config) -> str:
+    """The run dir of init_from (it may name the checkpoints dir inside it)."""
+    return os.path.dirname(os.path.abspath(checkpoint.checkpoint_dir(config.init_from)))
 
 
 def validate(config, devices=None, check_init_from: bool = True) -> jax.sharding.Mesh:
@@ -76,7 +83,11 @@ def validate(config, devices=None, check_init_from: bool = True) -> jax.sharding
         raise ConfigError(f"data.tokenizer.path={config.data.tokenizer.path!r} does not exist")
     if config.model.dtype not in ("float32", "bfloat16", "float16"):
         raise ConfigError(f"model.dtype={config.model.dtype!r} must be float32, bfloat16 or float16")
-    _model_config(config, vocab_size=max(config.model.vocab_size, 1))
+    if config.model.size == "init_from":
+        if not config.init_from:
+            raise ConfigError("model.size='init_from' takes the architecture of init_from, which is not set")
+    else:
+        _model_config(config, vocab_size=max(config.model.vocab_size, 1))
     try:
         mesh = sharding.make_mesh(config.mesh.shape, devices)
     except ValueError as e:
@@ -91,7 +102,8 @@ def validate(config, devices=None, check_init_from: bool = True) -> jax.sharding
     if config.init_from and check_init_from:
         ckpt_dir = checkpoint.checkpoint_dir(config.init_from)
         if not os.path.isdir(ckpt_dir) or checkpoint.Checkpointer(ckpt_dir, read_only=True).latest_step() is None:
-            raise ConfigError(f"init_from={config.init_from!r}: no checkpoint found there")
+            raise ConfigError(f"init_from={config.init_from!r}: no checkpoint found there (a pretrained model "
+                              f"becomes one with `python -m cpt_jax.convert import`)")
     return mesh
 
 
@@ -110,19 +122,34 @@ def train_run(config: ml_collections.ConfigDict, workdir: str, devices=None) -> 
             return read_jsonl(os.path.join(workdir, "metrics.jsonl"))
 
     # --- Data: sources, tokenizer and token stores (prepared on first use), and the stream as a
-    # pure function of the step.
+    # pure function of the step. A model continued from init_from speaks init_from's tokenizer.
+    dcfg = config.data
+    init_tok = os.path.join(_init_from_dir(config), models.TOKENIZER_DIR) if config.init_from else ""
+    if not dcfg.tokenizer.path and init_tok and os.path.isdir(init_tok):
+        dcfg = ml_collections.ConfigDict(dcfg.to_dict())
+        dcfg.tokenizer.path = init_tok
     try:
-        bundle = pipeline.build(config.data, config.seq_len)
+        bundle = pipeline.build(dcfg, config.seq_len)
     except ValueError as e:
         raise ConfigError(str(e)) from None
-    mixture = pipeline.mixture(config.data, bundle, config.total_steps, config.seed)
+    mixture = pipeline.mixture(dcfg, bundle, config.total_steps, config.seed)
     names = mixture.source_names
 
     # --- Model, optimizer, shardings.
-    vocab = config.model.vocab_size or bundle.tokenizer.vocab_size
+    src_meta = None
+    if config.init_from:
+        src = checkpoint.Checkpointer(checkpoint.checkpoint_dir(config.init_from), read_only=True)
+        src_meta = src.meta()
+    if config.model.size == "init_from":
+        vocab = src_meta["model"]["vocab_size"]
+        if config.model.vocab_size not in (0, vocab):
+            raise ConfigError(f"model.vocab_size={config.model.vocab_size}, but init_from={config.init_from!r} "
+                              f"has {vocab}")
+    else:
+        vocab = config.model.vocab_size or bundle.tokenizer.vocab_size
     if vocab < bundle.tokenizer.vocab_size:
-        raise ConfigError(f"model.vocab_size={vocab} is smaller than the tokenizer's {bundle.tokenizer.vocab_size}")
-    mcfg = _model_config(config, vocab)
+        raise ConfigError(f"model vocab_size={vocab} is smaller than the tokenizer's {bundle.tokenizer.vocab_size}")
+    mcfg = _model_config(config, vocab, src_meta and src_meta["model"])
     meta = {
         "config": json.loads(config.to_json()), "model": dataclasses.asdict(mcfg),
         "tokenizer": bundle.tokenizer.fingerprint, "sources": names,
@@ -130,14 +157,14 @@ def train_run(config: ml_collections.ConfigDict, workdir: str, devices=None) -> 
 
     # init_from must speak the same vocabulary: checked before any compile or write.
     if config.init_from:
-        src = checkpoint.Checkpointer(checkpoint.checkpoint_dir(config.init_from), read_only=True)
-        src_meta = src.meta()
         if src_meta.get("tokenizer") != bundle.tokenizer.fingerprint:
             raise ConfigError(f"init_from={config.init_from!r} was trained with tokenizer "
                               f"{src_meta.get('tokenizer')}, this run uses {bundle.tokenizer.fingerprint}")
-        if src_meta["model"]["vocab_size"] != vocab or src_meta["model"]["hidden"] != mcfg.hidden:
+        if any(src_meta["model"][k] != getattr(mcfg, k) for k in ("vocab_size", "hidden", "layers", "intermediate")):
             raise ConfigError(f"init_from={config.init_from!r} holds a different model "
-                              f"({src_meta['model']['hidden']} hidden, {src_meta['model']['vocab_size']} vocab)")
+                              f"({src_meta['model']['hidden']} hidden, {src_meta['model']['layers']} layers, "
+                              f"{src_meta['model']['vocab_size']} vocab; this run: {mcfg.hidden}, {mcfg.layers}, "
+                              f"{mcfg.vocab_size})")
 
     # --- Shardings and the train step, compiled ahead of time: memory is printed before step 1.
     b, t = config.batch_size, config.seq_len
@@ -168,6 +195,7 @@ def train_run(config: ml_collections.ConfigDict, workdir: str, devices=None) -> 
         if is_main:
             with open(os.path.join(workdir, "config.json"), "w") as f:
                 f.write(config.to_json(indent=2))
+            bundle.tokenizer.save(os.path.join(workdir, models.TOKENIZER_DIR))  # for models.load(workdir)
 
         # --- Batches: built on the host for this process's slots, one step ahead of the device.
         per_proc = b // jax.process_count()

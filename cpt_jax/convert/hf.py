@@ -1,0 +1,185 @@
+"""HF transformers checkpoints <-> cpt_jax parameters: config.json and tensor names, both ways.
+
+One table (`LAYER_TENSORS`, `TOP_TENSORS`) names every parameter on both sides with the layout
+change between them; import and export are its two directions. HF stores a linear layer as
+[out, in] and fuses heads into one axis; cpt_jax stores [in, out] with heads as their own axis
+and the layers stacked.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterator
+
+import numpy as np
+
+from cpt_jax.models import ModelConfig, spec
+
+log = logging.getLogger(__name__)
+
+ARCHITECTURES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral", "Qwen2ForCausalLM": "qwen2"}
+
+# Layout kinds: how one of our arrays (per layer) relates to the HF tensor.
+COPY, LINEAR, IN_HEADS, OUT_HEADS, BIAS_HEADS = "copy", "linear", "in_heads", "out_heads", "bias_heads"
+
+LAYER_TENSORS = [  # (our key under params["layers"], HF name after "model.layers.{i}.", kind)
+    ("attn_norm", "input_layernorm.weight", COPY),
+    ("q", "self_attn.q_proj.weight", IN_HEADS),
+    ("k", "self_attn.k_proj.weight", IN_HEADS),
+    ("v", "self_attn.v_proj.weight", IN_HEADS),
+    ("q_bias", "self_attn.q_proj.bias", BIAS_HEADS),
+    ("k_bias", "self_attn.k_proj.bias", BIAS_HEADS),
+    ("v_bias", "self_attn.v_proj.bias", BIAS_HEADS),
+    ("o", "self_attn.o_proj.weight", OUT_HEADS),
+    ("mlp_norm", "post_attention_layernorm.weight", COPY),
+    ("gate", "mlp.gate_proj.weight", LINEAR),
+    ("up", "mlp.up_proj.weight", LINEAR),
+    ("down", "mlp.down_proj.weight", LINEAR),
+]
+TOP_TENSORS = [  # (our key, HF name, kind)
+    ("embed", "model.embed_tokens.weight", COPY),
+    ("final_norm", "model.norm.weight", COPY),
+    ("lm_head", "lm_head.weight", LINEAR),
+]
+# Buffers some checkpoints carry that are recomputed, not learned.
+IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+
+
+def hf_shape(ours: tuple[int, ...], kind: str) -> tuple[int, ...]:
+    if kind == COPY:
+        return ours
+    if kind == LINEAR:
+        return ours[::-1]
+    if kind == IN_HEADS:  # [d, n, hd] <- [n * hd, d]
+        return (ours[1] * ours[2], ours[0])
+    if kind == OUT_HEADS:  # [h, hd, d] <- [d, h * hd]
+        return (ours[2], ours[0] * ours[1])
+    return (ours[0] * ours[1],)  # BIAS_HEADS: [n, hd] <- [n * hd]
+
+
+def from_hf(a: np.ndarray, ours: tuple[int, ...], kind: str) -> np.ndarray:
+    if kind in (COPY, BIAS_HEADS):
+        return a.reshape(ours)
+    return a.T.reshape(ours)  # LINEAR, IN_HEADS, OUT_HEADS: [out, in] -> [in, out], then split heads
+
+
+def to_hf(a: np.ndarray, kind: str) -> np.ndarray:
+    if kind == COPY:
+        return a
+    if kind == BIAS_HEADS:
+        return a.reshape(-1)
+    if kind == IN_HEADS:
+        return a.reshape(a.shape[0], -1).T
+    if kind == OUT_HEADS:
+        return a.reshape(-1, a.shape[-1]).T
+    return a.T
+
+
+def config_from_hf(c: dict, source: str) -> ModelConfig:
+    """The ModelConfig of an HF config.json; anything this model cannot reproduce is refused,
+    naming the field."""
+    archs = c.get("architectures") or []
+    arch = next((ARCHITECTURES[a] for a in archs if a in ARCHITECTURES), None)
+    if arch is None:
+        raise ValueError(f"{source}: architectures={archs} is not supported; supported: {', '.join(ARCHITECTURES)}")
+
+    def refuse(field: str, why: str):
+        raise ValueError(f"{source}: {field}={c.get(field)!r} is not supported ({why})")
+
+    if c.get("hidden_act", "silu") != "silu":
+        refuse("hidden_act", "the MLP is SwiGLU with silu")
+    if c.get("mlp_bias"):
+        refuse("mlp_bias", "MLP layers have no bias")
+    if arch != "qwen2" and c.get("attention_bias"):
+        refuse("attention_bias", "o_proj has no bias; q/k/v biases are Qwen2's")
+    rope = dict(c.get("rope_parameters") or {})  # transformers v5 moves rope_theta in here
+    theta = c.get("rope_theta", rope.pop("rope_theta", 10000.0))
+    scaling = dict(c.get("rope_scaling") or rope)
+    scaling.pop("rope_theta", None)
+    rope_type = scaling.pop("type", None) or scaling.get("rope_type")
+    if rope_type in (None, "default"):
+        scaling = {}
+    elif rope_type in ("linear", "llama3"):
+        scaling["rope_type"] = rope_type
+    else:
+        refuse("rope_scaling", f"rope_type {rope_type!r}; supported: linear, llama3")
+    window = c.get("sliding_window")
+    if window and (arch == "mistral" or c.get("use_sliding_window")) and window < c.get("max_position_embeddings", 0):
+        log.warning("%s: sliding_window=%d is not implemented; attention is exact only for sequences up to %d "
+                    "tokens", source, window, window)
+    heads = c["num_attention_heads"]
+    try:
+        return ModelConfig(
+            vocab_size=c["vocab_size"], hidden=c["hidden_size"], intermediate=c["intermediate_size"],
+            layers=c["num_hidden_layers"], heads=heads, kv_heads=c.get("num_key_value_heads") or heads,
+            head_dim=c.get("head_dim") or 0, rope_theta=float(theta), rope_scaling=tuple(scaling.items()),
+            norm_eps=float(c.get("rms_norm_eps", 1e-6)), tie_embeddings=bool(c.get("tie_word_embeddings", False)),
+            qkv_bias=arch == "qwen2",
+        )
+    except KeyError as e:
+        raise ValueError(f"{source}: config.json has no {e.args[0]}") from None
+    except ValueError as e:
+        raise ValueError(f"{source}: {e}") from None
+
+
+def config_to_hf(cfg: ModelConfig, base: dict | None = None) -> dict:
+    """config.json for `cfg`: `base` (the imported model's own config) updated, or a new Llama
+    (Qwen2 where q/k/v have biases) config."""
+    arch = "Qwen2ForCausalLM" if cfg.qkv_bias else "LlamaForCausalLM"
+    c = dict(base) if base else {"architectures": [arch], "model_type": ARCHITECTURES[arch],
+                                 "max_position_embeddings": 4096, "attention_bias": False}
+    c.pop("rope_parameters", None)
+    c.update({
+        "vocab_size": cfg.vocab_size, "hidden_size": cfg.hidden, "intermediate_size": cfg.intermediate,
+        "num_hidden_layers": cfg.layers, "num_attention_heads": cfg.heads, "num_key_value_heads": cfg.kv_heads,
+        "head_dim": cfg.head_dim, "hidden_act": "silu", "rms_norm_eps": cfg.norm_eps, "rope_theta": cfg.rope_theta,
+        "rope_scaling": dict(cfg.rope_scaling) or None, "tie_word_embeddings": cfg.tie_embeddings,
+    })
+    return c
+
+
+def params_from_hf(cfg: ModelConfig, get: Callable[[str], np.ndarray], names: list[str], source: str) -> dict:
+    """float32 params for `cfg` from HF-named tensors (`get(name)`), one tensor in memory at a
+    time beside the result. Every tensor is checked: a missing one or a wrong shape is named."""
+    abstract = spec(cfg).abstract_params
+    used = set()
+
+    def take(name: str, ours: tuple[int, ...], kind: str) -> np.ndarray:
+        if name not in available:
+            raise ValueError(f"{source}: tensor {name} is missing")
+        a = get(name)
+        if tuple(a.shape) != hf_shape(ours, kind):
+            raise ValueError(f"{source}: tensor {name} has shape {tuple(a.shape)}, the config implies "
+                             f"{hf_shape(ours, kind)}")
+        used.add(name)
+        return from_hf(np.asarray(a, np.float32), ours, kind)
+
+    available = set(names)
+    params = {key: take(name, abstract[key].shape, kind) for key, name, kind in TOP_TENSORS if key in abstract}
+    params["layers"] = {}
+    for key, name, kind in LAYER_TENSORS:
+        if key not in abstract["layers"]:
+            continue
+        stacked = np.empty(abstract["layers"][key].shape, np.float32)
+        for i in range(cfg.layers):
+            stacked[i] = take(f"model.layers.{i}.{name}", stacked.shape[1:], kind)
+        params["layers"][key] = stacked
+    if cfg.tie_embeddings:
+        used.add("lm_head.weight")  # some tied checkpoints store the copy
+    unused = sorted(n for n in available - used if not n.endswith(IGNORED_SUFFIXES))
+    if unused:
+        raise ValueError(f"{source}: tensor {unused[0]} is not part of this architecture"
+                         + (f" (and {len(unused) - 1} more)" if len(unused) > 1 else ""))
+    return params
+
+
+def params_to_hf(cfg: ModelConfig, params: dict, dtype) -> Iterator[tuple[str, np.ndarray]]:
+    """HF-named tensors of `params`, one at a time, cast to `dtype`."""
+    for key, name, kind in TOP_TENSORS:
+        if key in params:
+            yield name, np.ascontiguousarray(to_hf(np.asarray(params[key]), kind)).astype(dtype)
+    for i in range(cfg.layers):
+        for key, name, kind in LAYER_TENSORS:
+            if key in params["layers"]:
+                a = np.asarray(params["layers"][key][i])
+                yield f"model.layers.{i}.{name}", np.ascontiguousarray(to_hf(a, kind)).astype(dtype)
