@@ -1,0 +1,71 @@
+"""`python -m cpt_jax.convert import|export|extend-vocab`: pretrained weights in and out.
+
+  python -m cpt_jax.convert import --src smollm2 --dst /tmp/smollm2            # bundled GGUF
+  python -m cpt_jax.convert import --src HF_DIR|FILE.gguf --dst DIR
+  python -m cpt_jax.convert export --src DIR --dst HF_DIR [--dtype bfloat16]   # a run or a converted model
+  python -m cpt_jax.convert extend-vocab --src DIR --dst DIR --source zh --vocab_size 8000 [--config configs/X.py]
+
+Bad input prints one `convert error:` line and exits with status 2; nothing is written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import logging
+import sys
+
+from cpt_jax import convert
+from cpt_jax.config import base
+from cpt_jax.convert.vocab import extend_vocab
+
+
+def _data_config(path: str | None):
+    """The `data` config of a config file (`configs/X.py` or `configs/X.py:arg`), else the default."""
+    if not path:
+        return base().data
+    file, _, arg = path.partition(":")
+    spec = importlib.util.spec_from_file_location("_config", file)
+    if spec is None:
+        raise FileNotFoundError(f"--config {file}: no such config file")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return (module.get_config(arg) if arg else module.get_config()).data
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m cpt_jax.convert", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("import", help="HF dir, .gguf file or bundled model -> a cpt_jax model dir")
+    p.add_argument("--src", required=True, help=f"HF model dir, .gguf file, or one of: {', '.join(convert.BUNDLED)}")
+    p.add_argument("--dst", required=True)
+    p = sub.add_parser("export", help="a run's workdir or a converted model -> an HF model dir")
+    p.add_argument("--src", required=True)
+    p.add_argument("--dst", required=True)
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
+    p = sub.add_parser("extend-vocab", help="add a target-language tokenizer's pieces and grow the embeddings")
+    p.add_argument("--src", required=True)
+    p.add_argument("--dst", required=True)
+    p.add_argument("--source", default="zh", help="the data source (config's data.sources) to train pieces on")
+    p.add_argument("--vocab_size", type=int, default=8000, help="pieces of the target-language tokenizer")
+    p.add_argument("--config", default=None, help="config file whose data.sources to use (default: the base config)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    try:
+        if args.command == "import":
+            convert.import_model(args.src, args.dst)
+        elif args.command == "export":
+            convert.export_model(args.src, args.dst, args.dtype, args.step)
+        else:
+            report = extend_vocab(args.src, args.dst, _data_config(args.config), args.source, args.vocab_size)
+            print(json.dumps(report, indent=2))
+    except (ValueError, FileNotFoundError, FileExistsError) as e:
+        print(f"convert error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

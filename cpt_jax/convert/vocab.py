@@ -1,0 +1,131 @@
+"""Vocabulary extension for a new language (Chinese-LLaMA's recipe): train a tokenizer on the
+target language, add its new pieces to the model's tokenizer, and grow the embeddings.
+
+Pieces join a sentencepiece tokenizer through its model proto (appended after every old piece,
+scored below them, so old text segments as before), and an HF tokenizer as added tokens. Added
+tokens match anywhere in the text, so only pieces written wholly in non-ASCII characters (the
+target script) are added there: an added "the" would cut "other" apart. Each new embedding row
+(and output column) starts as the mean of the old rows of the piece's old tokenization, so a
+new token begins close to the text it replaces.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import ml_collections
+import numpy as np
+import tokenizers
+
+from cpt_jax.data import pipeline
+from cpt_jax.data import sources as src_lib
+from cpt_jax.data.tokenizer import HF_CONFIG_FILE, HF_FILE, SP_FILE, HFTokenizer, SentencePieceTokenizer
+
+log = logging.getLogger(__name__)
+
+
+def target_pieces(tok: SentencePieceTokenizer) -> list[str]:
+    """The normal pieces of a sentencepiece model, as text, in its own order (best first)."""
+    from sentencepiece import sentencepiece_model_pb2 as pb
+
+    m = pb.ModelProto.FromString(tok.files[SP_FILE])
+    return [p.piece for p in m.pieces if p.type == pb.ModelProto.SentencePiece.NORMAL]
+
+
+def merge(old, pieces: list[str]):
+    """`old` with the pieces it lacks; returns (new tokenizer, [(id, text) of each added piece])."""
+    if SP_FILE in old.files:
+        from sentencepiece import sentencepiece_model_pb2 as pb
+
+        m = pb.ModelProto.FromString(old.files[SP_FILE])
+        have = {p.piece for p in m.pieces}
+        score = min((p.score for p in m.pieces), default=0.0)
+        added = [p for p in dict.fromkeys(pieces) if p not in have]
+        for i, p in enumerate(added):
+            m.pieces.add(piece=p, score=score - 1 - i, type=pb.ModelProto.SentencePiece.NORMAL)
+        m.trainer_spec.vocab_size = len(m.pieces)
+        first = len(m.pieces) - len(added)
+        return SentencePieceTokenizer(m.SerializeToString()), [(first + i, p.replace("\u2581", " "))
+                                                               for i, p in enumerate(added)]
+    files = old.files
+    tok = tokenizers.Tokenizer.from_str(files[HF_FILE].decode())
+    added = [p for p in dict.fromkeys(q.replace("\u2581", "") for q in pieces)
+             if p and all(ord(c) > 127 and not c.isspace() for c in p) and len(old.encode(p)) > 1]
+    tok.add_tokens([tokenizers.AddedToken(p, normalized=False) for p in added])
+    config = files.get(HF_CONFIG_FILE)
+    new = HFTokenizer(tok.to_str(), config.decode() if config else None, source="extended tokenizer")
+    return new, [(tok.token_to_id(p), p) for p in added]
+
+
+def old_ids(old, text: str) -> list[int]:
+    """`text` in the old tokenizer, without the word-start piece sentencepiece puts before a
+    text that does not start one (its dummy prefix)."""
+    ids = old.encode(text)
+    if SP_FILE in old.files and ids and not text.startswith(" ") and old.decode(ids[:1]) == "":
+        ids = ids[1:]
+    return ids
+
+
+def grow(params: dict, old, added: list[tuple[int, str]], vocab_size: int) -> dict:
+    """Params with `vocab_size` rows; every old row kept, each added token's row (and output
+    column) the mean of its old tokenization's rows (the mean of all rows if it has none)."""
+    params = dict(params)
+    rows = {new_id: old_ids(old, text) for new_id, text in added}
+
+    def extend(table: np.ndarray) -> np.ndarray:  # [vocab, hidden]
+        out = np.zeros((vocab_size, table.shape[1]), np.float32)
+        out[:table.shape[0]] = table
+        mean = table[:old.vocab_size].mean(axis=0)
+        for new_id, old_ids in rows.items():
+            out[new_id] = table[old_ids].mean(axis=0) if old_ids else mean
+        return out
+
+    params["embed"] = extend(np.asarray(params["embed"]))
+    if "lm_head" in params:
+        params["lm_head"] = extend(np.asarray(params["lm_head"]).T).T
+    return params
+
+
+def tokens_per_char(tok, docs: list[str]) -> float:
+    return sum(len(ids) for ids in tok.encode_batch(docs)) / max(1, sum(len(d) for d in docs))
+
+
+def extend_vocab(src: str, dst: str, dcfg: ml_collections.ConfigDict, source: str, vocab_size: int,
+                 eval_docs: int = 2000) -> dict:
+    """`src` (a converted model or run) with its vocabulary extended by a `vocab_size`-piece
+    tokenizer trained on the train split of data source `source` -> `dst`. Returns the report:
+    tokens per character on the source's eval split before and after, and pieces added."""
+    import dataclasses
+
+    import jax
+
+    from cpt_jax import checkpoint
+    from cpt_jax.convert import nnx_params, save_model
+    from cpt_jax.models import load
+
+    specs = pipeline.source_specs(dcfg)
+    if source not in specs:
+        raise ValueError(f"--source {source!r} is not one of the config's data.sources: {', '.join(specs)}")
+    model, old = load(src)
+    if old is None:
+        raise ValueError(f"{src} has no tokenizer dir to extend")
+    root = pipeline.data_dir(dcfg)
+    src_lib.prepare(specs[source], root)
+    t = ml_collections.ConfigDict(dcfg.to_dict())
+    t.tokenizer.update(path="", train_on=(source,), vocab_size=vocab_size)
+    target = pipeline.tokenizer(t, specs, root)
+
+    new, added = merge(old, target_pieces(target))
+    cfg = dataclasses.replace(model.cfg, vocab_size=max(model.cfg.vocab_size, new.vocab_size))
+    params = grow(jax.tree.map(np.asarray, nnx_params(model)), old, added, cfg.vocab_size)
+
+    split = src_lib.open_split(specs[source], "eval", root)
+    docs = list(split.texts(0, min(len(split), eval_docs)))
+    report = {"source": source, "added": len(added), "vocab_size": cfg.vocab_size,
+              "tokens_per_char_before": tokens_per_char(old, docs), "tokens_per_char_after": tokens_per_char(new, docs)}
+    meta = checkpoint.Checkpointer(checkpoint.checkpoint_dir(src), read_only=True).meta()
+    extra = {k: v for k, v in meta.items() if k in ("hf_config", "converted_from")}
+    save_model(dst, cfg, params, new, {**extra, "vocab_extension": report})
+    log.info("extended %s -> %s: %d pieces added; %s eval tokens/char %.3f -> %.3f", src, dst, len(added), source,
+             report["tokens_per_char_before"], report["tokens_per_char_after"])
+    return report

