@@ -50,6 +50,7 @@ SIZES: dict[str, Size] = {
 # Not in the paper: small enough for 2 CPU cores. Dimensions divide the 8-device test meshes.
 SIZES.update({
     "test": Size(None, 64, 128, 4, 2, kv_heads=2),
+    "micro": Size(None, 96, 256, 4, 3, kv_heads=2),  # between test and tiny, for the mini sweep
     "tiny": Size(None, 128, 352, 4, 4, kv_heads=2),
     "small": Size(None, 256, 704, 8, 6, kv_heads=4),
 })
