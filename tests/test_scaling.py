@@ -42,6 +42,9 @@ def test_savings_and_inverses():
     assert np.isinf(sc.tokens_for_loss(sc.PAPER_CPT, 1e9, 1.0))  # below the floor
     s = sc.savings(sc.PAPER_SCRATCH, sc.PAPER_CPT, [2.3, 2.6])
     assert np.allclose(s["saved"], 1 - s["flops_cpt"] / s["flops_scratch"])
+    n, d = sc.compute_optimal(sc.PAPER_CPT, s["flops_cpt"])
+    np.testing.assert_allclose(s["tokens_cpt"], d)
+    np.testing.assert_allclose(sc.predict(sc.PAPER_CPT, n, d), [2.3, 2.6], rtol=1e-6)
 
 
 def test_fits_recover_known_constants():

@@ -114,9 +114,12 @@ def compute_for_loss(fit: Fit, loss) -> np.ndarray:
 
 
 def savings(scratch: Fit, cpt: Fit, losses) -> dict[str, np.ndarray]:
-    """FLOPs each law needs for each loss on its compute-optimal frontier, and CPT's saving
-    (1 - C_cpt / C_scratch; the paper reports 25%-50%)."""
+    """FLOPs and tokens each law needs for each loss on its compute-optimal frontier, and CPT's
+    saving of FLOPs (1 - C_cpt / C_scratch; the paper reports 25%-50%)."""
     c_scratch, c_cpt = compute_for_loss(scratch, losses), compute_for_loss(cpt, losses)
-    with np.errstate(invalid="ignore"):
+    with np.errstate(invalid="ignore", over="ignore"):
         saved = 1 - c_cpt / c_scratch
-    return {"loss": np.asarray(losses, np.float64), "flops_scratch": c_scratch, "flops_cpt": c_cpt, "saved": saved}
+        tokens = {name: np.where(np.isfinite(c), compute_optimal(f, np.where(np.isfinite(c), c, 1.0))[1], np.inf)
+                  for name, f, c in (("scratch", scratch, c_scratch), ("cpt", cpt, c_cpt))}
+    return {"loss": np.asarray(losses, np.float64), "flops_scratch": c_scratch, "flops_cpt": c_cpt,
+            "tokens_scratch": tokens["scratch"], "tokens_cpt": tokens["cpt"], "saved": saved}

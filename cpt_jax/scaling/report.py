@@ -173,9 +173,10 @@ def write_report(sweep_dir: str, bootstrap: int = 100) -> str:
         s = laws.savings(scratch, cpt, np.linspace(lo, hi, 5))
         out["savings"] = {k: v.tolist() for k, v in s.items()}
         md += ["On each law's compute-optimal frontier; the paper reports 25%-50% fewer FLOPs.", "",
-               "| target loss | FLOPs scratch | FLOPs CPT | saved |", "|---|---|---|---|"]
-        md += [f"| {l:.3f} | {a:.3g} | {b:.3g} | {x:+.1%} |" for l, a, b, x in
-               zip(s["loss"], s["flops_scratch"], s["flops_cpt"], s["saved"])]
+               "| target loss | FLOPs scratch | FLOPs CPT | tokens scratch | tokens CPT | FLOPs saved |",
+               "|---|---|---|---|---|---|"]
+        md += [f"| {l:.3f} | {a:.3g} | {b:.3g} | {ta:.3g} | {tb:.3g} | {x:+.1%} |" for l, a, b, ta, tb, x in
+               zip(s["loss"], s["flops_scratch"], s["flops_cpt"], s["tokens_scratch"], s["tokens_cpt"], s["saved"])]
         md.append("")
     else:
         md += ["n/a (no compute-optimal allocation)", ""]
