@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 
-import jax
 import orbax.checkpoint as ocp
 from orbax.checkpoint.checkpoint_managers import preservation_policy as pp
 

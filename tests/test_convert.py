@@ -4,7 +4,6 @@ every supported architecture, both directions; the real bundled SmolLM2; bad inp
 import json
 import os
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -35,7 +34,8 @@ def hf_model(arch: str):
         m = transformers.LlamaForCausalLM(transformers.LlamaConfig(**COMMON, rope_parameters=LLAMA3_ROPE,
                                                                    tie_word_embeddings=True))
     elif arch == "mistral":
-        m = transformers.MistralForCausalLM(transformers.MistralConfig(**COMMON, rope_theta=5000.0, sliding_window=None))
+        config = transformers.MistralConfig(**COMMON, rope_theta=5000.0, sliding_window=None)
+        m = transformers.MistralForCausalLM(config)
     else:
         m = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**COMMON, rope_theta=5000.0,
                                                                    tie_word_embeddings=True))

@@ -3,7 +3,6 @@ default cache ($CPT_JAX_CACHE or ~/.cache/cpt_jax) and reused."""
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 

@@ -131,7 +131,7 @@ def test_second_build_is_a_noop(docs, tok, tmp_path):
     build_store(ListSplit(docs), tok, SEQ, tmp_path, source="bible", chunk_docs=8, workers=1)
     before = _mtimes(tmp_path)
     split, counting = ListSplit(docs), CountingTokenizer(tok)
-    store = build_store(split, counting, SEQ, tmp_path, source="bible", chunk_docs=8, workers=1)
+    build_store(split, counting, SEQ, tmp_path, source="bible", chunk_docs=8, workers=1)
     assert _mtimes(tmp_path) == before and counting.calls == 0 and split.reads == []
     assert store_ready(tmp_path, {"source": "bible", "seq_len": SEQ})
 

@@ -70,5 +70,5 @@ def load(path: str, step: int | None = None, dtype: str | None = None) -> tuple[
     return model, tokenizer
 
 
-__all__ = ["Llama", "ModelConfig", "ModelSpec", "SIZES", "TOKENIZER_DIR", "flops_per_token", "init_params", "load", "model_config",
-           "spec"]
+__all__ = ["Llama", "ModelConfig", "ModelSpec", "SIZES", "TOKENIZER_DIR", "flops_per_token", "init_params", "load",
+           "model_config", "spec"]

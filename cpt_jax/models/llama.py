@@ -228,7 +228,8 @@ class Llama(nnx.Module):
             slots = cache.index + jnp.arange(tokens.shape[1])  # the slots these tokens fill
             keys = jnp.arange(cache.k.shape[2])[None, None, :]
             # A query sees its row's slots from `start` up to itself (a pad query sees itself only).
-            mask = (keys <= slots[None, :, None]) & ((keys >= cache.start[:, None, None]) | (keys == slots[None, :, None]))
+            query = slots[None, :, None]
+            mask = (keys <= query) & ((keys >= cache.start[:, None, None]) | (keys == query))
             if positions is None:
                 positions = jnp.maximum(slots[None, :] - cache.start[:, None], 0)
         if positions is None:

@@ -74,8 +74,8 @@ def write_report(sweep_dir: str, bootstrap: int = 100) -> str:
         lang = src if run["kind"] == "source" else tgt
         tokens, loss = curves[run["name"]][lang]
         done = f"{tokens[-1]:,.0f}" if len(tokens) else "-"
-        md.append(f"| {run['name']} | {run['params']:,} | {run['tokens']:,} | {done} | "
-                  f"{loss[-1]:.4f} |" if len(loss) else f"| {run['name']} | {run['params']:,} | {run['tokens']:,} | - | - |")
+        final = f"{loss[-1]:.4f}" if len(loss) else "-"
+        md.append(f"| {run['name']} | {run['params']:,} | {run['tokens']:,} | {done} | {final} |")
     md.append("")
 
     # --- Loss vs tokens per size.
@@ -85,7 +85,8 @@ def write_report(sweep_dir: str, bootstrap: int = 100) -> str:
             tokens, loss = curves[run["name"]][tgt]
             ax.plot(tokens[tokens > 0], loss[tokens > 0], "-" if run["kind"] == "scratch" else "--", color=f"C{i}",
                     label=f"{size} {run['kind']}" + (f" r={run['replay_ratio']:g}" if run["kind"] == "cpt" else ""))
-    ax.set(xscale="log", xlabel="tokens", ylabel=f"{tgt} eval loss", title="loss vs tokens (solid: scratch, dashed: CPT)")
+    ax.set(xscale="log", xlabel="tokens", ylabel=f"{tgt} eval loss",
+           title="loss vs tokens (solid: scratch, dashed: CPT)")
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(os.path.join(sweep_dir, "loss_vs_tokens.png"), dpi=120)
@@ -132,7 +133,8 @@ def write_report(sweep_dir: str, bootstrap: int = 100) -> str:
         out["fit_errors"] = errors
         md += ["Sum of Huber losses (delta 1e-3) on log L at the best fit of each law to each data set.", "",
                "| data | Chinchilla law | CPT law | CPT law's gamma |", "|---|---|---|---|"]
-        md += [f"| {k} | {v['chinchilla']:.3g} | {v['cpt_law']:.3g} | {v['cpt_law_gamma']:+.3f} |" for k, v in errors.items()]
+        md += [f"| {k} | {v['chinchilla']:.3g} | {v['cpt_law']:.3g} | {v['cpt_law_gamma']:+.3f} |"
+               for k, v in errors.items()]
         md.append("")
     else:
         md += ["n/a (no fits)", ""]
@@ -145,7 +147,8 @@ def write_report(sweep_dir: str, bootstrap: int = 100) -> str:
             rows = []
             for name, f in (("scratch", scratch), ("CPT", cpt)):
                 G, a, b = laws.allocation(f)
-                rows.append(f"| {name} | {a:.3f} | {b:.3f} | {G / 6 ** a:.4g} C^{a:.3f} | {1 / (G * 6 ** b):.4g} C^{b:.3f} |")
+                rows.append(f"| {name} | {a:.3f} | {b:.3f} | {G / 6 ** a:.4g} C^{a:.3f} | "
+                            f"{1 / (G * 6 ** b):.4g} C^{b:.3f} |")
             alloc_ok = True
             md += ["| law | a | b | N_opt | D_opt |", "|---|---|---|---|---|", *rows, "",
                    "Paper: scratch N_opt = 0.324 C^0.429, D_opt = 0.514 C^0.571; CPT N_opt = 4.79 C^0.385, "
@@ -190,7 +193,8 @@ def write_report(sweep_dir: str, bootstrap: int = 100) -> str:
         tokens, loss = curves[run["name"]][src]
         if len(loss):
             forgetting[run["name"]] = {"start": float(loss[0]), "end": float(loss[-1])}
-            md.append(f"| {run['name']} | {run['replay_ratio']:g} | {loss[0]:.4f} | {loss[-1]:.4f} | {loss[-1] - loss[0]:+.4f} |")
+            md.append(f"| {run['name']} | {run['replay_ratio']:g} | {loss[0]:.4f} | {loss[-1]:.4f} | "
+                      f"{loss[-1] - loss[0]:+.4f} |")
             ax.plot(tokens, loss, label=run["name"])
     out["forgetting"] = forgetting
     ax.set(xlabel="CPT tokens", ylabel=f"{src} eval loss", title="source-language loss during CPT")
