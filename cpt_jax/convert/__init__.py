@@ -32,7 +32,7 @@ from cpt_jax.convert import hf, safetensors
 from cpt_jax.convert.gguf import GGUFFile
 from cpt_jax.data.corpora import default_cache_dir
 from cpt_jax.data.tokenizer import HF_CONFIG_FILE, HF_FILE, SP_FILE, load_tokenizer
-from cpt_jax.models import TOKENIZER_DIR, ModelConfig
+from cpt_jax.models import TOKENIZER_DIR, ModelConfig, load
 
 log = logging.getLogger(__name__)
 
@@ -61,12 +61,18 @@ def bundled_model(name: str) -> str:
     return str(dst)
 
 
-@contextlib.contextmanager
-def staging(dst: str | os.PathLike) -> Iterator[Path]:
-    """A fresh dir that becomes `dst` when the block succeeds and vanishes when it fails."""
+def check_destination(dst: str | os.PathLike) -> Path:
+    """`dst` as an absolute path, refused (before any work) unless it is absent or an empty dir."""
     dst = Path(dst).absolute()
     if dst.exists() and (not dst.is_dir() or any(dst.iterdir())):
         raise FileExistsError(f"{dst} exists and is not an empty dir; nothing was written")
+    return dst
+
+
+@contextlib.contextmanager
+def staging(dst: str | os.PathLike) -> Iterator[Path]:
+    """A fresh dir that becomes `dst` when the block succeeds and vanishes when it fails."""
+    dst = check_destination(dst)
     tmp = dst.parent / f".{dst.name}.partial-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -92,6 +98,7 @@ def save_model(dst: str | os.PathLike, cfg: ModelConfig, params: dict, tokenizer
 
 def import_model(src: str, dst: str) -> ModelConfig:
     """HF dir (config.json + safetensors) or a .gguf file (or a BUNDLED name) -> `dst`."""
+    check_destination(dst)
     src = resolve_source(src)
     if os.path.isfile(src) and src.endswith(".gguf"):
         f = GGUFFile(src)
@@ -125,8 +132,7 @@ def import_model(src: str, dst: str) -> ModelConfig:
 def export_model(src: str, dst: str, dtype: str = "float32", step: int | None = None) -> list[str]:
     """A run's workdir or a converted model -> an HF dir (safetensors, config.json, tokenizer
     files) that transformers loads as it is. Returns the files written."""
-    from cpt_jax.models import load
-
+    check_destination(dst)
     if dtype not in ("float32", "bfloat16", "float16"):
         raise ValueError(f"--dtype {dtype!r} must be float32, bfloat16 or float16")
     np_dtype = safetensors.DTYPES[{"float32": "F32", "bfloat16": "BF16", "float16": "F16"}[dtype]]

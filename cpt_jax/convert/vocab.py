@@ -20,7 +20,7 @@ import numpy as np
 import tokenizers
 
 from cpt_jax import checkpoint
-from cpt_jax.convert import nnx_params, save_model
+from cpt_jax.convert import check_destination, nnx_params, save_model
 from cpt_jax.data import pipeline
 from cpt_jax.data import sources as src_lib
 from cpt_jax.data.tokenizer import HF_CONFIG_FILE, HF_FILE, SP_FILE, HFTokenizer, SentencePieceTokenizer
@@ -100,6 +100,7 @@ def extend_vocab(src: str, dst: str, dcfg: ml_collections.ConfigDict, source: st
     """`src` (a converted model or run) with its vocabulary extended by a `vocab_size`-piece
     tokenizer trained on the train split of data source `source` -> `dst`. Returns the report:
     tokens per character on the source's eval split before and after, and pieces added."""
+    check_destination(dst)
     specs = pipeline.source_specs(dcfg)
     if source not in specs:
         raise ValueError(f"--source {source!r} is not one of the config's data.sources: {', '.join(specs)}")
