@@ -13,12 +13,12 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
-import logging
 import sys
 
 from cpt_jax import convert
 from cpt_jax.config import base
 from cpt_jax.convert.vocab import extend_vocab
+from cpt_jax.metrics import setup_logging
 
 
 def _data_config(path: str | None):
@@ -52,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--vocab_size", type=int, default=8000, help="pieces of the target-language tokenizer")
     p.add_argument("--config", default=None, help="config file whose data.sources to use (default: the base config)")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    setup_logging()
     try:
         if args.command == "import":
             convert.import_model(args.src, args.dst)
