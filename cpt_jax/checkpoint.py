@@ -23,6 +23,13 @@ def checkpoint_dir(path: str) -> str:
     return sub if os.path.isdir(sub) else path
 
 
+def latest_step(directory: str) -> int | None:
+    """The latest complete step in a checkpoints dir; None where there is none, or no dir."""
+    if not os.path.isdir(directory):
+        return None
+    return Checkpointer(directory, read_only=True).latest_step()
+
+
 class Checkpointer:
     """The checkpoints of one run (`DIR/checkpoints`)."""
 

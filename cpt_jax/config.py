@@ -6,7 +6,21 @@ Field names are an interface: the sweep, the launch scripts and users' command l
 
 from __future__ import annotations
 
+import importlib.util
+import os
+
 import ml_collections
+
+
+def load_file(path: str) -> ml_collections.ConfigDict:
+    """`get_config()` of a config file; `FILE.py:ARG` passes ARG, as the main job's --config does."""
+    file, _, arg = path.partition(":")
+    if not os.path.isfile(file):
+        raise FileNotFoundError(f"--config {file}: no such config file")
+    spec = importlib.util.spec_from_file_location("_config_file", file)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config(arg) if arg else module.get_config()
 
 
 def base() -> ml_collections.ConfigDict:

@@ -57,11 +57,6 @@ def _model_config(config, vocab_size: int, source: dict | None = None) -> models
         raise ConfigError(str(e)) from None
 
 
-def _init_from_dir(config) -> str:
-    """The run dir of init_from (it may name the checkpoints dir inside it)."""
-    return os.path.dirname(os.path.abspath(checkpoint.checkpoint_dir(config.init_from)))
-
-
 def validate(config, devices=None, check_init_from: bool = True) -> jax.sharding.Mesh:
     """Checks every field a run depends on; returns the mesh. `check_init_from=False` where the
     checkpoint is made by an earlier run of the same config."""
@@ -100,8 +95,7 @@ def validate(config, devices=None, check_init_from: bool = True) -> jax.sharding
     if config.batch_size % jax.process_count():
         raise ConfigError(f"batch_size={config.batch_size} is not divisible by {jax.process_count()} processes")
     if config.init_from and check_init_from:
-        ckpt_dir = checkpoint.checkpoint_dir(config.init_from)
-        if not os.path.isdir(ckpt_dir) or checkpoint.Checkpointer(ckpt_dir, read_only=True).latest_step() is None:
+        if checkpoint.latest_step(checkpoint.checkpoint_dir(config.init_from)) is None:
             raise ConfigError(f"init_from={config.init_from!r}: no checkpoint found there (a pretrained model "
                               f"becomes one with `python -m cpt_jax.convert import`)")
     return mesh
@@ -115,16 +109,15 @@ def train_run(config: ml_collections.ConfigDict, workdir: str, devices=None) -> 
     mesh = validate(config, devices)
     is_main = jax.process_index() == 0
     ckpt_dir = os.path.join(workdir, "checkpoints")
-    if os.path.isdir(ckpt_dir):
-        done = checkpoint.Checkpointer(ckpt_dir, read_only=True).latest_step()
-        if done is not None and done >= config.total_steps:
-            log.info("%s is already finished (step %d)", workdir, done)
-            return read_jsonl(os.path.join(workdir, "metrics.jsonl"))
+    done = checkpoint.latest_step(ckpt_dir)
+    if done is not None and done >= config.total_steps:
+        log.info("%s is already finished (step %d)", workdir, done)
+        return read_jsonl(os.path.join(workdir, "metrics.jsonl"))
 
     # --- Data: sources, tokenizer and token stores (prepared on first use), and the stream as a
     # pure function of the step. A model continued from init_from speaks init_from's tokenizer.
     dcfg = config.data
-    init_tok = os.path.join(_init_from_dir(config), models.TOKENIZER_DIR) if config.init_from else ""
+    init_tok = models.tokenizer_dir(config.init_from) if config.init_from else ""
     if not dcfg.tokenizer.path and init_tok and os.path.isdir(init_tok):
         dcfg = ml_collections.ConfigDict(dcfg.to_dict())
         dcfg.tokenizer.path = init_tok

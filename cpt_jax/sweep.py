@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
-import importlib.util
 import json
 import math
 import os
@@ -31,6 +30,7 @@ import sys
 import ml_collections
 
 from cpt_jax import checkpoint, models
+from cpt_jax.config import load_file
 
 KINDS = ("source", "scratch", "cpt")
 
@@ -91,20 +91,8 @@ def expand(sweep: ml_collections.ConfigDict, sweep_dir: str, only: tuple[str, ..
 
 
 def finished(run: Run, sweep_dir: str) -> bool:
-    ckpts = os.path.join(sweep_dir, run.name, "checkpoints")
-    if not os.path.isdir(ckpts):
-        return False
-    step = checkpoint.Checkpointer(ckpts, read_only=True).latest_step()
+    step = checkpoint.latest_step(os.path.join(sweep_dir, run.name, "checkpoints"))
     return step is not None and step >= run.config.total_steps
-
-
-def load_sweep(path: str) -> ml_collections.ConfigDict:
-    spec = importlib.util.spec_from_file_location("_sweep_config", path)
-    if spec is None or not os.path.isfile(path):
-        raise FileNotFoundError(f"--config {path}: no such sweep config file")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config()
 
 
 def _run_command(config_path: str, sweep_dir: str, name: str, python: str = sys.executable) -> list[str]:
@@ -199,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--only", nargs="*", default=[], help="sizes to run (default: all of the config's)")
     args = p.parse_args(argv)
     try:
-        sweep = load_sweep(args.config)
+        sweep = load_file(args.config)
         runs = expand(sweep, os.path.abspath(args.sweep_dir), tuple(args.only))
     except (ValueError, FileNotFoundError) as e:
         print(f"sweep error: {e}", file=sys.stderr)

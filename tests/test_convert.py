@@ -15,8 +15,8 @@ from cpt_jax import convert
 from cpt_jax import models as cpt_models
 from cpt_jax.config import base
 from cpt_jax.convert import safetensors
-from cpt_jax.convert.vocab import extend_vocab
 from cpt_jax.convert.__main__ import main as convert_main
+from cpt_jax.convert.vocab import extend_vocab
 
 VOCAB = 96
 COMMON = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=112, num_hidden_layers=2, num_attention_heads=4,

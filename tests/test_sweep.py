@@ -9,6 +9,7 @@ import sys
 import pytest
 
 from cpt_jax import sweep
+from cpt_jax.config import load_file
 from cpt_jax.scaling.report import SECTIONS
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -17,7 +18,7 @@ PAPER = os.path.join(ROOT, "configs", "sweeps", "paper.py")
 
 
 def test_mini_expands_into_sources_scratch_and_linked_cpt_runs(tmp_path):
-    runs = sweep.expand(sweep.load_sweep(MINI), str(tmp_path))
+    runs = sweep.expand(load_file(MINI), str(tmp_path))
     assert [r.name for r in runs] == [f"{s}/{k}" for s in ("test", "micro", "tiny")
                                       for k in ("source", "scratch", "cpt_r0.05")]
     by = {r.name: r for r in runs}
@@ -28,13 +29,13 @@ def test_mini_expands_into_sources_scratch_and_linked_cpt_runs(tmp_path):
     assert by["micro/scratch"].config.init_from == ""
     for r in runs:  # 0.2 tokens per parameter, in whole steps
         assert r.tokens == r.config.total_steps * 16 * 128 and 0.2 * r.params <= r.tokens < 0.2 * r.params + 16 * 128
-    assert [r.size for r in sweep.expand(sweep.load_sweep(MINI), str(tmp_path), only=("tiny",))] == ["tiny"] * 3
+    assert [r.size for r in sweep.expand(load_file(MINI), str(tmp_path), only=("tiny",))] == ["tiny"] * 3
     with pytest.raises(ValueError, match="'huge' is not a known size"):
-        sweep.expand(sweep.load_sweep(MINI), str(tmp_path), only=("huge",))
+        sweep.expand(load_file(MINI), str(tmp_path), only=("huge",))
 
 
 def test_paper_sweep_uses_the_papers_batches_and_budgets(tmp_path):
-    runs = {r.name: r for r in sweep.expand(sweep.load_sweep(PAPER), str(tmp_path))}
+    runs = {r.name: r for r in sweep.expand(load_file(PAPER), str(tmp_path))}
     assert len(runs) == 42 * 3
     for size, batch in (("49m", 512), ("1085m", 1024), ("2808m", 2048)):  # 1M, 2M, 4M tokens of 2048
         r = runs[f"{size}/cpt_r0.05"]
@@ -44,8 +45,8 @@ def test_paper_sweep_uses_the_papers_batches_and_budgets(tmp_path):
 
 
 def test_slurm_backend_writes_two_linked_array_jobs(tmp_path):
-    runs = sweep.expand(sweep.load_sweep(MINI), str(tmp_path))
-    cmds = sweep.launch_slurm(runs, str(tmp_path), MINI, sweep.load_sweep(MINI).slurm, submit=False)
+    runs = sweep.expand(load_file(MINI), str(tmp_path))
+    cmds = sweep.launch_slurm(runs, str(tmp_path), MINI, load_file(MINI).slurm, submit=False)
     assert cmds[0].startswith("sbatch --parsable --array=0-5 ") and cmds[1].startswith("sbatch --parsable --array=0-2")
     assert "--dependency=afterok:" in cmds[1]
     script = (tmp_path / "sweep_b.sbatch").read_text()

@@ -32,7 +32,7 @@ from cpt_jax.convert import hf, safetensors
 from cpt_jax.convert.gguf import GGUFFile
 from cpt_jax.data.corpora import default_cache_dir
 from cpt_jax.data.tokenizer import HF_CONFIG_FILE, HF_FILE, SP_FILE, load_tokenizer
-from cpt_jax.models import TOKENIZER_DIR, ModelConfig, load
+from cpt_jax.models import TOKENIZER_DIR, ModelConfig, load, params_of
 
 log = logging.getLogger(__name__)
 
@@ -139,7 +139,7 @@ def export_model(src: str, dst: str, dtype: str = "float32", step: int | None = 
     model, tokenizer = load(src, step)
     cfg = model.cfg
     meta = checkpoint.Checkpointer(checkpoint.checkpoint_dir(src), read_only=True).meta(step)
-    params = jax.tree.map(np.asarray, nnx_params(model))
+    params = jax.tree.map(np.asarray, params_of(model))
     config = hf.config_to_hf(cfg, meta.get("hf_config"))
     config["dtype"] = dtype
     if tokenizer is not None:
@@ -171,10 +171,3 @@ def _export_tokenizer(tokenizer, directory: Path) -> list[str]:
     (directory / HF_FILE).write_text(hf.sentencepiece_to_tokenizer_json(tokenizer.files[SP_FILE]))
     (directory / HF_CONFIG_FILE).write_text(json.dumps(config, indent=2))
     return [HF_FILE, HF_CONFIG_FILE]
-
-
-def nnx_params(model) -> dict:
-    """The parameters of a model as the pure dict checkpoints hold."""
-    from flax import nnx
-
-    return nnx.to_pure_dict(nnx.state(model))

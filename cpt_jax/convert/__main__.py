@@ -11,27 +11,13 @@ Bad input prints one `convert error:` line and exits with status 2; nothing is w
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import sys
 
 from cpt_jax import convert
-from cpt_jax.config import base
+from cpt_jax.config import base, load_file
 from cpt_jax.convert.vocab import extend_vocab
 from cpt_jax.metrics import setup_logging
-
-
-def _data_config(path: str | None):
-    """The `data` config of a config file (`configs/X.py` or `configs/X.py:arg`), else the default."""
-    if not path:
-        return base().data
-    file, _, arg = path.partition(":")
-    spec = importlib.util.spec_from_file_location("_config", file)
-    if spec is None:
-        raise FileNotFoundError(f"--config {file}: no such config file")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return (module.get_config(arg) if arg else module.get_config()).data
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -59,7 +45,8 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "export":
             convert.export_model(args.src, args.dst, args.dtype, args.step)
         else:
-            report = extend_vocab(args.src, args.dst, _data_config(args.config), args.source, args.vocab_size)
+            data = (load_file(args.config) if args.config else base()).data
+            report = extend_vocab(args.src, args.dst, data, args.source, args.vocab_size)
             print(json.dumps(report, indent=2))
     except (ValueError, FileNotFoundError, FileExistsError) as e:
         print(f"convert error: {e}", file=sys.stderr)

@@ -13,6 +13,7 @@ import logging
 import os
 import re
 
+import gguf
 import numpy as np
 import tokenizers
 from tokenizers import pre_tokenizers
@@ -49,8 +50,6 @@ PRE_TOKENIZERS = {
 
 class GGUFFile:
     def __init__(self, path: str):
-        import gguf
-
         self.path = path
         self.reader = gguf.GGUFReader(path)
         self.tensors = {t.name: t for t in self.reader.tensors}
@@ -104,8 +103,6 @@ class GGUFFile:
         return out
 
     def get(self, hf_name: str, gguf_name: str, heads: int, kv_heads: int) -> np.ndarray:
-        import gguf
-
         t = self.tensors[gguf_name]
         a = gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float32, copy=False)
         a = a.reshape(tuple(int(d) for d in reversed(t.shape)))

@@ -145,7 +145,7 @@ def params_from_hf(cfg: ModelConfig, get: Callable[[str], np.ndarray], names: li
     time beside the result; `place` moves each finished array (e.g. to the device, so the host
     copy is freed at once). Every tensor is checked: a missing one or a wrong shape is named."""
     abstract = spec(cfg).abstract_params
-    used = set()
+    available, used = set(names), set()
 
     def take(name: str, ours: tuple[int, ...], kind: str) -> np.ndarray:
         if name not in available:
@@ -157,7 +157,6 @@ def params_from_hf(cfg: ModelConfig, get: Callable[[str], np.ndarray], names: li
         used.add(name)
         return from_hf(np.asarray(a, np.float32), ours, kind)
 
-    available = set(names)
     params = {key: place(take(name, abstract[key].shape, kind)) for key, name, kind in TOP_TENSORS if key in abstract}
     params["layers"] = {}
     for key, name, kind in LAYER_TENSORS:

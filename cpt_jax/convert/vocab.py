@@ -20,11 +20,11 @@ import numpy as np
 import tokenizers
 
 from cpt_jax import checkpoint
-from cpt_jax.convert import check_destination, nnx_params, save_model
+from cpt_jax.convert import check_destination, save_model
 from cpt_jax.data import pipeline
 from cpt_jax.data import sources as src_lib
 from cpt_jax.data.tokenizer import HF_CONFIG_FILE, HF_FILE, SP_FILE, HFTokenizer, SentencePieceTokenizer
-from cpt_jax.models import load
+from cpt_jax.models import load, params_of
 
 log = logging.getLogger(__name__)
 
@@ -115,7 +115,7 @@ def extend_vocab(src: str, dst: str, dcfg: ml_collections.ConfigDict, source: st
 
     new, added = merge(old, target_pieces(target))
     cfg = dataclasses.replace(model.cfg, vocab_size=max(model.cfg.vocab_size, new.vocab_size))
-    params = grow(jax.tree.map(np.asarray, nnx_params(model)), old, added, cfg.vocab_size)
+    params = grow(jax.tree.map(np.asarray, params_of(model)), old, added, cfg.vocab_size)
 
     split = src_lib.open_split(specs[source], "eval", root)
     docs = list(split.texts(0, min(len(split), eval_docs)))

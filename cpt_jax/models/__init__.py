@@ -7,6 +7,7 @@ params)` rebuilds a callable model inside a jitted function.
 
 from __future__ import annotations
 
+import os
 from typing import Any, NamedTuple
 
 import jax
@@ -14,7 +15,6 @@ from flax import nnx
 
 from cpt_jax.models.llama import Llama, ModelConfig, flops_per_token
 from cpt_jax.models.sizes import SIZES, model_config
-
 
 # Beside a run's `checkpoints/` dir: the tokenizer its checkpoints speak (`load` returns it).
 TOKENIZER_DIR = "tokenizer"
@@ -36,7 +36,19 @@ def spec(cfg: ModelConfig) -> ModelSpec:
 
 def init_params(cfg: ModelConfig, key: jax.Array) -> dict:
     """Random float32 parameters as a pure dict (jit this with out_shardings to init sharded)."""
-    return nnx.to_pure_dict(nnx.state(Llama(cfg, nnx.Rngs(key))))
+    return params_of(Llama(cfg, nnx.Rngs(key)))
+
+
+def params_of(model: Llama) -> dict:
+    """A model's parameters as the pure dict that checkpoints hold."""
+    return nnx.to_pure_dict(nnx.state(model))
+
+
+def tokenizer_dir(path: str) -> str:
+    """The tokenizer dir beside the checkpoints of a run (`path`: its workdir or checkpoints dir)."""
+    from cpt_jax import checkpoint
+
+    return os.path.join(os.path.dirname(os.path.abspath(checkpoint.checkpoint_dir(path))), TOKENIZER_DIR)
 
 
 def load(path: str, step: int | None = None, dtype: str | None = None) -> tuple[Llama, Any]:
@@ -44,16 +56,15 @@ def load(path: str, step: int | None = None, dtype: str | None = None) -> tuple[
     converted model (`python -m cpt_jax.convert import`), on the default device; `model(tokens)`
     gives float32 logits. The tokenizer is None where none was saved beside the checkpoints.
     `dtype`: the compute dtype ("bfloat16" on accelerators); parameters stay float32."""
-    import os
-
     from cpt_jax import checkpoint
     from cpt_jax.data.tokenizer import load_tokenizer
 
     ckpt_dir = checkpoint.checkpoint_dir(path)
-    ckpt = checkpoint.Checkpointer(ckpt_dir, read_only=True) if os.path.isdir(ckpt_dir) else None
-    step = step if step is not None or ckpt is None else ckpt.latest_step()
-    if step is None:
+    latest = checkpoint.latest_step(ckpt_dir)
+    if latest is None:
         raise FileNotFoundError(f"{path}: no checkpoint there (a run's workdir or a converted model's dir)")
+    ckpt = checkpoint.Checkpointer(ckpt_dir, read_only=True)
+    step = latest if step is None else step
     meta = ckpt.meta(step)
     cfg = ModelConfig.from_dict({**meta["model"], "dtype": dtype or meta["model"]["dtype"]})
     graphdef, abstract, _ = spec(cfg)
@@ -62,7 +73,7 @@ def load(path: str, step: int | None = None, dtype: str | None = None) -> tuple[
     params, _, _ = ckpt.restore(step, abstract)
     model = nnx.merge(graphdef, params)
 
-    tok_dir = os.path.join(os.path.dirname(os.path.abspath(ckpt_dir)), TOKENIZER_DIR)
+    tok_dir = tokenizer_dir(path)
     tokenizer = load_tokenizer(tok_dir) if os.path.isdir(tok_dir) else None
     if tokenizer is not None and meta.get("tokenizer") not in (None, tokenizer.fingerprint):
         raise ValueError(f"{tok_dir} holds tokenizer {tokenizer.fingerprint}, but the checkpoint was "
@@ -71,4 +82,4 @@ def load(path: str, step: int | None = None, dtype: str | None = None) -> tuple[
 
 
 __all__ = ["Llama", "ModelConfig", "ModelSpec", "SIZES", "TOKENIZER_DIR", "flops_per_token", "init_params", "load",
-           "model_config", "spec"]
+           "model_config", "params_of", "spec", "tokenizer_dir"]

@@ -148,8 +148,9 @@ def fit_cpt(N, D, L, base: ChinchillaFit | None = None) -> CPTFit:
 
 
 def intervals(fit, N, D, L, n: int = 200, level: float = 0.95, seed: int = 0) -> dict[str, tuple[float, float]]:
-    """Bootstrap intervals of every constant of `fit` (refitted as it was fitted: a CPT fit
-    keeps its frozen E, A, alpha unless all were free, shown by `joint`)."""
+    """Bootstrap intervals of every constant of `fit`, each resample refitted from `fit`: all five
+    Chinchilla constants, or for a CPT fit B', beta', gamma with E, A, alpha held as the paper
+    fits them (so those three show no spread)."""
     cpt = isinstance(fit, CPTFit)
     free = CPT_FREE if cpt else CHINCHILLA_FREE
     thetas = bootstrap_params(N, D, L, free, _theta(fit), n, seed)
@@ -158,8 +159,3 @@ def intervals(fit, N, D, L, n: int = 200, level: float = 0.95, seed: int = 0) ->
     names = ("E", "A", "B_prime", "alpha", "beta_prime", "gamma") if cpt else ("E", "A", "B", "alpha", "beta")
     return {k: tuple(float(v) for v in np.nanpercentile([getattr(f, k) for f in fits], q)) for k in names}
 
-
-def fit_errors(N, D, L, base: ChinchillaFit | None = None) -> dict[str, float]:
-    """The objective (sum of Huber losses) each law reaches on one data set: Chinchilla, and the
-    CPT law with all constants free (so it can only match or beat Chinchilla's)."""
-    return {"chinchilla": fit_chinchilla(N, D, L).huber, "cpt": fit_cpt(N, D, L).huber}

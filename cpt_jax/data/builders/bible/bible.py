@@ -12,6 +12,7 @@ from __future__ import annotations
 import tensorflow_datasets as tfds
 from etils import epath
 
+from cpt_jax.data.builders import text_info
 from cpt_jax.data.corpora import Document, load_bible, split_documents
 
 EVAL_FRACTION = 0.03
@@ -32,12 +33,7 @@ class Bible(tfds.core.GeneratorBasedBuilder):
     code_path = epath.Path(__file__)
 
     def _info(self) -> tfds.core.DatasetInfo:
-        return tfds.core.DatasetInfo(
-            builder=self,
-            description=__doc__,
-            features=tfds.features.FeaturesDict({"text": tfds.features.Text()}),
-            disable_shuffling=True,  # canonical chapter order
-        )
+        return text_info(self, __doc__)
 
     def _split_generators(self, dl_manager):
         del dl_manager  # load_bible fetches and caches the corpus itself

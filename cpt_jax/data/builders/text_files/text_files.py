@@ -24,6 +24,8 @@ import pyarrow.parquet as pq
 import tensorflow_datasets as tfds
 from etils import epath
 
+from cpt_jax.data.builders import text_info
+
 FORMATS = ("txt", "jsonl", "parquet")
 
 
@@ -159,12 +161,7 @@ class TextFiles(tfds.core.GeneratorBasedBuilder):
     code_path = epath.Path(__file__)
 
     def _info(self) -> tfds.core.DatasetInfo:
-        return tfds.core.DatasetInfo(
-            builder=self,
-            description=__doc__,
-            features=tfds.features.FeaturesDict({"text": tfds.features.Text()}),
-            disable_shuffling=True,  # keep file order; consumers shuffle as they need
-        )
+        return text_info(self, __doc__)
 
     def _split_generators(self, dl_manager):
         del dl_manager  # the files are local: nothing to download
