@@ -1,13 +1,21 @@
-"""Train-step throughput and MFU of one model size on the devices at hand; prints one JSON object.
+"""Train-step throughput and MFU on the devices at hand: one JSON object per size, one per line.
 
-  python bench/train_step.py --size tiny --seq_len 128 --batch_size 16                     # CPU
-  python bench/train_step.py --size 1085m --seq_len 2048 --batch_size 8 --dtype bfloat16 \
-      --attention cudnn --remat dots_no_batch                                               # one GPU
+  python bench/train_step.py --sizes tiny --seq_len 128 --batch_size 16                  # CPU, seconds
+  python bench/train_step.py --sizes ref125m --batch_size 16                             # one GPU: the
+  python bench/train_step.py --sizes ref1100m --batch_size 8 --remat dots_no_batch       #   PyTorch bar's shapes
+  python bench/train_step.py --sizes paper --batch_size 8 --remat dots_no_batch          # paper rows 49m..1393m
+  python bench/train_step.py --sizes 5534m --compile_only                                # compile time and memory
+
+It times the real train step of `cpt_jax.train.compile_steps` (jitted ahead of time over the mesh,
+state donated, bf16 compute with float32 params and AdamW state on accelerators, the platform's
+attention kernel, the fused chunked cross-entropy) after compilation and warm-up, on random
+tokens: this measures the compiled step, not the input pipeline (bench/data.py does that).
 
 MFU = tokens/s x (6 x non-embedding params + 12 x layers x hidden x seq) / (peak FLOP/s x devices),
-reported only for devices with a known peak (cpt_jax.metrics.PEAK_FLOPS). The data is random
-tokens: this measures the compiled step, not the input pipeline.
+with the device's bf16 dense peak from cpt_jax.metrics.PEAK_FLOPS or --peak_flops.
 """
+
+from __future__ import annotations
 
 import argparse
 import json
@@ -20,29 +28,33 @@ import numpy as np
 from cpt_jax import models, sharding, train
 from cpt_jax.config import base
 from cpt_jax.metrics import peak_flops
+from cpt_jax.models import attention
+
+PAPER_ONE_GPU = [n for n, s in models.SIZES.items() if s.paper_m is not None and s.paper_m <= 1393]
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--size", default="tiny")
-    p.add_argument("--vocab_size", type=int, default=32000)
-    p.add_argument("--seq_len", type=int, default=128)
-    p.add_argument("--batch_size", type=int, default=16)
-    p.add_argument("--dtype", default="float32")
-    p.add_argument("--attention", default="xla")
-    p.add_argument("--remat", default="none")
-    p.add_argument("--mesh", default="-1,1,1", help="data,fsdp,tensor")
-    p.add_argument("--grad_accum", type=int, default=1)
-    p.add_argument("--steps", type=int, default=10, help="timed steps, after 2 warm-up steps")
-    a = p.parse_args()
-
-    mcfg = models.model_config(a.size, a.vocab_size, dtype=a.dtype, attention=a.attention, remat=a.remat)
+def bench(size: str, a: argparse.Namespace, mesh) -> dict:
+    mcfg = models.model_config(size, a.vocab_size, dtype=a.dtype, attention=a.attention, remat=a.remat,
+                               loss_chunk=a.loss_chunk, scan_layers=not a.unrolled)
     opt = base().optimizer
     opt.grad_accum = a.grad_accum
-    mesh = sharding.make_mesh([int(x) for x in a.mesh.split(",")])
     t0 = time.perf_counter()
     steps = train.compile_steps(mcfg, opt, 1000, mesh, a.batch_size, a.seq_len, num_sources=1)
     compile_s = time.perf_counter() - t0
+    mem = steps.memory
+    out = {
+        "size": size, "params": mcfg.param_count(), "non_embedding_params": mcfg.non_embedding_params(),
+        "flops_per_token": models.flops_per_token(mcfg, a.seq_len), "seq_len": a.seq_len,
+        "batch_size": a.batch_size, "grad_accum": a.grad_accum, "dtype": mcfg.dtype,
+        "attention": attention.resolve(a.attention, jax.default_backend(), mcfg.dtype, mcfg.head_dim, a.seq_len),
+        "remat": a.remat, "scan_layers": mcfg.scan_layers, "loss_chunk": a.loss_chunk, "mesh": dict(mesh.shape),
+        "device": jax.devices()[0].device_kind, "devices": jax.device_count(), "compile_s": round(compile_s, 2),
+        # XLA's estimate for the step (per device): state in, temporaries; the state is donated.
+        "compiled_args_gib": mem.argument_size_in_bytes / 2**30 if mem else None,
+        "compiled_temp_gib": mem.temp_size_in_bytes / 2**30 if mem else None,
+    }
+    if a.compile_only:
+        return out
 
     with jax.set_mesh(mesh):
         params = steps.init_params(jax.random.key(0))
@@ -50,27 +62,54 @@ def main() -> None:
         tokens = np.random.default_rng(0).integers(0, a.vocab_size, (a.batch_size, a.seq_len + 1), np.int32)
         batch = jax.device_put({"tokens": tokens, "source": np.zeros(a.batch_size, np.int32)},
                                {k: steps.batch_sharding[k] for k in ("tokens", "source")})
-        for _ in range(2):
+        for _ in range(a.warmup):
             state, m = steps.train(state, batch)
-        jax.block_until_ready(m)
+        jax.block_until_ready((state, m))
         t0 = time.perf_counter()
-        for _ in range(a.steps):
+        for _ in range(a.steps):  # dispatched back to back: no host sync until the end
             state, m = steps.train(state, batch)
         jax.block_until_ready((state, m))
         step_s = (time.perf_counter() - t0) / a.steps
+        loss = float(m["loss"])
+        del state, params
 
     tps = a.batch_size * a.seq_len / step_s
-    peak = peak_flops(jax.devices()[0])
-    mem = steps.memory
-    print(json.dumps({
-        "size": a.size, "params": mcfg.param_count(), "non_embedding_params": mcfg.non_embedding_params(),
-        "seq_len": a.seq_len, "batch_size": a.batch_size, "dtype": a.dtype, "attention": a.attention,
-        "remat": a.remat, "mesh": dict(mesh.shape), "device": jax.devices()[0].device_kind,
-        "devices": jax.device_count(), "compile_s": round(compile_s, 2), "step_s": step_s,
-        "tokens_per_s": tps, "tokens_per_s_per_device": tps / jax.device_count(),
-        "mfu": tps * models.flops_per_token(mcfg, a.seq_len) / (peak * jax.device_count()) if peak else None,
-        "temp_gib_per_device": mem.temp_size_in_bytes / 2**30 if mem else None,
-    }))
+    peak = a.peak_flops or peak_flops(jax.devices()[0])
+    stats = jax.devices()[0].memory_stats() or {}
+    out.update({
+        "step_s": step_s, "tokens_per_s": tps, "tokens_per_s_per_device": tps / jax.device_count(),
+        "peak_flops_per_device": peak,
+        "mfu": tps * out["flops_per_token"] / (peak * jax.device_count()) if peak else None,
+        "peak_memory_gib": stats["peak_bytes_in_use"] / 2**30 if "peak_bytes_in_use" in stats else None,
+        "loss": loss,  # finite, else the timing is of a broken step
+    })
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--sizes", default="tiny", help=f"comma-separated names of cpt_jax.models.SIZES, or 'paper': the "
+                   f"rows that fit one GPU ({PAPER_ONE_GPU[0]}..{PAPER_ONE_GPU[-1]})")
+    p.add_argument("--vocab_size", type=int, default=32000)
+    p.add_argument("--seq_len", type=int, default=2048)
+    p.add_argument("--batch_size", type=int, default=16)
+    p.add_argument("--grad_accum", type=int, default=1)
+    p.add_argument("--dtype", default="auto", help="auto: bfloat16 on GPU/TPU, float32 on CPU")
+    p.add_argument("--attention", default="auto", choices=attention.IMPLEMENTATIONS)
+    p.add_argument("--remat", default="none", choices=list(models.llama.REMAT_POLICIES))
+    p.add_argument("--loss_chunk", type=int, default=512, help="positions per cross-entropy chunk; 0: plain")
+    p.add_argument("--unrolled", action="store_true", help="a Python loop over layers instead of scan")
+    p.add_argument("--mesh", default="-1,1,1", help="data,fsdp,tensor")
+    p.add_argument("--steps", type=int, default=10, help="timed steps")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps after compilation")
+    p.add_argument("--peak_flops", type=float, default=0.0, help="per device; default: the known peak of the device")
+    p.add_argument("--compile_only", action="store_true", help="report compile time and memory, run nothing")
+    a = p.parse_args()
+
+    sizes = PAPER_ONE_GPU if a.sizes == "paper" else a.sizes.split(",")
+    mesh = sharding.make_mesh([int(x) for x in a.mesh.split(",")])
+    for size in sizes:
+        print(json.dumps(bench(size, a, mesh)), flush=True)
 
 
 if __name__ == "__main__":

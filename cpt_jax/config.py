@@ -33,10 +33,11 @@ def base() -> ml_collections.ConfigDict:
     c.model = ml_collections.ConfigDict()
     c.model.size = "tiny"  # a key of cpt_jax.models.SIZES, or "init_from": init_from's architecture
     c.model.vocab_size = 0  # 0: the tokenizer's vocabulary size
-    c.model.dtype = "float32"  # compute dtype; "bfloat16" on accelerators. Params stay float32.
+    c.model.dtype = "auto"  # compute dtype; auto: bfloat16 on GPU/TPU, float32 on CPU. Params stay float32.
     c.model.scan_layers = True
     c.model.remat = "none"  # none | full | dots | dots_no_batch
-    c.model.attention = "xla"  # xla | cudnn | auto
+    c.model.attention = "auto"  # auto (cuDNN on GPU, splash on TPU, else XLA) | xla | cudnn | splash
+    c.model.loss_chunk = 512  # positions per cross-entropy chunk (logits never whole); 0: plain
     c.model.rope_theta = 10000.0
     c.model.tie_embeddings = False
     c.model.qkv_bias = False

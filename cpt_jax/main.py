@@ -47,7 +47,8 @@ def _model_config(config, vocab_size: int, source: dict | None = None) -> models
     """The run's architecture: a named size, or (model.size="init_from") the architecture of the
     init_from checkpoint, `source` (its metadata's model), with this run's numerics."""
     m = config.model
-    numerics = dict(dtype=m.dtype, scan_layers=m.scan_layers, remat=m.remat, attention=m.attention)
+    numerics = dict(dtype=m.dtype, scan_layers=m.scan_layers, remat=m.remat, attention=m.attention,
+                    loss_chunk=m.loss_chunk)
     try:
         if m.size == "init_from":
             return models.ModelConfig.from_dict({**source, **numerics})
@@ -76,8 +77,11 @@ def validate(config, devices=None, check_init_from: bool = True) -> jax.sharding
         raise ConfigError(str(e)) from None
     if config.data.tokenizer.path and not os.path.exists(config.data.tokenizer.path):
         raise ConfigError(f"data.tokenizer.path={config.data.tokenizer.path!r} does not exist")
-    if config.model.dtype not in ("float32", "bfloat16", "float16"):
-        raise ConfigError(f"model.dtype={config.model.dtype!r} must be float32, bfloat16 or float16")
+    if config.model.dtype not in ("auto", "float32", "bfloat16", "float16"):
+        raise ConfigError(f"model.dtype={config.model.dtype!r} must be auto, float32, bfloat16 or float16")
+    chunk = config.model.loss_chunk
+    if chunk and config.seq_len % min(chunk, config.seq_len):
+        raise ConfigError(f"model.loss_chunk={chunk} does not divide seq_len={config.seq_len}")
     if config.model.size == "init_from":
         if not config.init_from:
             raise ConfigError("model.size='init_from' takes the architecture of init_from, which is not set")
@@ -217,7 +221,8 @@ def train_run(config: ml_collections.ConfigDict, workdir: str, devices=None) -> 
                     valid = np.zeros(b, np.float32)
                     valid[:len(chunk)] = 1.0
                     chunk = np.concatenate([chunk, np.zeros((b - len(chunk), t + 1), np.int32)])
-                    sums.append(steps.eval(params, *to_device({"tokens": chunk[slots], "valid": valid[slots]}).values()))
+                    batch = to_device({"tokens": chunk[slots], "valid": valid[slots]})
+                    sums.append(steps.eval(params, batch["tokens"], batch["valid"]))
                 total, count = np.sum(jax.device_get(sums), axis=0)
                 out[f"eval/{name}/loss"] = total / count
             return out

@@ -17,6 +17,7 @@ import optax
 from flax import nnx
 
 from cpt_jax import models, sharding
+from cpt_jax.models.cross_entropy import cross_entropy
 
 
 @flax.struct.dataclass
@@ -45,17 +46,18 @@ def optimizer(opt, total_steps: int) -> optax.GradientTransformation:
     )
 
 
-def token_losses(graphdef, params: dict, tokens: jax.Array) -> jax.Array:
-    """Next-token cross-entropy per position: tokens [b, seq+1] -> [b, seq] float32."""
+def token_losses(graphdef, params: dict, tokens: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Next-token cross-entropy of tokens [b, seq+1]: (the mean, differentiable; per position
+    [b, seq] float32, for reporting), with the logits chunked as `model.loss_chunk` says."""
     model = nnx.merge(graphdef, params)
-    logits = model(tokens[:, :-1])
-    return optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:])
+    x, _ = model.hidden_states(tokens[:, :-1])
+    return cross_entropy(x, model.head_weight(), tokens[:, 1:], model.cfg.loss_chunk)
 
 
 def _loss_and_stats(params, graphdef, tokens, source, num_sources):
-    per_example = token_losses(graphdef, params, tokens).mean(axis=1)
+    loss, per_token = token_losses(graphdef, params, tokens)
     onehot = jax.nn.one_hot(source, num_sources, dtype=jnp.float32)  # [b, sources]
-    return per_example.mean(), (onehot.T @ per_example, onehot.sum(axis=0))
+    return loss, (onehot.T @ per_token.mean(axis=1), onehot.sum(axis=0))
 
 
 def train_step(state: TrainState, batch: dict, *, graphdef, tx: optax.GradientTransformation,
@@ -101,7 +103,7 @@ def train_step(state: TrainState, batch: dict, *, graphdef, tx: optax.GradientTr
 def eval_step(params: dict, tokens: jax.Array, valid: jax.Array, *, graphdef) -> tuple[jax.Array, jax.Array]:
     """Sum of token cross-entropies over the `valid` rows and their token count, to be summed over
     batches and divided once: the mean over a whole eval set whatever its batching and padding."""
-    losses = token_losses(graphdef, params, tokens) * valid[:, None]
+    losses = token_losses(graphdef, params, tokens)[1] * valid[:, None]
     return losses.sum(), valid.sum() * losses.shape[1]
 
 

@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from flax import nnx
 
 from cpt_jax import config as config_lib
 from cpt_jax import models, train
@@ -48,10 +49,12 @@ def test_per_source_loss_splits_the_batch():
     params = models.init_params(mcfg, jax.random.key(1))
     tokens = jnp.asarray(np.random.default_rng(1).integers(0, 64, (6, 17)), jnp.int32)
     source = jnp.array([0, 1, 1, 0, 1, 1], jnp.int32)
-    _, m = train.train_step(train.TrainState(jnp.int32(0), params, tx.init(params)),
-                            {"tokens": tokens, "source": source}, graphdef=spec.graphdef, tx=tx,
-                            lr_fn=lambda s: 0.0, num_sources=2)
-    per_row = np.asarray(train.token_losses(spec.graphdef, params, tokens)).mean(axis=1)
+    step = jax.jit(functools.partial(train.train_step, graphdef=spec.graphdef, tx=tx, lr_fn=lambda s: 0.0,
+                                     num_sources=2))
+    _, m = step(train.TrainState(jnp.int32(0), params, tx.init(params)), {"tokens": tokens, "source": source})
+    # Independent: cross-entropy from the model's logits with optax.
+    logits = nnx.merge(spec.graphdef, params)(tokens[:, :-1])
+    per_row = np.asarray(optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:])).mean(axis=1)
     np.testing.assert_allclose(m["source_count"], [2, 4])
     np.testing.assert_allclose(m["source_loss_sum"], [per_row[[0, 3]].sum(), per_row[[1, 2, 4, 5]].sum()], rtol=1e-5)
     np.testing.assert_allclose(m["loss"], per_row.mean(), rtol=1e-6)
@@ -64,7 +67,7 @@ def test_eval_step_masks_padding_rows():
     tokens = jnp.asarray(np.random.default_rng(2).integers(0, 64, (4, 9)), jnp.int32)
     total, count = train.eval_step(params, tokens, jnp.array([1, 1, 1, 0], jnp.float32), graphdef=spec.graphdef)
     # Independent: cross-entropy from the logits with optax on the 3 real rows only.
-    logits = __import__("flax").nnx.merge(spec.graphdef, params)(tokens[:3, :-1])
+    logits = nnx.merge(spec.graphdef, params)(tokens[:3, :-1])
     ref = optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:3, 1:])
     np.testing.assert_allclose(float(total) / float(count), float(ref.mean()), rtol=1e-5)
     assert float(count) == 3 * 8

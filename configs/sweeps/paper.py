@@ -22,8 +22,6 @@ def get_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.base = base()
     c.base.seq_len = 2048
-    c.base.model.dtype = "bfloat16"
-    c.base.model.attention = "auto"
     c.base.model.remat = "dots_no_batch"
     c.base.model.vocab_size = 32000
     c.base.data.tokenizer.vocab_size = 32000

@@ -17,6 +17,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from cpt_jax import sharding
+from cpt_jax.models import attention
 
 REMAT_POLICIES = {
     "none": None,
@@ -44,22 +45,27 @@ class ModelConfig:
     tie_embeddings: bool = False
     qkv_bias: bool = False  # Qwen2 style
     init_std: float = 0.02
-    dtype: str = "float32"  # compute dtype; parameters stay float32
+    dtype: str = "float32"  # compute dtype; parameters stay float32. auto: bfloat16 on GPU/TPU, else float32
     scan_layers: bool = True
     remat: str = "none"  # a key of REMAT_POLICIES
-    attention: str = "xla"  # jax.nn.dot_product_attention implementation: xla | cudnn | auto
+    attention: str = "auto"  # a kernel of models.attention: auto | xla | cudnn | splash
+    loss_chunk: int = 512  # cross-entropy over this many positions at a time; 0: all logits at once
 
     def __post_init__(self):
         if self.head_dim == 0:
             object.__setattr__(self, "head_dim", self.hidden // self.heads)
+        if self.dtype == "auto":
+            object.__setattr__(self, "dtype", "float32" if jax.default_backend() == "cpu" else "bfloat16")
         if self.heads % self.kv_heads:
             raise ValueError(f"model.heads={self.heads} is not a multiple of model.kv_heads={self.kv_heads}")
         if self.head_dim % 2:
             raise ValueError(f"model head_dim={self.head_dim} must be even for RoPE")
         if self.remat not in REMAT_POLICIES:
             raise ValueError(f"model.remat={self.remat!r} is not one of {sorted(REMAT_POLICIES)}")
-        if self.attention not in ("xla", "cudnn", "auto"):
-            raise ValueError(f"model.attention={self.attention!r} is not one of xla, cudnn, auto")
+        if self.attention not in attention.IMPLEMENTATIONS:
+            raise ValueError(f"model.attention={self.attention!r} is not one of {', '.join(attention.IMPLEMENTATIONS)}")
+        if self.loss_chunk < 0:
+            raise ValueError(f"model.loss_chunk={self.loss_chunk} must be >= 0")
         scaling = tuple(sorted((str(k), v) for k, v in dict(self.rope_scaling).items()))
         object.__setattr__(self, "rope_scaling", scaling)
         if scaling and dict(scaling).get("rope_type") not in ("linear", "llama3"):
@@ -163,8 +169,8 @@ class Block(nnx.Module):
         q = sharding.constrain(apply_rope(q, cos, sin), ("batch", "length", "heads", "head_dim"))
         k = sharding.constrain(apply_rope(k, cos, sin), ("batch", "length", "kv_heads", "head_dim"))
         if cache is None:
-            impl = None if cfg.attention == "auto" else cfg.attention
-            a, new_cache = jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=impl), None
+            impl = attention.resolve(cfg.attention, jax.default_backend(), cfg.dtype, cfg.head_dim, q.shape[1])
+            a, new_cache = attention.causal_attention(q, k, v, impl), None
         else:
             k_cache, v_cache, index, mask = cache
             k = jax.lax.dynamic_update_slice_in_dim(k_cache, k.astype(k_cache.dtype), index, axis=1)
@@ -266,8 +272,8 @@ class Llama(nnx.Module):
     def __call__(self, tokens: jax.Array, positions: jax.Array | None = None, cache: KVCache | None = None):
         """Logits [batch, seq, vocab] in float32; with a `cache`, (logits, the updated cache)."""
         x, new_cache = self.hidden_states(tokens, positions, cache)
-        logits = x @ self.head_weight().astype(self.cfg.dtype)
-        logits = sharding.constrain(logits.astype(jnp.float32), ("batch", "length", "vocab"))
+        logits = jnp.einsum("btd,dv->btv", x, self.head_weight().astype(x.dtype), preferred_element_type=jnp.float32)
+        logits = sharding.constrain(logits, ("batch", "length", "vocab"))
         return logits if cache is None else (logits, new_cache)
 
 

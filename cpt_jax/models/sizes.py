@@ -54,6 +54,11 @@ SIZES.update({
     "tiny": Size(None, 128, 352, 4, 4, kv_heads=2),
     "small": Size(None, 256, 704, 8, 6, kv_heads=4),
 })
+# Not in the paper: the two shapes of the PyTorch bar that bench/train_step.py is compared with.
+SIZES.update({
+    "ref125m": Size(None, 768, 2048, 12, 12, note="PyTorch bar shape (bench/train_step.py)"),
+    "ref1100m": Size(None, 2048, 5632, 32, 22, kv_heads=4, note="TinyLlama-1.1B; PyTorch bar shape"),
+})
 
 
 def model_config(size: str, vocab_size: int = PAPER_VOCAB, **overrides) -> ModelConfig:

@@ -1,0 +1,77 @@
+"""Causal self-attention, by the fastest kernel the platform has.
+
+- `cudnn`: cuDNN's fused flash attention through `jax.nn.dot_product_attention` (NVIDIA GPUs,
+  bfloat16/float16, head_dim a multiple of 8 up to 128);
+- `splash`: the Pallas splash-attention kernel (TPU; elsewhere it runs in Pallas interpret mode,
+  which is slow and only for tests), inside `shard_map` so each device attends over its own batch
+  rows and heads;
+- `xla`: the plain softmax(QK^T)V that XLA fuses as it can (any platform, any dtype).
+
+`auto` (the default) picks the first that fits the platform, dtype and shapes, so one config runs
+everywhere. Note that `jax.nn.dot_product_attention(implementation=None)` means XLA today.
+"""
+
+from __future__ import annotations
+
+import jax
+from jax.sharding import PartitionSpec as P
+
+from cpt_jax import sharding
+
+IMPLEMENTATIONS = ("auto", "xla", "cudnn", "splash")
+SPLASH_BLOCK = 512  # splash tile size along the sequence (smaller sequences use one tile)
+
+
+def resolve(impl: str, platform: str, dtype: str, head_dim: int, seq_len: int) -> str:
+    """The kernel `impl` means on `platform` ("cpu", "gpu", "tpu") for these shapes."""
+    if impl != "auto":
+        return impl
+    if platform == "gpu" and dtype in ("bfloat16", "float16") and head_dim % 8 == 0 and head_dim <= 128:
+        return "cudnn"
+    if platform == "tpu" and splash_fits(seq_len):
+        return "splash"
+    return "xla"
+
+
+def splash_fits(seq_len: int) -> bool:
+    """Whether splash tiles `seq_len` (multiples of 128, and of SPLASH_BLOCK beyond it)."""
+    return seq_len % 128 == 0 and (seq_len <= SPLASH_BLOCK or seq_len % SPLASH_BLOCK == 0)
+
+
+def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, impl: str) -> jax.Array:
+    """q [b, t, heads, hd], k and v [b, t, kv_heads, hd] -> [b, t, heads, hd]; `impl` as resolved."""
+    if impl == "splash":
+        return _splash(q, k, v)
+    return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=impl)
+
+
+def _splash_kernel(heads: int, seq_len: int, interpret: bool):
+    from jax.experimental.pallas.ops.tpu import splash_attention as sa
+
+    block = min(SPLASH_BLOCK, seq_len)
+    sizes = sa.BlockSizes(block_q=block, block_kv=block, block_kv_compute=block, block_q_dkv=block,
+                          block_kv_dkv=block, block_kv_dkv_compute=block, block_q_dq=block, block_kv_dq=block)
+    mask = sa.MultiHeadMask([sa.CausalMask((seq_len, seq_len)) for _ in range(heads)])
+    return sa.make_splash_mha(mask, head_shards=1, q_seq_shards=1, block_sizes=sizes, interpret=interpret)
+
+
+def _splash(q: jax.Array, k: jax.Array, v: jax.Array, interpret: bool | None = None) -> jax.Array:
+    # The kernel takes one example as [heads, t, hd] (grouped-query heads natively) and does not
+    # scale q. Heads are split over the mesh as the kv heads are, so each shard keeps whole groups.
+    if not splash_fits(q.shape[1]):
+        raise ValueError(f"model.attention='splash' needs a sequence length that is a multiple of 128 "
+                         f"(and of {SPLASH_BLOCK} above it), not {q.shape[1]}")
+    scale = q.shape[-1] ** -0.5
+    q, k, v = ((x * scale if x is q else x).swapaxes(1, 2) for x in (q, k, v))  # [b, heads, t, hd]
+    interpret = jax.default_backend() != "tpu" if interpret is None else interpret
+
+    def local(q, k, v):
+        kernel = _splash_kernel(q.shape[1], q.shape[2], interpret)
+        return jax.vmap(kernel)(q, k, v)
+
+    mesh = jax.sharding.get_abstract_mesh()
+    if not mesh.empty:
+        batch, heads = sharding.logical_spec(("batch", "kv_heads"), (q.shape[0], k.shape[1]), mesh)
+        spec = P(batch, heads, None, None)
+        local = jax.shard_map(local, in_specs=(spec, spec, spec), out_specs=spec, check_vma=False)
+    return local(q, k, v).swapaxes(1, 2)

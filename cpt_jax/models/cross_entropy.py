@@ -1,0 +1,90 @@
+"""Next-token cross-entropy through the output head, without the [batch, seq, vocab] logits.
+
+The plain way (`chunk=0`) materialises float32 logits for every position, and autodiff keeps
+them, and the softmax, for the backward pass: at batch 16 x 2048 positions x 32k vocabulary that
+is 4 GiB per buffer. The fused way walks the sequence in chunks of `chunk` positions and, for
+each, computes the logits, the loss and right away the gradients with respect to the hidden
+states and the head (softmax minus one-hot, times the mean's 1/n), so only one chunk of logits
+is ever alive and nothing is recomputed: the same three head matmuls as the plain backward.
+Logits and their statistics are float32 whatever the compute dtype.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from cpt_jax import sharding
+
+
+def cross_entropy(x: jax.Array, w: jax.Array, labels: jax.Array, chunk: int = 0) -> tuple[jax.Array, jax.Array]:
+    """Final hidden states x [b, t, d] (compute dtype), head w [d, vocab] (float32), labels [b, t]
+    -> (mean token loss, per-token losses [b, t]), float32. The mean is differentiable; the
+    per-token losses are reported values and carry no gradient."""
+    if chunk <= 0:
+        losses = _chunk_losses(x, w, labels)
+        return losses.mean(), jax.lax.stop_gradient(losses)
+    t = x.shape[1]
+    chunk = min(chunk, t)
+    if t % chunk:
+        raise ValueError(f"model.loss_chunk={chunk} does not divide the sequence length {t}")
+    mean, losses = _fused(x, w, labels, chunk)
+    return mean, jax.lax.stop_gradient(losses)
+
+
+def _logits(x: jax.Array, w: jax.Array) -> jax.Array:
+    logits = jnp.einsum("btd,dv->btv", x, w.astype(x.dtype), preferred_element_type=jnp.float32)
+    return sharding.constrain(logits, ("batch", "length", "vocab"))
+
+
+def _chunk_losses(x, w, labels):
+    logits = _logits(x, w)
+    label_logit = jnp.take_along_axis(logits, labels[..., None], axis=-1)[..., 0]
+    return jax.nn.logsumexp(logits, axis=-1) - label_logit
+
+
+def _chunks(a: jax.Array, chunk: int) -> jax.Array:
+    """[b, t, ...] -> [t // chunk, b, chunk, ...]: the scan walks the sequence, batch stays sharded."""
+    return a.reshape(a.shape[0], a.shape[1] // chunk, chunk, *a.shape[2:]).swapaxes(0, 1)
+
+
+def _unchunk(a: jax.Array) -> jax.Array:
+    a = a.swapaxes(0, 1)
+    return a.reshape(a.shape[0], a.shape[1] * a.shape[2], *a.shape[3:])
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _fused(x, w, labels, chunk):
+    xs = (_chunks(x, chunk), _chunks(labels, chunk))
+    losses = _unchunk(jax.lax.map(lambda xs: _chunk_losses(xs[0], w, xs[1]), xs))
+    return losses.mean(), losses
+
+
+def _fused_fwd(x, w, labels, chunk):
+    scale = 1.0 / (x.shape[0] * x.shape[1])  # d mean / d token loss
+
+    def step(dw, xs):
+        x_c, y_c = xs
+        logits = _logits(x_c, w)
+        lse = jax.nn.logsumexp(logits, axis=-1, keepdims=True)
+        onehot = jax.nn.one_hot(y_c, logits.shape[-1], dtype=jnp.float32)
+        losses = lse[..., 0] - jnp.sum(logits * onehot, axis=-1)
+        g = ((jnp.exp(logits - lse) - onehot) * scale).astype(x.dtype)  # d mean / d logits
+        dx = jnp.einsum("bcv,dv->bcd", g, w.astype(x.dtype), preferred_element_type=jnp.float32)
+        dw = dw + jnp.einsum("bcd,bcv->dv", x_c, g, preferred_element_type=jnp.float32)
+        return sharding.constrain(dw, ("embed", "vocab")), (losses, dx.astype(x.dtype))
+
+    dw, (losses, dx) = jax.lax.scan(step, jnp.zeros(w.shape, jnp.float32), (_chunks(x, chunk), _chunks(labels, chunk)))
+    losses = _unchunk(losses)
+    return (losses.mean(), losses), (_unchunk(dx), dw.astype(w.dtype))
+
+
+def _fused_bwd(chunk, res, cotangents):
+    dx, dw = res
+    g = cotangents[0]  # the per-token losses leave through stop_gradient: their cotangent is zero
+    return (dx * g.astype(dx.dtype), dw * g.astype(dw.dtype), None)
+
+
+_fused.defvjp(_fused_fwd, _fused_bwd)
