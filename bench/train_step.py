@@ -97,7 +97,7 @@ def main() -> None:
     p.add_argument("--dtype", default="auto", help="auto: bfloat16 on GPU/TPU, float32 on CPU")
     p.add_argument("--attention", default="auto", choices=attention.IMPLEMENTATIONS)
     p.add_argument("--remat", default="none", choices=list(models.llama.REMAT_POLICIES))
-    p.add_argument("--loss_chunk", type=int, default=512, help="positions per cross-entropy chunk; 0: plain")
+    p.add_argument("--loss_chunk", type=int, default=256, help="positions per cross-entropy chunk; 0: plain")
     p.add_argument("--unrolled", action="store_true", help="a Python loop over layers instead of scan")
     p.add_argument("--mesh", default="-1,1,1", help="data,fsdp,tensor")
     p.add_argument("--steps", type=int, default=10, help="timed steps")

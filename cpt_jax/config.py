@@ -37,7 +37,7 @@ def base() -> ml_collections.ConfigDict:
     c.model.scan_layers = True
     c.model.remat = "none"  # none | full | dots | dots_no_batch
     c.model.attention = "auto"  # auto (cuDNN on GPU, splash on TPU, else XLA) | xla | cudnn | splash
-    c.model.loss_chunk = 512  # positions per cross-entropy chunk (logits never whole); 0: plain
+    c.model.loss_chunk = 256  # sequence positions per cross-entropy chunk (x local batch rows); 0: plain
     c.model.rope_theta = 10000.0
     c.model.tie_embeddings = False
     c.model.qkv_bias = False

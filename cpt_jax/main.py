@@ -29,6 +29,7 @@ from ml_collections import config_flags
 from cpt_jax import checkpoint, convert, models, sharding, summary, train
 from cpt_jax.data import pipeline
 from cpt_jax.metrics import MetricWriter, log_line, peak_flops, read_jsonl, setup_logging
+from cpt_jax.models import attention
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/demo.py[:arg].")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Where checkpoints, metrics and logs go.")
@@ -169,9 +170,10 @@ def train_run(config: ml_collections.ConfigDict, workdir: str, devices=None) -> 
     b, t = config.batch_size, config.seq_len
     t0 = time.perf_counter()
     steps = train.compile_steps(mcfg, config.optimizer, config.total_steps, mesh, b, t, len(names))
-    log.info("compiled train step in %.1fs; %s params (%s non-embedding); memory per device: %s",
-             time.perf_counter() - t0, f"{mcfg.param_count():,}", f"{mcfg.non_embedding_params():,}",
-             _memory_summary(steps.memory))
+    kernel = attention.resolve(mcfg.attention, jax.default_backend(), mcfg.dtype, mcfg.head_dim, t)
+    log.info("compiled train step in %.1fs; %s params (%s non-embedding); %s compute, %s attention; "
+             "memory per device: %s", time.perf_counter() - t0, f"{mcfg.param_count():,}",
+             f"{mcfg.non_embedding_params():,}", mcfg.dtype, kernel, _memory_summary(steps.memory))
 
     with jax.set_mesh(mesh):
         # --- Restore or initialise: own checkpoint, else init_from (params only), else random.

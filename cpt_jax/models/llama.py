@@ -49,7 +49,7 @@ class ModelConfig:
     scan_layers: bool = True
     remat: str = "none"  # a key of REMAT_POLICIES
     attention: str = "auto"  # a kernel of models.attention: auto | xla | cudnn | splash
-    loss_chunk: int = 512  # cross-entropy over this many positions at a time; 0: all logits at once
+    loss_chunk: int = 256  # cross-entropy over this many positions at a time; 0: all logits at once
 
     def __post_init__(self):
         if self.head_dim == 0:
