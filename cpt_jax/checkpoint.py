@@ -8,13 +8,18 @@ plus every `keep_every`-th one: intermediate checkpoints are data points for sca
 
 from __future__ import annotations
 
+import logging
 import os
 
 import orbax.checkpoint as ocp
+from etils import epath
 from orbax.checkpoint.checkpoint_managers import preservation_policy as pp
+
+from cpt_jax import distributed
 
 # Stored in `meta`; bump when the stored tree changes shape, so old checkpoints are refused clearly.
 LAYOUT = "stacked-layers-v1"
+log = logging.getLogger("cpt_jax")
 
 
 def checkpoint_dir(path: str) -> str:
@@ -77,6 +82,42 @@ class Checkpointer:
             items["opt_state"] = ocp.args.StandardRestore(abstract_opt_state)
         out = self.manager.restore(step, args=ocp.args.Composite(**items))
         return out["params"], out.get("opt_state") if abstract_opt_state is not None else None, meta
+
+    def restore_latest(self, abstract_params, abstract_opt_state) -> tuple[int, dict, object] | None:
+        """(step, params, opt_state) of the latest step that restores; None where none does.
+
+        Orbax renames a step into place only once it is complete, so a crash mid-save leaves no
+        half step; a step that still fails to read (a truncated or corrupted file) is moved aside
+        to `N.corrupt`, with a warning naming it and the step used instead."""
+        steps = sorted(self.all_steps(), reverse=True)
+        for i, step in enumerate(steps):
+            layout = None
+            try:
+                layout = self.meta(step).get("layout")
+                if layout == LAYOUT:
+                    params, opt_state, _ = self.restore(step, abstract_params, abstract_opt_state)
+                    return step, params, opt_state
+            except Exception as e:  # noqa: BLE001  (any failure to read makes the step unusable)
+                error = f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
+            else:  # readable, but written by another cpt_jax: not corruption, and not ours to move
+                raise ValueError(f"checkpoint {self.directory}/{step} has layout {layout!r}, "
+                                 f"this cpt_jax reads {LAYOUT!r}")
+            fallback = f"{self.directory}/{steps[i + 1]}" if i + 1 < len(steps) else "no earlier checkpoint"
+            log.warning("checkpoint %s/%d cannot be restored (%s); moved to %s/%d.corrupt; using %s instead",
+                        self.directory, step, error, self.directory, step, fallback)
+            self._move_aside(step)
+        return None
+
+    def _move_aside(self, step: int) -> None:
+        if distributed.is_main():
+            directory = epath.Path(self.directory)
+            (directory / str(step)).rename(directory / f"{step}.corrupt")
+        distributed.barrier(f"move_aside_{step}")
+        self.manager.reload()
+
+    @property
+    def directory(self) -> str:
+        return str(self.manager.directory)
 
     def wait(self) -> None:
         self.manager.wait_until_finished()

@@ -86,6 +86,11 @@ def base() -> ml_collections.ConfigDict:
     c.checkpoint_every = 100
     c.keep_checkpoints = 2  # the last N
     c.keep_every = 0  # plus every K-th step (0: none)
+    # A step whose loss or gradient norm is not finite is never applied. "stop": the run ends with
+    # an error (found at the next log or checkpoint step; its last good checkpoint is kept);
+    # "skip": it goes on, counting such steps (since the process started) as train/nonfinite_steps.
+    c.nonfinite = "stop"
+    c.inject_nan_at = ()  # fault injection for tests: steps whose gradients are made NaN
     # Params only, from another run's workdir (or its checkpoints dir), a converted model
     # (`python -m cpt_jax.convert import`), or a bundled pretrained model by name ("smollm2").
     c.init_from = ""

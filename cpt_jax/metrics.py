@@ -79,6 +79,8 @@ def log_line(step: int, total: int, scalars: dict, eta_s: float | None) -> str:
         if k in scalars:
             parts.append(fmt.format(scalars[k]))
     parts += [f"{k.split('/')[1]} {v:.4f}" for k, v in scalars.items() if k.startswith("eval/")]
+    if scalars.get("train/nonfinite_steps"):
+        parts.append(f"{scalars['train/nonfinite_steps']:.0f} non-finite steps skipped")
     if eta_s is not None and math.isfinite(eta_s):
         parts.append(f"ETA {datetime.timedelta(seconds=int(eta_s))}")
     return " | ".join(parts)

@@ -61,11 +61,15 @@ def _loss_and_stats(params, graphdef, tokens, source, num_sources):
 
 
 def train_step(state: TrainState, batch: dict, *, graphdef, tx: optax.GradientTransformation,
-               lr_fn: optax.Schedule, num_sources: int, grad_accum: int = 1) -> tuple[TrainState, dict]:
+               lr_fn: optax.Schedule, num_sources: int, grad_accum: int = 1,
+               nan_steps: tuple[int, ...] = ()) -> tuple[TrainState, dict]:
     """One optimizer update on `batch` = {"tokens": [b, seq+1] int32, "source": [b] int32}.
 
     With `grad_accum` > 1 the batch is split into that many microbatches whose gradients are
     averaged before the single update (same result as the whole batch, less activation memory).
+    A step whose loss or gradient norm is not finite changes nothing but the step counter and
+    reports `nonfinite` = 1; what then happens is the caller's choice (stop or go on).
+    `nan_steps`: fault injection for tests, steps (counted from 1) whose gradients become NaN.
     """
     grad_fn = jax.value_and_grad(_loss_and_stats, has_aux=True)
 
@@ -88,11 +92,19 @@ def train_step(state: TrainState, batch: dict, *, graphdef, tx: optax.GradientTr
         loss = loss / grad_accum
         grads = jax.tree.map(lambda g: g / grad_accum, grads)
 
+    if nan_steps:
+        inject = jnp.isin(state.step + 1, jnp.asarray(nan_steps))
+        grads = jax.tree.map(lambda g: jnp.where(inject, jnp.nan, g), grads)
+    grad_norm = optax.global_norm(grads)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
+    keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)  # noqa: E731
+    params, opt_state = keep(params, state.params), keep(opt_state, state.opt_state)
     metrics = {
         "loss": loss,
-        "grad_norm": optax.global_norm(grads),
+        "nonfinite": 1 - finite.astype(jnp.int32),
+        "grad_norm": grad_norm,
         "lr": lr_fn(state.step),
         "source_loss_sum": src_sum,
         "source_count": src_cnt,
@@ -122,7 +134,7 @@ class Steps(NamedTuple):
 
 
 def compile_steps(mcfg: models.ModelConfig, opt, total_steps: int, mesh, batch_size: int, seq_len: int,
-                  num_sources: int) -> Steps:
+                  num_sources: int, nan_steps: tuple[int, ...] = ()) -> Steps:
     """Shardings from the logical-axis rules, then the train step compiled ahead of time."""
     spec = models.spec(mcfg)
     tx = optimizer(opt, total_steps)
@@ -141,7 +153,7 @@ def compile_steps(mcfg: models.ModelConfig, opt, total_steps: int, mesh, batch_s
 
     train_jit = jax.jit(
         functools.partial(train_step, graphdef=spec.graphdef, tx=tx, lr_fn=lr_fn, num_sources=num_sources,
-                          grad_accum=opt.grad_accum),
+                          grad_accum=opt.grad_accum, nan_steps=tuple(nan_steps)),
         in_shardings=(state_sh, {"tokens": batch_sh["tokens"], "source": batch_sh["source"]}),
         out_shardings=(state_sh, None), donate_argnums=0,
     )

@@ -1,0 +1,66 @@
+"""Joining JAX's multi-process runtime, and the few things a multi-process run must coordinate.
+
+One process (a laptop, one GPU host) runs as is. A run over several processes calls
+`jax.distributed.initialize` before any device is touched: explicitly (`--coordinator_address`,
+`--num_processes`, `--process_id`, e.g. several processes on 127.0.0.1), or detected from the
+environment on TPU pod slices and under SLURM, where JAX finds the coordinator itself.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Callable, TypeVar
+
+import jax
+from jax.experimental import multihost_utils
+
+log = logging.getLogger("cpt_jax")
+T = TypeVar("T")
+
+
+def detected_cluster() -> str | None:
+    """"tpu" or "slurm" when the environment says this process is one of several, else None."""
+    if "," in os.environ.get("TPU_WORKER_HOSTNAMES", ""):
+        return "tpu"
+    if os.environ.get("SLURM_JOB_ID") and int(os.environ.get("SLURM_NTASKS", "1")) > 1:
+        return "slurm"
+    return None
+
+
+def initialize(coordinator_address: str = "", num_processes: int = 0, process_id: int = -1) -> None:
+    """Starts the multi-process runtime where the job has several processes; a no-op otherwise."""
+    if coordinator_address:
+        if num_processes < 1 or not 0 <= process_id < num_processes:
+            raise ValueError(f"--coordinator_address needs --num_processes >= 1 and 0 <= --process_id < "
+                             f"--num_processes (got {num_processes}, {process_id})")
+        kwargs = dict(coordinator_address=coordinator_address, num_processes=num_processes, process_id=process_id)
+    elif detected_cluster():
+        kwargs = {}
+    else:
+        return
+    # Collectives between CPU processes go through gloo (GPU/TPU use NCCL/ICI; this changes nothing there).
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(**kwargs)
+    if jax.process_index() != 0:  # one log for the run: process 0's; the others report only problems
+        logging.getLogger("cpt_jax").setLevel(logging.WARNING)
+
+
+def is_main() -> bool:
+    return jax.process_index() == 0
+
+
+def barrier(name: str) -> None:
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices(name)
+
+
+def main_first(name: str, fn: Callable[[], T]) -> T:
+    """`fn()` on process 0, then on the others: for work whose result lands in shared storage
+    (preparing data, converting a model), which the others then find done instead of racing."""
+    if is_main():
+        out = fn()
+        barrier(name)
+        return out
+    barrier(name)
+    return fn()
