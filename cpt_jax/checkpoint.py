@@ -15,7 +15,7 @@ import orbax.checkpoint as ocp
 from etils import epath
 from orbax.checkpoint.checkpoint_managers import preservation_policy as pp
 
-from cpt_jax import distributed
+from cpt_jax import distributed, storage
 
 # Stored in `meta`; bump when the stored tree changes shape, so old checkpoints are refused clearly.
 LAYOUT = "stacked-layers-v1"
@@ -25,12 +25,12 @@ log = logging.getLogger("cpt_jax")
 def checkpoint_dir(path: str) -> str:
     """A run's workdir or its checkpoints dir -> the checkpoints dir."""
     sub = os.path.join(path, "checkpoints")
-    return sub if os.path.isdir(sub) else path
+    return sub if epath.Path(sub).is_dir() else path
 
 
 def latest_step(directory: str) -> int | None:
     """The latest complete step in a checkpoints dir; None where there is none, or no dir."""
-    if not os.path.isdir(directory):
+    if not epath.Path(directory).is_dir():
         return None
     return Checkpointer(directory, read_only=True).latest_step()
 
@@ -44,7 +44,7 @@ class Checkpointer:
         if keep_every:
             policies.append(pp.EveryNSteps(keep_every))
         self.manager = ocp.CheckpointManager(
-            os.path.abspath(directory),
+            storage.absolute(directory),
             options=ocp.CheckpointManagerOptions(
                 preservation_policy=pp.AnyPreservationPolicy(policies),
                 enable_async_checkpointing=async_save, read_only=read_only, create=not read_only,

@@ -26,10 +26,11 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import app, flags
+from etils import epath
 from jax.experimental import multihost_utils
 from ml_collections import config_flags
 
-from cpt_jax import checkpoint, convert, distributed, models, sharding, summary, train
+from cpt_jax import checkpoint, convert, distributed, models, sharding, storage, summary, train
 from cpt_jax.data import pipeline
 from cpt_jax.metrics import MetricWriter, log_line, peak_flops, read_jsonl, setup_logging
 from cpt_jax.models import attention
@@ -102,7 +103,7 @@ def validate(config, devices=None, check_init_from: bool = True) -> jax.sharding
         pipeline.mixture_stages(config.data, config.total_steps)
     except ValueError as e:
         raise ConfigError(str(e)) from None
-    if config.data.tokenizer.path and not os.path.exists(config.data.tokenizer.path):
+    if config.data.tokenizer.path and not epath.Path(config.data.tokenizer.path).exists():
         raise ConfigError(f"data.tokenizer.path={config.data.tokenizer.path!r} does not exist")
     if config.model.dtype not in ("auto", "float32", "bfloat16", "float16"):
         raise ConfigError(f"model.dtype={config.model.dtype!r} must be auto, float32, bfloat16 or float16")
@@ -138,11 +139,10 @@ def validate(config, devices=None, check_init_from: bool = True) -> jax.sharding
 def check_workdir_config(config: ml_collections.ConfigDict, workdir: str, allow_change: bool = False) -> None:
     """A workdir belongs to the config that made it: resuming it with a config that would compute
     something else fails, naming the fields, unless `allow_change`."""
-    path = os.path.join(workdir, "config.json")
-    if allow_change or not os.path.exists(path):
+    path = epath.Path(workdir) / "config.json"
+    if allow_change or not path.exists():
         return
-    with open(path) as f:
-        old = _flatten(json.load(f))
+    old = _flatten(json.loads(path.read_text()))
     new = _flatten(json.loads(config.to_json()))
     allowed = lambda k: any(k == f or k.startswith(f + ".") for f in RESUMABLE_CHANGES)  # noqa: E731
     diff = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k) and not allowed(k))
@@ -187,7 +187,7 @@ def train_run(config: ml_collections.ConfigDict, workdir: str, devices=None, all
     # pure function of the step. A model continued from init_from speaks init_from's tokenizer.
     dcfg = config.data
     init_tok = models.tokenizer_dir(config.init_from) if config.init_from else ""
-    if not dcfg.tokenizer.path and init_tok and os.path.isdir(init_tok):
+    if not dcfg.tokenizer.path and init_tok and epath.Path(init_tok).is_dir():
         dcfg = ml_collections.ConfigDict(dcfg.to_dict())
         dcfg.tokenizer.path = init_tok
     try:  # process 0 prepares what is missing, then the others find it prepared
@@ -242,7 +242,7 @@ def train_run(config: ml_collections.ConfigDict, workdir: str, devices=None, all
 
     with jax.set_mesh(mesh):
         # --- Restore or initialise: own checkpoint, else init_from (params only), else random.
-        os.makedirs(workdir, exist_ok=True)
+        epath.Path(workdir).mkdir(parents=True, exist_ok=True)  # a local path or a gs:// URL
         ckpt = checkpoint.Checkpointer(ckpt_dir, config.keep_checkpoints, config.keep_every)
         restored = ckpt.restore_latest(steps.abstract_state.params, steps.abstract_state.opt_state)
         start = restored[0] if restored else None
@@ -260,8 +260,7 @@ def train_run(config: ml_collections.ConfigDict, workdir: str, devices=None, all
         state = train.TrainState(jax.device_put(np.int32(step), steps.state_sharding.step), params, opt_state)
         writer = MetricWriter(workdir, start, enabled=is_main)
         if is_main:
-            with open(os.path.join(workdir, "config.json"), "w") as f:
-                f.write(config.to_json(indent=2))
+            storage.write_atomic(os.path.join(workdir, "config.json"), config.to_json(indent=2))
             bundle.tokenizer.save(os.path.join(workdir, models.TOKENIZER_DIR))  # for models.load(workdir)
 
         # --- Batches: built on the host for this process's slots, one step ahead of the device.

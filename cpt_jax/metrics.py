@@ -15,6 +15,9 @@ import math
 import os
 
 import jax
+from etils import epath
+
+from cpt_jax import storage
 
 # bf16 dense peak FLOP/s per device, for MFU. Devices not listed (CPU) get no MFU.
 PEAK_FLOPS = {
@@ -29,10 +32,10 @@ def peak_flops(device: jax.Device) -> float | None:
 
 
 def read_jsonl(path: str) -> list[dict]:
-    if not os.path.exists(path):
+    path = epath.Path(path)  # local or gs://
+    if not path.exists():
         return []
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 class MetricWriter:
@@ -43,26 +46,23 @@ class MetricWriter:
         self.path = os.path.join(workdir, "metrics.jsonl")
         if not enabled:
             return
-        if resume_step is not None:
-            self._truncate_after(resume_step)
-        elif os.path.exists(self.path):
-            os.remove(self.path)  # a fresh start in this workdir: stale lines would mislead
+        # Resuming keeps the lines up to the restored step; a fresh start drops stale ones.
+        self.lines = [json.dumps(r) + "\n" for r in read_jsonl(self.path)
+                      if resume_step is not None and r["step"] <= resume_step]
+        storage.write_atomic(self.path, "".join(self.lines))
         from tensorboardX import SummaryWriter  # imported here: only process 0 needs it
         self.tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
-
-    def _truncate_after(self, step: int) -> None:
-        kept = [r for r in read_jsonl(self.path) if r["step"] <= step]
-        tmp = self.path + ".tmp"
-        with open(tmp, "w") as f:
-            f.writelines(json.dumps(r) + "\n" for r in kept)
-        os.replace(tmp, self.path)
 
     def write(self, step: int, scalars: dict) -> None:
         if not self.enabled:
             return
         record = {"step": int(step), **{k: float(v) for k, v in scalars.items()}}
-        with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+        self.lines.append(json.dumps(record) + "\n")
+        if storage.is_remote(self.path):  # objects cannot be appended to: the file is rewritten
+            storage.write_atomic(self.path, "".join(self.lines))
+        else:
+            with open(self.path, "a") as f:
+                f.write(self.lines[-1])
         for k, v in scalars.items():
             self.tb.add_scalar(k, float(v), int(step))
         self.tb.flush()

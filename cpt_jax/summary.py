@@ -6,10 +6,12 @@ curves of every run to `DIR/summary.png`.
 
 from __future__ import annotations
 
+import io
 import os
 
 import numpy as np
 
+from cpt_jax import storage
 from cpt_jax.metrics import read_jsonl
 
 
@@ -92,6 +94,8 @@ def _plot(workdir: str, recs: dict[str, list[dict]], report: dict) -> str:
         ax.grid(alpha=0.3)
     fig.tight_layout()
     path = os.path.join(workdir, "summary.png")
-    fig.savefig(path, dpi=100)
+    png = io.BytesIO()
+    fig.savefig(png, format="png", dpi=100)
     plt.close(fig)
+    storage.write_atomic(path, png.getvalue())  # local or gs://
     return path

