@@ -21,7 +21,8 @@ def stand_in(bin_dir, name, body=""):
     """An executable `name` that appends its argv (one shell-quoted line) to bin_dir/calls."""
     path = os.path.join(bin_dir, name)
     with open(path, "w") as f:
-        f.write(f'#!/usr/bin/env bash\nprintf "%q " {name} "$@" >> "{bin_dir}/calls"; echo >> "{bin_dir}/calls"\n{body}\n')
+        f.write(f'#!/usr/bin/env bash\nprintf "%q " {name} "$@" >> "{bin_dir}/calls"\n'
+                f'echo >> "{bin_dir}/calls"\n{body}\n')
     os.chmod(path, 0o755)
 
 
@@ -61,7 +62,8 @@ def test_tpu_vm_commands(tmp_path):
 
 def test_slurm_passes_sigterm_on_and_requeues(tmp_path):
     # srun stand-in: runs until SIGTERM, then records it and exits 0 (as cpt_jax does after saving).
-    stand_in(tmp_path, "srun", f'trap \'echo TERM >> "{tmp_path}/calls"; exit 0\' TERM; while true; do sleep 0.05; done')
+    stand_in(tmp_path, "srun",
+             f'trap \'echo TERM >> "{tmp_path}/calls"; exit 0\' TERM; while true; do sleep 0.05; done')
     stand_in(tmp_path, "scontrol")
     env = {**os.environ, "PATH": f"{tmp_path}:{os.environ['PATH']}", "SLURM_JOB_ID": "42"}
     proc = subprocess.Popen(["bash", os.path.join(LAUNCH, "slurm.sbatch"), "configs/bible.py:137m", "/ckpt/137m",
