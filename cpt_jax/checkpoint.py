@@ -83,25 +83,33 @@ class Checkpointer:
         out = self.manager.restore(step, args=ocp.args.Composite(**items))
         return out["params"], out.get("opt_state") if abstract_opt_state is not None else None, meta
 
-    def restore_latest(self, abstract_params, abstract_opt_state) -> tuple[int, dict, object] | None:
+    def restore_latest(self, abstract_params, abstract_opt_state, model: dict) -> tuple[int, dict, object] | None:
         """(step, params, opt_state) of the latest step that restores; None where none does.
+        `model`: the architecture fields the checkpoint's metadata must match.
 
         Orbax renames a step into place only once it is complete, so a crash mid-save leaves no
         half step; a step that still fails to read (a truncated or corrupted file) is moved aside
         to `N.corrupt`, with a warning naming it and the step used instead."""
         steps = sorted(self.all_steps(), reverse=True)
         for i, step in enumerate(steps):
-            layout = None
             try:
-                layout = self.meta(step).get("layout")
-                if layout == LAYOUT:
+                meta = self.meta(step)
+            except Exception as e:  # noqa: BLE001  (any failure to read makes the step unusable)
+                meta, error = None, e
+            if meta is not None:  # readable: a checkpoint of another kind is an error, not corruption
+                if meta.get("layout") != LAYOUT:
+                    raise ValueError(f"checkpoint {self.directory}/{step} has layout {meta.get('layout')!r}, "
+                                     f"this cpt_jax reads {LAYOUT!r}")
+                theirs = {k: meta.get("model", {}).get(k) for k in model}
+                if theirs != model:
+                    raise ValueError(f"checkpoint {self.directory}/{step} holds another model: {theirs}, "
+                                     f"this run has {model}")
+                try:
                     params, opt_state, _ = self.restore(step, abstract_params, abstract_opt_state)
                     return step, params, opt_state
-            except Exception as e:  # noqa: BLE001  (any failure to read makes the step unusable)
-                error = f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
-            else:  # readable, but written by another cpt_jax: not corruption, and not ours to move
-                raise ValueError(f"checkpoint {self.directory}/{step} has layout {layout!r}, "
-                                 f"this cpt_jax reads {LAYOUT!r}")
+                except Exception as e:  # noqa: BLE001
+                    error = e
+            error = f"{type(error).__name__}: {str(error).splitlines()[0][:300] if str(error) else ''}"
             fallback = f"{self.directory}/{steps[i + 1]}" if i + 1 < len(steps) else "no earlier checkpoint"
             log.warning("checkpoint %s/%d cannot be restored (%s); moved to %s/%d.corrupt; using %s instead",
                         self.directory, step, error, self.directory, step, fallback)
