@@ -68,3 +68,21 @@ def test_other_layout_is_refused_by_name(tmp_path):
     ckpt.wait()
     with pytest.raises(ValueError, match="per-layer-v0"):
         ckpt.restore(1, _abstract(spec, shardings))
+
+
+def test_restore_latest_refuses_another_model_and_moves_nothing(tmp_path):
+    """A checkpoint that reads fine but holds another architecture is an error, not corruption:
+    nothing is moved aside."""
+    mesh = sharding.make_mesh((8, 1, 1))
+    params, spec, shardings = _sharded_params(mesh)
+    ckpt = checkpoint.Checkpointer(str(tmp_path), async_save=False)
+    ckpt.save(3, params, {"count": jnp.zeros((), jnp.int32)}, {"model": {"hidden": CFG.hidden}})
+    ckpt.wait()
+    abstract_opt = {"count": jax.ShapeDtypeStruct((), jnp.int32, sharding=jax.sharding.NamedSharding(
+        mesh, jax.sharding.PartitionSpec()))}
+    step, restored, _ = ckpt.restore_latest(_abstract(spec, shardings), abstract_opt, {"hidden": CFG.hidden})
+    assert step == 3
+    jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), restored, params)
+    with pytest.raises(ValueError, match="holds another model"):
+        ckpt.restore_latest(_abstract(spec, shardings), abstract_opt, {"hidden": 2 * CFG.hidden})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["3"]
