@@ -22,6 +22,7 @@ setup(
         "flax==0.12.8",
         "optax==0.2.8",
         "orbax-checkpoint==0.12.8",
+        "etils[epath]==1.15.0",  # local and gs:// workdir files, as orbax reads them
         "tensorflow-datasets==4.9.10",
         "array-record==0.8.6",  # TFDS's random-access format; prepared sources are stored in it
         "pyarrow==26.0.1",  # parquet sources
