@@ -144,6 +144,8 @@ def check_workdir_config(config: ml_collections.ConfigDict, workdir: str, allow_
         return
     old = _flatten(json.loads(path.read_text()))
     new = _flatten(json.loads(config.to_json()))
+    for flat in (old, new):  # "auto" and what it means on this platform are the same dtype
+        flat["model.dtype"] = models.llama.compute_dtype(flat.get("model.dtype", "auto"))
     allowed = lambda k: any(k == f or k.startswith(f + ".") for f in RESUMABLE_CHANGES)  # noqa: E731
     diff = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k) and not allowed(k))
     if diff:

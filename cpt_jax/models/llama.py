@@ -54,8 +54,7 @@ class ModelConfig:
     def __post_init__(self):
         if self.head_dim == 0:
             object.__setattr__(self, "head_dim", self.hidden // self.heads)
-        if self.dtype == "auto":
-            object.__setattr__(self, "dtype", "float32" if jax.default_backend() == "cpu" else "bfloat16")
+        object.__setattr__(self, "dtype", compute_dtype(self.dtype))
         if self.heads % self.kv_heads:
             raise ValueError(f"model.heads={self.heads} is not a multiple of model.kv_heads={self.kv_heads}")
         if self.head_dim % 2:
@@ -89,6 +88,13 @@ class ModelConfig:
         attn = d * h * hd * 2 + d * k * hd * 2 + (h * hd + 2 * k * hd if self.qkv_bias else 0)
         block = attn + 3 * d * f + 2 * d
         return self.layers * block + d + self.vocab_size * d
+
+
+def compute_dtype(name: str) -> str:
+    """`name`, with "auto" made bfloat16 on accelerators and float32 on CPU."""
+    if name != "auto":
+        return name
+    return "float32" if jax.default_backend() == "cpu" else "bfloat16"
 
 
 def _param(rngs: nnx.Rngs, shape: tuple[int, ...], axes: tuple[str, ...], std: float) -> nnx.Param:
