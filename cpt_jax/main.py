@@ -246,10 +246,9 @@ def train_run(config: ml_collections.ConfigDict, workdir: str, devices=None, all
         # --- Restore or initialise: own checkpoint, else init_from (params only), else random.
         epath.Path(workdir).mkdir(parents=True, exist_ok=True)  # a local path or a gs:// URL
         ckpt = checkpoint.Checkpointer(ckpt_dir, config.keep_checkpoints, config.keep_every)
-        arch = {k: meta["model"][k] for k in ("vocab_size", "hidden", "intermediate", "layers", "heads", "kv_heads",
-                                             "head_dim", "tie_embeddings", "qkv_bias")}
         try:
-            restored = ckpt.restore_latest(steps.abstract_state.params, steps.abstract_state.opt_state, arch)
+            restored = ckpt.restore_latest(steps.abstract_state.params, steps.abstract_state.opt_state,
+                                           mcfg.architecture())
         except ValueError as e:
             raise ConfigError(str(e)) from None
         start = restored[0] if restored else None

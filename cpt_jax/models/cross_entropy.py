@@ -34,15 +34,16 @@ def cross_entropy(x: jax.Array, w: jax.Array, labels: jax.Array, chunk: int = 0)
     return mean, jax.lax.stop_gradient(losses)
 
 
-def _logits(x: jax.Array, w: jax.Array) -> jax.Array:
-    logits = jnp.einsum("btd,dv->btv", x, w.astype(x.dtype), preferred_element_type=jnp.float32)
-    return sharding.constrain(logits, ("batch", "length", "vocab"))
+def logits(x: jax.Array, w: jax.Array) -> jax.Array:
+    """Hidden states [b, t, d] through the head [d, vocab]: float32 logits from compute-dtype operands."""
+    z = jnp.einsum("btd,dv->btv", x, w.astype(x.dtype), preferred_element_type=jnp.float32)
+    return sharding.constrain(z, ("batch", "length", "vocab"))
 
 
 def _chunk_losses(x, w, labels):
-    logits = _logits(x, w)
-    label_logit = jnp.take_along_axis(logits, labels[..., None], axis=-1)[..., 0]
-    return jax.nn.logsumexp(logits, axis=-1) - label_logit
+    z = logits(x, w)
+    label_logit = jnp.take_along_axis(z, labels[..., None], axis=-1)[..., 0]
+    return jax.nn.logsumexp(z, axis=-1) - label_logit
 
 
 def _chunks(a: jax.Array, chunk: int) -> jax.Array:
@@ -67,11 +68,11 @@ def _fused_fwd(x, w, labels, chunk):
 
     def step(dw, xs):
         x_c, y_c = xs
-        logits = _logits(x_c, w)
-        lse = jax.nn.logsumexp(logits, axis=-1, keepdims=True)
-        onehot = jax.nn.one_hot(y_c, logits.shape[-1], dtype=jnp.float32)
-        losses = lse[..., 0] - jnp.sum(logits * onehot, axis=-1)
-        g = ((jnp.exp(logits - lse) - onehot) * scale).astype(x.dtype)  # d mean / d logits
+        z = logits(x_c, w)
+        lse = jax.nn.logsumexp(z, axis=-1, keepdims=True)
+        onehot = jax.nn.one_hot(y_c, z.shape[-1], dtype=jnp.float32)
+        losses = lse[..., 0] - jnp.sum(z * onehot, axis=-1)
+        g = ((jnp.exp(z - lse) - onehot) * scale).astype(x.dtype)  # d mean / d logits
         dx = jnp.einsum("bcv,dv->bcd", g, w.astype(x.dtype), preferred_element_type=jnp.float32)
         dw = dw + jnp.einsum("bcd,bcv->dv", x_c, g, preferred_element_type=jnp.float32)
         return sharding.constrain(dw, ("embed", "vocab")), (losses, dx.astype(x.dtype))

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from cpt_jax import sharding
-from cpt_jax.models import attention
+from cpt_jax.models import attention, cross_entropy
 
 REMAT_POLICIES = {
     "none": None,
@@ -76,6 +76,11 @@ class ModelConfig:
         d = dict(d)
         d["rope_scaling"] = tuple(tuple(kv) for kv in d.get("rope_scaling", ()))
         return cls(**d)
+
+    def architecture(self) -> dict:
+        """The fields that decide the parameters' shapes: what a checkpoint must match to be restored."""
+        return {k: getattr(self, k) for k in ("vocab_size", "hidden", "intermediate", "layers", "heads", "kv_heads",
+                                              "head_dim", "tie_embeddings", "qkv_bias")}
 
     def param_count(self) -> int:
         """Exact number of parameters of this architecture (no model is built)."""
@@ -278,8 +283,7 @@ class Llama(nnx.Module):
     def __call__(self, tokens: jax.Array, positions: jax.Array | None = None, cache: KVCache | None = None):
         """Logits [batch, seq, vocab] in float32; with a `cache`, (logits, the updated cache)."""
         x, new_cache = self.hidden_states(tokens, positions, cache)
-        logits = jnp.einsum("btd,dv->btv", x, self.head_weight().astype(x.dtype), preferred_element_type=jnp.float32)
-        logits = sharding.constrain(logits, ("batch", "length", "vocab"))
+        logits = cross_entropy.logits(x, self.head_weight())
         return logits if cache is None else (logits, new_cache)
 
 
