@@ -27,15 +27,14 @@ import numpy as np
 
 from cpt_jax import models, sharding, train
 from cpt_jax.config import base
-from cpt_jax.metrics import peak_flops
-from cpt_jax.models import attention
+from cpt_jax.metrics import mfu, peak_flops
 
 PAPER_ONE_GPU = [n for n, s in models.SIZES.items() if s.paper_m is not None and s.paper_m <= 1393]
 
 
 def bench(size: str, a: argparse.Namespace, mesh) -> dict:
     mcfg = models.model_config(size, a.vocab_size, dtype=a.dtype, attention=a.attention, remat=a.remat,
-                               loss_chunk=a.loss_chunk, scan_layers=not a.unrolled)
+                               loss_chunk=a.loss_chunk, scan_layers=not a.unrolled).with_kernel(a.seq_len)
     opt = base().optimizer
     opt.grad_accum = a.grad_accum
     t0 = time.perf_counter()
@@ -46,7 +45,7 @@ def bench(size: str, a: argparse.Namespace, mesh) -> dict:
         "size": size, "params": mcfg.param_count(), "non_embedding_params": mcfg.non_embedding_params(),
         "flops_per_token": models.flops_per_token(mcfg, a.seq_len), "seq_len": a.seq_len,
         "batch_size": a.batch_size, "grad_accum": a.grad_accum, "dtype": mcfg.dtype,
-        "attention": attention.resolve(a.attention, jax.default_backend(), mcfg.dtype, mcfg.head_dim, a.seq_len),
+        "attention": mcfg.attention,
         "remat": a.remat, "scan_layers": mcfg.scan_layers, "loss_chunk": a.loss_chunk, "mesh": dict(mesh.shape),
         "device": jax.devices()[0].device_kind, "devices": jax.device_count(), "compile_s": round(compile_s, 2),
         # XLA's estimate for the step (per device): state in, temporaries; the state is donated.
@@ -79,7 +78,7 @@ def bench(size: str, a: argparse.Namespace, mesh) -> dict:
     out.update({
         "step_s": step_s, "tokens_per_s": tps, "tokens_per_s_per_device": tps / jax.device_count(),
         "peak_flops_per_device": peak,
-        "mfu": tps * out["flops_per_token"] / (peak * jax.device_count()) if peak else None,
+        "mfu": mfu(tps, out["flops_per_token"], peak, jax.device_count()),
         "peak_memory_gib": stats["peak_bytes_in_use"] / 2**30 if "peak_bytes_in_use" in stats else None,
         "loss": loss,  # finite, else the timing is of a broken step
     })
@@ -95,7 +94,7 @@ def main() -> None:
     p.add_argument("--batch_size", type=int, default=16)
     p.add_argument("--grad_accum", type=int, default=1)
     p.add_argument("--dtype", default="auto", help="auto: bfloat16 on GPU/TPU, float32 on CPU")
-    p.add_argument("--attention", default="auto", choices=attention.IMPLEMENTATIONS)
+    p.add_argument("--attention", default="auto", choices=models.attention.IMPLEMENTATIONS)
     p.add_argument("--remat", default="none", choices=list(models.llama.REMAT_POLICIES))
     p.add_argument("--loss_chunk", type=int, default=256, help="positions per cross-entropy chunk; 0: plain")
     p.add_argument("--unrolled", action="store_true", help="a Python loop over layers instead of scan")

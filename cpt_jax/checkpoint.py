@@ -9,7 +9,6 @@ plus every `keep_every`-th one: intermediate checkpoints are data points for sca
 from __future__ import annotations
 
 import logging
-import os
 
 import orbax.checkpoint as ocp
 from etils import epath
@@ -22,10 +21,13 @@ LAYOUT = "stacked-layers-v1"
 log = logging.getLogger("cpt_jax")
 
 
-def checkpoint_dir(path: str) -> str:
-    """A run's workdir or its checkpoints dir -> the checkpoints dir."""
-    sub = os.path.join(path, "checkpoints")
-    return sub if epath.Path(sub).is_dir() else path
+def check_model(theirs: dict, ours: dict, where: str) -> None:
+    """The one model-compatibility check (resume and init_from alike): `theirs`, a checkpoint's
+    model metadata, must match `ours` (ModelConfig.architecture()) in every field; else a
+    ValueError lists each differing field as `field: theirs -> this run's`."""
+    diff = [f"{k}: {theirs.get(k, '(absent)')!r} -> {v!r}" for k, v in ours.items() if theirs.get(k) != v]
+    if diff:
+        raise ValueError(f"{where} holds another model ({'; '.join(diff)})")
 
 
 def latest_step(directory: str) -> int | None:
@@ -100,10 +102,7 @@ class Checkpointer:
                 if meta.get("layout") != LAYOUT:
                     raise ValueError(f"checkpoint {self.directory}/{step} has layout {meta.get('layout')!r}, "
                                      f"this cpt_jax reads {LAYOUT!r}")
-                theirs = {k: meta.get("model", {}).get(k) for k in model}
-                if theirs != model:
-                    raise ValueError(f"checkpoint {self.directory}/{step} holds another model: {theirs}, "
-                                     f"this run has {model}")
+                check_model(meta.get("model", {}), model, f"checkpoint {self.directory}/{step}")
                 try:
                     params, opt_state, _ = self.restore(step, abstract_params, abstract_opt_state)
                     return step, params, opt_state

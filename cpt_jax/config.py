@@ -6,10 +6,15 @@ Field names are an interface: the sweep, the launch scripts and users' command l
 
 from __future__ import annotations
 
+import copy
 import importlib.util
 import os
 
 import ml_collections
+
+
+class ConfigError(ValueError):
+    """A config field that cannot work; raised before anything is written or compiled."""
 
 
 def load_file(path: str) -> ml_collections.ConfigDict:
@@ -21,6 +26,47 @@ def load_file(path: str) -> ml_collections.ConfigDict:
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module.get_config(arg) if arg else module.get_config()
+
+
+def flatten(d: dict, prefix: str = "") -> dict:
+    """{"a": {"b": 1}} -> {"a.b": 1}: config fields by their command-line names."""
+    flat = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            flat.update(flatten(v, f"{prefix}{k}."))
+        else:
+            flat[f"{prefix}{k}"] = v
+    return flat
+
+
+def expand_runs(config: ml_collections.ConfigDict, workdir: str) -> list[tuple[str, ml_collections.ConfigDict, str]]:
+    """(name, config, workdir) for each run, each after the run it continues; a config without
+    `runs` is one run in `workdir`. `init_from="run:<name>"` becomes that sibling's workdir."""
+    if "runs" not in config:
+        return [("", config, workdir)]
+    out = []
+    base_ = copy.deepcopy(config)
+    with base_.unlocked():
+        del base_["runs"]
+        if "report" in base_:
+            del base_["report"]
+    for name, overrides in config.runs.items():
+        run = copy.deepcopy(base_)
+        try:
+            run.update_from_flattened_dict(flatten(overrides.to_dict()))
+        except (KeyError, AttributeError) as e:
+            raise ConfigError(f"runs.{name}: unknown config field {e}") from None
+        if run.init_from.startswith("run:"):
+            run.init_from = os.path.join(workdir, run.init_from[4:])
+        out.append((name, run, os.path.join(workdir, name)))
+    # A run starts after the run it continues (ConfigDict does not keep the file's key order).
+    done: list = []
+    while out:
+        ready = next(r for r in out if not r[1].init_from.startswith(workdir + os.sep)
+                     or any(r[1].init_from == d[2] for d in done) or all(r[1].init_from != o[2] for o in out))
+        done.append(ready)
+        out.remove(ready)
+    return done
 
 
 def base() -> ml_collections.ConfigDict:

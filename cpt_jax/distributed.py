@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 from typing import Callable, TypeVar
 
 import jax
@@ -64,3 +65,22 @@ def main_first(name: str, fn: Callable[[], T]) -> T:
         return out
     barrier(name)
     return fn()
+
+
+class Preemption:
+    """SIGTERM, seen at a step boundary. One process: a flag set by our handler; several: JAX's
+    preemption sync point (its notifier catches SIGTERM), which every process reaches at the
+    same step, so all of them save that step."""
+
+    def __enter__(self) -> Preemption:
+        self.multi, self.requested = jax.process_count() > 1, False
+        if not self.multi:
+            self.previous = signal.signal(signal.SIGTERM, lambda *_: setattr(self, "requested", True))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if not self.multi:
+            signal.signal(signal.SIGTERM, self.previous)
+
+    def now(self, step: int) -> bool:
+        return multihost_utils.reached_preemption_sync_point(step) if self.multi else self.requested

@@ -12,7 +12,7 @@ import os
 import numpy as np
 
 from cpt_jax import storage
-from cpt_jax.metrics import read_jsonl
+from cpt_jax.rundir import RunDir
 
 
 def eval_curve(records: list[dict], lang: str) -> tuple[np.ndarray, np.ndarray]:
@@ -37,7 +37,7 @@ def tokens_to_reach(tokens: np.ndarray, loss: np.ndarray, target: float) -> floa
 def compare(workdir: str, report: dict, wall_s: float | None = None) -> str:
     """report = {"source": run, "cpt": run, "scratch": run, "target": "zh", "replay": "en"}."""
     runs = [report["source"], report["cpt"], report["scratch"]]
-    recs = {r: read_jsonl(os.path.join(workdir, r, "metrics.jsonl")) for r in runs}
+    recs = {r: RunDir.of(os.path.join(workdir, r)).read_metrics() for r in runs}
     tgt, src = report["target"], report["replay"]
     lines = [f"{'run':<10} {'tokens':>10} {f'{src} eval start':>14} {f'{src} eval end':>12} "
              f"{f'{tgt} eval start':>14} {f'{tgt} eval end':>12}"]

@@ -1,7 +1,7 @@
 """The size sweep behind the scaling-law fits, and its report.
 
   python -m cpt_jax.sweep --config configs/sweeps/mini.py --sweep_dir /tmp/mini [--backend local|slurm|print]
-                          [--only SIZE ...]
+                          [--only SIZE,...] [--config.FIELD=VALUE ...]
   python -m cpt_jax.sweep run --config configs/sweeps/mini.py --sweep_dir /tmp/mini --run tiny/cpt_r0.05
   python -m cpt_jax.sweep report --sweep_dir /tmp/mini
 
@@ -9,7 +9,8 @@ A sweep config gives sizes, token budgets (tokens per parameter) and replay rati
 expands into a source run (the source language from scratch), a target-from-scratch run per
 budget, and a CPT run per budget and replay ratio initialised from that size's source run. Every
 run is an ordinary `cpt_jax.main` run in SWEEP_DIR/<size>/<kind>, so finished runs are skipped
-and unfinished ones resume. Backends: `local` runs them one after another (each in its own
+and unfinished ones resume; the runs get the sweep command's own config file and `--config.X`
+overrides, and `sweep run` exits as `cpt_jax.main` does (cpt_jax.runner). Backends: `local` runs them one after another (each in its own
 process; a failed run is reported and the runs that depend on it are skipped), `slurm` writes
 and submits an array job whose CPT tasks wait for their source task, `print` prints one command
 per run (for TPU pods, see launch/).
@@ -17,7 +18,6 @@ per run (for TPU pods, see launch/).
 
 from __future__ import annotations
 
-import argparse
 import copy
 import dataclasses
 import json
@@ -28,9 +28,17 @@ import subprocess
 import sys
 
 import ml_collections
+from absl import app, flags
 
-from cpt_jax import checkpoint, models
-from cpt_jax.config import load_file
+from cpt_jax import models, runner
+from cpt_jax.config import ConfigError
+from cpt_jax.rundir import RunDir
+from cpt_jax.runner import RunError
+
+_SWEEP_DIR = flags.DEFINE_string("sweep_dir", None, "Where the sweep's runs, plan and report go.")
+_BACKEND = flags.DEFINE_enum("backend", "local", ["local", "slurm", "print"], "How the runs are launched.")
+_ONLY = flags.DEFINE_list("only", [], "Sizes to run, comma-separated (default: all of the config's).")
+_RUN = flags.DEFINE_string("run", None, "With `run`: the run to train, e.g. tiny/cpt_r0.05.")
 
 KINDS = ("source", "scratch", "cpt")
 
@@ -91,24 +99,25 @@ def expand(sweep: ml_collections.ConfigDict, sweep_dir: str, only: tuple[str, ..
 
 
 def finished(run: Run, sweep_dir: str) -> bool:
-    step = checkpoint.latest_step(os.path.join(sweep_dir, run.name, "checkpoints"))
+    step = RunDir.of(os.path.join(sweep_dir, run.name)).latest_step()
     return step is not None and step >= run.config.total_steps
 
 
-def _run_command(config_path: str, sweep_dir: str, name: str, python: str = sys.executable) -> list[str]:
-    return [python, "-m", "cpt_jax.sweep", "run", "--config", config_path, "--sweep_dir", sweep_dir, "--run", name]
+def _run_command(config_args: list[str], sweep_dir: str, name: str, python: str = sys.executable) -> list[str]:
+    """`config_args`: --config FILE and the sweep command's overrides."""
+    return [python, "-m", "cpt_jax.sweep", "run", *config_args, "--sweep_dir", sweep_dir, "--run", name]
 
 
-def write_plan(runs: list[Run], sweep_dir: str, config_path: str, target: str, source: str) -> None:
+def write_plan(runs: list[Run], sweep_dir: str, config_args: list[str], target: str, source: str) -> None:
     """sweep.json: what the report needs to know about every run."""
     os.makedirs(sweep_dir, exist_ok=True)
-    plan = {"config": os.path.abspath(config_path), "target": target, "source": source,
+    plan = {"config": config_args, "target": target, "source": source,
             "runs": [{k: v for k, v in dataclasses.asdict(r).items() if k != "config"} for r in runs]}
     with open(os.path.join(sweep_dir, "sweep.json"), "w") as f:
         json.dump(plan, f, indent=2)
 
 
-def launch_local(runs: list[Run], sweep_dir: str, config_path: str) -> list[str]:
+def launch_local(runs: list[Run], sweep_dir: str, config_args: list[str]) -> list[str]:
     """Runs every unfinished run in order; returns the names of the runs that failed or were
     skipped because what they start from failed."""
     failed: list[str] = []
@@ -121,25 +130,25 @@ def launch_local(runs: list[Run], sweep_dir: str, config_path: str) -> list[str]
             print(f"[sweep] {run.name}: finished already", flush=True)
             continue
         print(f"[sweep] {run.name}: N={run.params:,} D={run.tokens:,} ({run.config.total_steps} steps)", flush=True)
-        if subprocess.run(_run_command(config_path, sweep_dir, run.name)).returncode:
+        if subprocess.run(_run_command(config_args, sweep_dir, run.name)).returncode:
             print(f"[sweep] {run.name}: FAILED (its log is above; re-running the sweep resumes it)", flush=True)
             failed.append(run.name)
     return failed
 
 
-def slurm_script(runs: list[Run], sweep_dir: str, config_path: str, slurm: ml_collections.ConfigDict) -> str:
+def slurm_script(runs: list[Run], sweep_dir: str, config_args: list[str], slurm: ml_collections.ConfigDict) -> str:
     """An sbatch array script over the runs that are not finished; CPT tasks wait for their
     source task through a dependency on the same array."""
     lines = ["#!/bin/bash", "#SBATCH --job-name=cpt_sweep", f"#SBATCH --output={sweep_dir}/slurm-%A_%a.out"]
     lines += [f"#SBATCH --{k}={v}" for k, v in slurm.items() if v not in ("", None)]
     names = [r.name for r in runs]
     lines += ["RUNS=(" + " ".join(shlex.quote(n) for n in names) + ")",
-              " ".join(shlex.quote(a) for a in _run_command(config_path, sweep_dir, "", python="python")[:-1])
+              " ".join(shlex.quote(a) for a in _run_command(config_args, sweep_dir, "", python="python")[:-1])
               + ' "${RUNS[$SLURM_ARRAY_TASK_ID]}"']
     return "\n".join(lines) + "\n"
 
 
-def launch_slurm(runs: list[Run], sweep_dir: str, config_path: str, slurm: ml_collections.ConfigDict,
+def launch_slurm(runs: list[Run], sweep_dir: str, config_args: list[str], slurm: ml_collections.ConfigDict,
                  submit: bool = True) -> list[str]:
     """Two array jobs: sources and scratch runs first, CPT runs after (afterok on the first).
     Returns the sbatch commands (with submit=False, only written and returned)."""
@@ -153,7 +162,7 @@ def launch_slurm(runs: list[Run], sweep_dir: str, config_path: str, slurm: ml_co
             continue
         path = os.path.join(sweep_dir, f"sweep_{part}.sbatch")
         with open(path, "w") as f:
-            f.write(slurm_script(group, sweep_dir, config_path, slurm))
+            f.write(slurm_script(group, sweep_dir, config_args, slurm))
         cmd = ["sbatch", "--parsable", f"--array=0-{len(group) - 1}"]
         if part == "b" and job_id:
             cmd.append(f"--dependency=afterok:{job_id}")
@@ -167,65 +176,52 @@ def launch_slurm(runs: list[Run], sweep_dir: str, config_path: str, slurm: ml_co
     return commands
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    if argv and argv[0] == "report":
-        p = argparse.ArgumentParser(prog="python -m cpt_jax.sweep report")
-        p.add_argument("--sweep_dir", required=True)
-        args = p.parse_args(argv[1:])
-        from cpt_jax.scaling.report import write_report
-
-        print(write_report(args.sweep_dir))
-        return 0
-    p = argparse.ArgumentParser(prog="python -m cpt_jax.sweep", description=__doc__.split("\n")[0])
-    if argv and argv[0] == "run":
-        argv = argv[1:]
-        p.add_argument("--run", required=True, help="a run name, e.g. tiny/cpt_r0.05")
-    p.add_argument("--config", required=True)
-    p.add_argument("--sweep_dir", required=True)
-    p.add_argument("--backend", default="local", choices=["local", "slurm", "print"])
-    p.add_argument("--only", nargs="*", default=[], help="sizes to run (default: all of the config's)")
-    args = p.parse_args(argv)
-    try:
-        sweep = load_file(args.config)
-        runs = expand(sweep, os.path.abspath(args.sweep_dir), tuple(args.only))
-    except (ValueError, FileNotFoundError) as e:
-        print(f"sweep error: {e}", file=sys.stderr)
-        return 2
-    sweep_dir = os.path.abspath(args.sweep_dir)
-    if getattr(args, "run", None):  # one run, in this process
-        from cpt_jax import main as cpt_main
-
-        run = next((r for r in runs if r.name == args.run), None)
-        if run is None:
-            print(f"sweep error: --run {args.run!r} is not in the sweep", file=sys.stderr)
-            return 2
-        cpt_main.setup_logging()
-        try:
-            cpt_main.run_all(run.config, os.path.join(sweep_dir, run.name))
-        except cpt_main.ConfigError as e:
-            print(f"config error: {e}", file=sys.stderr)
-            return 2
-        return 0
-    write_plan(runs, sweep_dir, args.config, sweep.target, sweep.source)
-    if args.backend == "print":
-        for run in runs:
-            if not finished(run, sweep_dir):
-                print(" ".join(shlex.quote(a) for a in _run_command(args.config, sweep_dir, run.name)))
-        return 0
-    if args.backend == "slurm":
-        launch_slurm(runs, sweep_dir, args.config, sweep.slurm)
-        return 0
-    failed = launch_local(runs, sweep_dir, args.config)
-    if failed:
-        print(f"[sweep] {len(failed)} run(s) failed or skipped: {', '.join(failed)}", flush=True)
-        return 1
-    if sweep.report:
+def main(args: list[str]) -> None:
+    command = args[0] if args else "launch"
+    if args[1:] or command not in ("launch", "run", "report"):
+        raise app.UsageError(f"unexpected arguments: {args}; commands: run, report (default: launch the sweep)")
+    if not _SWEEP_DIR.value:
+        raise app.UsageError("--sweep_dir is required")
+    sweep_dir = os.path.abspath(_SWEEP_DIR.value)
+    if command == "report":
         from cpt_jax.scaling.report import write_report
 
         print(write_report(sweep_dir))
-    return 0
+        return
+    if runner.CONFIG.value is None:
+        raise app.UsageError("--config is required")
+    sweep = runner.CONFIG.value
+    try:
+        runs = expand(sweep, sweep_dir, tuple(_ONLY.value))
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    if command == "run":  # one run, in this process
+        run = next((r for r in runs if r.name == _RUN.value), None)
+        if run is None:
+            raise ConfigError(f"--run {_RUN.value!r} is not in the sweep")
+        from cpt_jax import trainer
+
+        trainer.run_all(run.config, os.path.join(sweep_dir, run.name))
+        return
+    # The runs are launched with this command's config file and overrides.
+    config_args = runner.config_args(sys.argv)
+    write_plan(runs, sweep_dir, config_args, sweep.target, sweep.source)
+    if _BACKEND.value == "print":
+        for run in runs:
+            if not finished(run, sweep_dir):
+                print(" ".join(shlex.quote(a) for a in _run_command(config_args, sweep_dir, run.name)))
+    elif _BACKEND.value == "slurm":
+        launch_slurm(runs, sweep_dir, config_args, sweep.slurm)
+    else:
+        failed = launch_local(runs, sweep_dir, config_args)
+        if failed:
+            print(f"[sweep] {len(failed)} run(s) failed or skipped: {', '.join(failed)}", flush=True)
+            raise RunError(f"{len(failed)} run(s) of the sweep failed or were skipped; re-running resumes them")
+        if sweep.report:
+            from cpt_jax.scaling.report import write_report
+
+            print(write_report(sweep_dir))
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    runner.main(main)

@@ -3,6 +3,7 @@ every supported architecture, both directions; the real bundled SmolLM2; bad inp
 
 import json
 import os
+import struct
 
 import jax.numpy as jnp
 import numpy as np
@@ -312,3 +313,28 @@ def test_smollm2_vocabulary_extension_for_chinese(smollm2, tmp_path):
     expected = np.asarray(old(jnp.asarray([ids])))
     got = np.asarray(new(jnp.asarray([ids])))[..., :v]
     np.testing.assert_allclose(got, expected, atol=1e-5 * np.abs(expected).max(), rtol=0)
+
+
+@pytest.mark.parametrize("damage", ["truncated", "offsets past the end"])
+def test_truncated_or_lying_safetensors_names_file_and_tensor(tmp_path, damage, capsys):
+    src = save_hf(hf_model("llama"), tmp_path / "hf")
+    path = tmp_path / "hf" / safetensors.SINGLE
+    header, start = safetensors._header(path)
+    name = max(header, key=lambda n: header[n]["data_offsets"][1])  # the tensor stored last
+    data = path.read_bytes()[start:]
+    if damage == "truncated":
+        size = start + header[name]["data_offsets"][0] + 10
+        with open(path, "r+b") as f:
+            f.truncate(size)
+    else:  # a header claiming more bytes for a tensor than the file holds
+        header[name]["data_offsets"][1] += 4096
+        raw = json.dumps(header).encode()
+        path.write_bytes(struct.pack("<Q", len(raw)) + raw + data)
+        start, size = 8 + len(raw), 8 + len(raw) + len(data)
+    begin, end = (start + o for o in header[name]["data_offsets"])
+    capsys.readouterr()
+    assert convert_main(["import", "--src", src, "--dst", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (f"convert error: {path}: tensor {name} needs bytes [{begin}, {end}) but the file has {size} "
+                   f"(truncated?)"), err
+    assert not (tmp_path / "out").exists() and not leftovers(tmp_path)

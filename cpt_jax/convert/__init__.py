@@ -1,10 +1,9 @@
 """Pretrained weights in and out: HF safetensors and GGUF -> a cpt_jax checkpoint, and back to HF.
 
-A converted model is a directory laid out like a run's workdir, so `init_from`, `models.load` and
-`export` read it as they read any run:
-
-    DIR/checkpoints/0/{params,meta}   Orbax; meta holds the architecture, the source's config.json
-    DIR/tokenizer/                    the tokenizer the weights speak (tokenizer.json or .model)
+A converted model is a directory laid out like a run's workdir (cpt_jax.rundir), so `init_from`,
+`models.load` and `export` read it as they read any run: step 0 of `checkpoints/` holds the params
+and a meta with the architecture and the source's config.json, `tokenizer/` the tokenizer the
+weights speak (tokenizer.json or .model).
 
 Import reads tensors one at a time from memory-mapped files (no torch), so host memory is
 about the float32 parameters. Everything is written into a staging dir beside the destination
@@ -27,12 +26,12 @@ import jax
 import numpy as np
 import sentencepiece as spm
 
-from cpt_jax import checkpoint
+from cpt_jax import checkpoint, rundir
 from cpt_jax.convert import hf, safetensors
 from cpt_jax.convert.gguf import GGUFFile
 from cpt_jax.data.corpora import default_cache_dir
 from cpt_jax.data.tokenizer import HF_CONFIG_FILE, HF_FILE, SP_FILE, load_tokenizer
-from cpt_jax.models import TOKENIZER_DIR, ModelConfig, load, params_of
+from cpt_jax.models import ModelConfig, load, params_of
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +54,7 @@ def resolve_source(src: str) -> str:
 def bundled_model(name: str) -> str:
     """The converted dir of a BUNDLED model, converted on first use into the cache."""
     dst = default_cache_dir() / "models" / name
-    if not (dst / "checkpoints").is_dir():
+    if rundir.RunDir.of(str(dst)).latest_step() is None:
         log.info("converting the bundled model %s into %s (once)", name, dst)
         import_model(name, str(dst))
     return str(dst)
@@ -90,10 +89,11 @@ def save_model(dst: str | os.PathLike, cfg: ModelConfig, params: dict, tokenizer
     """Writes a converted-model dir (params as step 0, no optimizer state) through `staging`."""
     meta = {"model": dataclasses.asdict(cfg), "tokenizer": tokenizer.fingerprint, **extra_meta}
     with staging(dst) as tmp:
-        ckpt = checkpoint.Checkpointer(str(tmp / "checkpoints"), async_save=False)
+        layout = rundir.RunDir(str(tmp))
+        ckpt = checkpoint.Checkpointer(layout.checkpoints, async_save=False)
         ckpt.save(0, params, None, meta)
         ckpt.close()
-        tokenizer.save(tmp / TOKENIZER_DIR)
+        tokenizer.save(layout.tokenizer)
 
 
 def import_model(src: str, dst: str) -> ModelConfig:
@@ -138,7 +138,7 @@ def export_model(src: str, dst: str, dtype: str = "float32", step: int | None = 
     np_dtype = safetensors.DTYPES[{"float32": "F32", "bfloat16": "BF16", "float16": "F16"}[dtype]]
     model, tokenizer = load(src, step)
     cfg = model.cfg
-    meta = checkpoint.Checkpointer(checkpoint.checkpoint_dir(src), read_only=True).meta(step)
+    meta = rundir.RunDir.of(src).meta(step)
     params = jax.tree.map(np.asarray, params_of(model))
     config = hf.config_to_hf(cfg, meta.get("hf_config"))
     config["dtype"] = dtype

@@ -14,10 +14,9 @@ import argparse
 import json
 import sys
 
-from cpt_jax import convert
-from cpt_jax.config import base, load_file
+from cpt_jax import convert, runner
+from cpt_jax.config import ConfigError, base, load_file
 from cpt_jax.convert.vocab import extend_vocab
-from cpt_jax.metrics import setup_logging
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -38,21 +37,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--vocab_size", type=int, default=8000, help="pieces of the target-language tokenizer")
     p.add_argument("--config", default=None, help="config file whose data.sources to use (default: the base config)")
     args = parser.parse_args(argv)
-    setup_logging()
-    try:
-        if args.command == "import":
-            convert.import_model(args.src, args.dst)
-        elif args.command == "export":
-            convert.export_model(args.src, args.dst, args.dtype, args.step)
-        else:
-            data = (load_file(args.config) if args.config else base()).data
-            report = extend_vocab(args.src, args.dst, data, args.source, args.vocab_size)
-            print(json.dumps(report, indent=2))
-    except (ValueError, FileNotFoundError, FileExistsError) as e:
-        print(f"convert error: {e}", file=sys.stderr)
-        return 2
-    return 0
 
+    def job() -> None:
+        try:
+            if args.command == "import":
+                convert.import_model(args.src, args.dst)
+            elif args.command == "export":
+                convert.export_model(args.src, args.dst, args.dtype, args.step)
+            else:
+                data = (load_file(args.config) if args.config else base()).data
+                print(json.dumps(extend_vocab(args.src, args.dst, data, args.source, args.vocab_size), indent=2))
+        except (ValueError, FileNotFoundError, FileExistsError) as e:
+            raise ConfigError(str(e)) from None
+
+    return runner.run(job, label="convert error", join_processes=False)
 
 if __name__ == "__main__":
     sys.exit(main())

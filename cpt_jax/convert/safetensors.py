@@ -59,9 +59,18 @@ class SafetensorsReader:
         self._where: dict[str, tuple[Path, dict, int]] = {}
         for path in paths:
             header, start = _header(path)
+            size = os.path.getsize(path)
             for name, info in header.items():
                 if info["dtype"] not in DTYPES:
                     raise ValueError(f"tensor {name} in {path} has dtype {info['dtype']}, not one of {sorted(DTYPES)}")
+                begin, end = (start + o for o in info["data_offsets"])
+                if end > size:
+                    raise ValueError(f"{path}: tensor {name} needs bytes [{begin}, {end}) but the file has {size} "
+                                     f"(truncated?)")
+                want = int(np.prod(info["shape"])) * np.dtype(DTYPES[info["dtype"]]).itemsize
+                if end - begin != want:
+                    raise ValueError(f"{path}: tensor {name} has {end - begin} bytes [{begin}, {end}) for shape "
+                                     f"{info['shape']} of {info['dtype']}, which takes {want}")
                 self._where[name] = (path, info, start)
         self._maps: dict[Path, np.memmap] = {}
 

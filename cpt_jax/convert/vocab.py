@@ -19,7 +19,7 @@ import ml_collections
 import numpy as np
 import tokenizers
 
-from cpt_jax import checkpoint
+from cpt_jax.rundir import RunDir
 from cpt_jax.convert import check_destination, save_model
 from cpt_jax.data import pipeline
 from cpt_jax.data import sources as src_lib
@@ -121,7 +121,7 @@ def extend_vocab(src: str, dst: str, dcfg: ml_collections.ConfigDict, source: st
     docs = list(split.texts(0, min(len(split), eval_docs)))
     report = {"source": source, "added": len(added), "vocab_size": cfg.vocab_size,
               "tokens_per_char_before": tokens_per_char(old, docs), "tokens_per_char_after": tokens_per_char(new, docs)}
-    meta = checkpoint.Checkpointer(checkpoint.checkpoint_dir(src), read_only=True).meta()
+    meta = RunDir.of(src).meta()
     extra = {k: v for k, v in meta.items() if k in ("hf_config", "converted_from")}
     save_model(dst, cfg, params, new, {**extra, "vocab_extension": report})
     log.info("extended %s -> %s: %d pieces added; %s eval tokens/char %.3f -> %.3f", src, dst, len(added), source,

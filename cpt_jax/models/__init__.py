@@ -7,19 +7,13 @@ params)` rebuilds a callable model inside a jitted function.
 
 from __future__ import annotations
 
-import os
 from typing import Any, NamedTuple
 
 import jax
-from etils import epath
 from flax import nnx
 
-from cpt_jax import storage
 from cpt_jax.models.llama import Llama, ModelConfig, flops_per_token
 from cpt_jax.models.sizes import SIZES, model_config
-
-# Beside a run's `checkpoints/` dir: the tokenizer its checkpoints speak (`load` returns it).
-TOKENIZER_DIR = "tokenizer"
 
 
 class ModelSpec(NamedTuple):
@@ -46,42 +40,35 @@ def params_of(model: Llama) -> dict:
     return nnx.to_pure_dict(nnx.state(model))
 
 
-def tokenizer_dir(path: str) -> str:
-    """The tokenizer dir beside the checkpoints of a run (`path`: its workdir or checkpoints dir)."""
-    from cpt_jax import checkpoint
-
-    return os.path.join(os.path.dirname(storage.absolute(checkpoint.checkpoint_dir(path))), TOKENIZER_DIR)
-
-
 def load(path: str, step: int | None = None, dtype: str | None = None) -> tuple[Llama, Any]:
     """`model, tokenizer = load(DIR)`: the model of a run's workdir, its checkpoints dir, or a
     converted model (`python -m cpt_jax.convert import`), on the default device; `model(tokens)`
     gives float32 logits. The tokenizer is None where none was saved beside the checkpoints.
     `dtype`: the compute dtype ("bfloat16" on accelerators); parameters stay float32."""
     from cpt_jax import checkpoint
-    from cpt_jax.data.tokenizer import load_tokenizer
+    from cpt_jax.rundir import RunDir
 
-    ckpt_dir = checkpoint.checkpoint_dir(path)
-    latest = checkpoint.latest_step(ckpt_dir)
+    run = RunDir.of(path)
+    latest = run.latest_step()
     if latest is None:
         raise FileNotFoundError(f"{path}: no checkpoint there (a run's workdir or a converted model's dir)")
-    ckpt = checkpoint.Checkpointer(ckpt_dir, read_only=True)
+    ckpt = checkpoint.Checkpointer(run.checkpoints, read_only=True)
     step = latest if step is None else step
     meta = ckpt.meta(step)
-    cfg = ModelConfig.from_dict({**meta["model"], "dtype": dtype or meta["model"]["dtype"]})
+    # The kernel the run compiled may not exist here (cuDNN in a CPU notebook): chosen anew.
+    cfg = ModelConfig.from_dict({**meta["model"], "dtype": dtype or meta["model"]["dtype"], "attention": "auto"})
     graphdef, abstract, _ = spec(cfg)
     device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device), abstract)
     params, _, _ = ckpt.restore(step, abstract)
     model = nnx.merge(graphdef, params)
 
-    tok_dir = tokenizer_dir(path)
-    tokenizer = load_tokenizer(tok_dir) if epath.Path(tok_dir).is_dir() else None
+    tokenizer = run.load_tokenizer()
     if tokenizer is not None and meta.get("tokenizer") not in (None, tokenizer.fingerprint):
-        raise ValueError(f"{tok_dir} holds tokenizer {tokenizer.fingerprint}, but the checkpoint was "
+        raise ValueError(f"{run.tokenizer} holds tokenizer {tokenizer.fingerprint}, but the checkpoint was "
                          f"trained with {meta['tokenizer']}")
     return model, tokenizer
 
 
-__all__ = ["Llama", "ModelConfig", "ModelSpec", "SIZES", "TOKENIZER_DIR", "flops_per_token", "init_params", "load",
-           "model_config", "params_of", "spec", "tokenizer_dir"]
+__all__ = ["Llama", "ModelConfig", "ModelSpec", "SIZES", "flops_per_token", "init_params", "load", "model_config",
+           "params_of", "spec"]

@@ -77,6 +77,12 @@ class ModelConfig:
         d["rope_scaling"] = tuple(tuple(kv) for kv in d.get("rope_scaling", ()))
         return cls(**d)
 
+    def with_kernel(self, seq_len: int) -> ModelConfig:
+        """This config with its attention kernel chosen (once) for this platform and sequence
+        length: what a run compiles and logs. A config left at "auto" chooses at each call."""
+        kernel = attention.resolve(self.attention, jax.default_backend(), self.dtype, self.head_dim, seq_len)
+        return dataclasses.replace(self, attention=kernel)
+
     def architecture(self) -> dict:
         """The fields that decide the parameters' shapes: what a checkpoint must match to be restored."""
         return {k: getattr(self, k) for k in ("vocab_size", "hidden", "intermediate", "layers", "heads", "kv_heads",

@@ -18,7 +18,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from cpt_jax.metrics import read_jsonl  # noqa: E402
+from cpt_jax.rundir import RunDir  # noqa: E402
 from cpt_jax.scaling import fit as fitting  # noqa: E402
 from cpt_jax.scaling import laws  # noqa: E402
 from cpt_jax.summary import eval_curve  # noqa: E402
@@ -33,7 +33,7 @@ def collect(sweep_dir: str) -> tuple[dict, dict[str, dict]]:
         plan = json.load(f)
     curves = {}
     for run in plan["runs"]:
-        recs = read_jsonl(os.path.join(sweep_dir, run["name"], "metrics.jsonl"))
+        recs = RunDir.of(os.path.join(sweep_dir, run["name"])).read_metrics()
         curves[run["name"]] = {lang: eval_curve(recs, lang) for lang in (plan["source"], plan["target"])}
     return plan, curves
 
@@ -56,6 +56,18 @@ def _fmt(fit, ci: dict) -> list[str]:
             lo, hi = ci.get(k, (np.nan, np.nan))
             rows.append(f"| {k} | {getattr(fit, k):.4g} | [{lo:.4g}, {hi:.4g}] |")
     return rows
+
+
+def _paper_constants() -> str:
+    s, c = laws.PAPER_SCRATCH, laws.PAPER_CPT
+    return (f"Paper: scratch E={s.E:g}, A={s.A:g}, B={s.B:g}, alpha={s.alpha:.2f}, beta={s.beta:.2f}; "
+            f"CPT B'={c.B_prime:g}, beta'={c.beta_prime:.2f}, gamma={c.gamma:.2f}.")
+
+
+def _allocation(fit) -> tuple[str, str, float, float]:
+    """N_opt and D_opt as formulas in C (C = 6 N D), and their exponents a, b."""
+    G, a, b = laws.allocation(fit)
+    return f"{G / 6 ** a:.4g} C^{a:.3f}", f"{1 / (G * 6 ** b):.4g} C^{b:.3f}", a, b
 
 
 def write_report(sweep_dir: str, bootstrap: int = 100) -> str:
@@ -107,8 +119,7 @@ def write_report(sweep_dir: str, bootstrap: int = 100) -> str:
                "| constant | value | 95% bootstrap interval |", "|---|---|---|", *_fmt(scratch, ci_s), "",
                f"CPT ({len(cpt_pts)} points, E, A, alpha from scratch): L = E + A/N^alpha + B'/(D^beta' N^gamma)", "",
                "| constant | value | 95% bootstrap interval |", "|---|---|---|", *_fmt(cpt, ci_c), "",
-               "Paper: scratch E=1.55, A=420.0, B=719.5, alpha=0.40, beta=0.30; CPT B'=433.3, beta'=0.20, "
-               "gamma=0.08.", "", "![](fit.png)", ""]
+               _paper_constants(), "", "![](fit.png)", ""]
         fig, ax = plt.subplots(figsize=(5, 5))
         for pts, f, name in ((scratch_pts, scratch, "scratch"), (cpt_pts, cpt, "CPT")):
             ax.scatter(pts[:, 2], laws.predict(f, pts[:, 0], pts[:, 1]), s=10, label=name)
@@ -146,13 +157,13 @@ def write_report(sweep_dir: str, bootstrap: int = 100) -> str:
         try:
             rows = []
             for name, f in (("scratch", scratch), ("CPT", cpt)):
-                G, a, b = laws.allocation(f)
-                rows.append(f"| {name} | {a:.3f} | {b:.3f} | {G / 6 ** a:.4g} C^{a:.3f} | "
-                            f"{1 / (G * 6 ** b):.4g} C^{b:.3f} |")
+                n_opt, d_opt, a, b = _allocation(f)
+                rows.append(f"| {name} | {a:.3f} | {b:.3f} | {n_opt} | {d_opt} |")
             alloc_ok = True
+            paper = "; ".join(f"{name} N_opt = {n}, D_opt = {d}" for name, f in
+                              (("scratch", laws.PAPER_SCRATCH), ("CPT", laws.PAPER_CPT)) for n, d, _, _ in [_allocation(f)])
             md += ["| law | a | b | N_opt | D_opt |", "|---|---|---|---|---|", *rows, "",
-                   "Paper: scratch N_opt = 0.324 C^0.429, D_opt = 0.514 C^0.571; CPT N_opt = 4.79 C^0.385, "
-                   "D_opt = 0.035 C^0.615.", "", "![](compute_optimal.png)", ""]
+                   f"Paper (from its constants): {paper}.", "", "![](compute_optimal.png)", ""]
             C = np.geomspace(1e15, 1e24, 50)
             fig, axes = plt.subplots(1, 2, figsize=(9, 4))
             for f, name in ((scratch, "scratch"), (cpt, "CPT")):

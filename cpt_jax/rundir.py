@@ -1,0 +1,84 @@
+"""A run directory's layout, in one place. A training run's workdir and a converted pretrained
+model share it, so `init_from`, `models.load`, export, the sweep and its report read either:
+
+    DIR/checkpoints/N/   Orbax: params, opt_state (runs only), meta (cpt_jax.checkpoint)
+    DIR/tokenizer/       the tokenizer the checkpoints speak
+    DIR/config.json      the config that made the run (its resume guard compares against it)
+    DIR/metrics.jsonl    one JSON object per logged step (cpt_jax.metrics)
+    DIR/tensorboard/     the same scalars as TensorBoard events
+
+Paths may be local or `gs://` URLs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+
+from etils import epath
+
+from cpt_jax import checkpoint, storage
+
+CHECKPOINTS, TOKENIZER, CONFIG, METRICS, TENSORBOARD = "checkpoints", "tokenizer", "config.json", "metrics.jsonl", \
+    "tensorboard"
+
+
+@dataclasses.dataclass(frozen=True)
+class RunDir:
+    path: str  # absolute, or a URL
+
+    @classmethod
+    def of(cls, path: str) -> RunDir:
+        """A run's dir from itself or from its checkpoints dir (users pass either)."""
+        path = storage.absolute(str(path)).rstrip("/")
+        if os.path.basename(path) == CHECKPOINTS and not epath.Path(path, CHECKPOINTS).is_dir():
+            path = os.path.dirname(path)
+        return cls(path)
+
+    def _join(self, name: str) -> str:
+        return os.path.join(self.path, name)
+
+    @property
+    def checkpoints(self) -> str:
+        return self._join(CHECKPOINTS)
+
+    @property
+    def tokenizer(self) -> str:
+        return self._join(TOKENIZER)
+
+    @property
+    def config(self) -> str:
+        return self._join(CONFIG)
+
+    @property
+    def metrics(self) -> str:
+        return self._join(METRICS)
+
+    @property
+    def tensorboard(self) -> str:
+        return self._join(TENSORBOARD)
+
+    def latest_step(self) -> int | None:
+        """The latest complete checkpoint step; None where there is none."""
+        return checkpoint.latest_step(self.checkpoints)
+
+    def read_config(self) -> dict | None:
+        """The config.json of the run as a dict; None where the run has not written one."""
+        path = epath.Path(self.config)
+        return json.loads(path.read_text()) if path.exists() else None
+
+    def read_metrics(self) -> list[dict]:
+        from cpt_jax.metrics import read_jsonl
+
+        return read_jsonl(self.metrics)
+
+    def load_tokenizer(self):
+        """The tokenizer saved beside the checkpoints; None where none was."""
+        from cpt_jax.data.tokenizer import load_tokenizer
+
+        return load_tokenizer(self.tokenizer) if epath.Path(self.tokenizer).is_dir() else None
+
+    def meta(self, step: int | None = None) -> dict:
+        """The metadata of a checkpoint (the latest by default): config, model, tokenizer."""
+        return checkpoint.Checkpointer(self.checkpoints, read_only=True).meta(step)

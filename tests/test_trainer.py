@@ -1,0 +1,108 @@
+"""The run's checks and stages in-process: the one model-compatibility check (init_from and resume
+alike) before anything is compiled or written, the workdir check, the kernel that is logged is the
+one compiled."""
+
+import ast
+import dataclasses
+import logging
+import os
+
+import jax
+import pytest
+
+from cpt_jax import models, trainer
+from cpt_jax.config import ConfigError, load_file
+from cpt_jax.convert import save_model
+
+from test_main import ROOT, SMALL, cli
+
+
+def small_config(*overrides):
+    """SMALL (test_main's run) as a ConfigDict, with `--config.X=v` overrides."""
+    config = load_file(os.path.join(ROOT, SMALL[1]))
+    for arg in [*SMALL[2:], *overrides]:
+        field, value = arg.removeprefix("--config.").split("=", 1)
+        try:
+            value = ast.literal_eval(value)
+        except (ValueError, SyntaxError):  # a plain string, as absl takes it
+            pass
+        config.update_from_flattened_dict({field: value})
+    return config
+
+
+@pytest.fixture(scope="module")
+def source_variants(tmp_path_factory):
+    """Converted-model dirs with the run's tokenizer and the run's architecture but one field."""
+    config = small_config()
+    plan = trainer.prepare(config, str(tmp_path_factory.mktemp("probe") / "run"))
+    root = tmp_path_factory.mktemp("sources")
+    variants = {"tie_embeddings": dict(tie_embeddings=True), "qkv_bias": dict(qkv_bias=True),
+                "heads": dict(heads=8, head_dim=plan.model.head_dim), "kv_heads": dict(kv_heads=4)}
+    out = {}
+    for field, change in variants.items():
+        cfg = dataclasses.replace(plan.model, **change)
+        save_model(root / field, cfg, models.init_params(cfg, jax.random.key(0)), plan.data.tokenizer, {})
+        out[field] = (str(root / field), plan.model.architecture()[field], getattr(cfg, field))
+    return out
+
+
+@pytest.mark.parametrize("field", ["tie_embeddings", "qkv_bias", "heads", "kv_heads"])
+def test_init_from_of_another_model_is_refused_before_compile(source_variants, tmp_path, field, caplog):
+    path, ours, theirs = source_variants[field]
+    workdir = tmp_path / "run"
+    with caplog.at_level(logging.INFO, "cpt_jax"), pytest.raises(ConfigError) as e:
+        trainer.train_run(small_config(f"--config.init_from={path}"), str(workdir))
+    assert f"init_from={path!r} holds another model" in str(e.value)
+    assert f"{field}: {theirs!r} -> {ours!r}" in str(e.value)
+    assert "compiled train step" not in caplog.text and not workdir.exists()
+
+
+def test_resuming_a_checkpoint_of_another_model_is_refused_before_compile(source_variants, tmp_path, caplog):
+    import shutil
+
+    path, ours, theirs = source_variants["kv_heads"]
+    workdir = tmp_path / "run"
+    shutil.copytree(path, workdir)  # a workdir whose checkpoint 0 holds another model
+    with caplog.at_level(logging.INFO, "cpt_jax"), pytest.raises(ConfigError) as e:
+        trainer.train_run(small_config(), str(workdir))
+    assert f"checkpoint {workdir}/checkpoints/0 holds another model (kv_heads: {theirs} -> {ours})" in str(e.value)
+    assert "compiled train step" not in caplog.text
+
+
+def test_workdir_that_is_a_file_or_under_a_file(tmp_path):
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ConfigError, match=f"--workdir {tmp_path}/file is a file, not a directory"):
+        trainer.validate(small_config(), str(tmp_path / "file"))
+    with pytest.raises(ConfigError, match="cannot be created: .*/file is a file"):
+        trainer.validate(small_config(), str(tmp_path / "file" / "run"))
+    assert (tmp_path / "file").read_text() == "x"
+
+
+def test_logged_kernel_is_the_compiled_one(tmp_path, caplog):
+    auto = trainer.prepare(small_config(), str(tmp_path / "auto"))
+    assert auto.model.attention == "xla"  # auto on CPU
+    plan = trainer.prepare(small_config("--config.model.attention=splash", "--config.seq_len=128"),
+                           str(tmp_path / "splash"))
+    with caplog.at_level(logging.INFO, "cpt_jax"):
+        steps = trainer.compile_run(plan)
+    assert "float32 compute, splash attention" in caplog.text
+    assert "splash" in steps.train.as_text()  # the Pallas kernel is in the compiled step
+    assert plan.meta["model"]["attention"] == "splash"
+
+
+def test_cli_init_from_of_another_model_exits_2_and_writes_nothing(source_variants, tmp_path):
+    path, ours, theirs = source_variants["tie_embeddings"]
+    r = cli(tmp_path / "run", *SMALL, f"--config.init_from={path}")
+    assert r.returncode == 2, r.stderr
+    errors = [line for line in r.stderr.splitlines() if line.startswith("config error:")]
+    assert len(errors) == 1 and f"tie_embeddings: {theirs} -> {ours}" in errors[0], r.stderr
+    assert "Traceback" not in r.stderr and "compiled train step" not in r.stderr
+    assert not (tmp_path / "run").exists()
+
+
+def test_cli_workdir_that_is_a_file_exits_2(tmp_path):
+    (tmp_path / "run").write_text("mine")
+    r = cli(tmp_path / "run", *SMALL)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    assert r.stderr.strip().splitlines()[-1] == f"config error: --workdir {tmp_path}/run is a file, not a directory"
+    assert (tmp_path / "run").read_text() == "mine"
