@@ -388,9 +388,10 @@ def train_run(config: ml_collections.ConfigDict, workdir: str, devices=None, all
             def check_nonfinite(step: int, n: int) -> None:
                 if n and c.nonfinite == "stop":
                     ckpt.wait()
+                    good = ckpt.latest_step()
+                    kept = f"the last good checkpoint, {ckpt.directory}/{good}" if good is not None else "no checkpoint"
                     raise RunError(f"non-finite loss or gradient norm in {n} step(s) by step {step} (not applied); "
-                                   f"stopped with the last good checkpoint, {ckpt.directory}/{ckpt.latest_step()}. "
-                                   f"--config.nonfinite=skip goes on past such steps")
+                                   f"stopped with {kept}. --config.nonfinite=skip goes on past such steps")
 
             progress = Progress(writer, plan.mixture, start_step=start or 0, total_steps=c.total_steps,
                                 batch_size=c.batch_size, seq_len=c.seq_len,

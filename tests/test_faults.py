@@ -209,3 +209,82 @@ def test_workdir_of_another_config_is_refused(tmp_path, baseline):
     assert "(optimizer.peak_lr: 1.0 -> 0.003; seed: 3 -> 0)" in line
     assert sorted(os.listdir(tmp_path)) == before  # nothing written
 
+
+
+def test_two_processes_both_sent_sigterm_save_one_step_and_resume_equal(tmp_path, baseline):
+    """As a scheduler preempts a job: every process gets SIGTERM; JAX's preemption sync point has
+    them all save the same step and exit 0; the re-run (two processes again) finishes the run."""
+    def two(*extra):
+        port = free_port()
+        return [start(tmp_path, f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",
+                      f"--process_id={i}", *extra, devices=4) for i in range(2)]
+
+    procs = two()
+    wait_for(tmp_path / "checkpoints" / "10", procs[0])
+    for p in procs:
+        p.send_signal(signal.SIGTERM)
+    errs = [p.communicate(timeout=300)[1] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], errs
+    saved = steps_saved(tmp_path)[-1]
+    assert 10 < saved < STEPS, saved
+    for err in errs:  # both processes stopped at the same step and name it
+        assert f"preempted (SIGTERM): saved {tmp_path}/checkpoints/{saved}" in err, err
+    procs = two()
+    errs = [p.communicate(timeout=600)[1] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], errs
+    assert f"resumed {tmp_path} at step {saved}" in errs[0]
+    assert_same_run(tmp_path, baseline, exact=False)
+
+
+# --- `python -m cpt_jax.sweep run`, the command every sweep backend launches, ends as main does.
+SWEEP = """
+import runpy
+def get_config():
+    c = runpy.run_path({mini!r})['get_config']()
+    c.sizes, c.batch_size, c.eval_points = ('test',), 8, 4
+    c.source_tokens_per_param, c.tokens_per_param = 0.02, (0.02,)
+    c.base.seq_len = 32
+    c.base.data.eval_batches = 2
+    c.base.mesh.shape = (2, 2, 2)
+    return c
+"""
+
+
+def sweep_run(tmp_path, sweep_dir, *extra, wait=True):
+    config = tmp_path / "sweep_config.py"
+    config.write_text(SWEEP.format(mini=os.path.join(ROOT, "configs", "sweeps", "mini.py")))
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+    proc = subprocess.Popen([sys.executable, "-m", "cpt_jax.sweep", "run", "--config", str(config), "--sweep_dir",
+                             str(sweep_dir), "--run", "test/source", *extra], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    if not wait:
+        return proc
+    _, err = proc.communicate(timeout=600)
+    return proc.returncode, err
+
+
+def test_sweep_run_sigterm_saves_exits_0_and_resumes_equal(tmp_path):
+    rc, err = sweep_run(tmp_path, tmp_path / "whole")
+    assert rc == 0, err
+    run_dir = tmp_path / "killed" / "test" / "source"
+    proc = sweep_run(tmp_path, tmp_path / "killed", wait=False)
+    wait_for(run_dir / "checkpoints" / "11", proc)  # checkpoint_every: 11 steps of 46
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0 and "Traceback" not in err, err
+    saved = steps_saved(run_dir)[-1]
+    assert 11 <= saved < 46 and f"preempted (SIGTERM): saved {run_dir}/checkpoints/{saved}" in err, err
+    rc, err = sweep_run(tmp_path, tmp_path / "killed")
+    assert rc == 0, err
+    assert f"resumed {run_dir} at step {saved}" in err
+    whole = tmp_path / "whole" / "test" / "source"
+    assert_same_run(run_dir, (metrics(whole), final_params(whole), whole))
+
+
+def test_sweep_run_nonfinite_stop_exits_1_with_one_line(tmp_path):
+    rc, err = sweep_run(tmp_path, tmp_path / "sweep", "--config.base.inject_nan_at=(14,)")
+    run_dir = tmp_path / "sweep" / "test" / "source"
+    assert rc == 1 and "Traceback" not in err, err
+    assert err.strip().splitlines()[-1] == (
+        f"error: non-finite loss or gradient norm in 1 step(s) by step 22 (not applied); stopped with the last good "
+        f"checkpoint, {run_dir}/checkpoints/11. --config.nonfinite=skip goes on past such steps")
