@@ -20,44 +20,32 @@ from etils import epath
 
 from cpt_jax import checkpoint, storage
 
-CHECKPOINTS, TOKENIZER, CONFIG, METRICS, TENSORBOARD = "checkpoints", "tokenizer", "config.json", "metrics.jsonl", \
-    "tensorboard"
+# The entries of a run dir: attribute name -> name on disk.
+LAYOUT = {"checkpoints": "checkpoints", "tokenizer": "tokenizer", "config": "config.json",
+          "metrics": "metrics.jsonl", "tensorboard": "tensorboard"}
 
 
 @dataclasses.dataclass(frozen=True)
 class RunDir:
     path: str  # absolute, or a URL
+    checkpoints: str = dataclasses.field(init=False)
+    tokenizer: str = dataclasses.field(init=False)
+    config: str = dataclasses.field(init=False)
+    metrics: str = dataclasses.field(init=False)
+    tensorboard: str = dataclasses.field(init=False)
+
+    def __post_init__(self):
+        for attr, name in LAYOUT.items():
+            object.__setattr__(self, attr, os.path.join(self.path, name))
 
     @classmethod
     def of(cls, path: str) -> RunDir:
         """A run's dir from itself or from its checkpoints dir (users pass either)."""
         path = storage.absolute(str(path)).rstrip("/")
-        if os.path.basename(path) == CHECKPOINTS and not epath.Path(path, CHECKPOINTS).is_dir():
+        leaf = LAYOUT["checkpoints"]
+        if os.path.basename(path) == leaf and not epath.Path(path, leaf).is_dir():
             path = os.path.dirname(path)
         return cls(path)
-
-    def _join(self, name: str) -> str:
-        return os.path.join(self.path, name)
-
-    @property
-    def checkpoints(self) -> str:
-        return self._join(CHECKPOINTS)
-
-    @property
-    def tokenizer(self) -> str:
-        return self._join(TOKENIZER)
-
-    @property
-    def config(self) -> str:
-        return self._join(CONFIG)
-
-    @property
-    def metrics(self) -> str:
-        return self._join(METRICS)
-
-    @property
-    def tensorboard(self) -> str:
-        return self._join(TENSORBOARD)
 
     def latest_step(self) -> int | None:
         """The latest complete checkpoint step; None where there is none."""
