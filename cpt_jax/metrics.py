@@ -152,7 +152,7 @@ class Progress:
 
     def _write(self, step: int, m: dict, evals: dict) -> None:
         now = time.perf_counter()
-        (then, then_step), n = self._since, step - self._since[1]
+        then, n = self._since[0], step - self._since[1]
         tokens_per_sec = n * self.b * self.t / (now - then - self._eval_s)
         r = {"train/loss": m["loss"], "train/grad_norm": m["grad_norm"], "train/lr": m["lr"],
              "train/tokens": step * self.b * self.t}

@@ -10,10 +10,10 @@ expands into a source run (the source language from scratch), a target-from-scra
 budget, and a CPT run per budget and replay ratio initialised from that size's source run. Every
 run is an ordinary `cpt_jax.main` run in SWEEP_DIR/<size>/<kind>, so finished runs are skipped
 and unfinished ones resume; the runs get the sweep command's own config file and `--config.X`
-overrides, and `sweep run` exits as `cpt_jax.main` does (cpt_jax.runner). Backends: `local` runs them one after another (each in its own
-process; a failed run is reported and the runs that depend on it are skipped), `slurm` writes
-and submits an array job whose CPT tasks wait for their source task, `print` prints one command
-per run (for TPU pods, see launch/).
+overrides, and `sweep run` exits as `cpt_jax.main` does (cpt_jax.runner). Backends: `local`
+runs them one after another (each in its own process; a failed run is reported and the runs
+that depend on it are skipped), `slurm` writes and submits an array job whose CPT tasks wait for
+their source task, `print` prints one command per run (for TPU pods, see launch/).
 """
 
 from __future__ import annotations

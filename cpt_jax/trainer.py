@@ -289,7 +289,7 @@ def train_loop(plan: Plan, steps: train.Steps, state: train.TrainState, step: in
             last = step == c.total_steps
             evals = {}
             if step % c.eval_every == 0 or last:
-                evals = progress.evaluate(lambda: evaluate(plan, steps, state.params), state.params)
+                evals = progress.evaluate(functools.partial(evaluate, plan, steps, state.params), state.params)
             if step % c.log_every == 0 or evals:
                 progress.log(step, m, evals)
             stop = preemption.now(step) and not last
