@@ -4,6 +4,7 @@ result, nothing is built twice. Real processes throughout, since the lock is bet
 
 from __future__ import annotations
 
+import hashlib
 import os
 import signal
 import subprocess
@@ -72,3 +73,75 @@ def test_a_killed_holder_releases_the_lock(tmp_path):
     out, err = waiter.communicate(timeout=60)
     assert waiter.returncode == 0 and out.strip() == "complete", err
     assert len((tmp_path / "builds.log").read_text().split()) == 2  # the killed one, then the waiter
+
+
+# build_store in several processes at once on one dir: a tokenizer slow enough that the builds
+# overlap, and that counts its calls in a file shared by all processes.
+_STORE_WORKER = textwrap.dedent("""
+    import hashlib, sys, time
+    from pathlib import Path
+    from cpt_jax.data.store import build_store
+    root = Path(sys.argv[1])
+    class Split:
+        docs = [f"document {i} " + "word " * (i % 7) for i in range(40)]
+        def __len__(self): return len(self.docs)
+        def texts(self, start, stop): return self.docs[start:stop]
+    class Tokenizer:
+        eos_id, vocab_size, fingerprint = 3, 100, "word lengths"
+        def encode_batch(self, texts):
+            with open(root / "calls.log", "a") as f:
+                f.write("chunk\\n")
+            time.sleep(0.1)
+            return [[10 + len(w) for w in t.split()] for t in texts]
+    while not (root / "go").exists():
+        time.sleep(0.001)
+    store = build_store(Split(), Tokenizer(), 8, root / "store", source="words", chunk_docs=4, workers=1)
+    print(hashlib.sha256(store.rows.tobytes()).hexdigest())
+""")
+
+
+def _store_workers(root: Path, n: int) -> list[subprocess.Popen]:
+    return [subprocess.Popen([sys.executable, "-c", _STORE_WORKER, str(root)], cwd=ROOT,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(n)]
+
+
+def _store_reference() -> str:
+    from cpt_jax.data import pack
+
+    docs = [f"document {i} " + "word " * (i % 7) for i in range(40)]
+    rows = pack([[10 + len(w) for w in t.split()] for t in docs], 8, 3)
+    return hashlib.sha256(rows.tobytes()).hexdigest()
+
+
+def _calls(root: Path) -> int:
+    return len((root / "calls.log").read_text().split())
+
+
+def test_store_built_once_by_processes_started_together(tmp_path):
+    procs = _store_workers(tmp_path, 4)
+    time.sleep(3)
+    (tmp_path / "go").touch()
+    outs = [p.communicate(timeout=120) for p in procs]
+    assert [p.returncode for p in procs] == [0] * 4, [err[-2000:] for _, err in outs]
+    assert [out.strip() for out, _ in outs] == [_store_reference()] * 4
+    assert _calls(tmp_path) == 10  # each of the 10 chunks tokenized once: one builder
+    assert sorted(os.listdir(tmp_path / "store")) == ["manifest.json", "rows.npy"]
+
+
+def test_a_killed_store_builder_is_resumed_by_the_next(tmp_path):
+    (tmp_path / "go").touch()
+    [first] = _store_workers(tmp_path, 1)
+    parts = tmp_path / "store" / "parts"
+    deadline = time.time() + 60
+    while not (parts / "part-000002.npy").exists():
+        assert first.poll() is None and time.time() < deadline, first.communicate()
+        time.sleep(0.01)
+    first.send_signal(signal.SIGKILL)  # mid-build, holding the lock
+    first.wait()
+    (parts / ".part-000009.npy.x1y2.tmp").write_bytes(b"half")  # what a write cut short leaves
+    finished, before = len(list(parts.glob("part-*.npy"))), _calls(tmp_path)
+    [second] = _store_workers(tmp_path, 1)
+    out, err = second.communicate(timeout=120)
+    assert second.returncode == 0 and out.strip() == _store_reference(), err
+    assert _calls(tmp_path) - before == 10 - finished  # only the chunks the killed build had not finished
+    assert sorted(os.listdir(tmp_path / "store")) == ["manifest.json", "rows.npy"]  # parts and litter gone

@@ -151,8 +151,7 @@ def build(dcfg, seq_len: int, workers: int | None = None) -> Data:
         for split in SPLITS:
             path = store_dir(root, name, spec, tok, seq_len, split)
             expect = {"tokenizer_fingerprint": tok.fingerprint, "seq_len": seq_len}
-            if not store_ready(path, expect):
-                log.info("preparing the %s split of %s into %s", split, name, path)
+            if not store_ready(path, expect):  # build_store logs it when it builds (not while it waits)
                 build_store(src_lib.open_split(spec, split, root), tok, seq_len, path, source=name, workers=workers)
             out[split][name] = open_store(path, expect=expect)
     return Data(
