@@ -235,3 +235,16 @@ def test_prepare_commands_started_together_on_an_empty_cache(empty_cache):
     assert json.loads(out) == summaries[0]
     assert _tree_digest(alone / "data" / "stores") == _tree_digest(empty_cache / "data" / "stores")
     assert _tree_digest(alone / "data" / "tokenizers") == _tree_digest(empty_cache / "data" / "tokenizers")
+
+
+@pytest.mark.slow
+def test_bundled_model_converted_once_for_jobs_started_together(tmp_path):
+    code = "from cpt_jax import convert; from cpt_jax.metrics import setup_logging; setup_logging(); " \
+           "print(convert.bundled_model('smollm2'))"
+    runs = _start_all([[sys.executable, "-c", code]] * 3, tmp_path / "cache")
+    for rc, out, err in runs:
+        assert rc == 0, err[-4000:]
+    dst = str(tmp_path / "cache" / "models" / "smollm2")
+    assert [out.strip() for _, out, _ in runs] == [dst] * 3
+    assert "".join(err for _, _, err in runs).count("converting the bundled model smollm2") == 1
+    assert sorted(os.listdir(tmp_path / "cache" / "models")) == [".smollm2.lock", "smollm2"]  # no staging left
