@@ -58,7 +58,9 @@ def barrier(name: str) -> None:
 
 def main_first(name: str, fn: Callable[[], T]) -> T:
     """`fn()` on process 0, then on the others: for work whose result lands in shared storage
-    (preparing data, converting a model), which the others then find done instead of racing."""
+    (preparing data, converting a model), which the others then find done instead of racing.
+    Orders the processes of one job; independent jobs are kept apart by the preparation's own
+    locks (`cpt_jax.storage.exclusive`)."""
     if is_main():
         out = fn()
         barrier(name)

@@ -32,6 +32,7 @@ from cpt_jax.convert.gguf import GGUFFile
 from cpt_jax.data.corpora import default_cache_dir
 from cpt_jax.data.tokenizer import HF_CONFIG_FILE, HF_FILE, SP_FILE, load_tokenizer
 from cpt_jax.models import ModelConfig, load, params_of
+from cpt_jax.storage import exclusive
 
 log = logging.getLogger(__name__)
 
@@ -52,11 +53,15 @@ def resolve_source(src: str) -> str:
 
 
 def bundled_model(name: str) -> str:
-    """The converted dir of a BUNDLED model, converted on first use into the cache."""
+    """The converted dir of a BUNDLED model, converted on first use into the cache: by one of the
+    processes asking for it at once, while the others wait and then use it."""
     dst = default_cache_dir() / "models" / name
-    if rundir.RunDir.of(str(dst)).latest_step() is None:
-        log.info("converting the bundled model %s into %s (once)", name, dst)
-        import_model(name, str(dst))
+    checkpoints = Path(rundir.RunDir(str(dst)).checkpoints)
+    if not checkpoints.is_dir():  # `staging` moves a conversion in whole
+        with exclusive(dst):
+            if not checkpoints.is_dir():  # another process may just have moved it in
+                log.info("converting the bundled model %s into %s (once)", name, dst)
+                import_model(name, str(dst))
     return str(dst)
 
 

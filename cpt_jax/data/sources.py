@@ -21,7 +21,8 @@ A source is configured as `data.sources.<name> = {"kind": ..., ...}`:
 Our builders write to `<data_dir>/tfds/<builder>/<config>/<version>`, so a prepared files
 or bible source can also be read elsewhere as kind "tfds" with data_dir `<data_dir>/tfds`.
 TFDS builds into an `incomplete.*` folder and renames it when done, so an interrupted
-build is never read as complete and the next `prepare` builds it again.
+build is never read as complete and the next `prepare` builds it again. Jobs that prepare one
+source at once build it once: one builds under its lock, the others wait and reuse it.
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ import tensorflow_datasets as tfds
 from cpt_jax.data.builders.bible import EVAL_FRACTION as BIBLE_EVAL_FRACTION
 from cpt_jax.data.builders.bible import Bible
 from cpt_jax.data.builders.text_files import FORMATS, TextFiles, TextFilesConfig, eval_cutoff, read_documents
+from cpt_jax.storage import exclusive
 
 log = logging.getLogger("cpt_jax")
 
@@ -255,23 +257,28 @@ def _files_eval_cutoff(spec: SourceSpec, config: TextFilesConfig) -> int:
 
 def prepare(spec: SourceSpec, data_dir: str | os.PathLike) -> None:
     """Build a bible or files source into `<data_dir>/tfds` unless already built (then
-    it is reused as is); check that a tfds source is prepared. Bad input raises a
-    ValueError naming the source and the file or field, before anything is written."""
+    it is reused as is), or wait for another process building it; check that a tfds source is
+    prepared. Bad input raises a ValueError naming the source and the file or field, before
+    anything is written."""
     if spec.kind == "tfds":
         _prepared_tfds(spec)
         return
     builder = _own_builder(spec, data_dir)
     if builder.is_prepared():
         return
-    if spec.kind == "files":
+    if spec.kind == "files":  # validated (every document read) before the lock: bad input writes nothing
         config = builder.builder_config
         builder = _text_files(dataclasses.replace(config, eval_cutoff=_files_eval_cutoff(spec, config)), data_dir)
-    # Nothing to fetch: without this, TFDS first asks GCS whether a prepared copy exists. TFDS
-    # prints its progress to stdout, which belongs to callers (JSON of the prepare CLI, benches).
-    log.info("preparing source %s into %s", spec.name, builder.data_dir)
-    tfds.disable_progress_bar()  # bars flood the logs of cluster jobs
-    with contextlib.redirect_stdout(sys.stderr):
-        builder.download_and_prepare(download_config=tfds.download.DownloadConfig(try_download_gcs=False))
+    # One process builds; TFDS would fail renaming its build onto one another process renamed first.
+    with exclusive(builder.data_dir):
+        if builder.is_prepared():  # built by another process while this one validated or waited
+            return
+        # Nothing to fetch: without this, TFDS first asks GCS whether a prepared copy exists. TFDS
+        # prints its progress to stdout, which belongs to callers (JSON of the prepare CLI, benches).
+        log.info("preparing source %s into %s", spec.name, builder.data_dir)
+        tfds.disable_progress_bar()  # bars flood the logs of cluster jobs
+        with contextlib.redirect_stdout(sys.stderr):
+            builder.download_and_prepare(download_config=tfds.download.DownloadConfig(try_download_gcs=False))
 
 
 # ---------------------------------------------------------------- reading

@@ -22,13 +22,18 @@ threads; so the calling script must guard its entry point with ``if __name__ == 
 
 Resume: a part file is written under a temp name and renamed, so one that exists is complete;
 plan.json ties the parts to (source, tokenizer, n_docs, chunk_docs), and a different plan
-discards them. One builder per directory at a time.
+discards them.
+
+Concurrency: build_store calls on one directory, from any processes at once (independent jobs
+started together on one machine or on a shared filesystem), build it once: one builds under the
+directory's lock (`cpt_jax.storage.exclusive`), the others wait for it and open its result.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import multiprocessing
 import multiprocessing.connection
 import os
@@ -42,7 +47,9 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from cpt_jax.storage import atomic_path
+from cpt_jax.storage import atomic_path, exclusive
+
+log = logging.getLogger("cpt_jax")
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -112,9 +119,9 @@ def build_store(split: TextSplit, tokenizer: StoreTokenizer, seq_len: int, out_d
     """Tokenize and pack ``split`` into a store at ``out_dir`` (see the module docstring).
 
     A no-op if a store with the same source, tokenizer, seq_len, document count and ``meta``
-    (JSON-serializable, kept in the manifest) is already there; otherwise finished parts of an
-    interrupted build are reused. Raises ValueError if a token id is outside [0, vocab_size)
-    or the source yields less than one row.
+    (JSON-serializable, kept in the manifest) is already there, or once another process building
+    it has finished; otherwise finished parts of an interrupted build are reused. Raises
+    ValueError if a token id is outside [0, vocab_size) or the source yields less than one row.
     """
     if seq_len < 1 or chunk_docs < 1 or workers < 1:
         raise ValueError(f"need seq_len, chunk_docs, workers >= 1, got {seq_len}, {chunk_docs}, {workers}")
@@ -135,6 +142,20 @@ def build_store(split: TextSplit, tokenizer: StoreTokenizer, seq_len: int, out_d
             raise TypeError(f"workers={workers} ships the tokenizer to worker processes by pickle, but "
                             f"{type(tokenizer).__name__} does not pickle ({e}); pass workers=1") from e
 
+    # One builder at a time: the others wait here, then find the store built. So the temp files
+    # and parts found below are a killed build's, never a live one's.
+    with exclusive(out):
+        if store_ready(out, identity):
+            return open_store(out, expect=identity)
+        log.info("tokenizing %d documents of %s into %s", n_docs, source, out)
+        _build(split, tokenizer, seq_len, out, identity, source, chunk_docs, workers)
+    return open_store(out, expect=identity)
+
+
+def _build(split: TextSplit, tokenizer: StoreTokenizer, seq_len: int, out: Path, identity: dict[str, Any],
+           source: str, chunk_docs: int, workers: int) -> None:
+    """build_store's work, done under the lock."""
+    n_docs = identity["n_docs"]
     # Drop a stale manifest first, so a crash mid-rebuild cannot pair it with new rows.
     (out / MANIFEST).unlink(missing_ok=True)
     parts = out / PARTS
@@ -154,7 +175,6 @@ def build_store(split: TextSplit, tokenizer: StoreTokenizer, seq_len: int, out_d
     with atomic_path(out / MANIFEST) as tmp:
         tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True))
     shutil.rmtree(parts)
-    return open_store(out, expect=identity)
 
 
 def _start_plan(parts: Path, plan: dict[str, Any]) -> None:
