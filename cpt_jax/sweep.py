@@ -331,9 +331,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     write_plan(runs, sweep_dir, args.config, sweep.target, sweep.source)
     if args.backend == "print":
-        for run in runs:
-            if not finished(run, sweep_dir):
-                print(" ".join(shlex.quote(a) for a in _run_command(args.config, sweep_dir, run.name)))
+        for line in print_commands(runs, sweep_dir, args.config):
+            print(line)
         return 0
     if args.backend == "slurm":
         launch_slurm(runs, sweep_dir, args.config, sweep.slurm)

@@ -147,6 +147,8 @@ def test_print_backend_prints_the_preparation_then_the_runs(tmp_path):
         *(["-m", "cpt_jax.sweep", "run", "--config", MINI, "--sweep_dir", str(tmp_path), "--run", r.name]
           for r in runs)]
     assert (tmp_path / "prepare_data.py").exists()
+    r = sweep_cli("--config", MINI, "--sweep_dir", str(tmp_path), "--backend", "print", "--only", "test")
+    assert r.returncode == 0 and r.stdout.splitlines() == lines, r.stdout + r.stderr
 
 
 def sweep_cli(*args):
