@@ -215,8 +215,8 @@ def slurm_script(runs: list[Run], sweep_dir: str, config_path: str, slurm: ml_co
              "  exit 0",
              "}",
              "trap on_term TERM",
-             " ".join(shlex.quote(a) for a in _run_command(_abs_config(config_path), sweep_dir, "", python="python")[:-1])
-             + ' "$run" &',
+             " ".join(shlex.quote(a) for a in _run_command(_abs_config(config_path), sweep_dir, "",
+                                                              python="python")[:-1]) + ' "$run" &',
              "pid=$!",
              'wait "$pid"']
     return "\n".join(lines) + "\n"
