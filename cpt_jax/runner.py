@@ -86,11 +86,11 @@ def main(job: Callable[[list[str]], object], **kwargs) -> None:
 
 
 def config_args(argv: list[str]) -> list[str]:
-    """`--config FILE` (absolute) and the `--config.X` overrides of this command line: how the
-    commands it launches get the same config."""
+    """`--config FILE` (absolute) and the `--config.X` overrides of this command line, each as
+    one `--config.X=V`: how the commands it launches get the same config."""
     file, sep, arg = config_flags.get_config_filename(flags.FLAGS["config"]).partition(":")
     out = ["--config", os.path.abspath(file) + sep + arg]
     for i, a in enumerate(argv):
         if a.startswith("--config."):
-            out += [a] if "=" in a else [a, argv[i + 1]]
+            out.append(a if "=" in a else f"{a}={argv[i + 1]}")
     return out

@@ -12,8 +12,9 @@ run is an ordinary `cpt_jax.main` run in SWEEP_DIR/<size>/<kind>, so finished ru
 and unfinished ones resume; the runs get the sweep command's own config file and `--config.X`
 overrides, and `sweep run` exits as `cpt_jax.main` does (cpt_jax.runner). Backends: `local`
 runs them one after another (each in its own process; a failed run is reported and the runs
-that depend on it are skipped), `slurm` writes and submits an array job whose CPT tasks wait for
-their source task, `print` prints one command per run (for TPU pods, see launch/).
+that depend on it are skipped), `slurm` submits a data-preparation job, then array jobs whose
+CPT tasks each wait for their own source task only, `print` prints the preparation command, then
+one command per run (for TPU pods, see launch/).
 """
 
 from __future__ import annotations
@@ -136,43 +137,163 @@ def launch_local(runs: list[Run], sweep_dir: str, config_args: list[str]) -> lis
     return failed
 
 
+# ----------------------------------------------------------------------------------------------
+# SLURM (and the print backend's commands, which follow the same plan)
+# ----------------------------------------------------------------------------------------------
+# The array script's own options; the sweep config's `slurm` options replace them (False drops one).
+SLURM_DEFAULTS = {"signal": "B:TERM@300", "requeue": True, "open-mode": "append"}
+PREPARE_CONFIG = "prepare_data.py"
+
+
+def _sbatch_lines(options: dict) -> list[str]:
+    """#SBATCH lines: a value of True is a bare flag; "", None and False drop the option."""
+    out = []
+    for k, v in options.items():
+        if v is True:
+            out.append(f"#SBATCH --{k}")
+        elif v not in ("", None, False):
+            out.append(f"#SBATCH --{k}={v}")
+    return out
+
+
+def write_prepare_config(sweep_dir: str, config_args: list[str]) -> str:
+    """SWEEP_DIR/prepare_data.py: a run config for `python -m cpt_jax.data.prepare`, the sweep's
+    base config. The runs differ from it only in model size, steps, batch and mixture weights
+    (`expand`), none of which changes what is prepared (sources, tokenizer, token stores of every
+    source at base.seq_len), so preparing it prepares the data of every run."""
+    os.makedirs(sweep_dir, exist_ok=True)
+    path = os.path.join(sweep_dir, PREPARE_CONFIG)
+    with open(path, "w") as f:
+        f.write('"""Written by `python -m cpt_jax.sweep`: the data every run of the sweep reads, for\n'
+                f'`python -m cpt_jax.data.prepare --config {path}`."""\n\n'
+                "from cpt_jax.config import load_file\n\n\n"
+                "def get_config():\n"
+                f"    return load_file({config_args[1]!r}).base\n")
+    return path
+
+
+def _prepare_command(sweep_dir: str, config_args: list[str], python: str = sys.executable) -> list[str]:
+    """The preparation of the base config, with the sweep's overrides of `base` (the others,
+    sizes and budgets, change no data)."""
+    base = [a.replace("--config.base.", "--config.", 1) for a in config_args if a.startswith("--config.base.")]
+    return [python, "-m", "cpt_jax.data.prepare", "--config", os.path.join(sweep_dir, PREPARE_CONFIG), *base]
+
+
+def print_commands(runs: list[Run], sweep_dir: str, config_args: list[str]) -> list[str]:
+    """The print backend: the data preparation first, then one command per unfinished run, each
+    after the run it starts from (runs that start from none may run at once)."""
+    todo = [r for r in runs if not finished(r, sweep_dir)]
+    if not todo:
+        return []
+    write_prepare_config(sweep_dir, config_args)
+    return [" ".join(shlex.quote(a) for a in cmd) for cmd in
+            [_prepare_command(sweep_dir, config_args), *(_run_command(config_args, sweep_dir, r.name) for r in todo)]]
+
+
 def slurm_script(runs: list[Run], sweep_dir: str, config_args: list[str], slurm: ml_collections.ConfigDict) -> str:
-    """An sbatch array script over the runs that are not finished; CPT tasks wait for their
-    source task through a dependency on the same array."""
-    lines = ["#!/bin/bash", "#SBATCH --job-name=cpt_sweep", f"#SBATCH --output={sweep_dir}/slurm-%A_%a.out"]
-    lines += [f"#SBATCH --{k}={v}" for k, v in slurm.items() if v not in ("", None)]
-    names = [r.name for r in runs]
-    lines += ["RUNS=(" + " ".join(shlex.quote(n) for n in names) + ")",
-              " ".join(shlex.quote(a) for a in _run_command(config_args, sweep_dir, "", python="python")[:-1])
-              + ' "${RUNS[$SLURM_ARRAY_TASK_ID]}"']
+    """The sbatch script of the sweep's array jobs: task i runs RUNS[i]. SIGTERM to the script
+    (SLURM sends it `--signal` seconds before the time limit) is passed on to the run, which
+    finishes the step in flight and saves; the task is then requeued (unless the job is being
+    cancelled), whatever the run's exit code, and its next start resumes the run."""
+    options = {**SLURM_DEFAULTS, **{k: v for k, v in slurm.items() if k != "prepare"}}
+    lines = ["#!/bin/bash", "#SBATCH --job-name=cpt_sweep", f"#SBATCH --output={sweep_dir}/slurm-%A_%a.out",
+             *_sbatch_lines(options),
+             "# Written by `python -m cpt_jax.sweep --backend slurm`, which submits it as array jobs: task i",
+             "# runs RUNS[i]. SIGTERM (before the time limit, or scancel --batch --signal=TERM) is passed on",
+             "# to the run, which saves; the task is then requeued and resumes.",
+             "set -uo pipefail",
+             "RUNS=(" + " ".join(shlex.quote(r.name) for r in runs) + ")",
+             'run=${RUNS[$SLURM_ARRAY_TASK_ID]}',
+             'task=${SLURM_ARRAY_JOB_ID}_${SLURM_ARRAY_TASK_ID}  # this task alone (the array job id is all of them)',
+             'echo "[sweep] $run: task $task on $(hostname), restart ${SLURM_RESTART_COUNT:-0}"',
+             'pid=""',
+             "on_term() {",
+             "  trap '' TERM",
+             '  echo "[sweep] $run: SIGTERM: passing it on to the run"',
+             "  rc=0",
+             '  if [ -n "$pid" ]; then kill -TERM "$pid" 2>/dev/null; wait "$pid" || rc=$?; fi',
+             "  # A running job is requeued; one being cancelled (scancel also sends TERM) is left to end.",
+             '  state=$(scontrol show job -o "$task")',
+             '  if [[ "$state" == *" JobState=RUNNING "* ]]; then',
+             '    echo "[sweep] $run: the run exited $rc; requeueing task $task"',
+             '    scontrol requeue "$task"',
+             "  else",
+             '    echo "[sweep] $run: the run exited $rc; the job is ending, not requeued"',
+             "  fi",
+             "  exit 0",
+             "}",
+             "trap on_term TERM",
+             " ".join(shlex.quote(a) for a in _run_command(config_args, sweep_dir, "",
+                                                              python="python")[:-1]) + ' "$run" &',
+             "pid=$!",
+             'wait "$pid"']
+    return "\n".join(lines) + "\n"
+
+
+def prepare_script(sweep_dir: str, config_args: list[str], slurm: ml_collections.ConfigDict) -> str:
+    """The sbatch script of the data-preparation job: the runs' options (but for the array
+    script's own: it is neither signalled nor requeued), with `slurm.prepare`'s in their place
+    (e.g. no GPUs)."""
+    options = {k: v for k, v in slurm.items() if k != "prepare" and k not in SLURM_DEFAULTS}
+    options.update(slurm.get("prepare", {}))
+    lines = ["#!/bin/bash", "#SBATCH --job-name=cpt_sweep_prepare",
+             f"#SBATCH --output={sweep_dir}/slurm-prepare-%j.out", *_sbatch_lines(options),
+             "# Written by `python -m cpt_jax.sweep --backend slurm`: the data every run of the sweep reads;",
+             "# the sweep's array jobs start once it succeeds.",
+             "set -euo pipefail",
+             " ".join(shlex.quote(a) for a in _prepare_command(sweep_dir, config_args, python="python"))]
     return "\n".join(lines) + "\n"
 
 
 def launch_slurm(runs: list[Run], sweep_dir: str, config_args: list[str], slurm: ml_collections.ConfigDict,
                  submit: bool = True) -> list[str]:
-    """Two array jobs: sources and scratch runs first, CPT runs after (afterok on the first).
-    Returns the sbatch commands (with submit=False, only written and returned)."""
+    """Submits the unfinished runs: a data-preparation job, then array jobs of one script
+    (sweep.sbatch, task i runs RUNS[i]). The runs that start from no unfinished run form one array,
+    after the preparation; the runs that start from an unfinished run form an array per such run,
+    after that run's own task only (afterok:JOB_TASK). So a failed run holds back only the runs
+    that start from it (cancelled: --kill-on-invalid-dep). Returns the sbatch commands as shell
+    lines; with submit=False they are only written and returned, job ids as shell variables."""
     todo = [r for r in runs if not finished(r, sweep_dir)]
-    first = [r for r in todo if r.kind != "cpt"]
-    second = [r for r in todo if r.kind == "cpt"]
+    if not todo:
+        return []
+    os.makedirs(sweep_dir, exist_ok=True)
+    write_prepare_config(sweep_dir, config_args)
+    prepare, script = os.path.join(sweep_dir, "sweep_prepare.sbatch"), os.path.join(sweep_dir, "sweep.sbatch")
+    with open(prepare, "w") as f:
+        f.write(prepare_script(sweep_dir, config_args, slurm))
+    with open(script, "w") as f:
+        f.write(slurm_script(todo, sweep_dir, config_args, slurm))
+    index = {r.name: i for i, r in enumerate(todo)}
+    groups: dict[str | None, list[int]] = {}  # the unfinished run waited for -> the tasks that wait
+    for i, r in enumerate(todo):  # in `expand` order, a run comes after the one it starts from
+        groups.setdefault(r.depends_on if r.depends_on in index else None, []).append(i)
     commands = []
-    job_id = None
-    for part, group in (("a", first), ("b", second)):
-        if not group:
-            continue
-        path = os.path.join(sweep_dir, f"sweep_{part}.sbatch")
-        with open(path, "w") as f:
-            f.write(slurm_script(group, sweep_dir, config_args, slurm))
-        cmd = ["sbatch", "--parsable", f"--array=0-{len(group) - 1}"]
-        if part == "b" and job_id:
-            cmd.append(f"--dependency=afterok:{job_id}")
-        cmd.append(path)
-        commands.append(" ".join(cmd))
+
+    def sbatch(var: str, args: list[str], path: str) -> str:
+        cmd = ["sbatch", "--parsable", *args, path]
+        if not submit:
+            # the ids of earlier jobs are shell variables here, left unquoted: the rest is quoted
+            commands.append(f"{var}=$({' '.join(a if '${' in a else shlex.quote(a) for a in cmd)})")
+            return f"${{{var}}}"
+        r = subprocess.run(cmd, capture_output=True, text=True)
+        if r.returncode:
+            raise RunError(f"{' '.join(cmd)} failed: {r.stderr.strip()}"
+                           + (f"; submitted before it: {'; '.join(commands)}" if commands else ""))
+        commands.append(" ".join(shlex.quote(a) for a in cmd))
+        return r.stdout.strip().split(";")[0]
+
+    prepare_job = sbatch("PREPARE", [], prepare)
+    if submit:
+        print(f"[sweep] submitted {prepare} as job {prepare_job}: data preparation", flush=True)
+    task: dict[str, str] = {}  # run name -> its array task, JOB_INDEX
+    for n, (after, tasks) in enumerate(groups.items()):
+        wait_for = prepare_job if after is None else task[after]
+        job = sbatch(f"JOB_{n}", [f"--array={','.join(map(str, tasks))}", f"--dependency=afterok:{wait_for}",
+                                  "--kill-on-invalid-dep=yes"], script)
+        task.update({todo[i].name: f"{job}_{i}" for i in tasks})
         if submit:
-            job_id = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip().split(";")[0]
-            print(f"[sweep] submitted {path} as job {job_id}")
-        else:
-            job_id = "$JOB_A"  # the commands, for the user to run: JOB_A=$(sbatch ... sweep_a.sbatch)
+            print(f"[sweep] submitted {script} as job {job} after {wait_for}: "
+                  + ", ".join(f"{todo[i].name} ({job}_{i})" for i in tasks), flush=True)
     return commands
 
 
@@ -207,9 +328,8 @@ def main(args: list[str]) -> None:
     config_args = runner.config_args(sys.argv)
     write_plan(runs, sweep_dir, config_args, sweep.target, sweep.source)
     if _BACKEND.value == "print":
-        for run in runs:
-            if not finished(run, sweep_dir):
-                print(" ".join(shlex.quote(a) for a in _run_command(config_args, sweep_dir, run.name)))
+        for line in print_commands(runs, sweep_dir, config_args):
+            print(line)
     elif _BACKEND.value == "slurm":
         launch_slurm(runs, sweep_dir, config_args, sweep.slurm)
     else:

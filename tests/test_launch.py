@@ -35,6 +35,9 @@ def calls(bin_dir):
 def test_shellcheck():
     r = subprocess.run(["shellcheck", "tpu_vm.sh", "slurm.sbatch"], cwd=LAUNCH, capture_output=True, text=True)
     assert r.returncode == 0, r.stdout
+    r = subprocess.run(["shellcheck", "slurm_local.sh"], cwd=os.path.join(ROOT, "tests"), capture_output=True,
+                       text=True)
+    assert r.returncode == 0, r.stdout
 
 
 def test_tpu_vm_commands(tmp_path):

@@ -3,9 +3,12 @@ sweep run for real with its report."""
 
 import json
 import os
+import shlex
+import shutil
 import subprocess
 import sys
 
+import ml_collections
 import pytest
 
 from cpt_jax import sweep
@@ -14,6 +17,7 @@ from cpt_jax.scaling.report import SECTIONS
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MINI = os.path.join(ROOT, "configs", "sweeps", "mini.py")
+MINI_ARGS = ["--config", MINI]  # as `runner.config_args` gives them
 PAPER = os.path.join(ROOT, "configs", "sweeps", "paper.py")
 
 
@@ -44,14 +48,127 @@ def test_paper_sweep_uses_the_papers_batches_and_budgets(tmp_path):
         assert r.config.optimizer.warmup_frac == 0.05 and r.config.seq_len == 2048
 
 
-def test_slurm_backend_writes_two_linked_array_jobs(tmp_path):
+def slurm_plan(cmds):
+    """launch_slurm(submit=False)'s sbatch lines as [(shell variable, run names, dependency)], the
+    names read from each script's RUNS at the --array indices; and run name -> its task
+    ("${VAR}_INDEX")."""
+    plan, task = [], {}
+    for line in cmds:
+        var, sep, cmd = line.partition("=$(")
+        argv = shlex.split(cmd.removesuffix(")") if sep else line)
+        opts = dict(a.removeprefix("--").split("=", 1) for a in argv if a.startswith("--") and "=" in a)
+        runs = next((shlex.split(line[6:-1]) for line in open(argv[-1]).read().splitlines()
+                     if line.startswith("RUNS=(")), [])
+        index = []
+        for part in opts.get("array", "").split(","):
+            a, _, b = part.partition("-")
+            index += list(range(int(a), int(b or a) + 1)) if a else []
+        var = var if sep else None
+        plan.append((var, [runs[i] for i in index], opts.get("dependency")))
+        task.update({runs[i]: f"${{{var}}}_{i}" for i in index})
+    return plan, task
+
+
+def test_slurm_cpt_arrays_wait_for_their_own_source_task_only(tmp_path):
     runs = sweep.expand(load_file(MINI), str(tmp_path))
-    cmds = sweep.launch_slurm(runs, str(tmp_path), MINI, load_file(MINI).slurm, submit=False)
-    assert cmds[0].startswith("sbatch --parsable --array=0-5 ") and cmds[1].startswith("sbatch --parsable --array=0-2")
-    assert "--dependency=afterok:" in cmds[1]
-    script = (tmp_path / "sweep_b.sbatch").read_text()
-    assert "RUNS=(test/cpt_r0.05 micro/cpt_r0.05 tiny/cpt_r0.05)" in script
-    assert '--run "${RUNS[$SLURM_ARRAY_TASK_ID]}"' in script
+    cmds = sweep.launch_slurm(runs, str(tmp_path), MINI_ARGS, load_file(MINI).slurm, submit=False)
+    plan, task = slurm_plan(cmds)
+    after = {name: dep for _, names, dep in plan for name in names}
+    assert sorted(after) == sorted(r.name for r in runs)
+    for size in ("test", "micro", "tiny"):  # its own source's task, not the array of every source and scratch run
+        assert after[f"{size}/cpt_r0.05"] == f"afterok:{task[f'{size}/source']}", cmds
+    cpt_arrays = [names for _, names, dep in plan if dep and dep != "afterok:${PREPARE}"]
+    assert sorted(cpt_arrays) == [[f"{s}/cpt_r0.05"] for s in ("micro", "test", "tiny")]  # one per source
+    assert all("--kill-on-invalid-dep=yes" in c for c in cmds[1:])
+    # The data is prepared first; the runs that start from none wait for that only.
+    assert plan[0] == ("PREPARE", [], None) and cmds[0].endswith(str(tmp_path / "sweep_prepare.sbatch") + ")")
+    assert {after[f"{s}/{k}"] for s in ("test", "micro", "tiny") for k in ("source", "scratch")} == {
+        "afterok:${PREPARE}"}
+
+
+def test_slurm_finished_source_imposes_no_dependency(tmp_path, monkeypatch):
+    runs = sweep.expand(load_file(MINI), str(tmp_path))
+    monkeypatch.setattr(sweep, "finished", lambda run, _: run.name in ("test/source", "micro/scratch"))
+    cmds = sweep.launch_slurm(runs, str(tmp_path), MINI_ARGS, load_file(MINI).slurm, submit=False)
+    plan, task = slurm_plan(cmds)
+    after = {name: dep for _, names, dep in plan for name in names}
+    assert sorted(after) == sorted(r.name for r in runs if r.name not in ("test/source", "micro/scratch"))
+    assert after["test/cpt_r0.05"] == "afterok:${PREPARE}", cmds  # its source has finished: nothing to wait for
+    assert after["micro/cpt_r0.05"] == f"afterok:{task['micro/source']}"
+    assert after["tiny/cpt_r0.05"] == f"afterok:{task['tiny/source']}"
+    assert {after[n] for n in ("test/scratch", "micro/source", "tiny/source", "tiny/scratch")} == {"afterok:${PREPARE}"}
+    monkeypatch.setattr(sweep, "finished", lambda run, _: True)
+    assert sweep.launch_slurm(runs, str(tmp_path / "done"), MINI_ARGS, load_file(MINI).slurm, submit=False) == []
+
+
+def test_slurm_scripts_pass_sigterm_on_requeue_and_take_the_configs_options(tmp_path):
+    runs = sweep.expand(load_file(MINI), str(tmp_path), only=("test",))
+    slurm = ml_collections.ConfigDict({"partition": "", "mem": "2G", "signal": "B:TERM@600", "time": "1:00:00",
+                                       "prepare": {"mem": "8G", "time": ""}})
+    cmds = sweep.launch_slurm(runs, str(tmp_path), MINI_ARGS, slurm, submit=False)
+    script = (tmp_path / "sweep.sbatch").read_text()
+    header = [line for line in script.splitlines() if line.startswith("#SBATCH")]
+    assert header == ["#SBATCH --job-name=cpt_sweep", f"#SBATCH --output={tmp_path}/slurm-%A_%a.out",
+                      "#SBATCH --signal=B:TERM@600", "#SBATCH --requeue", "#SBATCH --open-mode=append",
+                      "#SBATCH --mem=2G", "#SBATCH --time=1:00:00"]
+    assert 'scontrol requeue "$task"' in script and "task=${SLURM_ARRAY_JOB_ID}_${SLURM_ARRAY_TASK_ID}" in script
+    assert "trap on_term TERM" in script and '--run "$run" &' in script
+    prepare = (tmp_path / "sweep_prepare.sbatch").read_text()
+    assert [line for line in prepare.splitlines() if line.startswith("#SBATCH")] == [
+        "#SBATCH --job-name=cpt_sweep_prepare", f"#SBATCH --output={tmp_path}/slurm-prepare-%j.out",
+        "#SBATCH --mem=8G"]
+    assert prepare.rstrip().endswith(f"python -m cpt_jax.data.prepare --config {tmp_path}/prepare_data.py")
+    assert len(cmds) == 3  # preparation, test/source + test/scratch, test/cpt_r0.05 after test/source
+    if shutil.which("shellcheck"):
+        r = subprocess.run(["shellcheck", "sweep.sbatch", "sweep_prepare.sbatch"], cwd=tmp_path,
+                           capture_output=True, text=True)
+        assert r.returncode == 0, r.stdout
+
+
+def test_prepare_config_prepares_the_data_of_every_run(tmp_path):
+    """The one data-preparation job is enough: what `pipeline.build` prepares (sources, tokenizer,
+    stores of every source at seq_len) is the same for every run; runs differ in mixture weights."""
+    for config in (MINI, PAPER):
+        sw = load_file(config)
+        path = sweep.write_prepare_config(str(tmp_path), ["--config", config])
+        prepared = load_file(path)
+        assert prepared.to_dict() == sw.base.to_dict()
+        mixture = ("target", "replay", "replay_ratio")
+        for run in sweep.expand(sw, str(tmp_path)):
+            data = {k: v for k, v in run.config.data.to_dict().items() if k not in mixture}
+            assert data == {k: v for k, v in prepared.data.to_dict().items() if k not in mixture}, run.name
+            assert run.config.seq_len == prepared.seq_len
+
+
+def test_print_backend_prints_the_preparation_then_the_runs_with_the_overrides(tmp_path):
+    runs = sweep.expand(load_file(MINI), str(tmp_path), only=("test",))
+    lines = sweep.print_commands(runs, str(tmp_path), MINI_ARGS)
+    assert [shlex.split(line)[1:] for line in lines] == [
+        ["-m", "cpt_jax.data.prepare", "--config", str(tmp_path / "prepare_data.py")],
+        *(["-m", "cpt_jax.sweep", "run", "--config", MINI, "--sweep_dir", str(tmp_path), "--run", r.name]
+          for r in runs)]
+    assert (tmp_path / "prepare_data.py").exists()
+    # The command line's overrides reach every command: those of `base` the preparation too.
+    over = ["--config.base.seq_len=64", "--config.eval_points=4"]
+    r = sweep_cli("--config", MINI, "--sweep_dir", str(tmp_path), "--backend", "print", "--only", "test", *over)
+    assert r.returncode == 0, r.stdout + r.stderr
+    printed = [shlex.split(line)[1:] for line in r.stdout.splitlines()]
+    assert printed[0] == ["-m", "cpt_jax.data.prepare", "--config", str(tmp_path / "prepare_data.py"),
+                          "--config.seq_len=64"]
+    assert printed[1:] == [["-m", "cpt_jax.sweep", "run", "--config", MINI, *over, "--sweep_dir", str(tmp_path),
+                            "--run", r.name] for r in runs]
+    plan = json.loads((tmp_path / "sweep.json").read_text())
+    assert plan["config"] == ["--config", MINI, *over]
+
+
+def test_sweep_config_errors_are_one_line(tmp_path):
+    r = sweep_cli("--config", MINI, "--sweep_dir", str(tmp_path), "--config.base.no_such=1")
+    assert r.returncode == 2 and r.stderr.strip().splitlines() == ["config error: config.base.no_such: no such config "
+                                                                    "field"], r.stderr
+    r = sweep_cli("--config", MINI, "--sweep_dir", str(tmp_path), "--only", "huge")
+    assert r.returncode == 2 and r.stderr.strip().splitlines()[-1].startswith(
+        "config error: sizes: 'huge' is not a known size"), r.stderr
+    assert not (tmp_path / "sweep.json").exists()
 
 
 def sweep_cli(*args):

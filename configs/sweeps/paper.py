@@ -35,5 +35,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.batch_size = 0  # the paper's batch for each size
     c.eval_points = 20
     c.report = True
-    c.slurm = ml_collections.ConfigDict({"partition": "", "gpus-per-node": 8, "nodes": 1, "time": "48:00:00"})
+    # #SBATCH options of every run; `prepare`: those of the data-preparation job that differ ("": none)
+    c.slurm = ml_collections.ConfigDict({"partition": "", "gpus-per-node": 8, "nodes": 1, "time": "48:00:00",
+                                         "prepare": {"gpus-per-node": ""}})
     return c
