@@ -63,11 +63,13 @@ def test_tpu_vm_commands(tmp_path):
     assert bad.returncode == 2 and "usage" in bad.stderr
 
 
-def test_slurm_passes_sigterm_on_and_requeues(tmp_path):
+@pytest.mark.parametrize("state", ["RUNNING", "CANCELLED"])
+def test_slurm_passes_sigterm_on_and_requeues_unless_cancelled(tmp_path, state):
     # srun stand-in: runs until SIGTERM, then records it and exits 0 (as cpt_jax does after saving).
     stand_in(tmp_path, "srun",
              f'trap \'echo TERM >> "{tmp_path}/calls"; exit 0\' TERM; while true; do sleep 0.05; done')
-    stand_in(tmp_path, "scontrol")
+    # scontrol stand-in: the job's state, as `scontrol show job -o` prints it (scancel sends TERM too).
+    stand_in(tmp_path, "scontrol", f'if [ "$1" = show ]; then echo "JobId=42 JobName=cpt_jax JobState={state} Reason=None"; fi')
     env = {**os.environ, "PATH": f"{tmp_path}:{os.environ['PATH']}", "SLURM_JOB_ID": "42"}
     proc = subprocess.Popen(["bash", os.path.join(LAUNCH, "slurm.sbatch"), "configs/bible.py:137m", "/ckpt/137m",
                              "--config.seq_len=2048"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
@@ -79,7 +81,8 @@ def test_slurm_passes_sigterm_on_and_requeues(tmp_path):
     proc.send_signal(signal.SIGTERM)  # what SLURM sends the batch shell before the time limit
     proc.communicate(timeout=30)
     assert proc.returncode == 0
-    srun, term, requeue = calls(tmp_path)
+    srun, term, show, *requeue = calls(tmp_path)
     assert srun == ["srun", "--kill-on-bad-exit=1", "python", "-m", "cpt_jax.main", "--config", "configs/bible.py:137m",
                     "--workdir", "/ckpt/137m", "--config.seq_len=2048"]
-    assert term == ["TERM"] and requeue == ["scontrol", "requeue", "42"]
+    assert term == ["TERM"] and show == ["scontrol", "show", "job", "-o", "42"]
+    assert requeue == ([["scontrol", "requeue", "42"]] if state == "RUNNING" else [])
