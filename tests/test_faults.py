@@ -250,10 +250,10 @@ def get_config():
 """
 
 
-def sweep_run(tmp_path, sweep_dir, *extra, wait=True):
+def sweep_run(tmp_path, sweep_dir, *extra, wait=True, devices=8):
     config = tmp_path / "sweep_config.py"
     config.write_text(SWEEP.format(mini=os.path.join(ROOT, "configs", "sweeps", "mini.py")))
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+    env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
     proc = subprocess.Popen([sys.executable, "-m", "cpt_jax.sweep", "run", "--config", str(config), "--sweep_dir",
                              str(sweep_dir), "--run", "test/source", *extra], cwd=ROOT, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -263,9 +263,16 @@ def sweep_run(tmp_path, sweep_dir, *extra, wait=True):
     return proc.returncode, err
 
 
-def test_sweep_run_sigterm_saves_exits_0_and_resumes_equal(tmp_path):
-    rc, err = sweep_run(tmp_path, tmp_path / "whole")
+@pytest.fixture(scope="module")
+def sweep_baseline(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("sweep_baseline")
+    rc, err = sweep_run(tmp, tmp / "whole")
     assert rc == 0, err
+    whole = tmp / "whole" / "test" / "source"
+    return metrics(whole), final_params(whole), whole
+
+
+def test_sweep_run_sigterm_saves_exits_0_and_resumes_equal(tmp_path, sweep_baseline):
     run_dir = tmp_path / "killed" / "test" / "source"
     proc = sweep_run(tmp_path, tmp_path / "killed", wait=False)
     wait_for(run_dir / "checkpoints" / "11", proc)  # checkpoint_every: 11 steps of 46
@@ -277,8 +284,18 @@ def test_sweep_run_sigterm_saves_exits_0_and_resumes_equal(tmp_path):
     rc, err = sweep_run(tmp_path, tmp_path / "killed")
     assert rc == 0, err
     assert f"resumed {run_dir} at step {saved}" in err
-    whole = tmp_path / "whole" / "test" / "source"
-    assert_same_run(run_dir, (metrics(whole), final_params(whole), whole))
+    assert_same_run(run_dir, sweep_baseline)
+
+
+def test_sweep_run_spans_two_processes(tmp_path, sweep_baseline):
+    """The command every sweep backend launches joins jax.distributed as main does."""
+    port = free_port()
+    procs = [sweep_run(tmp_path, tmp_path / "sweep", f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",
+                       f"--process_id={i}", wait=False, devices=4) for i in range(2)]
+    errs = [p.communicate(timeout=600)[1] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], errs
+    assert "step 46/46" in errs[0] and "step 46/46" not in errs[1]  # one log: process 0's
+    assert_same_run(tmp_path / "sweep" / "test" / "source", sweep_baseline, exact=False)
 
 
 def test_sweep_run_nonfinite_stop_exits_1_with_one_line(tmp_path):
