@@ -176,6 +176,7 @@ def sweep_cli(*args):
                           text=True, timeout=900)
 
 
+@pytest.mark.slow  # minutes: it trains every run of a reduced sweep
 def test_reduced_mini_sweep_runs_skips_reports_failures_and_writes_its_report(tmp_path):
     config = tmp_path / "ci_sweep.py"
     config.write_text(
