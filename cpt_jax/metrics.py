@@ -152,8 +152,8 @@ class Progress:
 
     def _write(self, step: int, m: dict, evals: dict) -> None:
         now = time.perf_counter()
-        then, n = self._since[0], step - self._since[1]
-        tokens_per_sec = n * self.b * self.t / (now - then - self._eval_s)
+        train_s, n = now - self._since[0] - self._eval_s, step - self._since[1]
+        tokens_per_sec = n * self.b * self.t / train_s
         r = {"train/loss": m["loss"], "train/grad_norm": m["grad_norm"], "train/lr": m["lr"],
              "train/tokens": step * self.b * self.t}
         counts, epochs = self.mixture.cumulative_counts(step, self.b), self.mixture.epochs(step, self.b)
@@ -166,7 +166,7 @@ class Progress:
                 log.info("source %s ran past its end: epoch %d began before step %d (reshuffled by seed)",
                          name, int(epochs[name]), step)
             self._epochs[name] = epochs[name]
-        r["perf/tokens_per_sec"], r["perf/step_time_s"] = tokens_per_sec, (now - then - self._eval_s) / n
+        r["perf/tokens_per_sec"], r["perf/step_time_s"] = tokens_per_sec, train_s / n
         utilisation = mfu(tokens_per_sec, self.flops_per_token, peak_flops(jax.devices()[0]), jax.device_count())
         if utilisation is not None:
             r["perf/mfu"] = utilisation
