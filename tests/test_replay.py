@@ -6,6 +6,7 @@ import time
 import numpy as np
 import pytest
 
+from cpt_jax import scaling as sc
 from cpt_jax.scaling import replay as rp
 
 TRUE = rp.ReplayFit(K=0.8, kappa=0.3, r0=0.02, rho=1.2)
@@ -97,3 +98,7 @@ def test_common_tokens_lie_in_the_overlap():
     assert np.isfinite(rp.equal_compute(CURVES, at)["spread"]).all()
     assert rp.common_tokens({0.0: ([1e6, 2e6], [3.0, 2.9]), 0.5: ([4e6, 8e6], [3.0, 2.9])}).size == 0
 
+
+def test_exports():
+    assert (sc.ReplayFit, sc.fit_replay, sc.predict_rise, sc.critical_ratio) == (
+        rp.ReplayFit, rp.fit_replay, rp.predict_rise, rp.critical_ratio)
