@@ -57,14 +57,16 @@ def test_noisy_fit_recovers_constants_and_bootstrap_covers_the_critical_ratio():
 
 
 def test_bootstrap_skips_resamples_that_cannot_be_fitted():
-    r, d = np.array([0.0, 0.0, 0.0, 0.2]), 1e6 * np.array([1.0, 2.0, 4.0, 8.0])
+    r, d = np.array([0.0, 0.0, 0.0, 0.05, 0.2]), 1e6 * np.array([1.0, 2.0, 4.0, 8.0, 8.0])
     b = rp.bootstrap(r, d, rp.predict_rise(TRUE, r, d), epsilon=0.1, at_tokens=8e6, n=50)
-    assert 0 < b["n_used"] < 50  # draws of only r = 0 are skipped, not raised
+    assert 0 < b["n_used"] < 50  # draws of fewer than 3 ratios are skipped, not raised
 
 
 def test_bad_points_raise():
-    with pytest.raises(ValueError, match=r"distinct replay ratios.*r=0\.05"):
+    with pytest.raises(ValueError, match=r"3 distinct replay ratios.*r=0\.05"):
         rp.fit_replay(np.full(8, 0.05), D[:8], np.ones(8))
+    with pytest.raises(ValueError, match=r"3 distinct replay ratios.*r=0, 0\.2$"):  # two: a ridge of exact fits
+        rp.fit_replay(np.tile([0.0, 0.2], 4), D[:8], np.ones(8))
     with pytest.raises(ValueError, match="positive"):
         rp.fit_replay(R, np.where(np.arange(20) == 3, -1e6, D), np.ones(20))
     with pytest.raises(ValueError, match=r"\[0, 1\)"):

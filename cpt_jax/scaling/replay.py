@@ -71,8 +71,9 @@ def _prepare(r, D, rise) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     if not ((r >= 0) & (r < 1)).all():
         raise ValueError(f"replay ratios r must lie in [0, 1), got {r.min()} .. {r.max()}")
     distinct = np.unique(r)
-    if len(distinct) < 2:
-        raise ValueError(f"need at least 2 distinct replay ratios to fit rho and r0, got only r={distinct[0]}")
+    if len(distinct) < 3:  # two leave (r0, rho) on a ridge: any point of it fits them exactly
+        raise ValueError(f"need at least 3 distinct replay ratios to fit rho and r0, got only r="
+                         f"{', '.join(f'{x:g}' for x in distinct)}")
     return r, D, rise
 
 
@@ -113,7 +114,7 @@ def fit_replay(r, D, rise) -> ReplayFit:
     """The law fitted to points (r replay ratio, D target tokens, rise of the source loss) by
     plain least squares on the rise, from every start of a 3 x 3 x 3 grid; the best is kept.
     Negative rises (replay ending below the start) are fitted as they are: the law stays > 0.
-    Points at only 2 distinct ratios leave (r0, rho) on a ridge: use 3 or more."""
+    It needs 3 or more distinct ratios: with 2, (r0, rho) lie on a ridge of exact fits."""
     r, D, rise = _prepare(r, D, rise)
     logk = math.log(rise[rise > 0].mean()) if (rise > 0).any() else math.log(1e-3)
     starts = [np.array([logk, kappa, logr0, rho]) for kappa, logr0, rho in itertools.product(_KAPPAS, _LOG_R0S, _RHOS)]
