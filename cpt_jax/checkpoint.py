@@ -3,7 +3,8 @@
 A step directory holds three items so that each reader takes only what it needs: `params`
 (what `init_from` and the Colab loader read), `opt_state` (resume only) and `meta` (the run's
 config, the model layout, the tokenizer fingerprint). The manager keeps the last `keep` steps
-plus every `keep_every`-th one: intermediate checkpoints are data points for scaling-law fits.
+plus every `keep_every`-th one and the `keep_steps` (a WSD stable run's branch points):
+intermediate checkpoints are data points for scaling-law fits.
 """
 
 from __future__ import annotations
@@ -32,19 +33,27 @@ def check_model(theirs: dict, ours: dict, where: str) -> None:
 
 def latest_step(directory: str) -> int | None:
     """The latest complete step in a checkpoints dir; None where there is none, or no dir."""
+    steps = all_steps(directory)
+    return max(steps) if steps else None
+
+
+def all_steps(directory: str) -> list[int]:
+    """The complete steps in a checkpoints dir, in order ([] where there is no dir)."""
     if not epath.Path(directory).is_dir():
-        return None
-    return Checkpointer(directory, read_only=True).latest_step()
+        return []
+    return Checkpointer(directory, read_only=True).all_steps()
 
 
 class Checkpointer:
     """The checkpoints of one run (`DIR/checkpoints`)."""
 
     def __init__(self, directory: str, keep: int = 2, keep_every: int = 0, async_save: bool = True,
-                 read_only: bool = False):
+                 read_only: bool = False, keep_steps: tuple[int, ...] = ()):
         policies = [pp.LatestN(keep)]
         if keep_every:
             policies.append(pp.EveryNSteps(keep_every))
+        if keep_steps:
+            policies.append(pp.CustomSteps(list(keep_steps)))
         self.manager = ocp.CheckpointManager(
             storage.absolute(directory),
             options=ocp.CheckpointManagerOptions(
@@ -57,7 +66,7 @@ class Checkpointer:
         return self.manager.latest_step()
 
     def all_steps(self) -> list[int]:
-        return list(self.manager.all_steps())
+        return sorted(self.manager.all_steps())
 
     def save(self, step: int, params, opt_state, meta: dict) -> None:
         """Starts an async save; `wait()` (or the next save) finishes it. `opt_state=None` saves

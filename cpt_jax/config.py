@@ -41,7 +41,7 @@ def flatten(d: dict, prefix: str = "") -> dict:
 
 def expand_runs(config: ml_collections.ConfigDict, workdir: str) -> list[tuple[str, ml_collections.ConfigDict, str]]:
     """(name, config, workdir) for each run, each after the run it continues; a config without
-    `runs` is one run in `workdir`. `init_from="run:<name>"` becomes that sibling's workdir."""
+    `runs` is one run in `workdir`. `init_from="run:<name>"` (or branch_from) becomes that sibling's workdir."""
     if "runs" not in config:
         return [("", config, workdir)]
     out = []
@@ -56,14 +56,16 @@ def expand_runs(config: ml_collections.ConfigDict, workdir: str) -> list[tuple[s
             run.update_from_flattened_dict(flatten(overrides.to_dict()))
         except (KeyError, AttributeError) as e:
             raise ConfigError(f"runs.{name}: unknown config field {e}") from None
-        if run.init_from.startswith("run:"):
-            run.init_from = os.path.join(workdir, run.init_from[4:])
+        for field in ("init_from", "branch_from"):
+            if run[field].startswith("run:"):
+                run[field] = os.path.join(workdir, run[field][4:])
         out.append((name, run, os.path.join(workdir, name)))
     # A run starts after the run it continues (ConfigDict does not keep the file's key order).
+    parent = lambda run: run.init_from or run.branch_from  # noqa: E731
     done: list = []
     while out:
-        ready = next(r for r in out if not r[1].init_from.startswith(workdir + os.sep)
-                     or any(r[1].init_from == d[2] for d in done) or all(r[1].init_from != o[2] for o in out))
+        ready = next(r for r in out if not parent(r[1]).startswith(workdir + os.sep)
+                     or any(parent(r[1]) == d[2] for d in done) or all(parent(r[1]) != o[2] for o in out))
         done.append(ready)
         out.remove(ready)
     return done
@@ -90,8 +92,12 @@ def base() -> ml_collections.ConfigDict:
 
     c.optimizer = ml_collections.ConfigDict()
     c.optimizer.peak_lr = 2e-4  # the paper's peak
-    c.optimizer.warmup_frac = 0.05  # the paper's 5% warmup
-    c.optimizer.min_lr_frac = 0.1  # cosine ends at 10% of peak
+    c.optimizer.schedule = "cosine"  # cosine (the paper's) | wsd | constant | rsqrt (cpt_jax.train.schedule)
+    c.optimizer.warmup_frac = 0.05  # the paper's 5% warmup, from 0, counted from the run's own start
+    c.optimizer.warmup_steps = 0  # > 0: warmup steps, in place of warmup_frac (a WSD sweep's runs share it)
+    c.optimizer.min_lr_frac = 0.1  # cosine and wsd end at 10% of peak
+    c.optimizer.decay_frac = 0.2  # wsd: the decay takes the last 20% of the steps
+    c.optimizer.decay_shape = "1-sqrt"  # wsd: linear | 1-sqrt
     c.optimizer.b1 = 0.9
     c.optimizer.b2 = 0.95
     c.optimizer.eps = 1e-8
@@ -132,6 +138,7 @@ def base() -> ml_collections.ConfigDict:
     c.checkpoint_every = 100
     c.keep_checkpoints = 2  # the last N
     c.keep_every = 0  # plus every K-th step (0: none)
+    c.keep_steps = ()  # plus these steps, each saved and kept (the branch points of a WSD sweep's stable run)
     # A step whose loss or gradient norm is not finite is never applied. "stop": the run ends with
     # an error (found at the next log or checkpoint step; its last good checkpoint is kept);
     # "skip": it goes on, counting such steps (since the process started) as train/nonfinite_steps.
@@ -140,4 +147,9 @@ def base() -> ml_collections.ConfigDict:
     # Params only, from another run's workdir (or its checkpoints dir), a converted model
     # (`python -m cpt_jax.convert import`), or a bundled pretrained model by name ("smollm2").
     c.init_from = ""
+    # A cooldown branch: this run starts from another run's checkpoint at `branch_step` (params,
+    # optimizer state, step) and goes on with the same data stream; it may differ from that run
+    # in total_steps and the LR schedule after branch_step only (e.g. a wsd decay after `constant`).
+    c.branch_from = ""
+    c.branch_step = 0
     return c

@@ -31,7 +31,7 @@ import sys
 import ml_collections
 from absl import app, flags
 
-from cpt_jax import models, runner
+from cpt_jax import models, runner, train
 from cpt_jax.config import ConfigError
 from cpt_jax.rundir import RunDir
 from cpt_jax.runner import RunError
@@ -46,12 +46,15 @@ KINDS = ("source", "scratch", "cpt")
 
 @dataclasses.dataclass(frozen=True)
 class Run:
-    name: str  # "<size>/<kind>", the run's dir under the sweep dir
+    name: str  # "<size>/<kind>...", the run's dir under the sweep dir
     kind: str  # source | scratch | cpt
     size: str
-    params: int  # N
-    tokens: int  # D planned (batches x sequence length x steps)
+    params: int  # N: non-embedding parameters (all but the input embedding table), in every fit and budget
+    tokens: int  # D at the run's end (batch x sequence length x total steps), branch points included
+    trained: int  # tokens this run trains itself (a branch: its cooldown only)
     replay_ratio: float
+    role: str  # run (its own schedule) | stable (a WSD stable phase: no point of its own) | branch (a cooldown)
+    budget: float  # tokens per parameter of the point it gives (a stable run: of its last branch)
     depends_on: str | None  # the run whose checkpoint this one starts from
     config: ml_collections.ConfigDict = dataclasses.field(compare=False, repr=False)
 
@@ -61,42 +64,90 @@ def paper_batch_tokens(params: int) -> int:
     return 1 << 20 if params <= 1e9 else 2 << 20 if params <= 2.5e9 else 4 << 20
 
 
+def ratios(sweep: ml_collections.ConfigDict, size: str) -> tuple[float, ...]:
+    """The replay ratios of a size's CPT runs: the sweep's, plus the replay study's at its size."""
+    study = sweep.get("replay_study")
+    extra = tuple(study.ratios) if study and study.size == size else ()
+    return tuple(dict.fromkeys((*sweep.replay_ratios, *extra)))
+
+
 def expand(sweep: ml_collections.ConfigDict, sweep_dir: str, only: tuple[str, ...] = ()) -> list[Run]:
-    """Every run of the sweep, sources first, each with its full `cpt_jax.main` config."""
-    unknown = [s for s in (*sweep.sizes, *only) if s not in models.SIZES]
+    """Every run of the sweep, each after the run it starts from, with its full `cpt_jax.main`
+    config. Per size: a source run, then for scratch and for CPT at each replay ratio either a
+    run per token budget (the paper's protocol, the base schedule), or with `branches` one
+    stable-phase run (constant LR) to the last branch point that keeps a checkpoint at each,
+    and per budget a cooldown branch from it (wsd: the same step and data, the LR decayed)."""
+    study = sweep.get("replay_study")
+    named = (*sweep.sizes, *only, *([study.size] if study and study.size else []))
+    unknown = [s for s in named if s not in models.SIZES]
     if unknown:
         raise ValueError(f"sizes: {unknown[0]!r} is not a known size; known: {', '.join(models.SIZES)}")
+    if study and study.size and study.size not in sweep.sizes:
+        raise ValueError(f"replay_study.size={study.size!r} is not one of sizes {tuple(sweep.sizes)}")
     vocab = sweep.base.model.vocab_size or sweep.base.data.tokenizer.vocab_size
+    branched, seq = sweep.get("branches", False), sweep.base.seq_len
+    budgets = sorted(sweep.tokens_per_param)
     runs = []
     for size in sweep.sizes:
         if only and size not in only:
             continue
-        # N: the paper's own parameter figure for its sizes (its fits and 20x budgets use it), else the true count.
-        paper_m = models.SIZES[size].paper_m
-        n = paper_m * 10**6 if paper_m else models.model_config(
-            size, vocab, tie_embeddings=sweep.base.model.tie_embeddings).param_count()
-        batch = sweep.batch_size or max(1, paper_batch_tokens(n) // sweep.base.seq_len)
+        n = models.model_config(size, vocab, tie_embeddings=sweep.base.model.tie_embeddings).non_embedding_params()
+        batch = sweep.batch_size or max(1, paper_batch_tokens(n) // seq)
+        steps_of = lambda tpp: max(sweep.eval_points, math.ceil(tpp * n / (batch * seq)))  # noqa: E731
 
-        def run(kind: str, tpp: float, target: str, ratio: float, init: str | None, suffix: str = "") -> Run:
-            steps = max(sweep.eval_points, math.ceil(tpp * n / (batch * sweep.base.seq_len)))
+        def run(name: str, kind: str, tpp: float, ratio: float, role: str, steps: int, depends_on: str | None,
+                start: int = 0, evals: int = sweep.eval_points, **fields) -> Run:
             c = copy.deepcopy(sweep.base)
             c.model.size, c.batch_size, c.total_steps = size, batch, steps
-            c.data.target, c.data.replay, c.data.replay_ratio = target, sweep.source, ratio
-            c.init_from = os.path.join(sweep_dir, init) if init else ""
-            c.eval_every = max(1, steps // sweep.eval_points)
+            c.data.target = sweep.source if kind == "source" else sweep.target
+            c.data.replay, c.data.replay_ratio = sweep.source, ratio
+            if depends_on:
+                c["branch_from" if role == "branch" else "init_from"] = os.path.join(sweep_dir, depends_on)
+            c.eval_every = max(1, (steps - start) // evals)
             c.log_every = max(1, min(c.log_every, c.eval_every))
-            c.checkpoint_every = c.eval_every * max(1, sweep.eval_points // 4)
-            name = f"{size}/{kind}{suffix}"
-            return Run(name, kind, size, n, steps * batch * sweep.base.seq_len, ratio, init, c)
+            c.checkpoint_every = c.eval_every * max(1, evals // 4)
+            c.update_from_flattened_dict(fields)
+            r = Run(f"{size}/{name}", kind, size, n, steps * batch * seq, (steps - start) * batch * seq, ratio,
+                    role, tpp, depends_on, c)
+            runs.append(r)
+            return r
 
-        source = run("source", sweep.source_tokens_per_param, sweep.source, 0.0, None)
-        runs.append(source)
-        for tpp in sweep.tokens_per_param:
-            budget = "" if len(sweep.tokens_per_param) == 1 else f"_{tpp:g}x"
-            runs.append(run("scratch", tpp, sweep.target, 0.0, None, budget))
-            for r in sweep.replay_ratios:
-                runs.append(run("cpt", tpp, sweep.target, r, source.name, f"_r{r:g}{budget}"))
+        source = run("source", "source", sweep.source_tokens_per_param, 0.0, "run",
+                     steps_of(sweep.source_tokens_per_param), None,
+                     **({"optimizer.schedule": "wsd"} if branched else {}))
+        for kind, ratio in [("scratch", 0.0)] + [("cpt", r) for r in ratios(sweep, size)]:
+            label = "scratch" if kind == "scratch" else f"cpt_r{ratio:g}"
+            init = source.name if kind == "cpt" else None
+            if not branched:
+                for tpp in budgets:
+                    suffix = "" if len(budgets) == 1 else f"_{tpp:g}x"
+                    run(label + suffix, kind, tpp, ratio, "run", steps_of(tpp), init)
+                continue
+            # One warmup for the stable run and all its branches: 5% (warmup_frac) of the shortest.
+            warmup = sweep.base.optimizer.warmup_steps or max(
+                1, round(sweep.base.optimizer.warmup_frac * steps_of(budgets[0])))
+            opt = copy.deepcopy(sweep.base.optimizer)
+            opt.warmup_steps = warmup
+            points = {tpp: steps_of(tpp) - train.decay_steps(opt, steps_of(tpp)) for tpp in budgets}
+            if points[budgets[0]] <= warmup:
+                raise ValueError(f"tokens_per_param={budgets[0]:g} at size {size}: {steps_of(budgets[0])} steps "
+                                 f"leave no stable phase after a {warmup}-step warmup")
+            stable = run(f"{label}_stable", kind, budgets[-1], ratio, "stable", max(points.values()), init,
+                         **{"optimizer.schedule": "constant", "optimizer.warmup_steps": warmup,
+                            "keep_steps": tuple(sorted(points.values()))})
+            for tpp in budgets:
+                run(f"{label}_{tpp:g}x", kind, tpp, ratio, "branch", steps_of(tpp), stable.name, start=points[tpp],
+                    evals=max(1, sweep.eval_points // 4), branch_step=points[tpp],
+                    **{"optimizer.schedule": "wsd", "optimizer.warmup_steps": warmup})
     return runs
+
+
+def flops(runs: list[Run]) -> dict[str, float]:
+    """C = 6 N D of what the sweep trains, against the paper's protocol for the same points: a
+    run per point from its start (from scratch or from the source model), sources alike."""
+    spent = sum(6.0 * r.params * r.trained for r in runs)
+    per_point = sum(6.0 * r.params * r.tokens for r in runs if r.role != "stable")
+    return {"spent": spent, "one_run_per_point": per_point, "saved": 1 - spent / per_point if per_point else 0.0}
 
 
 def finished(run: Run, sweep_dir: str) -> bool:
@@ -109,18 +160,37 @@ def _run_command(config_args: list[str], sweep_dir: str, name: str, python: str 
     return [python, "-m", "cpt_jax.sweep", "run", *config_args, "--sweep_dir", sweep_dir, "--run", name]
 
 
-def write_plan(runs: list[Run], sweep_dir: str, config_args: list[str], target: str, source: str) -> None:
-    """sweep.json: what the report needs to know about every run."""
+def write_plan(runs: list[Run], sweep_dir: str, config_args: list[str], sweep: ml_collections.ConfigDict) -> None:
+    """sweep.json: what the report needs to know about the sweep and every run."""
     os.makedirs(sweep_dir, exist_ok=True)
-    plan = {"config": config_args, "target": target, "source": source,
+    study = sweep.get("replay_study")
+    plan = {"config": config_args, "target": sweep.target, "source": sweep.source,
+            "branches": bool(sweep.get("branches", False)),
+            "fit_replay_ratio": sweep.get("fit_replay_ratio", sweep.replay_ratios[0]),
+            "replay_study": study.to_dict() if study else None,
+            "findings": sweep.findings.to_dict() if "findings" in sweep else {},
+            "flops": flops(runs),
             "runs": [{k: v for k, v in dataclasses.asdict(r).items() if k != "config"} for r in runs]}
     with open(os.path.join(sweep_dir, "sweep.json"), "w") as f:
         json.dump(plan, f, indent=2)
 
 
+def cost_table(runs: list[Run]) -> str:
+    """The runs of a plan and its FLOPs, against the one-run-per-point protocol."""
+    f = flops(runs)
+    roles = {role: sum(r.role == role for r in runs) for role in ("run", "stable", "branch")}
+    return (f"{len(runs)} runs ({roles['run']} whole runs, {roles['stable']} stable phases, {roles['branch']} "
+            f"cooldown branches); {sum(r.role != 'stable' for r in runs)} (N, D, L) points and sources\n"
+            f"FLOPs (C = 6 N D): this plan {f['spent']:.3g}, one run per point {f['one_run_per_point']:.3g} "
+            f"({f['saved']:+.1%} saved)")
+
+
 def launch_local(runs: list[Run], sweep_dir: str, config_args: list[str]) -> list[str]:
     """Runs every unfinished run in order; returns the names of the runs that failed or were
-    skipped because what they start from failed."""
+    skipped because what they start from failed. The runs share a persistent compilation cache
+    (SWEEP_DIR/jax_cache, unless JAX_COMPILATION_CACHE_DIR says otherwise): runs of one size and
+    schedule compile the same programs."""
+    env = {"JAX_COMPILATION_CACHE_DIR": os.path.join(sweep_dir, "jax_cache"), **os.environ}
     failed: list[str] = []
     for run in runs:
         if run.depends_on in failed:
@@ -131,7 +201,7 @@ def launch_local(runs: list[Run], sweep_dir: str, config_args: list[str]) -> lis
             print(f"[sweep] {run.name}: finished already", flush=True)
             continue
         print(f"[sweep] {run.name}: N={run.params:,} D={run.tokens:,} ({run.config.total_steps} steps)", flush=True)
-        if subprocess.run(_run_command(config_args, sweep_dir, run.name)).returncode:
+        if subprocess.run(_run_command(config_args, sweep_dir, run.name), env=env).returncode:
             print(f"[sweep] {run.name}: FAILED (its log is above; re-running the sweep resumes it)", flush=True)
             failed.append(run.name)
     return failed
@@ -299,11 +369,11 @@ def launch_slurm(runs: list[Run], sweep_dir: str, config_args: list[str], slurm:
 
 def main(args: list[str]) -> None:
     command = args[0] if args else "launch"
-    if args[1:] or command not in ("launch", "run", "report"):
-        raise app.UsageError(f"unexpected arguments: {args}; commands: run, report (default: launch the sweep)")
-    if not _SWEEP_DIR.value:
+    if args[1:] or command not in ("launch", "run", "report", "cost"):
+        raise app.UsageError(f"unexpected arguments: {args}; commands: run, report, cost (default: launch the sweep)")
+    if not _SWEEP_DIR.value and command != "cost":
         raise app.UsageError("--sweep_dir is required")
-    sweep_dir = os.path.abspath(_SWEEP_DIR.value)
+    sweep_dir = os.path.abspath(_SWEEP_DIR.value or "SWEEP_DIR")
     if command == "report":
         from cpt_jax.scaling.report import write_report
 
@@ -316,6 +386,9 @@ def main(args: list[str]) -> None:
         runs = expand(sweep, sweep_dir, tuple(_ONLY.value))
     except ValueError as e:
         raise ConfigError(str(e)) from None
+    if command == "cost":  # the plan's arithmetic, nothing run
+        print(cost_table(runs))
+        return
     if command == "run":  # one run, in this process
         run = next((r for r in runs if r.name == _RUN.value), None)
         if run is None:
@@ -326,7 +399,7 @@ def main(args: list[str]) -> None:
         return
     # The runs are launched with this command's config file and overrides.
     config_args = runner.config_args(sys.argv)
-    write_plan(runs, sweep_dir, config_args, sweep.target, sweep.source)
+    write_plan(runs, sweep_dir, config_args, sweep)
     if _BACKEND.value == "print":
         for line in print_commands(runs, sweep_dir, config_args):
             print(line)

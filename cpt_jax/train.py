@@ -27,21 +27,58 @@ class TrainState:
     opt_state: Any
 
 
-def schedule(peak_lr: float, total_steps: int, warmup_frac: float, min_lr_frac: float) -> optax.Schedule:
-    """Linear warmup from 0 over `warmup_frac` of the steps, then cosine to `min_lr_frac * peak_lr`."""
-    warmup = max(1, int(round(warmup_frac * total_steps)))
-    return optax.warmup_cosine_decay_schedule(
-        init_value=0.0, peak_value=peak_lr, warmup_steps=warmup,
-        decay_steps=max(total_steps, warmup + 1), end_value=peak_lr * min_lr_frac,
-    )
+SCHEDULES = ("cosine", "wsd", "constant", "rsqrt")
+DECAY_SHAPES = ("linear", "1-sqrt")
+
+
+def warmup_steps(opt, total_steps: int) -> int:
+    """`optimizer.warmup_steps`, else `warmup_frac` of the run's steps (at least 1)."""
+    return opt.warmup_steps or max(1, int(round(opt.warmup_frac * total_steps)))
+
+
+def decay_steps(opt, total_steps: int) -> int:
+    """The steps of a WSD run's decay: its last `decay_frac` (at least 1). A cooldown branch of a
+    WSD sweep starts at total_steps - decay_steps."""
+    return max(1, int(round(opt.decay_frac * total_steps)))
+
+
+def schedule(opt, total_steps: int) -> optax.Schedule:
+    """The learning rate at each step of a run, counted from the run's own start (so a run that
+    starts from init_from warms up again from 0; a cooldown branch continues its stable run's step):
+
+      cosine    linear warmup from 0, then cosine to min_lr_frac x peak at the last step (the paper's)
+      wsd       warmup, stable at peak, then a decay over the last decay_frac of the steps to
+                min_lr_frac x peak, linear or 1-sqrt (Hägele et al. 2024)
+      constant  warmup, then peak for good (a WSD sweep's stable phase)
+      rsqrt     warmup, then peak x sqrt(warmup / step)
+    """
+    peak, floor = opt.peak_lr, opt.peak_lr * opt.min_lr_frac
+    warmup = warmup_steps(opt, total_steps)
+    if opt.schedule == "cosine":
+        return optax.warmup_cosine_decay_schedule(init_value=0.0, peak_value=peak, warmup_steps=warmup,
+                                                  decay_steps=max(total_steps, warmup + 1), end_value=floor)
+    warm = optax.linear_schedule(0.0, peak, warmup)
+    if opt.schedule == "constant":
+        after = optax.constant_schedule(peak)
+    elif opt.schedule == "rsqrt":
+        after = lambda step: peak * jnp.sqrt(warmup / jnp.maximum(step + warmup, warmup))  # noqa: E731
+    else:  # wsd
+        decay = decay_steps(opt, total_steps)
+        start = total_steps - decay
+
+        def after(step):  # steps since warmup ended
+            t = jnp.clip((step + warmup - start) / decay, 0.0, 1.0)
+            shape = t if opt.decay_shape == "linear" else jnp.sqrt(t)  # 1-sqrt: lr falls as 1 - sqrt(t)
+            return peak - (peak - floor) * shape
+    return optax.join_schedules([warm, after], [warmup])
 
 
 def optimizer(opt, total_steps: int) -> optax.GradientTransformation:
-    """AdamW with global-norm clipping; weight decay on matrices only (not norms or biases)."""
-    lr = schedule(opt.peak_lr, total_steps, opt.warmup_frac, opt.min_lr_frac)
+    """AdamW with global-norm clipping; weight decay on matrices only (not norms or biases). The
+    state has one layout whatever the schedule, so a branch restores its stable run's state."""
     return optax.chain(
         optax.clip_by_global_norm(opt.clip_norm),
-        optax.adamw(lr, b1=opt.b1, b2=opt.b2, eps=opt.eps, weight_decay=opt.weight_decay,
+        optax.adamw(schedule(opt, total_steps), b1=opt.b1, b2=opt.b2, eps=opt.eps, weight_decay=opt.weight_decay,
                     mask=lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)),
     )
 
@@ -138,7 +175,7 @@ def compile_steps(mcfg: models.ModelConfig, opt, total_steps: int, mesh, batch_s
     """Shardings from the logical-axis rules, then the train step compiled ahead of time."""
     spec = models.spec(mcfg)
     tx = optimizer(opt, total_steps)
-    lr_fn = schedule(opt.peak_lr, total_steps, opt.warmup_frac, opt.min_lr_frac)
+    lr_fn = schedule(opt, total_steps)
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
     p_sh = sharding.param_shardings(spec.abstract_params, spec.axes, mesh)
     abstract_opt = jax.eval_shape(tx.init, spec.abstract_params)

@@ -2,7 +2,7 @@
 
     plan = prepare(config, workdir)               checks, data, the model; nothing compiled or written
     steps = compile_run(plan)                     the train step ahead of time, its memory printed
-    state, step = restore_or_init(plan, steps, ckpt)   own checkpoint, else init_from's params, else random
+    state, step = restore_or_init(plan, steps, ckpt)   own checkpoint, else a branch point, init_from, random
     train_loop(plan, steps, state, step, ckpt, progress)   steps, evals, logs, async checkpoints
 
 Re-running a run resumes it, or skips it once finished. The bookkeeping between the device and
@@ -36,9 +36,14 @@ log = logging.getLogger("cpt_jax")
 
 # Fields that may differ when a workdir is resumed: they change how a run is shown, stored or
 # computed, not what it computes.
-RESUMABLE_CHANGES = ("log_every", "eval_every", "checkpoint_every", "keep_checkpoints", "keep_every",
+RESUMABLE_CHANGES = ("log_every", "eval_every", "checkpoint_every", "keep_checkpoints", "keep_every", "keep_steps",
                      "mesh.shape", "data.dir", "data.workers", "data.eval_batches", "model.remat",
                      "model.scan_layers", "model.attention", "model.loss_chunk", "nonfinite", "inject_nan_at")
+# And those in which a cooldown branch may differ from the run it branches from: its length, its
+# schedule (whose values before the branch point are checked to agree), what it starts from.
+BRANCH_CHANGES = ("total_steps", "optimizer.schedule", "optimizer.peak_lr", "optimizer.warmup_frac",
+                  "optimizer.warmup_steps", "optimizer.decay_frac", "optimizer.decay_shape", "optimizer.min_lr_frac",
+                  "branch_from", "branch_step", "init_from")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -53,6 +58,7 @@ def validate(config: ml_collections.ConfigDict, workdir: str | None = None, devi
         value = functools.reduce(getattr, field.split("."), config)
         if not isinstance(value, int) or value <= 0:
             raise ConfigError(f"{field}={value!r} must be a positive integer")
+    _check_schedule(config)
     if config.nonfinite not in ("stop", "skip"):
         raise ConfigError(f"nonfinite={config.nonfinite!r} must be stop or skip")
     if not 0.0 <= config.data.replay_ratio < 1.0:
@@ -72,7 +78,7 @@ def validate(config: ml_collections.ConfigDict, workdir: str | None = None, devi
     if chunk and config.seq_len % min(chunk, config.seq_len):
         raise ConfigError(f"model.loss_chunk={chunk} does not divide seq_len={config.seq_len}")
     if config.model.size == "init_from":
-        if not config.init_from:
+        if not (config.init_from or config.branch_from):
             raise ConfigError("model.size='init_from' takes the architecture of init_from, which is not set")
     else:
         model_config(config, vocab_size=max(config.model.vocab_size, 1))
@@ -90,9 +96,41 @@ def validate(config: ml_collections.ConfigDict, workdir: str | None = None, devi
     if config.init_from and check_init_from and RunDir.of(config.init_from).latest_step() is None:
         raise ConfigError(f"init_from={config.init_from!r}: no checkpoint found there (a pretrained model "
                           f"becomes one with `python -m cpt_jax.convert import`)")
+    if config.branch_from and check_init_from:
+        kept = checkpoint.all_steps(RunDir.of(config.branch_from).checkpoints)
+        if config.branch_step not in kept:
+            raise ConfigError(f"branch_from={config.branch_from!r} has no checkpoint at branch_step="
+                              f"{config.branch_step} (it has {kept or 'none'}; keep_steps makes a run keep its "
+                              f"branch points)")
     if workdir is not None:
         check_workdir(workdir)
     return mesh
+
+
+def _check_schedule(config: ml_collections.ConfigDict) -> None:
+    opt, total = config.optimizer, config.total_steps
+    if opt.schedule not in train.SCHEDULES:
+        raise ConfigError(f"optimizer.schedule={opt.schedule!r} must be one of {', '.join(train.SCHEDULES)}")
+    if opt.decay_shape not in train.DECAY_SHAPES:
+        raise ConfigError(f"optimizer.decay_shape={opt.decay_shape!r} must be one of {', '.join(train.DECAY_SHAPES)}")
+    if not 0.0 < opt.decay_frac <= 1.0:
+        raise ConfigError(f"optimizer.decay_frac={opt.decay_frac} must be in (0, 1]")
+    if not isinstance(opt.warmup_steps, int) or opt.warmup_steps < 0:
+        raise ConfigError(f"optimizer.warmup_steps={opt.warmup_steps!r} must be a non-negative integer")
+    if isinstance(total, int) and total > 0 and opt.schedule == "wsd":
+        warmup, decay = train.warmup_steps(opt, total), train.decay_steps(opt, total)
+        if warmup + decay > total:
+            raise ConfigError(f"optimizer: warmup ({warmup} steps) and decay ({decay} steps, decay_frac="
+                              f"{opt.decay_frac}) do not fit in total_steps={total}")
+    if config.branch_from and config.init_from:
+        raise ConfigError("init_from and branch_from are both set: a run starts from one of them")
+    if config.branch_from and not (isinstance(config.branch_step, int) and 0 < config.branch_step < total):
+        raise ConfigError(f"branch_step={config.branch_step!r} must be a step in (0, total_steps={total})")
+    if config.branch_step and not config.branch_from:
+        raise ConfigError(f"branch_step={config.branch_step} is set without branch_from")
+    bad = [s for s in config.keep_steps if not (isinstance(s, int) and 0 < s <= total)]
+    if bad:
+        raise ConfigError(f"keep_steps: {bad[0]!r} is not a step in (0, total_steps={total}]")
 
 
 def check_workdir(workdir: str) -> None:
@@ -117,15 +155,47 @@ def check_workdir_config(config: ml_collections.ConfigDict, run: RunDir, allow_c
     saved = run.read_config() if not allow_change else None
     if saved is None:
         return
+    diff = config_diff(saved, config, RESUMABLE_CHANGES)
+    if diff:
+        raise ConfigError(f"workdir {run.path} was made by a different config ({diff}); use another workdir, "
+                          f"or --allow_config_change to resume it anyway")
+
+
+def config_diff(saved: dict, config: ml_collections.ConfigDict, allowed: tuple[str, ...]) -> str:
+    """The fields (but `allowed` ones and those under them) in which `config` differs from a
+    saved config, as `field: old -> new; ...`; "" where none."""
     old, new = flatten(saved), flatten(json.loads(config.to_json()))
     for flat in (old, new):  # "auto" and what it means on this platform are the same dtype
         flat["model.dtype"] = models.llama.compute_dtype(flat.get("model.dtype", "auto"))
-    allowed = lambda k: any(k == f or k.startswith(f + ".") for f in RESUMABLE_CHANGES)  # noqa: E731
-    diff = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k) and not allowed(k))
+    ok = lambda k: any(k == f or k.startswith(f + ".") for f in allowed)  # noqa: E731
+    diff = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k) and not ok(k))
+    return "; ".join(f"{k}: {old.get(k, '(absent)')!r} -> {new.get(k, '(absent)')!r}" for k in diff)
+
+
+def check_branch(config: ml_collections.ConfigDict) -> None:
+    """A cooldown branch continues its run exactly up to branch_step: the same config but for
+    BRANCH_CHANGES, the same data stream, and the same learning rate at every step before it."""
+    parent = RunDir.of(config.branch_from)
+    saved = parent.read_config()
+    if saved is None:
+        raise ConfigError(f"branch_from={config.branch_from!r} has no config.json: not a run's workdir")
+    diff = config_diff(saved, config, RESUMABLE_CHANGES + BRANCH_CHANGES)
     if diff:
-        fields = "; ".join(f"{k}: {old.get(k, '(absent)')!r} -> {new.get(k, '(absent)')!r}" for k in diff)
-        raise ConfigError(f"workdir {run.path} was made by a different config ({fields}); use another workdir, "
-                          f"or --allow_config_change to resume it anyway")
+        raise ConfigError(f"branch_from={config.branch_from!r} was trained with another config ({diff}); "
+                          f"a branch may change only {', '.join(BRANCH_CHANGES)}")
+    theirs = ml_collections.ConfigDict(saved)
+    if pipeline.mixture_stages(theirs.data, theirs.total_steps) != pipeline.mixture_stages(config.data,
+                                                                                           config.total_steps):
+        raise ConfigError(f"branch_from={config.branch_from!r}: data.stages fall on other steps at total_steps="
+                          f"{config.total_steps}; give the stages' starts as steps")
+    steps = np.arange(config.branch_step)
+    ours, before = train.schedule(config.optimizer, config.total_steps), train.schedule(theirs.optimizer,
+                                                                                        theirs.total_steps)
+    differ = np.flatnonzero(~np.isclose(np.asarray(ours(steps)), np.asarray(before(steps)), rtol=1e-6, atol=0))
+    if differ.size:
+        raise ConfigError(f"branch_from={config.branch_from!r}: this run's learning rate differs from it before "
+                          f"branch_step={config.branch_step} (first at step {differ[0]}); set "
+                          f"optimizer.warmup_steps to the same number of steps in both")
 
 
 def model_config(config: ml_collections.ConfigDict, vocab_size: int, source: dict | None = None,
@@ -158,7 +228,7 @@ class Plan:
     model: models.ModelConfig  # its attention kernel resolved: the one that is compiled
     data: pipeline.Data
     mixture: Mixture
-    init_from: RunDir | None
+    parent: RunDir | None  # init_from's or branch_from's run
     meta: dict  # stored with every checkpoint
 
 
@@ -168,14 +238,18 @@ def prepare(config: ml_collections.ConfigDict, workdir: str, devices=None, allow
     mesh = validate(config, workdir, devices)
     run = RunDir.of(workdir)
     check_workdir_config(config, run, allow_config_change)
+    if config.branch_from:
+        check_branch(config)
     done = run.latest_step()
     if done is not None and done >= config.total_steps:
         log.info("%s is already finished (step %d)", run.path, done)
         return None
 
     # Data: sources, tokenizer and token stores (prepared on first use). A model continued from
-    # init_from speaks init_from's tokenizer.
-    init = RunDir.of(config.init_from) if config.init_from else None
+    # init_from (or branch_from) speaks its tokenizer.
+    field = "branch_from" if config.branch_from else "init_from"
+    init = RunDir.of(config[field]) if config[field] else None
+    where = f"{field}={config[field]!r}"
     dcfg = config.data
     if not dcfg.tokenizer.path and init and epath.Path(init.tokenizer).is_dir():
         dcfg = ml_collections.ConfigDict(dcfg.to_dict())
@@ -187,24 +261,22 @@ def prepare(config: ml_collections.ConfigDict, workdir: str, devices=None, allow
     mixture = pipeline.mixture(dcfg, data, config.total_steps, config.seed)
 
     # The model, and the one compatibility check against what it starts from.
-    init_meta = init.meta() if init else None
+    init_meta = init.meta(config.branch_step or None) if init else None
     if config.model.size == "init_from":
         vocab = init_meta["model"]["vocab_size"]
         if config.model.vocab_size not in (0, vocab):
-            raise ConfigError(f"model.vocab_size={config.model.vocab_size}, but init_from={config.init_from!r} "
-                              f"has {vocab}")
+            raise ConfigError(f"model.vocab_size={config.model.vocab_size}, but {where} has {vocab}")
     else:
         vocab = config.model.vocab_size or data.tokenizer.vocab_size
     if vocab < data.tokenizer.vocab_size:
-        where = (f"init_from={config.init_from!r} has vocab_size={vocab}" if config.model.size == "init_from"
-                 else f"model.vocab_size={vocab} is")
-        raise ConfigError(f"{where} smaller than the tokenizer's {data.tokenizer.vocab_size}")
+        what = f"{where} has vocab_size={vocab}" if config.model.size == "init_from" else f"model.vocab_size={vocab} is"
+        raise ConfigError(f"{what} smaller than the tokenizer's {data.tokenizer.vocab_size}")
     mcfg = model_config(config, vocab, init_meta and init_meta["model"], seq_len=config.seq_len)
     if init:
         if init_meta.get("tokenizer") != data.tokenizer.fingerprint:
-            raise ConfigError(f"init_from={config.init_from!r} was trained with tokenizer "
-                              f"{init_meta.get('tokenizer')}, this run uses {data.tokenizer.fingerprint}")
-        _check_model(init_meta["model"], mcfg, f"init_from={config.init_from!r}")
+            raise ConfigError(f"{where} was trained with tokenizer {init_meta.get('tokenizer')}, this run uses "
+                              f"{data.tokenizer.fingerprint}")
+        _check_model(init_meta["model"], mcfg, where)
     if done is not None:
         try:
             own = run.meta(done)
@@ -247,12 +319,12 @@ def _memory_summary(mem) -> str:
 
 
 # ----------------------------------------------------------------------------------------------
-# Stage 3: restore the run's own latest checkpoint, else init_from's params (fresh optimizer
-# state), else random parameters.
+# Stage 3: restore the run's own latest checkpoint, else branch_from's state at branch_step, else
+# init_from's params (fresh optimizer state), else random parameters.
 # ----------------------------------------------------------------------------------------------
 def restore_or_init(plan: Plan, steps: train.Steps, ckpt: checkpoint.Checkpointer
                     ) -> tuple[train.TrainState, int | None]:
-    """(state, the step resumed at, or None for a fresh start)."""
+    """(state, the step resumed or branched at, or None for a fresh start)."""
     abstract = steps.abstract_state
     try:
         restored = ckpt.restore_latest(abstract.params, abstract.opt_state, plan.model.architecture())
@@ -261,10 +333,15 @@ def restore_or_init(plan: Plan, steps: train.Steps, ckpt: checkpoint.Checkpointe
     if restored:
         start, params, opt_state = restored
         log.info("resumed %s at step %d", plan.run.path, start)
+    elif plan.config.branch_from:  # the stable run's state at the branch point, step and all
+        start = plan.config.branch_step
+        src = checkpoint.Checkpointer(plan.parent.checkpoints, read_only=True)
+        params, opt_state, _ = src.restore(start, abstract.params, abstract.opt_state)
+        log.info("branched from %s at step %d", plan.parent.path, start)
     else:
         start = None
-        if plan.init_from:
-            src = checkpoint.Checkpointer(plan.init_from.checkpoints, read_only=True)
+        if plan.parent:
+            src = checkpoint.Checkpointer(plan.parent.checkpoints, read_only=True)
             params, _, _ = src.restore(src.latest_step(), abstract.params)
             log.info("initialised params from %s (step %d)", plan.config.init_from, src.latest_step())
         else:
@@ -293,7 +370,7 @@ def train_loop(plan: Plan, steps: train.Steps, state: train.TrainState, step: in
             if step % c.log_every == 0 or evals:
                 progress.log(step, m, evals)
             stop = preemption.now(step) and not last
-            if step % c.checkpoint_every == 0 or last or stop:
+            if step % c.checkpoint_every == 0 or step in c.keep_steps or last or stop:
                 progress.nonfinite_steps(step)  # never a checkpoint past a non-finite step in stop mode
                 ckpt.save(step, state.params, state.opt_state, plan.meta)
             if stop:
@@ -376,7 +453,8 @@ def train_run(config: ml_collections.ConfigDict, workdir: str, devices=None, all
     steps = compile_run(plan)
     c, run, is_main = plan.config, plan.run, jax.process_index() == 0
     with jax.set_mesh(plan.mesh):
-        ckpt = checkpoint.Checkpointer(run.checkpoints, c.keep_checkpoints, c.keep_every)
+        ckpt = checkpoint.Checkpointer(run.checkpoints, c.keep_checkpoints, c.keep_every,
+                                       keep_steps=tuple(c.keep_steps))
         writer = None
         try:
             state, start = restore_or_init(plan, steps, ckpt)
@@ -420,7 +498,7 @@ def run_all(config: ml_collections.ConfigDict, workdir: str, allow_config_change
                 raise ConfigError(f"init_from={run.init_from!r}: {e}") from None
     for name, run, run_dir in runs:  # a typo in the last run fails now
         try:
-            validate(run, run_dir, check_init_from=all(run.init_from != d for _, _, d in runs))
+            validate(run, run_dir, check_init_from=all(d not in (run.init_from, run.branch_from) for _, _, d in runs))
             check_workdir_config(run, RunDir.of(run_dir), allow_config_change)
         except ConfigError as e:
             raise ConfigError(f"runs.{name}: {e}" if name else str(e)) from None

@@ -11,7 +11,7 @@ import sys
 import ml_collections
 import pytest
 
-from cpt_jax import sweep
+from cpt_jax import models, sweep
 from cpt_jax.config import load_file
 from cpt_jax.scaling.report import SECTIONS
 
@@ -21,21 +21,57 @@ MINI_ARGS = ["--config", MINI]  # as `runner.config_args` gives them
 PAPER = os.path.join(ROOT, "configs", "sweeps", "paper.py")
 
 
-def test_mini_expands_into_sources_scratch_and_linked_cpt_runs(tmp_path):
+def test_mini_expands_into_stable_phases_and_their_cooldown_branches(tmp_path):
     runs = sweep.expand(load_file(MINI), str(tmp_path))
-    assert [r.name for r in runs] == [f"{s}/{k}" for s in ("test", "micro", "tiny")
-                                      for k in ("source", "scratch", "cpt_r0.05")]
+    kinds = ["scratch", "cpt_r0.05"]
+    expected = []
+    for size in ("nano", "test", "micro"):
+        expected.append(f"{size}/source")
+        for kind in kinds + (["cpt_r0", "cpt_r0.01", "cpt_r0.2", "cpt_r0.5"] if size == "test" else []):
+            expected += [f"{size}/{kind}_stable", *(f"{size}/{kind}_{b}x" for b in ("0.25", "0.5", "1"))]
+    assert [r.name for r in runs] == expected
     by = {r.name: r for r in runs}
-    cpt = by["micro/cpt_r0.05"]
-    assert cpt.depends_on == "micro/source" and cpt.config.init_from == str(tmp_path / "micro" / "source")
-    assert (cpt.config.data.target, cpt.config.data.replay, cpt.config.data.replay_ratio) == ("zh", "en", 0.05)
-    assert by["micro/source"].config.data.target == "en" and by["micro/source"].config.data.replay_ratio == 0
-    assert by["micro/scratch"].config.init_from == ""
-    for r in runs:  # 0.2 tokens per parameter, in whole steps
-        assert r.tokens == r.config.total_steps * 16 * 128 and 0.2 * r.params <= r.tokens < 0.2 * r.params + 16 * 128
-    assert [r.size for r in sweep.expand(load_file(MINI), str(tmp_path), only=("tiny",))] == ["tiny"] * 3
+    stable, source = by["test/cpt_r0.05_stable"], by["test/source"]
+    assert stable.depends_on == "test/source" and stable.config.init_from == str(tmp_path / "test" / "source")
+    assert (stable.config.data.target, stable.config.data.replay, stable.config.data.replay_ratio) == ("zh", "en", 0.05)
+    assert source.config.data.target == "en" and source.config.data.replay_ratio == 0
+    assert source.config.optimizer.schedule == "wsd" and by["test/scratch_stable"].config.init_from == ""
+    n, step_tokens = source.params, 8 * 128
+    assert n == 330_048  # non-embedding parameters of the test size at the mini sweep's 4000 pieces
+    assert 2 * n <= source.tokens < 2 * n + step_tokens
+    points = []
+    for b in (0.25, 0.5, 1.0):
+        r = by[f"test/cpt_r0.05_{b:g}x"]
+        assert r.role == "branch" and r.depends_on == stable.name and r.config.init_from == ""
+        assert r.config.branch_from == str(tmp_path / stable.name)
+        assert b * n <= r.tokens < b * n + step_tokens  # the point's D: its whole length, branch point included
+        total = r.config.total_steps
+        assert r.config.branch_step == total - round(0.2 * total)  # the wsd decay is its last 20%
+        assert r.trained == (total - r.config.branch_step) * step_tokens  # it trains only its cooldown
+        assert (r.config.optimizer.schedule, r.config.optimizer.warmup_steps) == (
+            "wsd", stable.config.optimizer.warmup_steps)
+        points.append(r.config.branch_step)
+    assert tuple(stable.config.keep_steps) == tuple(points) and stable.config.total_steps == points[-1]
+    assert stable.role == "stable" and stable.config.optimizer.schedule == "constant"
+    assert [r.size for r in sweep.expand(load_file(MINI), str(tmp_path), only=("nano",))] == ["nano"] * 9
     with pytest.raises(ValueError, match="'huge' is not a known size"):
         sweep.expand(load_file(MINI), str(tmp_path), only=("huge",))
+
+
+def test_branched_sweep_costs_less_than_a_run_per_point(tmp_path):
+    """The FLOPs of both protocols for the same points, from the plan alone."""
+    branched = sweep.expand(load_file(MINI), str(tmp_path))
+    paper = load_file(MINI)
+    paper.branches = False
+    whole = sweep.expand(paper, str(tmp_path))
+    assert {r.name for r in whole} == {r.name for r in branched if r.role != "stable"}
+    f, g = sweep.flops(branched), sweep.flops(whole)
+    assert g["spent"] == g["one_run_per_point"] == f["one_run_per_point"]  # the same points either way
+    by = {r.name: r for r in branched}
+    cooldowns = sum(by[f"nano/scratch_{b}x"].trained for b in ("0.25", "0.5", "1"))
+    assert cooldowns + by["nano/scratch_stable"].trained < sum(by[f"nano/scratch_{b}x"].tokens
+                                                               for b in ("0.25", "0.5", "1"))
+    assert 0.15 < f["saved"] < 0.5 and f["spent"] == pytest.approx(sum(6 * r.params * r.trained for r in branched))
 
 
 def test_paper_sweep_uses_the_papers_batches_and_budgets(tmp_path):
@@ -43,9 +79,17 @@ def test_paper_sweep_uses_the_papers_batches_and_budgets(tmp_path):
     assert len(runs) == 42 * 3
     for size, batch in (("49m", 512), ("1085m", 1024), ("2808m", 2048)):  # 1M, 2M, 4M tokens of 2048
         r = runs[f"{size}/cpt_r0.05"]
-        assert r.config.batch_size == batch and r.params == int(size[:-1]) * 10**6
+        assert r.config.batch_size == batch
+        assert r.params == models.model_config(size, 32000).non_embedding_params()
         assert r.tokens == pytest.approx(20 * r.params, rel=0.01)
         assert r.config.optimizer.warmup_frac == 0.05 and r.config.seq_len == 2048
+
+
+def one_run_per_point():
+    """The mini sweep in the paper's protocol: a run per point, one budget, one replay ratio."""
+    c = load_file(MINI)
+    c.branches, c.tokens_per_param, c.replay_study.size = False, (0.2,), ""
+    return c
 
 
 def slurm_plan(cmds):
@@ -70,39 +114,48 @@ def slurm_plan(cmds):
 
 
 def test_slurm_cpt_arrays_wait_for_their_own_source_task_only(tmp_path):
-    runs = sweep.expand(load_file(MINI), str(tmp_path))
-    cmds = sweep.launch_slurm(runs, str(tmp_path), MINI_ARGS, load_file(MINI).slurm, submit=False)
+    runs = sweep.expand(one_run_per_point(), str(tmp_path))
+    cmds = sweep.launch_slurm(runs, str(tmp_path), MINI_ARGS, one_run_per_point().slurm, submit=False)
     plan, task = slurm_plan(cmds)
     after = {name: dep for _, names, dep in plan for name in names}
     assert sorted(after) == sorted(r.name for r in runs)
-    for size in ("test", "micro", "tiny"):  # its own source's task, not the array of every source and scratch run
+    for size in ("nano", "test", "micro"):  # its own source's task, not the array of every source and scratch run
         assert after[f"{size}/cpt_r0.05"] == f"afterok:{task[f'{size}/source']}", cmds
     cpt_arrays = [names for _, names, dep in plan if dep and dep != "afterok:${PREPARE}"]
-    assert sorted(cpt_arrays) == [[f"{s}/cpt_r0.05"] for s in ("micro", "test", "tiny")]  # one per source
+    assert sorted(cpt_arrays) == [[f"{s}/cpt_r0.05"] for s in ("micro", "nano", "test")]  # one per source
     assert all("--kill-on-invalid-dep=yes" in c for c in cmds[1:])
     # The data is prepared first; the runs that start from none wait for that only.
     assert plan[0] == ("PREPARE", [], None) and cmds[0].endswith(str(tmp_path / "sweep_prepare.sbatch") + ")")
-    assert {after[f"{s}/{k}"] for s in ("test", "micro", "tiny") for k in ("source", "scratch")} == {
+    assert {after[f"{s}/{k}"] for s in ("nano", "test", "micro") for k in ("source", "scratch")} == {
         "afterok:${PREPARE}"}
 
 
 def test_slurm_finished_source_imposes_no_dependency(tmp_path, monkeypatch):
-    runs = sweep.expand(load_file(MINI), str(tmp_path))
+    runs = sweep.expand(one_run_per_point(), str(tmp_path))
     monkeypatch.setattr(sweep, "finished", lambda run, _: run.name in ("test/source", "micro/scratch"))
-    cmds = sweep.launch_slurm(runs, str(tmp_path), MINI_ARGS, load_file(MINI).slurm, submit=False)
+    cmds = sweep.launch_slurm(runs, str(tmp_path), MINI_ARGS, one_run_per_point().slurm, submit=False)
     plan, task = slurm_plan(cmds)
     after = {name: dep for _, names, dep in plan for name in names}
     assert sorted(after) == sorted(r.name for r in runs if r.name not in ("test/source", "micro/scratch"))
     assert after["test/cpt_r0.05"] == "afterok:${PREPARE}", cmds  # its source has finished: nothing to wait for
     assert after["micro/cpt_r0.05"] == f"afterok:{task['micro/source']}"
-    assert after["tiny/cpt_r0.05"] == f"afterok:{task['tiny/source']}"
-    assert {after[n] for n in ("test/scratch", "micro/source", "tiny/source", "tiny/scratch")} == {"afterok:${PREPARE}"}
+    assert after["nano/cpt_r0.05"] == f"afterok:{task['nano/source']}"
+    assert {after[n] for n in ("test/scratch", "micro/source", "nano/source", "nano/scratch")} == {"afterok:${PREPARE}"}
     monkeypatch.setattr(sweep, "finished", lambda run, _: True)
-    assert sweep.launch_slurm(runs, str(tmp_path / "done"), MINI_ARGS, load_file(MINI).slurm, submit=False) == []
+    assert sweep.launch_slurm(runs, str(tmp_path / "done"), MINI_ARGS, one_run_per_point().slurm, submit=False) == []
+
+
+def test_slurm_branches_wait_for_their_own_stable_task(tmp_path):
+    runs = sweep.expand(load_file(MINI), str(tmp_path), only=("nano",))
+    plan, task = slurm_plan(sweep.launch_slurm(runs, str(tmp_path), MINI_ARGS, load_file(MINI).slurm, submit=False))
+    after = {name: dep for _, names, dep in plan for name in names}
+    assert after["nano/cpt_r0.05_stable"] == f"afterok:{task['nano/source']}"
+    for kind in ("scratch", "cpt_r0.05"):
+        assert {after[f"nano/{kind}_{b}x"] for b in ("0.25", "0.5", "1")} == {f"afterok:{task[f'nano/{kind}_stable']}"}
 
 
 def test_slurm_scripts_pass_sigterm_on_requeue_and_take_the_configs_options(tmp_path):
-    runs = sweep.expand(load_file(MINI), str(tmp_path), only=("test",))
+    runs = sweep.expand(one_run_per_point(), str(tmp_path), only=("test",))
     slurm = ml_collections.ConfigDict({"partition": "", "mem": "2G", "signal": "B:TERM@600", "time": "1:00:00",
                                        "prepare": {"mem": "8G", "time": ""}})
     cmds = sweep.launch_slurm(runs, str(tmp_path), MINI_ARGS, slurm, submit=False)

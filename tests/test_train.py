@@ -12,13 +12,48 @@ from cpt_jax import config as config_lib
 from cpt_jax import models, train
 
 
+def _opt(**fields):
+    opt = config_lib.base().optimizer
+    opt.update(fields)
+    return opt
+
+
 def test_schedule_warmup_and_end():
-    lr = train.schedule(peak_lr=2e-4, total_steps=1000, warmup_frac=0.05, min_lr_frac=0.1)
+    lr = train.schedule(_opt(peak_lr=2e-4, warmup_frac=0.05, min_lr_frac=0.1), total_steps=1000)
     assert float(lr(0)) == 0.0
     np.testing.assert_allclose(float(lr(25)), 1e-4, rtol=1e-6)  # halfway through warmup
     np.testing.assert_allclose(float(lr(50)), 2e-4, rtol=1e-6)  # warmup ends at 5% of the steps
     np.testing.assert_allclose(float(lr(525)), 1.1e-4, rtol=1e-5)  # cosine midpoint: (peak + min) / 2
     np.testing.assert_allclose(float(lr(1000)), 2e-5, rtol=1e-6)  # ends at 10% of peak
+
+
+def test_wsd_schedule_boundaries():
+    """Warmup 0 -> peak over warmup_steps, peak through the stable phase, then the decay over the
+    last decay_frac of the steps, reaching min_lr_frac x peak one step after the last."""
+    for shape, mid in (("linear", 0.5), ("1-sqrt", 1 - np.sqrt(0.5))):
+        lr = train.schedule(_opt(schedule="wsd", peak_lr=1e-3, warmup_steps=10, decay_frac=0.2, min_lr_frac=0.1,
+                                 decay_shape=shape), total_steps=100)
+        assert float(lr(0)) == 0.0
+        np.testing.assert_allclose(float(lr(5)), 5e-4, rtol=1e-6)
+        np.testing.assert_allclose([float(lr(s)) for s in (10, 50, 80)], 1e-3, rtol=1e-6)  # stable to step 80
+        np.testing.assert_allclose(float(lr(90)), 1e-4 + 9e-4 * mid, rtol=1e-5)  # halfway through the decay
+        np.testing.assert_allclose(float(lr(100)), 1e-4, rtol=1e-5)
+        assert float(lr(81)) < 1e-3
+    assert train.decay_steps(_opt(decay_frac=0.2), 100) == 20
+
+
+def test_constant_and_rsqrt_schedules():
+    const = train.schedule(_opt(schedule="constant", peak_lr=1e-3, warmup_frac=0.1), total_steps=100)
+    np.testing.assert_allclose([float(const(s)) for s in (0, 5, 10, 99, 10_000)], [0, 5e-4, 1e-3, 1e-3, 1e-3],
+                               rtol=1e-6)
+    rsqrt = train.schedule(_opt(schedule="rsqrt", peak_lr=1e-3, warmup_steps=16), total_steps=100)
+    np.testing.assert_allclose([float(rsqrt(s)) for s in (8, 16, 64, 256)], [5e-4, 1e-3, 5e-4, 2.5e-4], rtol=1e-6)
+
+
+def test_init_from_rewarms_from_zero():
+    """A schedule counts the run's own steps: every run (one from init_from too) starts at lr 0."""
+    for name in train.SCHEDULES:
+        assert float(train.schedule(_opt(schedule=name), 50)(0)) == 0.0
 
 
 def test_tiny_model_overfits_one_batch():
@@ -28,7 +63,7 @@ def test_tiny_model_overfits_one_batch():
     tx = train.optimizer(opt, 200)
     spec = models.spec(mcfg)
     step = jax.jit(functools.partial(train.train_step, graphdef=spec.graphdef, tx=tx,
-                                     lr_fn=train.schedule(3e-3, 200, 0.05, 0.1), num_sources=1))
+                                     lr_fn=train.schedule(_opt(peak_lr=3e-3), 200), num_sources=1))
     params = models.init_params(mcfg, jax.random.key(0))
     state = train.TrainState(jnp.int32(0), params, tx.init(params))
     rng = np.random.default_rng(0)

@@ -49,6 +49,7 @@ SIZES: dict[str, Size] = {
 }
 # Not in the paper: small enough for 2 CPU cores. Dimensions divide the 8-device test meshes.
 SIZES.update({
+    "nano": Size(None, 32, 96, 2, 2, kv_heads=1),  # the mini sweep's smallest
     "test": Size(None, 64, 128, 4, 2, kv_heads=2),
     "micro": Size(None, 96, 256, 4, 3, kv_heads=2),  # between test and tiny, for the mini sweep
     "tiny": Size(None, 128, 352, 4, 4, kv_heads=2),

@@ -130,7 +130,8 @@ def _cpt(theta: np.ndarray, value: float) -> CPTFit:
     return CPTFit(E=np.exp(e), A=np.exp(a), B_prime=np.exp(b), alpha=alpha, beta_prime=beta, gamma=gamma, huber=value)
 
 
-def _theta(fit) -> np.ndarray:
+def theta(fit) -> np.ndarray:
+    """The parameter vector (a, alpha, b, beta, gamma, e) of a fit."""
     return np.array([np.log(fit.A), fit.alpha, np.log(fit.data_coef), fit.data_exp, fit.gamma, np.log(fit.E)])
 
 
@@ -144,18 +145,21 @@ def fit_cpt(N, D, L, base: ChinchillaFit | None = None) -> CPTFit:
     E, A, alpha frozen, B', beta', gamma fitted; without, all six fitted jointly."""
     if base is None:
         return _cpt(*fit_params(N, D, L, JOINT_FREE))
-    return _cpt(*fit_params(N, D, L, CPT_FREE, _theta(base)))
+    return _cpt(*fit_params(N, D, L, CPT_FREE, theta(base)))
 
 
 def intervals(fit, N, D, L, n: int = 200, level: float = 0.95, seed: int = 0) -> dict[str, tuple[float, float]]:
     """Bootstrap intervals of every constant of `fit`, each resample refitted from `fit`: all five
     Chinchilla constants, or for a CPT fit B', beta', gamma with E, A, alpha held as the paper
     fits them (so those three show no spread)."""
+    free = CPT_FREE if isinstance(fit, CPTFit) else CHINCHILLA_FREE
+    return summarise(fit, bootstrap_params(N, D, L, free, theta(fit), n, seed), level)
+
+
+def summarise(fit, thetas: np.ndarray, level: float = 0.95) -> dict[str, tuple[float, float]]:
+    """Percentile intervals of `fit`'s constants over bootstrap parameter vectors [n, 6]."""
     cpt = isinstance(fit, CPTFit)
-    free = CPT_FREE if cpt else CHINCHILLA_FREE
-    thetas = bootstrap_params(N, D, L, free, _theta(fit), n, seed)
     fits = [(_cpt if cpt else _chinchilla)(t, np.nan) for t in thetas]
     q = [(1 - level) / 2 * 100, (1 + level) / 2 * 100]
     names = ("E", "A", "B_prime", "alpha", "beta_prime", "gamma") if cpt else ("E", "A", "B", "alpha", "beta")
     return {k: tuple(float(v) for v in np.nanpercentile([getattr(f, k) for f in fits], q)) for k in names}
-

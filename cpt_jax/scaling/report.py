@@ -1,14 +1,19 @@
 """`python -m cpt_jax.sweep report --sweep_dir DIR`: the sweep's runs -> fits -> report.md,
-report.json and PNG plots, the analysis of the paper from one's own runs.
+report.json and PNG plots, the analysis of the paper from one's own runs, opening with the
+paper's four findings judged on them (cpt_jax.scaling.findings).
 
-Points are (N, D, L): N the run's parameters, D the tokens trained at each eval after the first
-(every eval is a point, as intermediate checkpoints are in the paper), L the target-language eval
-loss. Scratch points fit Chinchilla; CPT points (the first replay ratio) fit the CPT law with E,
-A, alpha frozen at the scratch fit, as the paper does.
+Points are (N, D, L): N the run's non-embedding parameters (every weight but the input embedding
+table; the output head counts, as its FLOPs do), D the target-language run's tokens, L its
+target-language eval loss. In a branched sweep each cooldown branch's final eval is a point; in
+the paper's protocol every eval after the first is (as intermediate checkpoints are in the
+paper). Scratch points fit Chinchilla; CPT points (at `fit_replay_ratio`) fit the CPT law with E,
+A, alpha frozen at the scratch fit, as the paper does. The replay study's runs fit the forgetting
+law (cpt_jax.scaling.replay).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 
@@ -19,12 +24,17 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from cpt_jax.rundir import RunDir  # noqa: E402
+from cpt_jax.scaling import findings  # noqa: E402
 from cpt_jax.scaling import fit as fitting  # noqa: E402
 from cpt_jax.scaling import laws  # noqa: E402
+from cpt_jax.scaling import replay as replay_law  # noqa: E402
 from cpt_jax.summary import eval_curve  # noqa: E402
 
-SECTIONS = ("Runs", "Loss vs tokens", "Fitted laws", "Fit errors", "Compute-optimal allocation", "FLOPs saved by CPT",
-            "Forgetting")
+SECTIONS = ("Findings", "Runs", "Loss vs tokens", "Fitted laws", "Fit errors", "Compute-optimal allocation",
+            "FLOPs saved by CPT", "Sweep cost", "Forgetting", "Replay")
+N_DEFINITION = ("N is the non-embedding parameter count (every weight but the input embedding table; the output "
+                "head counts, as its FLOPs do); D the run's tokens of the target-language run (a CPT run's own "
+                "tokens, not its source model's); C = 6 N D.")
 
 
 def collect(sweep_dir: str) -> tuple[dict, dict[str, dict]]:
@@ -38,24 +48,183 @@ def collect(sweep_dir: str) -> tuple[dict, dict[str, dict]]:
     return plan, curves
 
 
+def final(run: dict, curves: dict, lang: str) -> float | None:
+    """The run's last eval loss of `lang` if it has finished, else None."""
+    tokens, loss = curves[run["name"]][lang]
+    return float(loss[-1]) if len(tokens) and tokens[-1] >= run["tokens"] else None
+
+
 def points(plan: dict, curves: dict, kind: str, lang: str, ratio: float | None = None) -> np.ndarray:
-    """[k, 3] (N, D, L) of every eval after the start of every run of `kind`."""
+    """[k, 3] (N, D, L) of the runs of `kind` (at replay `ratio`): a branched sweep's branch ends,
+    or every eval after the start of each whole run."""
     out = []
     for run in plan["runs"]:
-        if run["kind"] != kind or (ratio is not None and run["replay_ratio"] != ratio):
+        if run["kind"] != kind or run["role"] == "stable" or (ratio is not None and run["replay_ratio"] != ratio):
             continue
-        tokens, loss = curves[run["name"]][lang]
-        out += [(run["params"], d, l) for d, l in zip(tokens, loss) if d > 0]
-    return np.array(out).reshape(-1, 3)
+        if run["role"] == "branch":
+            loss = final(run, curves, lang)
+            out += [(run["params"], run["tokens"], loss)] if loss is not None else []
+        else:
+            tokens, loss = curves[run["name"]][lang]
+            out += [(run["params"], d, v) for d, v in zip(tokens, loss) if d > 0]
+    return np.array(out, dtype=float).reshape(-1, 3)
 
 
-def _fmt(fit, ci: dict) -> list[str]:
+def by_size(pts: np.ndarray) -> dict[int, tuple[np.ndarray, np.ndarray]]:
+    return {int(n): (pts[pts[:, 0] == n, 1], pts[pts[:, 0] == n, 2]) for n in np.unique(pts[:, 0])}
+
+
+def _table(header: tuple[str, ...], rows: list[tuple]) -> list[str]:
+    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header),
+            *("| " + " | ".join(str(c) for c in row) + " |" for row in rows)]
+
+
+def _constants(fit, ci: dict) -> list[str]:
     rows = []
     for k in ("E", "A", "B", "B_prime", "alpha", "beta", "beta_prime", "gamma"):
         if hasattr(fit, k) and not (k == "gamma" and isinstance(fit, laws.ChinchillaFit)):
             lo, hi = ci.get(k, (np.nan, np.nan))
-            rows.append(f"| {k} | {getattr(fit, k):.4g} | [{lo:.4g}, {hi:.4g}] |")
-    return rows
+            rows.append((k, f"{getattr(fit, k):.4g}", f"[{lo:.4g}, {hi:.4g}]"))
+    return _table(("constant", "value", "95% bootstrap interval"), rows)
+
+
+def _save(fig, sweep_dir: str, name: str) -> str:
+    fig.tight_layout()
+    fig.savefig(os.path.join(sweep_dir, name), dpi=120)
+    plt.close(fig)
+    return f"![]({name})"
+
+
+@dataclasses.dataclass
+class Fits:
+    """Both laws fitted to both point sets, with bootstrap parameter vectors of each."""
+    scratch: laws.ChinchillaFit
+    cpt: laws.CPTFit
+    cpt_on_scratch: laws.CPTFit  # the CPT law fitted to the scratch points: its gamma should be ~0
+    chinchilla_on_cpt: laws.ChinchillaFit
+    boot: dict[str, np.ndarray]  # "scratch", "cpt", "cpt_on_scratch" -> [n, 6]
+
+    @classmethod
+    def of(cls, scratch_pts: np.ndarray, cpt_pts: np.ndarray, n: int) -> Fits:
+        scratch = fitting.fit_chinchilla(*scratch_pts.T)
+        cpt = fitting.fit_cpt(*cpt_pts.T, base=scratch)
+        on_scratch = fitting.fit_cpt(*scratch_pts.T, base=scratch)
+        boot = {"scratch": fitting.bootstrap_params(*scratch_pts.T, fitting.CHINCHILLA_FREE, fitting.theta(scratch), n),
+                "cpt": fitting.bootstrap_params(*cpt_pts.T, fitting.CPT_FREE, fitting.theta(cpt), n),
+                "cpt_on_scratch": fitting.bootstrap_params(*scratch_pts.T, fitting.CPT_FREE,
+                                                           fitting.theta(on_scratch), n)}
+        return cls(scratch, cpt, on_scratch, fitting.fit_chinchilla(*cpt_pts.T), boot)
+
+    def interval(self, name: str) -> dict:
+        fit = {"scratch": self.scratch, "cpt": self.cpt, "cpt_on_scratch": self.cpt_on_scratch}[name]
+        return fitting.summarise(fit, self.boot[name])
+
+    def allocation_gap(self) -> np.ndarray:
+        """Bootstrap samples of a_scratch - a_cpt (resamples of each point set, paired in order)."""
+        s, c = self.boot["scratch"], self.boot["cpt"]
+        return (findings.allocation_exponent(s[:, 1], s[:, 3], 0.0)
+                - findings.allocation_exponent(c[:, 1], c[:, 3], c[:, 4]))
+
+
+def write_report(sweep_dir: str, bootstrap: int = 100) -> str:
+    """Writes DIR/report.md, report.json and the plots; returns the path of report.md."""
+    plan, curves = collect(sweep_dir)
+    tgt, src = plan["target"], plan["source"]
+    scratch_pts = points(plan, curves, "scratch", tgt)
+    cpt_pts = points(plan, curves, "cpt", tgt, plan["fit_replay_ratio"])
+    out: dict = {"sweep_dir": sweep_dir, "target": tgt, "source": src, "n_definition": N_DEFINITION}
+    fits = Fits.of(scratch_pts, cpt_pts, bootstrap) if len(scratch_pts) >= 5 and len(cpt_pts) >= 5 else None
+    study = replay_study(plan, curves)
+    verdicts = judge(plan, scratch_pts, cpt_pts, fits, study)
+    out["findings"] = {v.name: {"claim": v.claim, "holds": v.holds, "evidence": list(v.evidence),
+                                "numbers": v.numbers} for v in verdicts}
+
+    md = [f"# Sweep report: {sweep_dir}", "",
+          f"Target `{tgt}`, source `{src}`; {len(plan['runs'])} runs"
+          + (", WSD stable phases with cooldown branches" if plan["branches"] else ", one run per point") + ".",
+          "", N_DEFINITION, "", "## Findings", "",
+          "The paper's findings, each judged by the stated rule on this sweep's numbers (95% bootstrap intervals "
+          "from the fits). \"Does not hold\" is at this scale.", ""]
+    for i, v in enumerate(verdicts, 1):
+        md += [f"{i}. **{v.claim}**: **{'holds' if v.holds else 'does not hold'}**", "",
+               *(f"   - {line}" for line in v.evidence), ""]
+    md += runs_section(plan, curves)
+    md += curves_section(plan, curves, sweep_dir)
+    md += fits_section(fits, scratch_pts, cpt_pts, sweep_dir, out)
+    md += cost_section(plan, out)
+    md += forgetting_section(plan, curves, sweep_dir, out)
+    md += replay_section(study, plan, out)
+
+    path = os.path.join(sweep_dir, "report.md")
+    with open(path, "w") as f:
+        f.write("\n".join(md))
+    with open(os.path.join(sweep_dir, "report.json"), "w") as f:
+        json.dump(out, f, indent=2, default=float)
+    return path
+
+
+# ----------------------------------------------------------------------------------------------
+# The findings.
+# ----------------------------------------------------------------------------------------------
+def judge(plan: dict, scratch_pts: np.ndarray, cpt_pts: np.ndarray, fits: Fits | None, study: dict | None
+          ) -> list[findings.Verdict]:
+    """The four verdicts; a finding without the runs to judge it does not hold, saying why."""
+    def missing(name: str, why: str) -> findings.Verdict:
+        return findings.Verdict(name, False, (f"not judged: {why}",))
+
+    verdicts = [findings.transfer(by_size(scratch_pts), by_size(cpt_pts)) if len(scratch_pts) and len(cpt_pts)
+                else missing("transfer", "no scratch or CPT points")]
+    if fits is None:
+        verdicts += [missing("cpt_law", "too few points to fit (5 of each needed)"),
+                     missing("allocation", "too few points to fit")]
+    else:
+        g_cpt, g_scratch = fits.interval("cpt")["gamma"], fits.interval("cpt_on_scratch")["gamma"]
+        verdicts.append(findings.cpt_law(fits.cpt.gamma, g_cpt, fits.cpt_on_scratch.gamma, g_scratch,
+                                         fits.chinchilla_on_cpt.huber, fits.cpt.huber))
+        a_s = float(findings.allocation_exponent(fits.scratch.alpha, fits.scratch.beta, 0.0))
+        a_c = float(findings.allocation_exponent(fits.cpt.alpha, fits.cpt.beta_prime, fits.cpt.gamma))
+        verdicts.append(findings.allocation(a_s, a_c, fits.allocation_gap()))
+    if study is None or "error" in study:
+        verdicts.append(missing("replay", study["error"] if study else "no replay study in the sweep"))
+    else:
+        verdicts.append(findings.replay(study["rise_at_largest"], study["fit"].rho, study["rho_interval"],
+                                        study["equal"]["relative_spread"], plan["findings"]["equal_loss_tolerance"]))
+    return verdicts
+
+
+# ----------------------------------------------------------------------------------------------
+# The sections.
+# ----------------------------------------------------------------------------------------------
+def runs_section(plan: dict, curves: dict) -> list[str]:
+    rows = []
+    for run in plan["runs"]:
+        lang = plan["source"] if run["kind"] == "source" else plan["target"]
+        tokens, loss = curves[run["name"]][lang]
+        rows.append((run["name"], run["role"], f"{run['params']:,}", f"{run['tokens']:,}",
+                     f"{tokens[-1]:,.0f}" if len(tokens) else "-", f"{loss[-1]:.4f}" if len(loss) else "-"))
+    return ["## Runs", "", *_table(("run", "role", "N", "tokens planned", "tokens done", "final loss (its target)"),
+                                   rows), ""]
+
+
+def curves_section(plan: dict, curves: dict, sweep_dir: str) -> list[str]:
+    tgt = plan["target"]
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for i, size in enumerate(dict.fromkeys(r["size"] for r in plan["runs"])):
+        for run in (r for r in plan["runs"] if r["size"] == size and r["kind"] != "source"):
+            if run["kind"] == "cpt" and run["replay_ratio"] != plan["fit_replay_ratio"]:
+                continue
+            tokens, loss = curves[run["name"]][tgt]
+            style = "-" if run["kind"] == "scratch" else "--"
+            label = f"{size} {run['kind']}" if run["role"] != "branch" else None
+            if run["role"] == "branch":  # a cooldown: its curve and its end, the point
+                ax.plot(tokens, loss, style, color=f"C{i}", lw=0.8)
+                ax.plot(tokens[-1:], loss[-1:], "o" if run["kind"] == "scratch" else "s", color=f"C{i}", ms=4)
+            else:
+                ax.plot(tokens[tokens > 0], loss[tokens > 0], style, color=f"C{i}", label=label, alpha=0.6)
+    ax.set(xscale="log", xlabel="tokens", ylabel=f"{tgt} eval loss",
+           title="loss vs tokens (solid: scratch, dashed: CPT; markers: cooldown ends)")
+    ax.legend(fontsize=7)
+    return ["## Loss vs tokens", "", _save(fig, sweep_dir, "loss_vs_tokens.png"), ""]
 
 
 def _paper_constants() -> str:
@@ -70,154 +239,174 @@ def _allocation(fit) -> tuple[str, str, float, float]:
     return f"{G / 6 ** a:.4g} C^{a:.3f}", f"{1 / (G * 6 ** b):.4g} C^{b:.3f}", a, b
 
 
-def write_report(sweep_dir: str, bootstrap: int = 100) -> str:
-    """Writes DIR/report.md, report.json and the plots; returns the path of report.md."""
-    plan, curves = collect(sweep_dir)
-    tgt, src = plan["target"], plan["source"]
-    ratios = sorted({r["replay_ratio"] for r in plan["runs"] if r["kind"] == "cpt"})
-    scratch_pts = points(plan, curves, "scratch", tgt)
-    cpt_pts = points(plan, curves, "cpt", tgt, ratios[0] if ratios else None)
-    md = [f"# Sweep report: {sweep_dir}", "", f"Target `{tgt}`, source `{src}`; {len(plan['runs'])} runs.", ""]
-    out: dict = {"sweep_dir": sweep_dir, "target": tgt, "source": src}
+def fits_section(fits: Fits | None, scratch_pts: np.ndarray, cpt_pts: np.ndarray, sweep_dir: str, out: dict
+                 ) -> list[str]:
+    if fits is None:
+        return ["## Fitted laws", "", f"Not enough points to fit (scratch {len(scratch_pts)}, CPT {len(cpt_pts)}; "
+                "5 each needed).", "", "## Fit errors", "", "n/a", "", "## Compute-optimal allocation", "", "n/a", "",
+                "## FLOPs saved by CPT", "", "n/a", ""]
+    ci_s, ci_c = fits.interval("scratch"), fits.interval("cpt")
+    out["scratch_fit"], out["cpt_fit"] = vars(fits.scratch), vars(fits.cpt)
+    out["scratch_intervals"], out["cpt_intervals"] = ci_s, ci_c
+    md = ["## Fitted laws", "", f"Scratch (Chinchilla, {len(scratch_pts)} points): L = E + A/N^alpha + B/D^beta", "",
+          *_constants(fits.scratch, ci_s), "",
+          f"CPT ({len(cpt_pts)} points, E, A, alpha from scratch): L = E + A/N^alpha + B'/(D^beta' N^gamma)", "",
+          *_constants(fits.cpt, ci_c), "", _paper_constants(), ""]
+    fig, ax = plt.subplots(figsize=(5, 5))
+    for pts, f, name in ((scratch_pts, fits.scratch, "scratch"), (cpt_pts, fits.cpt, "CPT")):
+        ax.scatter(pts[:, 2], laws.predict(f, pts[:, 0], pts[:, 1]), s=10, label=name)
+    both = np.concatenate([scratch_pts[:, 2], cpt_pts[:, 2]])
+    ax.plot([both.min(), both.max()], [both.min(), both.max()], "k:", lw=1)
+    ax.set(xlabel="observed loss", ylabel="fitted law", title="fits against the points")
+    ax.legend()
+    md += [_save(fig, sweep_dir, "fit.png"), ""]
 
-    # --- Runs.
-    md += ["## Runs", "", "| run | N | tokens planned | tokens done | final target loss |", "|---|---|---|---|---|"]
-    for run in plan["runs"]:
-        lang = src if run["kind"] == "source" else tgt
-        tokens, loss = curves[run["name"]][lang]
-        done = f"{tokens[-1]:,.0f}" if len(tokens) else "-"
-        final = f"{loss[-1]:.4f}" if len(loss) else "-"
-        md.append(f"| {run['name']} | {run['params']:,} | {run['tokens']:,} | {done} | {final} |")
-    md.append("")
+    errors = {"scratch": {"chinchilla": fits.scratch.huber, "cpt_law": fits.cpt_on_scratch.huber,
+                          "cpt_law_gamma": fits.cpt_on_scratch.gamma},
+              "cpt": {"chinchilla": fits.chinchilla_on_cpt.huber, "cpt_law": fits.cpt.huber,
+                      "cpt_law_gamma": fits.cpt.gamma}}
+    out["fit_errors"] = errors
+    md += ["## Fit errors", "", "Sum of Huber losses (delta 1e-3) on log L at the best fit of each law to each data "
+           "set (the CPT law with E, A, alpha from the scratch fit).", "",
+           *_table(("data", "Chinchilla law", "CPT law", "CPT law's gamma"),
+                   [(k, f"{v['chinchilla']:.3g}", f"{v['cpt_law']:.3g}", f"{v['cpt_law_gamma']:+.3f}")
+                    for k, v in errors.items()]), ""]
 
-    # --- Loss vs tokens per size.
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for i, size in enumerate(dict.fromkeys(r["size"] for r in plan["runs"])):
-        for run in (r for r in plan["runs"] if r["size"] == size and r["kind"] != "source"):
-            tokens, loss = curves[run["name"]][tgt]
-            ax.plot(tokens[tokens > 0], loss[tokens > 0], "-" if run["kind"] == "scratch" else "--", color=f"C{i}",
-                    label=f"{size} {run['kind']}" + (f" r={run['replay_ratio']:g}" if run["kind"] == "cpt" else ""))
-    ax.set(xscale="log", xlabel="tokens", ylabel=f"{tgt} eval loss",
-           title="loss vs tokens (solid: scratch, dashed: CPT)")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(os.path.join(sweep_dir, "loss_vs_tokens.png"), dpi=120)
-    plt.close(fig)
-    md += ["## Loss vs tokens", "", "![](loss_vs_tokens.png)", ""]
-
-    # --- Fits with bootstrap intervals.
-    md += ["## Fitted laws", ""]
-    scratch = cpt = None
-    if len(scratch_pts) >= 5 and len(cpt_pts) >= 5:
-        scratch = fitting.fit_chinchilla(*scratch_pts.T)
-        cpt = fitting.fit_cpt(*cpt_pts.T, base=scratch)
-        ci_s = fitting.intervals(scratch, *scratch_pts.T, n=bootstrap)
-        ci_c = fitting.intervals(cpt, *cpt_pts.T, n=bootstrap)
-        out["scratch_fit"], out["cpt_fit"] = vars(scratch), vars(cpt)
-        out["scratch_intervals"], out["cpt_intervals"] = ci_s, ci_c
-        md += [f"Scratch (Chinchilla, {len(scratch_pts)} points): L = E + A/N^alpha + B/D^beta", "",
-               "| constant | value | 95% bootstrap interval |", "|---|---|---|", *_fmt(scratch, ci_s), "",
-               f"CPT ({len(cpt_pts)} points, E, A, alpha from scratch): L = E + A/N^alpha + B'/(D^beta' N^gamma)", "",
-               "| constant | value | 95% bootstrap interval |", "|---|---|---|", *_fmt(cpt, ci_c), "",
-               _paper_constants(), "", "![](fit.png)", ""]
-        fig, ax = plt.subplots(figsize=(5, 5))
-        for pts, f, name in ((scratch_pts, scratch, "scratch"), (cpt_pts, cpt, "CPT")):
-            ax.scatter(pts[:, 2], laws.predict(f, pts[:, 0], pts[:, 1]), s=10, label=name)
-        lo, hi = min(scratch_pts[:, 2].min(), cpt_pts[:, 2].min()), max(scratch_pts[:, 2].max(), cpt_pts[:, 2].max())
-        ax.plot([lo, hi], [lo, hi], "k:", lw=1)
-        ax.set(xlabel="observed loss", ylabel="fitted law", title="fits against the points")
-        ax.legend()
-        fig.tight_layout()
-        fig.savefig(os.path.join(sweep_dir, "fit.png"), dpi=120)
-        plt.close(fig)
-    else:
-        md += [f"Not enough points to fit (scratch {len(scratch_pts)}, CPT {len(cpt_pts)}; 5 each needed).", ""]
-
-    # --- Fit errors: both laws on both data sets (the CPT law with E, A, alpha from the scratch fit).
-    md += ["## Fit errors", ""]
-    if scratch is not None:
-        errors = {}
-        pairs = {"scratch": (scratch, fitting.fit_cpt(*scratch_pts.T, base=scratch)),  # each law fitted to each set
-                 "cpt": (fitting.fit_chinchilla(*cpt_pts.T), cpt)}
-        for name, (chinchilla, cpt_law) in pairs.items():
-            errors[name] = {"chinchilla": chinchilla.huber, "cpt_law": cpt_law.huber, "cpt_law_gamma": cpt_law.gamma}
-        out["fit_errors"] = errors
-        md += ["Sum of Huber losses (delta 1e-3) on log L at the best fit of each law to each data set.", "",
-               "| data | Chinchilla law | CPT law | CPT law's gamma |", "|---|---|---|---|"]
-        md += [f"| {k} | {v['chinchilla']:.3g} | {v['cpt_law']:.3g} | {v['cpt_law_gamma']:+.3f} |"
-               for k, v in errors.items()]
-        md.append("")
-    else:
-        md += ["n/a (no fits)", ""]
-
-    # --- Compute-optimal allocation and savings.
     md += ["## Compute-optimal allocation", ""]
-    alloc_ok = False
-    if scratch is not None:
-        try:
-            rows = []
-            for name, f in (("scratch", scratch), ("CPT", cpt)):
-                n_opt, d_opt, a, b = _allocation(f)
-                rows.append(f"| {name} | {a:.3f} | {b:.3f} | {n_opt} | {d_opt} |")
-            alloc_ok = True
-            paper = "; ".join(f"{name} N_opt = {n}, D_opt = {d}" for name, f in
-                              (("scratch", laws.PAPER_SCRATCH), ("CPT", laws.PAPER_CPT)) for n, d, _, _ in [_allocation(f)])
-            md += ["| law | a | b | N_opt | D_opt |", "|---|---|---|---|---|", *rows, "",
-                   f"Paper (from its constants): {paper}.", "", "![](compute_optimal.png)", ""]
-            C = np.geomspace(1e15, 1e24, 50)
-            fig, axes = plt.subplots(1, 2, figsize=(9, 4))
-            for f, name in ((scratch, "scratch"), (cpt, "CPT")):
-                n, d = laws.compute_optimal(f, C)
-                axes[0].plot(C, n, label=name)
-                axes[1].plot(C, d, label=name)
-            for ax, what in zip(axes, ("N_opt (parameters)", "D_opt (tokens)")):
-                ax.set(xscale="log", yscale="log", xlabel="compute C (FLOPs)", ylabel=what)
-                ax.legend()
-            fig.tight_layout()
-            fig.savefig(os.path.join(sweep_dir, "compute_optimal.png"), dpi=120)
-            plt.close(fig)
-        except ValueError as e:
-            md += [f"n/a: {e}", ""]
-    else:
-        md += ["n/a (no fits)", ""]
+    try:
+        rows = [(name, f"{a:.3f}", f"{b:.3f}", n_opt, d_opt) for name, f in (("scratch", fits.scratch),
+                                                                              ("CPT", fits.cpt))
+                for n_opt, d_opt, a, b in [_allocation(f)]]
+    except ValueError as e:
+        return md + [f"n/a: {e}", "", "## FLOPs saved by CPT", "", "n/a (no compute-optimal allocation)", ""]
+    paper = "; ".join(f"{name} N_opt = {n}, D_opt = {d}" for name, f in
+                      (("scratch", laws.PAPER_SCRATCH), ("CPT", laws.PAPER_CPT)) for n, d, _, _ in [_allocation(f)])
+    C = np.geomspace(1e12, 1e24, 50)
+    fig, axes = plt.subplots(1, 2, figsize=(9, 4))
+    for f, name in ((fits.scratch, "scratch"), (fits.cpt, "CPT")):
+        for ax, v in zip(axes, laws.compute_optimal(f, C)):
+            ax.plot(C, v, label=name)
+    for ax, what in zip(axes, ("N_opt (parameters)", "D_opt (tokens)")):
+        ax.set(xscale="log", yscale="log", xlabel="compute C (FLOPs)", ylabel=what)
+        ax.legend()
+    md += [*_table(("law", "a", "b", "N_opt", "D_opt"), rows), "", f"Paper (from its constants): {paper}.", "",
+           _save(fig, sweep_dir, "compute_optimal.png"), ""]
 
-    md += ["## FLOPs saved by CPT", ""]
-    if alloc_ok:
-        lo, hi = np.percentile(cpt_pts[:, 2], [10, 90])
-        s = laws.savings(scratch, cpt, np.linspace(lo, hi, 5))
-        out["savings"] = {k: v.tolist() for k, v in s.items()}
-        md += ["On each law's compute-optimal frontier; the paper reports 25%-50% fewer FLOPs.", "",
-               "| target loss | FLOPs scratch | FLOPs CPT | tokens scratch | tokens CPT | FLOPs saved |",
-               "|---|---|---|---|---|---|"]
-        md += [f"| {l:.3f} | {a:.3g} | {b:.3g} | {ta:.3g} | {tb:.3g} | {x:+.1%} |" for l, a, b, ta, tb, x in
-               zip(s["loss"], s["flops_scratch"], s["flops_cpt"], s["tokens_scratch"], s["tokens_cpt"], s["saved"])]
-        md.append("")
-    else:
-        md += ["n/a (no compute-optimal allocation)", ""]
+    lo, hi = np.percentile(cpt_pts[:, 2], [10, 90])
+    s = laws.savings(fits.scratch, fits.cpt, np.linspace(lo, hi, 5))
+    out["savings"] = {k: v.tolist() for k, v in s.items()}
+    rows = [(f"{v:.3f}", f"{a:.3g}", f"{b:.3g}", f"{ta:.3g}", f"{tb:.3g}", f"{x:+.1%}") for v, a, b, ta, tb, x
+            in zip(s["loss"], s["flops_scratch"], s["flops_cpt"], s["tokens_scratch"], s["tokens_cpt"], s["saved"])]
+    md += ["## FLOPs saved by CPT", "", "On each law's compute-optimal frontier; the paper reports 25%-50% fewer "
+           "FLOPs.", "", *_table(("target loss", "FLOPs scratch", "FLOPs CPT", "tokens scratch", "tokens CPT",
+                                  "FLOPs saved"), rows), ""]
+    return md
 
-    # --- Forgetting: the source language's eval loss through CPT, per run.
-    md += ["## Forgetting", "", f"`{src}` eval loss of each CPT run: at its start (the source model) and end.", "",
-           "| run | replay | start | end | change |", "|---|---|---|---|---|"]
+
+def cost_section(plan: dict, out: dict) -> list[str]:
+    f = plan["flops"]
+    out["flops"] = f
+    protocol = ("Cooldown branches: each point is the end of a short decay branched from a stable phase that serves "
+                "every budget of its size and kind" if plan["branches"] else "One run per point (the paper's protocol)")
+    return ["## Sweep cost", "", f"{protocol}. FLOPs (C = 6 N D over the tokens each run trains itself, sources "
+            f"included): this sweep {f['spent']:.3g}; one run per point for the same points "
+            f"{f['one_run_per_point']:.3g} ({f['saved']:.1%} saved).", ""]
+
+
+def forgetting_section(plan: dict, curves: dict, sweep_dir: str, out: dict) -> list[str]:
+    src = plan["source"]
+    md = ["## Forgetting", "", f"`{src}` eval loss of each CPT point: its source model's at the start, its own at the "
+          "end.", ""]
+    rows, forgetting = [], {}
     fig, ax = plt.subplots(figsize=(7, 4))
-    forgetting = {}
     for run in (r for r in plan["runs"] if r["kind"] == "cpt"):
+        start, end = source_loss(plan, curves, run["size"]), final(run, curves, src)
         tokens, loss = curves[run["name"]][src]
-        if len(loss):
-            forgetting[run["name"]] = {"start": float(loss[0]), "end": float(loss[-1])}
-            md.append(f"| {run['name']} | {run['replay_ratio']:g} | {loss[0]:.4f} | {loss[-1]:.4f} | "
-                      f"{loss[-1] - loss[0]:+.4f} |")
-            ax.plot(tokens, loss, label=run["name"])
+        if run["role"] != "branch" and len(loss):
+            ax.plot(tokens, loss, label=run["name"], lw=0.9)
+        if run["role"] == "stable" or start is None or end is None:
+            continue
+        forgetting[run["name"]] = {"start": start, "end": end}
+        rows.append((run["name"], f"{run['replay_ratio']:g}", f"{start:.4f}", f"{end:.4f}", f"{end - start:+.4f}"))
     out["forgetting"] = forgetting
     ax.set(xlabel="CPT tokens", ylabel=f"{src} eval loss", title="source-language loss during CPT")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(os.path.join(sweep_dir, "forgetting.png"), dpi=120)
-    plt.close(fig)
-    md += ["", "![](forgetting.png)", ""]
+    ax.legend(fontsize=6)
+    return md + [*_table(("run", "replay", "start", "end", "change"), rows), "",
+                 _save(fig, sweep_dir, "forgetting.png"), ""]
 
-    path = os.path.join(sweep_dir, "report.md")
-    with open(path, "w") as f:
-        f.write("\n".join(md))
-    with open(os.path.join(sweep_dir, "report.json"), "w") as f:
-        json.dump(out, f, indent=2, default=float)
-    return path
+
+def source_loss(plan: dict, curves: dict, size: str) -> float | None:
+    """The source language's loss of a size's source model: its final eval."""
+    run = next((r for r in plan["runs"] if r["size"] == size and r["kind"] == "source"), None)
+    return final(run, curves, plan["source"]) if run else None
+
+
+# ----------------------------------------------------------------------------------------------
+# The replay study: the forgetting law, the critical ratio, target loss at equal target compute.
+# ----------------------------------------------------------------------------------------------
+def replay_study(plan: dict, curves: dict, bootstrap: int = 200) -> dict | None:
+    """The study size's CPT points as (r, target tokens, rise, target loss), the forgetting law
+    fitted to them with its bootstrap, and the equal-compute comparison; None without a study."""
+    study = plan.get("replay_study")
+    if not study or not study.get("size"):
+        return None
+    start = source_loss(plan, curves, study["size"])
+    rows = []
+    for run in plan["runs"]:
+        if run["kind"] != "cpt" or run["size"] != study["size"] or run["role"] == "stable":
+            continue
+        end, loss = final(run, curves, plan["source"]), final(run, curves, plan["target"])
+        if end is not None and loss is not None and start is not None:
+            r = run["replay_ratio"]
+            rows.append((r, (1 - r) * run["tokens"], end - start, loss, run["budget"]))
+    if not rows:
+        return {"error": f"no finished CPT runs at size {study['size']}"}
+    r, d, rise, loss, budget = (np.array(x, float) for x in zip(*rows))
+    largest = budget == budget.max()
+    result = {"size": study["size"], "points": rows, "rise_at_largest": dict(zip(r[largest], rise[largest]))}
+    curves_by_ratio = {float(x): (d[r == x][np.argsort(d[r == x])], loss[r == x][np.argsort(d[r == x])])
+                       for x in np.unique(r)}
+    at = replay_law.common_tokens(curves_by_ratio)
+    result["equal"] = replay_law.equal_compute(curves_by_ratio, at) if len(at) else {
+        "at": at, "loss": {}, "spread": np.array([]), "relative_spread": np.array([])}
+    epsilon = plan["findings"]["forgetting_epsilon"]
+    at_tokens = float(d[largest & (r == r.min())].max())
+    try:
+        b = replay_law.bootstrap(r, d, rise, epsilon, at_tokens, n=bootstrap)
+    except ValueError as e:
+        return {**result, "error": f"the forgetting law cannot be fitted: {e}"}
+    return {**result, **b, "epsilon": epsilon, "at_tokens": at_tokens}
+
+
+def replay_section(study: dict | None, plan: dict, out: dict) -> list[str]:
+    md = ["## Replay", ""]
+    if study is None:
+        return md + ["No replay study in this sweep (`replay_study` in its config).", ""]
+    if "error" in study and "fit" not in study:
+        return md + [f"n/a: {study['error']}", ""]
+    f = study["fit"]
+    lo, hi = study["critical_interval"]
+    out["replay"] = {"size": study["size"], "fit": vars(f), "critical_ratio": study["critical"],
+                     "critical_interval": (lo, hi), "rho_interval": study["rho_interval"],
+                     "kappa_interval": study["kappa_interval"], "epsilon": study["epsilon"],
+                     "at_tokens": study["at_tokens"], "points": study["points"],
+                     "equal_compute": {"at": list(study["equal"]["at"]),
+                                       "relative_spread": list(study["equal"]["relative_spread"])}}
+    md += [f"Size {study['size']}: the rise of the `{plan['source']}` loss over its source model's, fitted as "
+           f"rise = K (D/1e6)^kappa / (1 + r/r0)^rho (D target tokens, r the replay ratio) to "
+           f"{len(study['points'])} points:", "",
+           *_table(("constant", "value", "95% bootstrap interval"),
+                   [("K", f"{f.K:.4g}", ""), ("kappa", f"{f.kappa:.4g}", "[{:.4g}, {:.4g}]".format(
+                       *study["kappa_interval"])), ("r0", f"{f.r0:.4g}", ""),
+                    ("rho", f"{f.rho:.4g}", "[{:.4g}, {:.4g}]".format(*study["rho_interval"]))]), "",
+           f"Critical replay ratio (the least that keeps the rise below {study['epsilon']:g} at "
+           f"{study['at_tokens']:,.0f} target tokens): {study['critical']:.3g}, 95% bootstrap interval "
+           f"[{lo:.3g}, {hi:.3g}] ({study['n_used']} resamples).", "",
+           "Target loss at equal target-language tokens (interpolated in log tokens between each ratio's points):",
+           ""]
+    eq = study["equal"]
+    ratios = sorted(eq["loss"])
+    md += [*_table(("target tokens", *(f"r={x:g}" for x in ratios), "relative spread"),
+                   [(f"{a:,.0f}", *(f"{eq['loss'][x][i]:.4f}" for x in ratios), f"{eq['relative_spread'][i]:.1%}")
+                    for i, a in enumerate(eq["at"])]), ""]
+    return md
