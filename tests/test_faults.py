@@ -242,7 +242,8 @@ import runpy
 def get_config():
     c = runpy.run_path({mini!r})['get_config']()
     c.sizes, c.batch_size, c.eval_points = ('test',), 8, 4
-    c.source_tokens_per_param, c.tokens_per_param = 0.02, (0.02,)
+    c.branches, c.replay_study.size = False, ''
+    c.source_tokens_per_param, c.tokens_per_param = 0.0355, (0.0355,)  # 46 steps
     c.base.seq_len = 32
     c.base.data.eval_batches = 2
     c.base.mesh.shape = (2, 2, 2)

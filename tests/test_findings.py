@@ -96,8 +96,8 @@ def generated_sweep(root, cpt_law, noise=0.0003):
 @pytest.mark.parametrize("cpt_law, expected", [
     (CPT, {"transfer": True, "cpt_law": True, "allocation": True, "replay": True}),
     # CPT points above scratch's (gamma 0 and a larger data term): findings 1-3 false, 4 untouched
-    (dataclasses.replace(CPT, B_prime=450.0, beta_prime=0.33, gamma=0.0), {"transfer": False, "cpt_law": False, "allocation": False,
-                                                          "replay": True}),
+    (dataclasses.replace(CPT, B_prime=450.0, beta_prime=0.33, gamma=0.0),
+     {"transfer": False, "cpt_law": False, "allocation": False, "replay": True}),
 ])
 def test_report_verdicts_follow_the_data(tmp_path, cpt_law, expected):
     root = generated_sweep(tmp_path, cpt_law)

@@ -67,13 +67,15 @@ def job_env(tmp_path_factory):
             "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0", "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
 
 
-def write_config(path, data_dir, source_tokens_per_param=0.05) -> str:
-    """The mini sweep, reduced: 58-step runs of size test, one CPU and 2 GiB per task (two at once)."""
+def write_config(path, data_dir, source_tokens_per_param=0.0899) -> str:
+    """The mini sweep, reduced to a run per point: 58-step runs of size test, one CPU and 2 GiB
+    per task (two at once)."""
     path.write_text(
         "import runpy\n"
         "def get_config():\n"
         f"    c = runpy.run_path({MINI!r})['get_config']()\n"
-        f"    c.source_tokens_per_param, c.tokens_per_param = {source_tokens_per_param}, (0.05,)\n"
+        f"    c.source_tokens_per_param, c.tokens_per_param = {source_tokens_per_param}, (0.0899,)\n"
+        "    c.branches, c.replay_study.size = False, ''\n"
         "    c.batch_size, c.base.seq_len, c.eval_points = 8, 64, 4\n"
         f"    c.base.data.dir = {str(data_dir)!r}\n"
         "    c.slurm.update({'cpus-per-task': 1, 'mem': '2G', 'time': '30:00'})\n"
@@ -187,7 +189,7 @@ def test_slurm_failed_scratch_task_holds_back_no_cpt_task(slurm_cluster, submitt
 
 def test_slurm_task_sent_sigterm_is_requeued_resumes_and_finishes(slurm_cluster, submitted, data_dir, tmp_path):
     # A longer source run (229 steps), so that SIGTERM lands mid-training.
-    s = submitted(write_config(tmp_path / "sweep.py", data_dir, source_tokens_per_param=0.2), tmp_path / "sweep")
+    s = submitted(write_config(tmp_path / "sweep.py", data_dir, source_tokens_per_param=0.354), tmp_path / "sweep")
     total = s.runs["test/source"].config.total_steps
     assert total > 200
     s.wait(lambda: re.search(rf"step [1-9]\d*/{total}", s.log("test/source")), 240, "test/source training",

@@ -230,31 +230,47 @@ def sweep_cli(*args):
 
 
 @pytest.mark.slow  # minutes: it trains every run of a reduced sweep
-def test_reduced_mini_sweep_runs_skips_reports_failures_and_writes_its_report(tmp_path):
+def test_reduced_branched_sweep_runs_skips_reports_failures_and_writes_its_report(tmp_path):
+    """The mini sweep at CI size: two sizes, three budgets, a replay study of three ratios; 26 runs."""
     config = tmp_path / "ci_sweep.py"
     config.write_text(
         "import runpy\n"
         "def get_config():\n"
         f"    c = runpy.run_path({MINI!r})['get_config']()\n"
-        "    c.sizes = ('test', 'micro')\n"
-        "    c.source_tokens_per_param, c.tokens_per_param = 0.05, (0.05,)\n"
+        "    c.sizes = ('nano', 'test')\n"
+        "    c.source_tokens_per_param, c.tokens_per_param = 0.16, (0.04, 0.08, 0.16)\n"
         "    c.batch_size, c.base.seq_len, c.eval_points = 8, 64, 4\n"
+        "    c.replay_study.size, c.replay_study.ratios = 'nano', (0.0, 0.5)\n"
         "    return c\n")
     out = tmp_path / "sweep"
     (out / "test").mkdir(parents=True)
-    (out / "test" / "source").write_text("not a dir")  # test/source cannot run: it and its CPT fail
+    (out / "test" / "source").write_text("not a dir")  # test/source cannot run: it and what starts from it fail
     r = sweep_cli("--config", str(config), "--sweep_dir", str(out))
     assert r.returncode == 1
-    assert "[sweep] test/cpt_r0.05: skipped, test/source failed" in r.stdout
-    assert "2 run(s) failed or skipped: test/source, test/cpt_r0.05" in r.stdout, r.stdout
+    assert "[sweep] test/cpt_r0.05_stable: skipped, test/source failed" in r.stdout
+    assert "[sweep] test/cpt_r0.05_0.16x: skipped, test/cpt_r0.05_stable failed" in r.stdout
+    assert ("5 run(s) failed or skipped: test/source, test/cpt_r0.05_stable, test/cpt_r0.05_0.04x, "
+            "test/cpt_r0.05_0.08x, test/cpt_r0.05_0.16x") in r.stdout, r.stdout
+    assert (out / "jax_cache").is_dir()  # the runs share their compiled programs
     os.remove(out / "test" / "source")
     r = sweep_cli("--config", str(config), "--sweep_dir", str(out))
     assert r.returncode == 0, r.stdout + r.stderr
-    assert "[sweep] test/scratch: finished already" in r.stdout and "[sweep] micro/source: finished already" in r.stdout
+    assert "[sweep] test/scratch_0.16x: finished already" in r.stdout
+    assert "[sweep] nano/source: finished already" in r.stdout
     report = (out / "report.md").read_text()
     for section in SECTIONS:
         assert f"## {section}" in report
     data = json.loads((out / "report.json").read_text())
-    assert set(data["forgetting"]) == {"test/cpt_r0.05", "micro/cpt_r0.05"}
-    for png in ("loss_vs_tokens.png", "forgetting.png"):
+    plan = json.loads((out / "sweep.json").read_text())
+    branches = {r["name"]: r for r in plan["runs"] if r["role"] == "branch"}
+    assert len(branches) == 2 * 2 * 3 + 2 * 3  # (scratch, CPT at 5%) x sizes x budgets, the study's two ratios
+    assert set(data["forgetting"]) == {n for n, r in branches.items() if r["kind"] == "cpt"}
+    for name, run in branches.items():  # each branch ends at its own budget, its point's D
+        recs = [json.loads(line) for line in (out / name / "metrics.jsonl").read_text().splitlines()]
+        assert recs[-1]["train/tokens"] == run["tokens"] and "eval/zh/loss" in recs[-1]
+    assert sorted(data["findings"]) == ["allocation", "cpt_law", "replay", "transfer"]
+    assert all(isinstance(v["holds"], bool) and v["evidence"] for v in data["findings"].values())
+    assert data["flops"]["spent"] < data["flops"]["one_run_per_point"]
+    assert len(data["replay"]["points"]) == 3 * 3  # three ratios at nano, three budgets each
+    for png in ("loss_vs_tokens.png", "forgetting.png", "fit.png"):
         assert (out / png).stat().st_size > 1000
