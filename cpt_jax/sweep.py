@@ -179,10 +179,11 @@ def cost_table(runs: list[Run]) -> str:
     """The runs of a plan and its FLOPs, against the one-run-per-point protocol."""
     f = flops(runs)
     roles = {role: sum(r.role == role for r in runs) for role in ("run", "stable", "branch")}
+    ends = sum(r.role != "stable" and r.kind != "source" for r in runs)
     return (f"{len(runs)} runs ({roles['run']} whole runs, {roles['stable']} stable phases, {roles['branch']} "
-            f"cooldown branches); {sum(r.role != 'stable' for r in runs)} (N, D, L) points and sources\n"
-            f"FLOPs (C = 6 N D): this plan {f['spent']:.3g}, one run per point {f['one_run_per_point']:.3g} "
-            f"({f['saved']:+.1%} saved)")
+            f"cooldown branches): {ends} scratch and CPT runs that end decayed, besides the sources\n"
+            f"FLOPs (C = 6 N D): this plan {f['spent']:.3g}; a whole run for each of those ends "
+            f"{f['one_run_per_point']:.3g} ({f['saved']:.1%} less)")
 
 
 def launch_local(runs: list[Run], sweep_dir: str, config_args: list[str]) -> list[str]:
