@@ -40,11 +40,12 @@ def test_noise_free_fit_is_exact():
 
 
 def test_noisy_fit_recovers_constants_and_bootstrap_covers_the_critical_ratio():
-    rise = rp.predict_rise(TRUE, R, D) + np.random.default_rng(0).normal(0, 0.01, R.shape)
+    # 5% multiplicative noise: the law is fitted in log space, where a power law's errors are relative
+    rise = rp.predict_rise(TRUE, R, D) * np.exp(np.random.default_rng(0).normal(0, 0.05, R.shape))
     fit = rp.fit_replay(R, D, rise)
-    assert fit.K == pytest.approx(0.8, rel=0.02) and abs(fit.kappa - 0.3) < 0.02
-    assert fit.r0 == pytest.approx(0.02, rel=0.15) and abs(fit.rho - 1.2) < 0.1
-    assert 0.005 < fit.rmse < 0.02  # about the noise's sd
+    assert fit.K == pytest.approx(0.8, rel=0.05) and abs(fit.kappa - 0.3) < 0.03
+    assert fit.r0 == pytest.approx(0.02, rel=0.3) and abs(fit.rho - 1.2) < 0.15
+    assert 0.025 < fit.rmse < 0.075  # about the noise's sd, in log rise
     start = time.perf_counter()
     b = rp.bootstrap(R, D, rise, epsilon=0.1, at_tokens=8e6, n=200)
     assert time.perf_counter() - start < 10
@@ -54,6 +55,12 @@ def test_noisy_fit_recovers_constants_and_bootstrap_covers_the_critical_ratio():
     assert np.isfinite(hi) and 0 < lo < rp.critical_ratio(TRUE, 8e6, 0.1) < hi < 3 * lo
     assert b["rho_interval"][0] < fit.rho < b["rho_interval"][1]
     assert b["kappa_interval"][0] < fit.kappa < b["kappa_interval"][1]
+
+
+def test_points_without_forgetting_are_left_out_of_the_fit():
+    rise = rp.predict_rise(TRUE, R, D)
+    with_none = rp.fit_replay(np.append(R, [0.9, 0.9]), np.append(D, [1e6, 8e6]), np.append(rise, [0.0, -0.05]))
+    assert with_none.rho == pytest.approx(TRUE.rho, rel=1e-3) and with_none.rmse < 1e-6
 
 
 def test_bootstrap_skips_resamples_that_cannot_be_fitted():

@@ -8,7 +8,9 @@ language tokens with a share r of the sequences replayed from the source languag
 so K is the rise without replay at 1M target tokens; forgetting grows as a power law in target
 tokens (the paper: "forgetting follows a power law"), and replay damps it as a power law in the
 mixture ratio past r0 (after Gu et al. 2024's critical mixture ratio). The critical ratio is the
-least r that keeps the rise at D within epsilon. Plain numpy in and out; scipy fits.
+least r that keeps the rise at D within epsilon. The law is fitted in log space, where a power
+law's errors are relative: forgetting without replay can be a hundred times that with plenty,
+and a fit of the raw rise would see only the former. Plain numpy in and out; scipy fits.
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ class ReplayFit:
     kappa: float
     r0: float
     rho: float
-    rmse: float = float("nan")  # root mean square residual of the rise on the fitted points
+    rmse: float = float("nan")  # root mean square residual of log rise on the fitted points
 
 
 def predict_rise(fit: ReplayFit, r, D) -> np.ndarray:
@@ -70,6 +72,9 @@ def _prepare(r, D, rise) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         raise ValueError(f"target tokens D must be positive, got min {D.min()}")
     if not ((r >= 0) & (r < 1)).all():
         raise ValueError(f"replay ratios r must lie in [0, 1), got {r.min()} .. {r.max()}")
+    r, D, rise = r[rise > 0], D[rise > 0], rise[rise > 0]  # no forgetting: nothing for a power law
+    if len(r) < 4:
+        raise ValueError(f"need at least 4 points whose rise is > 0, got {len(r)}")
     distinct = np.unique(r)
     if len(distinct) < 3:  # two leave (r0, rho) on a ridge: any point of it fits them exactly
         raise ValueError(f"need at least 3 distinct replay ratios to fit rho and r0, got only r="
@@ -78,23 +83,16 @@ def _prepare(r, D, rise) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
 
 def _solve(r, D, rise, starts) -> ReplayFit:
-    """Least squares on the rise over theta = (log K, kappa, log r0, rho) from each start; the best."""
-    logx = np.log(D / D_REF)
-
-    def parts(theta):
-        logk, kappa, logr0, rho = theta
-        q = r / np.exp(logr0)
-        with np.errstate(over="ignore", invalid="ignore"):  # wild trial steps: least_squares backs off
-            f = np.exp(logk + kappa * logx - rho * np.log1p(q))
-        return f, q
+    """Least squares on log rise over theta = (log K, kappa, log r0, rho) from each start; the best."""
+    logx, target = np.log(D / D_REF), np.log(rise)
 
     def residuals(theta):
-        return parts(theta)[0] - rise
+        logk, kappa, logr0, rho = theta
+        return logk + kappa * logx - rho * np.log1p(r / np.exp(logr0)) - target
 
     def jacobian(theta):
-        f, q = parts(theta)
-        rho = theta[3]
-        return np.stack([f, f * logx, f * rho * q / (1 + q), -f * np.log1p(q)], axis=1)
+        q, rho = r / np.exp(theta[2]), theta[3]
+        return np.stack([np.ones_like(r), logx, rho * q / (1 + q), -np.log1p(q)], axis=1)
 
     best = None
     for x0 in starts:
@@ -112,11 +110,11 @@ def _theta(fit: ReplayFit) -> np.ndarray:
 
 def fit_replay(r, D, rise) -> ReplayFit:
     """The law fitted to points (r replay ratio, D target tokens, rise of the source loss) by
-    plain least squares on the rise, from every start of a 3 x 3 x 3 grid; the best is kept.
-    Negative rises (replay ending below the start) are fitted as they are: the law stays > 0.
-    It needs 3 or more distinct ratios: with 2, (r0, rho) lie on a ridge of exact fits."""
+    least squares on log rise, from every start of a 3 x 3 x 3 grid; the best is kept. Points
+    whose source loss ended at or below its start (no forgetting to fit) are left out. It needs
+    3 or more distinct ratios: with 2, (r0, rho) lie on a ridge of exact fits."""
     r, D, rise = _prepare(r, D, rise)
-    logk = math.log(rise[rise > 0].mean()) if (rise > 0).any() else math.log(1e-3)
+    logk = math.log(rise.mean())
     starts = [np.array([logk, kappa, logr0, rho]) for kappa, logr0, rho in itertools.product(_KAPPAS, _LOG_R0S, _RHOS)]
     return _solve(r, D, rise, starts)
 
