@@ -135,9 +135,10 @@ def expand(sweep: ml_collections.ConfigDict, sweep_dir: str, only: tuple[str, ..
             stable = run(f"{label}_stable", kind, budgets[-1], ratio, "stable", max(points.values()), init,
                          **{"optimizer.schedule": "constant", "optimizer.warmup_steps": warmup,
                             "keep_steps": tuple(sorted(points.values()))})
-            for tpp in budgets:
-                run(f"{label}_{tpp:g}x", kind, tpp, ratio, "branch", steps_of(tpp), stable.name, start=points[tpp],
-                    evals=max(1, sweep.eval_points // 4), branch_step=points[tpp],
+            for tpp in budgets:  # a branch is a point: it evaluates (and saves) at its end
+                steps = steps_of(tpp)
+                run(f"{label}_{tpp:g}x", kind, tpp, ratio, "branch", steps, stable.name, start=points[tpp],
+                    branch_step=points[tpp], eval_every=steps, checkpoint_every=steps,
                     **{"optimizer.schedule": "wsd", "optimizer.warmup_steps": warmup})
     return runs
 

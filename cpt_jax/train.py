@@ -1,8 +1,8 @@
 """The pure-functional update (`train_step`, `eval_step`, optimizer, schedule) and `compile_steps`,
 which jits them over a mesh with explicit in/out shardings and a donated state.
 
-`train_step(state, batch) -> (state, metrics)` touches no globals, no host and no mesh: arrays in,
-arrays out. Where it runs and how it is sharded is decided once, in `compile_steps`.
+`train_step(state, batch, schedule) -> (state, metrics)` touches no globals, no host and no mesh:
+arrays in, arrays out. Where it runs and how it is sharded is decided once, in `compile_steps`.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from typing import Any, Callable, NamedTuple
 import flax.struct
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import nnx
 
@@ -42,44 +43,53 @@ def decay_steps(opt, total_steps: int) -> int:
     return max(1, int(round(opt.decay_frac * total_steps)))
 
 
-def schedule(opt, total_steps: int) -> optax.Schedule:
-    """The learning rate at each step of a run, counted from the run's own start (so a run that
-    starts from init_from warms up again from 0; a cooldown branch continues its stable run's step):
+def schedule_args(opt, total_steps: int) -> dict[str, np.ndarray]:
+    """A run's schedule as numbers: an argument of the compiled step, not constants in it, so runs
+    that differ only in their schedule or length (a stable phase and its cooldown branches, the
+    CPT runs of a replay study) share one compiled program through the compilation cache."""
+    warmup, decay = warmup_steps(opt, total_steps), decay_steps(opt, total_steps)
+    f32 = np.float32
+    return {"kind": np.int32(SCHEDULES.index(opt.schedule)), "sqrt_decay": np.bool_(opt.decay_shape == "1-sqrt"),
+            "peak": f32(opt.peak_lr), "floor": f32(opt.peak_lr * opt.min_lr_frac), "warmup": f32(warmup),
+            "cosine_end": f32(max(total_steps, warmup + 1)), "decay_start": f32(total_steps - decay), "decay": f32(decay)}
 
-      cosine    linear warmup from 0, then cosine to min_lr_frac x peak at the last step (the paper's)
-      wsd       warmup, stable at peak, then a decay over the last decay_frac of the steps to
+
+def learning_rate(step, args: dict) -> jax.Array:
+    """The learning rate at a step of a run, counted from the run's own start (so a run that
+    starts from init_from warms up again from 0; a cooldown branch continues its stable run's
+    step). Linear warmup from 0 over `warmup` steps, then:
+
+      cosine    cosine to min_lr_frac x peak at the last step (the paper's)
+      wsd       stable at peak, then a decay over the last decay_frac of the steps to
                 min_lr_frac x peak, linear or 1-sqrt (Hägele et al. 2024)
-      constant  warmup, then peak for good (a WSD sweep's stable phase)
-      rsqrt     warmup, then peak x sqrt(warmup / step)
+      constant  peak for good (a WSD sweep's stable phase)
+      rsqrt     peak x sqrt(warmup / step)
     """
-    peak, floor = opt.peak_lr, opt.peak_lr * opt.min_lr_frac
-    warmup = warmup_steps(opt, total_steps)
-    if opt.schedule == "cosine":
-        return optax.warmup_cosine_decay_schedule(init_value=0.0, peak_value=peak, warmup_steps=warmup,
-                                                  decay_steps=max(total_steps, warmup + 1), end_value=floor)
-    warm = optax.linear_schedule(0.0, peak, warmup)
-    if opt.schedule == "constant":
-        after = optax.constant_schedule(peak)
-    elif opt.schedule == "rsqrt":
-        after = lambda step: peak * jnp.sqrt(warmup / jnp.maximum(step + warmup, warmup))  # noqa: E731
-    else:  # wsd
-        decay = decay_steps(opt, total_steps)
-        start = total_steps - decay
-
-        def after(step):  # steps since warmup ended
-            t = jnp.clip((step + warmup - start) / decay, 0.0, 1.0)
-            shape = t if opt.decay_shape == "linear" else jnp.sqrt(t)  # 1-sqrt: lr falls as 1 - sqrt(t)
-            return peak - (peak - floor) * shape
-    return optax.join_schedules([warm, after], [warmup])
+    a = args
+    step = jnp.asarray(step, jnp.float32)
+    span = jnp.clip((step - a["warmup"]) / (a["cosine_end"] - a["warmup"]), 0.0, 1.0)
+    cosine = a["floor"] + (a["peak"] - a["floor"]) * 0.5 * (1 + jnp.cos(jnp.pi * span))
+    t = jnp.clip((step - a["decay_start"]) / a["decay"], 0.0, 1.0)
+    wsd = a["peak"] - (a["peak"] - a["floor"]) * jnp.where(a["sqrt_decay"], jnp.sqrt(t), t)  # 1-sqrt: 1 - sqrt(t)
+    rsqrt = a["peak"] * jnp.sqrt(a["warmup"] / jnp.maximum(step, a["warmup"]))
+    after = jnp.select([a["kind"] == 0, a["kind"] == 1, a["kind"] == 2], [cosine, wsd, a["peak"]], rsqrt)
+    return jnp.where(step < a["warmup"], a["peak"] * step / a["warmup"], after)
 
 
-def optimizer(opt, total_steps: int) -> optax.GradientTransformation:
-    """AdamW with global-norm clipping; weight decay on matrices only (not norms or biases). The
-    state has one layout whatever the schedule, so a branch restores its stable run's state."""
+def schedule(opt, total_steps: int) -> optax.Schedule:
+    """The run's learning rate as a function of the step (`learning_rate` of its `schedule_args`)."""
+    args = schedule_args(opt, total_steps)
+    return lambda step: learning_rate(step, args)
+
+
+def optimizer(opt, args: dict) -> optax.GradientTransformation:
+    """AdamW with global-norm clipping; weight decay on matrices only (not norms or biases); the
+    learning rate of `schedule_args`. The state has one layout whatever the schedule, so a
+    branch restores its stable run's state."""
     return optax.chain(
         optax.clip_by_global_norm(opt.clip_norm),
-        optax.adamw(schedule(opt, total_steps), b1=opt.b1, b2=opt.b2, eps=opt.eps, weight_decay=opt.weight_decay,
-                    mask=lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)),
+        optax.adamw(lambda count: learning_rate(count, args), b1=opt.b1, b2=opt.b2, eps=opt.eps,
+                    weight_decay=opt.weight_decay, mask=lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)),
     )
 
 
@@ -97,10 +107,10 @@ def _loss_and_stats(params, graphdef, tokens, source, num_sources):
     return loss, (onehot.T @ per_token.mean(axis=1), onehot.sum(axis=0))
 
 
-def train_step(state: TrainState, batch: dict, *, graphdef, tx: optax.GradientTransformation,
-               lr_fn: optax.Schedule, num_sources: int, grad_accum: int = 1,
-               nan_steps: tuple[int, ...] = ()) -> tuple[TrainState, dict]:
-    """One optimizer update on `batch` = {"tokens": [b, seq+1] int32, "source": [b] int32}.
+def train_step(state: TrainState, batch: dict, schedule: dict, *, graphdef, opt, num_sources: int,
+               grad_accum: int = 1, nan_steps: tuple[int, ...] = ()) -> tuple[TrainState, dict]:
+    """One optimizer update on `batch` = {"tokens": [b, seq+1] int32, "source": [b] int32}, at
+    the learning rate of `schedule` (`schedule_args`) and `opt`'s AdamW settings.
 
     With `grad_accum` > 1 the batch is split into that many microbatches whose gradients are
     averaged before the single update (same result as the whole batch, less activation memory).
@@ -108,6 +118,7 @@ def train_step(state: TrainState, batch: dict, *, graphdef, tx: optax.GradientTr
     reports `nonfinite` = 1; what then happens is the caller's choice (stop or go on).
     `nan_steps`: fault injection for tests, steps (counted from 1) whose gradients become NaN.
     """
+    tx = optimizer(opt, schedule)
     grad_fn = jax.value_and_grad(_loss_and_stats, has_aux=True)
 
     def micro(tokens, source):
@@ -142,7 +153,7 @@ def train_step(state: TrainState, batch: dict, *, graphdef, tx: optax.GradientTr
         "loss": loss,
         "nonfinite": 1 - finite.astype(jnp.int32),
         "grad_norm": grad_norm,
-        "lr": lr_fn(state.step),
+        "lr": learning_rate(state.step, schedule),
         "source_loss_sum": src_sum,
         "source_count": src_cnt,
     }
@@ -174,8 +185,8 @@ def compile_steps(mcfg: models.ModelConfig, opt, total_steps: int, mesh, batch_s
                   num_sources: int, nan_steps: tuple[int, ...] = ()) -> Steps:
     """Shardings from the logical-axis rules, then the train step compiled ahead of time."""
     spec = models.spec(mcfg)
-    tx = optimizer(opt, total_steps)
-    lr_fn = schedule(opt, total_steps)
+    args = schedule_args(opt, total_steps)
+    tx = optimizer(opt, args)
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
     p_sh = sharding.param_shardings(spec.abstract_params, spec.axes, mesh)
     abstract_opt = jax.eval_shape(tx.init, spec.abstract_params)
@@ -189,22 +200,23 @@ def compile_steps(mcfg: models.ModelConfig, opt, total_steps: int, mesh, batch_s
         TrainState(jax.ShapeDtypeStruct((), jnp.int32), spec.abstract_params, abstract_opt), state_sh)
 
     train_jit = jax.jit(
-        functools.partial(train_step, graphdef=spec.graphdef, tx=tx, lr_fn=lr_fn, num_sources=num_sources,
+        functools.partial(train_step, graphdef=spec.graphdef, opt=opt, num_sources=num_sources,
                           grad_accum=opt.grad_accum, nan_steps=tuple(nan_steps)),
-        in_shardings=(state_sh, {"tokens": batch_sh["tokens"], "source": batch_sh["source"]}),
+        in_shardings=(state_sh, {"tokens": batch_sh["tokens"], "source": batch_sh["source"]}, replicated),
         out_shardings=(state_sh, None), donate_argnums=0,
     )
     abstract_batch = {
         "tokens": jax.ShapeDtypeStruct((batch_size, seq_len + 1), jnp.int32, sharding=batch_sh["tokens"]),
         "source": jax.ShapeDtypeStruct((batch_size,), jnp.int32, sharding=batch_sh["source"]),
     }
+    schedule = jax.device_put(args, replicated)
     with jax.set_mesh(mesh):
-        compiled = train_jit.lower(abstract_state, abstract_batch).compile()
+        compiled = train_jit.lower(abstract_state, abstract_batch, schedule).compile()
     return Steps(
         spec=spec, state_sharding=state_sh, batch_sharding=batch_sh, abstract_state=abstract_state,
         init_params=jax.jit(functools.partial(models.init_params, mcfg), out_shardings=p_sh),
         init_opt_state=jax.jit(tx.init, out_shardings=o_sh),
-        train=compiled,
+        train=lambda state, batch: compiled(state, batch, schedule),
         eval=jax.jit(functools.partial(eval_step, graphdef=spec.graphdef),
                      in_shardings=(p_sh, batch_sh["tokens"], batch_sh["valid"])),
         memory=compiled.memory_analysis(),

@@ -1,6 +1,8 @@
 """The update itself: it learns, its schedule is the paper's, and eval averages honestly."""
 
 import functools
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -60,10 +62,11 @@ def test_tiny_model_overfits_one_batch():
     mcfg = models.model_config("test", 64)
     opt = config_lib.base().optimizer
     opt.peak_lr, opt.weight_decay = 3e-3, 0.0
-    tx = train.optimizer(opt, 200)
+    args = train.schedule_args(opt, 200)
+    tx = train.optimizer(opt, args)
     spec = models.spec(mcfg)
-    step = jax.jit(functools.partial(train.train_step, graphdef=spec.graphdef, tx=tx,
-                                     lr_fn=train.schedule(_opt(peak_lr=3e-3), 200), num_sources=1))
+    step = jax.jit(functools.partial(train.train_step, schedule=args, graphdef=spec.graphdef, opt=opt,
+                                     num_sources=1))
     params = models.init_params(mcfg, jax.random.key(0))
     state = train.TrainState(jnp.int32(0), params, tx.init(params))
     rng = np.random.default_rng(0)
@@ -79,12 +82,14 @@ def test_tiny_model_overfits_one_batch():
 
 def test_per_source_loss_splits_the_batch():
     mcfg = models.model_config("test", 64)
-    tx = train.optimizer(config_lib.base().optimizer, 10)
+    opt = config_lib.base().optimizer
+    args = train.schedule_args(opt, 10)
+    tx = train.optimizer(opt, args)
     spec = models.spec(mcfg)
     params = models.init_params(mcfg, jax.random.key(1))
     tokens = jnp.asarray(np.random.default_rng(1).integers(0, 64, (6, 17)), jnp.int32)
     source = jnp.array([0, 1, 1, 0, 1, 1], jnp.int32)
-    step = jax.jit(functools.partial(train.train_step, graphdef=spec.graphdef, tx=tx, lr_fn=lambda s: 0.0,
+    step = jax.jit(functools.partial(train.train_step, schedule=args, graphdef=spec.graphdef, opt=opt,
                                      num_sources=2))
     _, m = step(train.TrainState(jnp.int32(0), params, tx.init(params)), {"tokens": tokens, "source": source})
     # Independent: cross-entropy from the model's logits with optax.
@@ -112,10 +117,37 @@ def test_weight_decay_skips_norms():
     mcfg = models.model_config("test", 64)
     opt = config_lib.base().optimizer
     opt.weight_decay, opt.peak_lr, opt.warmup_frac = 0.5, 1.0, 0.0
-    tx = train.optimizer(opt, 10)
+    tx = train.optimizer(opt, train.schedule_args(opt, 10))
     params = models.init_params(mcfg, jax.random.key(3))
     zeros = jax.tree.map(jnp.zeros_like, params)
     _, opt_state = tx.update(zeros, tx.init(params), params)  # step 0: lr 0 (warmup)
     updates, _ = tx.update(zeros, opt_state, params)  # step 1: lr = peak, zero gradients: decay only
     assert float(jnp.abs(updates["final_norm"]).max()) == 0.0  # no decay on norm weights
     assert float(jnp.abs(updates["embed"]).max()) > 0.0  # decay on matrices
+
+
+def test_runs_that_differ_only_in_schedule_share_one_compiled_step(tmp_path):
+    """The schedule is an argument of the compiled step: a stable phase and its cooldown branches
+    (other schedule, other length) hit the compilation cache; another batch size does not."""
+    script = f"""
+import os, jax
+jax.config.update("jax_compilation_cache_dir", {str(tmp_path / "cache")!r})
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+from cpt_jax import models, sharding, train
+from cpt_jax.config import base
+mcfg, mesh = models.model_config("test", 64), sharding.make_mesh((-1, 1, 1))
+def entries():
+    return len(os.listdir({str(tmp_path / "cache")!r}))
+opt = base().optimizer
+train.compile_steps(mcfg, opt, 100, mesh, 8, 16, 2)
+first = entries()
+opt.schedule, opt.decay_frac, opt.peak_lr = "wsd", 0.3, 1e-2
+train.compile_steps(mcfg, opt, 37, mesh, 8, 16, 2)
+same = entries()
+train.compile_steps(mcfg, opt, 37, mesh, 16, 16, 2)
+print(first, same, entries())
+"""
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    first, same, other = map(int, out.stdout.split())
+    assert first > 0 and same == first and other > first

@@ -34,7 +34,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.replay_ratios = (0.05,)  # CPT at every size; the CPT law is fitted to these
     c.replay_study = ml_collections.ConfigDict({"size": "test", "ratios": (0.0, 0.01, 0.2, 0.5)})
     c.batch_size = 8  # sequences (more updates per token for tiny models); 0: the paper's 1M/2M/4M-token batches
-    c.eval_points = 4  # evals of a stable phase or a source run (for the plots); a branch: once or twice in its cooldown
+    c.eval_points = 4  # evals of a stable phase or a source run (for the plots); a branch evaluates at its end
     c.findings = ml_collections.ConfigDict({
         "forgetting_epsilon": 0.1,  # nats: the source-loss rise the critical replay ratio keeps below
         "equal_loss_tolerance": 0.02,  # relative spread of target loss across ratios that counts as "the same"
