@@ -4,17 +4,19 @@
                           [--only SIZE,...] [--config.FIELD=VALUE ...]
   python -m cpt_jax.sweep run --config configs/sweeps/mini.py --sweep_dir /tmp/mini --run tiny/cpt_r0.05
   python -m cpt_jax.sweep report --sweep_dir /tmp/mini
+  python -m cpt_jax.sweep cost --config configs/sweeps/paper.py:branched
 
 A sweep config gives sizes, token budgets (tokens per parameter) and replay ratios; each size
-expands into a source run (the source language from scratch), a target-from-scratch run per
-budget, and a CPT run per budget and replay ratio initialised from that size's source run. Every
-run is an ordinary `cpt_jax.main` run in SWEEP_DIR/<size>/<kind>, so finished runs are skipped
-and unfinished ones resume; the runs get the sweep command's own config file and `--config.X`
+expands into a source run (the source language from scratch), then scratch runs and CPT runs
+(per replay ratio, initialised from that size's source run): a run per budget, or with
+`branches` one stable phase and a cooldown branch from it per budget (`expand`). Every run is an
+ordinary `cpt_jax.main` run in SWEEP_DIR/<size>/<kind>, so finished runs are skipped and
+unfinished ones resume; the runs get the sweep command's own config file and `--config.X`
 overrides, and `sweep run` exits as `cpt_jax.main` does (cpt_jax.runner). Backends: `local`
-runs them one after another (each in its own process; a failed run is reported and the runs
-that depend on it are skipped), `slurm` submits a data-preparation job, then array jobs whose
-CPT tasks each wait for their own source task only, `print` prints the preparation command, then
-one command per run (for TPU pods, see launch/).
+runs them one after another in this process (a failed run is reported and the runs that start
+from it are skipped), `slurm` submits a data-preparation job, then array jobs whose tasks each
+wait for the task of the run they start from only, `print` prints the preparation command, then
+one command per run (for TPU pods, see launch/). `cost` prints a plan's runs and FLOPs.
 """
 
 from __future__ import annotations
@@ -187,12 +189,18 @@ def cost_table(runs: list[Run]) -> str:
             f"{f['one_run_per_point']:.3g} ({f['saved']:.1%} less)")
 
 
-def launch_local(runs: list[Run], sweep_dir: str, config_args: list[str]) -> list[str]:
-    """Runs every unfinished run in order; returns the names of the runs that failed or were
-    skipped because what they start from failed. The runs share a persistent compilation cache
-    (SWEEP_DIR/jax_cache, unless JAX_COMPILATION_CACHE_DIR says otherwise): runs of one size and
-    schedule compile the same programs."""
-    env = {"JAX_COMPILATION_CACHE_DIR": os.path.join(sweep_dir, "jax_cache"), **os.environ}
+def launch_local(runs: list[Run], sweep_dir: str) -> list[str]:
+    """Runs every unfinished run in order, in this process (one start of Python and JAX for all:
+    seconds per run), each as `sweep run` would; returns the names of the runs that failed or
+    were skipped because what they start from failed. The runs share a persistent compilation
+    cache (SWEEP_DIR/jax_cache, unless JAX_COMPILATION_CACHE_DIR says otherwise): runs of one size
+    compile the same train step whatever their schedule and length."""
+    import jax
+
+    from cpt_jax import trainer
+
+    if not os.environ.get("JAX_COMPILATION_CACHE_DIR"):
+        jax.config.update("jax_compilation_cache_dir", os.path.join(sweep_dir, "jax_cache"))
     failed: list[str] = []
     for run in runs:
         if run.depends_on in failed:
@@ -203,9 +211,20 @@ def launch_local(runs: list[Run], sweep_dir: str, config_args: list[str]) -> lis
             print(f"[sweep] {run.name}: finished already", flush=True)
             continue
         print(f"[sweep] {run.name}: N={run.params:,} D={run.tokens:,} ({run.config.total_steps} steps)", flush=True)
-        if subprocess.run(_run_command(config_args, sweep_dir, run.name), env=env).returncode:
-            print(f"[sweep] {run.name}: FAILED (its log is above; re-running the sweep resumes it)", flush=True)
+        try:
+            trainer.run_all(run.config, os.path.join(sweep_dir, run.name))
+        except runner.Preempted:
+            raise  # saved: the same command resumes the sweep
+        except Exception as e:  # noqa: BLE001  (one run's failure, whatever it is, ends that run only)
+            what = "config error" if isinstance(e, ConfigError) else "run error" if isinstance(e, RunError) else None
+            if what is None:
+                runner.log.exception("%s failed", run.name)
+            first = str(e).splitlines()[0] if str(e) else ""
+            print(f"[sweep] {run.name}: FAILED ({what or type(e).__name__}: {first}); re-running the sweep resumes it",
+                  flush=True)
             failed.append(run.name)
+        finally:
+            jax.clear_caches()  # the run's programs; the next run's come from the persistent cache
     return failed
 
 
@@ -408,7 +427,7 @@ def main(args: list[str]) -> None:
     elif _BACKEND.value == "slurm":
         launch_slurm(runs, sweep_dir, config_args, sweep.slurm)
     else:
-        failed = launch_local(runs, sweep_dir, config_args)
+        failed = launch_local(runs, sweep_dir)
         if failed:
             print(f"[sweep] {len(failed)} run(s) failed or skipped: {', '.join(failed)}", flush=True)
             raise RunError(f"{len(failed)} run(s) of the sweep failed or were skipped; re-running resumes them")

@@ -25,7 +25,7 @@ import numpy as np
 from etils import epath
 
 from cpt_jax import checkpoint, convert, distributed, models, sharding, storage, summary, train
-from cpt_jax.config import ConfigError, expand_runs, flatten
+from cpt_jax.config import ConfigError, base, expand_runs, flatten
 from cpt_jax.data import pipeline
 from cpt_jax.data.mixture import Mixture
 from cpt_jax.metrics import MetricWriter, Progress
@@ -164,7 +164,9 @@ def check_workdir_config(config: ml_collections.ConfigDict, run: RunDir, allow_c
 def config_diff(saved: dict, config: ml_collections.ConfigDict, allowed: tuple[str, ...]) -> str:
     """The fields (but `allowed` ones and those under them) in which `config` differs from a
     saved config, as `field: old -> new; ...`; "" where none."""
-    old, new = flatten(saved), flatten(json.loads(config.to_json()))
+    # A field added to cpt_jax since `saved` was written reads as its default there: that is what
+    # the older code computed.
+    old, new = {**flatten(base().to_dict()), **flatten(saved)}, flatten(json.loads(config.to_json()))
     for flat in (old, new):  # "auto" and what it means on this platform are the same dtype
         flat["model.dtype"] = models.llama.compute_dtype(flat.get("model.dtype", "auto"))
     ok = lambda k: any(k == f or k.startswith(f + ".") for f in allowed)  # noqa: E731

@@ -106,3 +106,20 @@ def test_cli_workdir_that_is_a_file_exits_2(tmp_path):
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
     assert r.stderr.strip().splitlines()[-1] == f"config error: --workdir {tmp_path}/run is a file, not a directory"
     assert (tmp_path / "run").read_text() == "mine"
+
+
+def test_a_workdir_from_before_a_field_existed_resumes_when_the_field_is_at_its_default(tmp_path):
+    """Fields added to cpt_jax since a workdir was made read as their defaults there; another value
+    is still a different config."""
+    import json
+
+    from cpt_jax.rundir import RunDir
+
+    config = small_config()
+    saved = json.loads(config.to_json())
+    del saved["optimizer"]["schedule"], saved["branch_from"]  # as written before they existed
+    os.makedirs(tmp_path / "run")
+    (tmp_path / "run" / "config.json").write_text(json.dumps(saved))
+    trainer.check_workdir_config(config, RunDir.of(str(tmp_path / "run")))
+    with pytest.raises(ConfigError, match=r"optimizer.schedule: 'cosine' -> 'wsd'"):
+        trainer.check_workdir_config(small_config("--config.optimizer.schedule=wsd"), RunDir.of(str(tmp_path / "run")))

@@ -59,7 +59,10 @@ def critical_ratio(fit: ReplayFit, D: float, epsilon: float) -> float:
         return 0.0
     if fit.rho <= 0 or epsilon <= 0:
         return math.inf
-    return fit.r0 * ((rise0 / epsilon) ** (1 / fit.rho) - 1)
+    try:
+        return fit.r0 * ((rise0 / epsilon) ** (1 / fit.rho) - 1)
+    except OverflowError:  # a rho near 0: replay barely damps forgetting
+        return math.inf
 
 
 def _prepare(r, D, rise) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
