@@ -176,7 +176,8 @@ class Steps(NamedTuple):
     abstract_state: TrainState  # ShapeDtypeStructs carrying their shardings (for restore)
     init_params: Callable  # key -> params, born sharded
     init_opt_state: Callable  # params -> opt_state, born sharded
-    train: Callable  # (state, batch) -> (state, metrics); donates state
+    train: Callable  # (state, batch) -> (state, metrics) at the run's schedule; donates state
+    program: Any  # the compiled train step (as_text, cost and memory analyses)
     eval: Callable  # (params, tokens, valid) -> (loss sum, token count)
     memory: Any  # the compiled train step's memory analysis
 
@@ -216,7 +217,7 @@ def compile_steps(mcfg: models.ModelConfig, opt, total_steps: int, mesh, batch_s
         spec=spec, state_sharding=state_sh, batch_sharding=batch_sh, abstract_state=abstract_state,
         init_params=jax.jit(functools.partial(models.init_params, mcfg), out_shardings=p_sh),
         init_opt_state=jax.jit(tx.init, out_shardings=o_sh),
-        train=lambda state, batch: compiled(state, batch, schedule),
+        train=lambda state, batch: compiled(state, batch, schedule), program=compiled,
         eval=jax.jit(functools.partial(eval_step, graphdef=spec.graphdef),
                      in_shardings=(p_sh, batch_sh["tokens"], batch_sh["valid"])),
         memory=compiled.memory_analysis(),

@@ -71,7 +71,7 @@ SOURCE_LOSS = 4.0
 def generated_sweep(root, cpt_law, noise=0.0003):
     """The mini sweep's plan, every run's metrics.jsonl written from the laws (with a relative
     `noise` on target losses): target loss of scratch and CPT points, the source loss of CPT
-    runs as SOURCE_LOSS + the forgetting law (+ noise of sd 0.005), and a replay run's target
+    runs as SOURCE_LOSS + the forgetting law (x 2% lognormal noise), and a replay run's target
     loss as its law at its own target tokens (so ratios agree at equal target compute)."""
     config = load_file(MINI)
     runs = sweep.expand(config, str(root))
@@ -87,7 +87,7 @@ def generated_sweep(root, cpt_law, noise=0.0003):
             record["eval/zh/loss"] = float(laws.predict(law, run.params, d_target) * (1 + noise * rng.normal()))
             if run.kind == "cpt":
                 rise = float(replay_law.predict_rise(FORGET, run.replay_ratio, d_target))
-                record["eval/en/loss"] = SOURCE_LOSS + rise + 0.005 * rng.normal()
+                record["eval/en/loss"] = SOURCE_LOSS + rise * np.exp(0.02 * rng.normal())
         os.makedirs(root / run.name, exist_ok=True)
         (root / run.name / "metrics.jsonl").write_text(json.dumps(record) + "\n")
     return root

@@ -86,7 +86,7 @@ def test_logged_kernel_is_the_compiled_one(tmp_path, caplog):
     with caplog.at_level(logging.INFO, "cpt_jax"):
         steps = trainer.compile_run(plan)
     assert "float32 compute, splash attention" in caplog.text
-    assert "splash" in steps.train.as_text()  # the Pallas kernel is in the compiled step
+    assert "splash" in steps.program.as_text()  # the Pallas kernel is in the compiled step
     assert plan.meta["model"]["attention"] == "splash"
 
 
