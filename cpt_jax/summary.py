@@ -22,8 +22,9 @@ def eval_curve(records: list[dict], lang: str) -> tuple[np.ndarray, np.ndarray]:
     return np.array([p[0] for p in pts]), np.array([p[1] for p in pts])
 
 
-def tokens_to_reach(tokens: np.ndarray, loss: np.ndarray, target: float) -> float | None:
-    """Tokens at which a loss curve first gets down to `target` (linear between evals)."""
+def tokens_to_reach(tokens: np.ndarray, loss: np.ndarray, target: float, log: bool = False) -> float | None:
+    """Tokens at which a loss curve first gets down to `target`: linear between evals, or with
+    `log` linear in log tokens (for points spaced geometrically, as token budgets are)."""
     below = np.nonzero(loss <= target)[0]
     if not len(below):
         return None
@@ -31,7 +32,8 @@ def tokens_to_reach(tokens: np.ndarray, loss: np.ndarray, target: float) -> floa
     if i == 0:
         return float(tokens[0])
     t0, t1, l0, l1 = tokens[i - 1], tokens[i], loss[i - 1], loss[i]
-    return float(t0 + (t1 - t0) * (l0 - target) / (l0 - l1))
+    frac = (l0 - target) / (l0 - l1)
+    return float(np.exp(np.log(t0) + frac * (np.log(t1) - np.log(t0))) if log else t0 + (t1 - t0) * frac)
 
 
 def compare(workdir: str, report: dict, wall_s: float | None = None) -> str:

@@ -17,6 +17,8 @@ import dataclasses
 
 import numpy as np
 
+from cpt_jax import summary
+
 CLAIMS = {
     "transfer": "CPT reaches a target-language loss with fewer tokens than training from scratch, at every size",
     "cpt_law": "the CPT law fits CPT runs better than Chinchilla, with gamma > 0; on scratch runs gamma is ~0",
@@ -43,18 +45,15 @@ def _interval(ci) -> str:
 
 
 def tokens_to_reach(tokens: np.ndarray, loss: np.ndarray, target: float) -> tuple[float, str]:
-    """Tokens at which a curve of (tokens, loss) points first reaches `target`, linear in log
-    tokens between points: (tokens, how) with how "at" (interpolated), "below" (already at the
-    first point: an upper bound) or "never" (inf: not within the points)."""
+    """Tokens at which (tokens, loss) points first reach `target`, linear in log tokens between
+    points (cpt_jax.summary.tokens_to_reach): (tokens, how) with how "at" (interpolated), "below"
+    (already at the first point: an upper bound) or "never" (inf: not within the points)."""
     order = np.argsort(tokens)
     d, v = np.asarray(tokens, float)[order], np.asarray(loss, float)[order]
-    if v[0] <= target:
-        return float(d[0]), "below"
-    for i in range(1, len(d)):
-        if v[i] <= target:
-            t = (v[i - 1] - target) / (v[i - 1] - v[i])
-            return float(np.exp(np.log(d[i - 1]) + t * (np.log(d[i]) - np.log(d[i - 1])))), "at"
-    return float("inf"), "never"
+    reached = summary.tokens_to_reach(d, v, target, log=True)
+    if reached is None:
+        return float("inf"), "never"
+    return reached, "below" if v[0] <= target else "at"
 
 
 def transfer(scratch: dict[int, tuple], cpt: dict[int, tuple]) -> Verdict:
