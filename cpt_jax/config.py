@@ -127,6 +127,14 @@ def base() -> ml_collections.ConfigDict:
     c.data.tokenizer.byte_fallback = True  # anything else becomes UTF-8 bytes, never <unk>
     c.data.tokenizer.train_on = ()  # source names; (): all sources
     c.data.tokenizer.max_docs = 200_000  # per source, evenly spaced: enough for a tokenizer
+    # Each document is framed as [BOS] text EOS (cpt_jax/data/packing.py). bos: auto (the
+    # tokenizer's convention: HF add_bos_token or post-processor; none for one trained here) |
+    # always | never. eos: the token ending each document; "": the tokenizer's EOS.
+    c.data.framing = ml_collections.ConfigDict({"bos": "auto", "eos": ""})
+    # concat: attention runs across the documents packed in a row; documents: it never crosses a
+    # document boundary, positions (RoPE) restart at each document, and the position whose input is
+    # EOS predicts nothing (the next document is not its continuation).
+    c.data.packing = "concat"
     c.data.eval_batches = 0  # cap on eval batches per set; 0: the whole held-out set
     c.data.workers = 1  # processes tokenizing a store; 1: in-process (sentencepiece already uses every core)
 

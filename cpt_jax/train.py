@@ -93,24 +93,51 @@ def optimizer(opt, args: dict) -> optax.GradientTransformation:
     )
 
 
-def token_losses(graphdef, params: dict, tokens: jax.Array) -> tuple[jax.Array, jax.Array]:
+def document_layout(inputs: jax.Array, eos_id: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """The packed documents of input rows [b, t] (`data.packing="documents"`): a document starts
+    at the row's start and after each EOS. Returns (segment ids [b, t] int32, counting from 1 in
+    each row; positions [b, t] int32 from 0 at each document's start, or the row's where a document
+    continues from the row before; loss weights [b, t] float32, 0 where the input is EOS, whose
+    target opens the next document and is not predictable from this one)."""
+    t = inputs.shape[1]
+    is_eos = inputs == eos_id
+    starts = jnp.concatenate([jnp.ones_like(is_eos[:, :1]), is_eos[:, :-1]], axis=1)
+    segments = jnp.cumsum(starts, axis=1, dtype=jnp.int32)
+    index = jnp.arange(t, dtype=jnp.int32)
+    positions = index - jax.lax.cummax(jnp.where(starts, index, 0), axis=1)
+    return segments, positions, (~is_eos).astype(jnp.float32)
+
+
+def token_losses(graphdef, params: dict, tokens: jax.Array, document_end: int | None = None
+                 ) -> tuple[jax.Array, jax.Array, jax.Array | None]:
     """Next-token cross-entropy of tokens [b, seq+1]: (the mean, differentiable; per position
-    [b, seq] float32, for reporting), with the logits chunked as `model.loss_chunk` says."""
+    [b, seq] float32, for reporting; the weights of the positions that count, or None where all
+    do), with the logits chunked as `model.loss_chunk` says. `document_end`: the EOS id of rows
+    packed as documents (`document_layout`); None: attention runs across the whole row."""
     model = nnx.merge(graphdef, params)
-    x, _ = model.hidden_states(tokens[:, :-1])
-    return cross_entropy(x, model.head_weight(), tokens[:, 1:], model.cfg.loss_chunk)
+    inputs = tokens[:, :-1]
+    if document_end is None:
+        x, _ = model.hidden_states(inputs)
+        return *cross_entropy(x, model.head_weight(), tokens[:, 1:], model.cfg.loss_chunk), None
+    segments, positions, weights = document_layout(inputs, document_end)
+    x, _ = model.hidden_states(inputs, positions, segment_ids=segments)
+    return *cross_entropy(x, model.head_weight(), tokens[:, 1:], model.cfg.loss_chunk, weights), weights
 
 
-def _loss_and_stats(params, graphdef, tokens, source, num_sources):
-    loss, per_token = token_losses(graphdef, params, tokens)
+def _loss_and_stats(params, graphdef, tokens, source, num_sources, document_end):
+    loss, per_token, weights = token_losses(graphdef, params, tokens, document_end)
+    row = per_token.mean(axis=1) if weights is None else (
+        (per_token * weights).sum(axis=1) / jnp.maximum(weights.sum(axis=1), 1.0))
     onehot = jax.nn.one_hot(source, num_sources, dtype=jnp.float32)  # [b, sources]
-    return loss, (onehot.T @ per_token.mean(axis=1), onehot.sum(axis=0))
+    return loss, (onehot.T @ row, onehot.sum(axis=0))
 
 
 def train_step(state: TrainState, batch: dict, schedule: dict, *, graphdef, opt, num_sources: int,
-               grad_accum: int = 1, nan_steps: tuple[int, ...] = ()) -> tuple[TrainState, dict]:
+               grad_accum: int = 1, nan_steps: tuple[int, ...] = (), document_end: int | None = None
+               ) -> tuple[TrainState, dict]:
     """One optimizer update on `batch` = {"tokens": [b, seq+1] int32, "source": [b] int32}, at
-    the learning rate of `schedule` (`schedule_args`) and `opt`'s AdamW settings.
+    the learning rate of `schedule` (`schedule_args`) and `opt`'s AdamW settings; `document_end`
+    as in `token_losses`.
 
     With `grad_accum` > 1 the batch is split into that many microbatches whose gradients are
     averaged before the single update (same result as the whole batch, less activation memory).
@@ -122,7 +149,8 @@ def train_step(state: TrainState, batch: dict, schedule: dict, *, graphdef, opt,
     grad_fn = jax.value_and_grad(_loss_and_stats, has_aux=True)
 
     def micro(tokens, source):
-        (loss, (src_sum, src_cnt)), grads = grad_fn(state.params, graphdef, tokens, source, num_sources)
+        (loss, (src_sum, src_cnt)), grads = grad_fn(state.params, graphdef, tokens, source, num_sources,
+                                                    document_end)
         return loss, src_sum, src_cnt, grads
 
     tokens, source = batch["tokens"], batch["source"]
@@ -160,11 +188,15 @@ def train_step(state: TrainState, batch: dict, schedule: dict, *, graphdef, opt,
     return TrainState(state.step + 1, params, opt_state), metrics
 
 
-def eval_step(params: dict, tokens: jax.Array, valid: jax.Array, *, graphdef) -> tuple[jax.Array, jax.Array]:
+def eval_step(params: dict, tokens: jax.Array, valid: jax.Array, *, graphdef, document_end: int | None = None
+              ) -> tuple[jax.Array, jax.Array]:
     """Sum of token cross-entropies over the `valid` rows and their token count, to be summed over
     batches and divided once: the mean over a whole eval set whatever its batching and padding."""
-    losses = token_losses(graphdef, params, tokens)[1] * valid[:, None]
-    return losses.sum(), valid.sum() * losses.shape[1]
+    _, losses, weights = token_losses(graphdef, params, tokens, document_end)
+    if weights is None:
+        return (losses * valid[:, None]).sum(), valid.sum() * losses.shape[1]
+    counted = valid[:, None] * weights
+    return (losses * counted).sum(), counted.sum()
 
 
 class Steps(NamedTuple):
@@ -183,8 +215,9 @@ class Steps(NamedTuple):
 
 
 def compile_steps(mcfg: models.ModelConfig, opt, total_steps: int, mesh, batch_size: int, seq_len: int,
-                  num_sources: int, nan_steps: tuple[int, ...] = ()) -> Steps:
-    """Shardings from the logical-axis rules, then the train step compiled ahead of time."""
+                  num_sources: int, nan_steps: tuple[int, ...] = (), document_end: int | None = None) -> Steps:
+    """Shardings from the logical-axis rules, then the train step compiled ahead of time.
+    `document_end`: the EOS id of rows packed as documents (`token_losses`); None: concat."""
     spec = models.spec(mcfg)
     args = schedule_args(opt, total_steps)
     tx = optimizer(opt, args)
@@ -202,7 +235,7 @@ def compile_steps(mcfg: models.ModelConfig, opt, total_steps: int, mesh, batch_s
 
     train_jit = jax.jit(
         functools.partial(train_step, graphdef=spec.graphdef, opt=opt, num_sources=num_sources,
-                          grad_accum=opt.grad_accum, nan_steps=tuple(nan_steps)),
+                          grad_accum=opt.grad_accum, nan_steps=tuple(nan_steps), document_end=document_end),
         in_shardings=(state_sh, {"tokens": batch_sh["tokens"], "source": batch_sh["source"]}, replicated),
         out_shardings=(state_sh, None), donate_argnums=0,
     )
@@ -218,7 +251,7 @@ def compile_steps(mcfg: models.ModelConfig, opt, total_steps: int, mesh, batch_s
         init_params=jax.jit(functools.partial(models.init_params, mcfg), out_shardings=p_sh),
         init_opt_state=jax.jit(tx.init, out_shardings=o_sh),
         train=lambda state, batch: compiled(state, batch, schedule), program=compiled,
-        eval=jax.jit(functools.partial(eval_step, graphdef=spec.graphdef),
+        eval=jax.jit(functools.partial(eval_step, graphdef=spec.graphdef, document_end=document_end),
                      in_shardings=(p_sh, batch_sh["tokens"], batch_sh["valid"])),
         memory=compiled.memory_analysis(),
     )

@@ -28,6 +28,7 @@ from cpt_jax import checkpoint, convert, distributed, models, sharding, storage,
 from cpt_jax.config import ConfigError, base, expand_runs, flatten
 from cpt_jax.data import pipeline
 from cpt_jax.data.mixture import Mixture
+from cpt_jax.data.packing import BOS_CHOICES, PACKINGS
 from cpt_jax.metrics import MetricWriter, Progress
 from cpt_jax.rundir import RunDir
 from cpt_jax.runner import Preempted, RunError
@@ -61,6 +62,10 @@ def validate(config: ml_collections.ConfigDict, workdir: str | None = None, devi
     _check_schedule(config)
     if config.nonfinite not in ("stop", "skip"):
         raise ConfigError(f"nonfinite={config.nonfinite!r} must be stop or skip")
+    if config.data.packing not in PACKINGS:
+        raise ConfigError(f"data.packing={config.data.packing!r} must be one of {', '.join(PACKINGS)}")
+    if config.data.framing.bos not in BOS_CHOICES:
+        raise ConfigError(f"data.framing.bos={config.data.framing.bos!r} must be one of {', '.join(BOS_CHOICES)}")
     if not 0.0 <= config.data.replay_ratio < 1.0:
         raise ConfigError(f"data.replay_ratio={config.data.replay_ratio} must be in [0, 1)")
     if config.data.replay_ratio > 0 and config.data.replay == config.data.target:
@@ -287,7 +292,8 @@ def prepare(config: ml_collections.ConfigDict, workdir: str, devices=None, allow
         if own is not None:
             _check_model(own["model"], mcfg, f"checkpoint {run.checkpoints}/{done}")
     meta = {"config": json.loads(config.to_json()), "model": dataclasses.asdict(mcfg),
-            "tokenizer": data.tokenizer.fingerprint, "sources": mixture.source_names}
+            "tokenizer": data.tokenizer.fingerprint, "sources": mixture.source_names,
+            "framing": {"bos_id": data.framing.bos_id, "eos_id": data.framing.eos_id, "packing": config.data.packing}}
     return Plan(config, run, mesh, mcfg, data, mixture, init, meta)
 
 
@@ -302,14 +308,27 @@ def _check_model(theirs: dict, mcfg: models.ModelConfig, where: str) -> None:
 # Stage 2: the train step, compiled ahead of time over the mesh; memory printed before step 1.
 # ----------------------------------------------------------------------------------------------
 def compile_run(plan: Plan) -> train.Steps:
-    c, mcfg = plan.config, plan.model
+    c, mcfg, framing = plan.config, plan.model, plan.data.framing
+    documents = c.data.packing == "documents"
     t0 = time.perf_counter()
     steps = train.compile_steps(mcfg, c.optimizer, c.total_steps, plan.mesh, c.batch_size, c.seq_len,
-                                len(plan.mixture.source_names), nan_steps=tuple(c.inject_nan_at))
+                                len(plan.mixture.source_names), nan_steps=tuple(c.inject_nan_at),
+                                document_end=framing.eos_id if documents else None)
     log.info("compiled train step in %.1fs; %s params (%s non-embedding); %s compute, %s attention; "
              "memory per device: %s", time.perf_counter() - t0, f"{mcfg.param_count():,}",
              f"{mcfg.non_embedding_params():,}", mcfg.dtype, mcfg.attention, _memory_summary(steps.memory))
+    log.info("documents framed as %stext + EOS (id %d), packed %s", "" if framing.bos_id is None else
+             f"BOS (id {framing.bos_id}) + ", framing.eos_id, _PACKING_NOTES[mcfg.attention if documents else "concat"])
     return steps
+
+
+_PACKING_NOTES = {  # how each kernel keeps attention within a document, for the log
+    "concat": "with attention across them (data.packing=concat)",
+    "xla": "as documents: XLA attention with a segment mask, positions restart at each",
+    "splash": "as documents: splash attention with its segment ids, positions restart at each",
+    "cudnn": "as documents: cuDNN flash attention with the segment mask as a dense [b, 1, t, t] bias (jax's "
+             "public API has no packed layout), positions restart at each",
+}
 
 
 def _memory_summary(mem) -> str:

@@ -3,6 +3,7 @@ function of (seed, step, slot).
 
     sources.py   what a source is (bundled Bible, local files, TFDS datasets) and its splits
     tokenizer.py one interface over sentencepiece models and HF tokenizer.json
+    packing.py   how documents are framed (BOS/EOS) and packed into rows
     store.py     tokenize once, pack, memory-map; manifest written last
     mixture.py   weighted, staged, exact-count sampling of rows by step
     pipeline.py  the data config -> all of the above, prepared on first use
@@ -11,10 +12,10 @@ function of (seed, step, slot).
 
 from cpt_jax.data.corpora import default_cache_dir, load_bible, split_documents
 from cpt_jax.data.mixture import Mixture
-from cpt_jax.data.packing import pack
+from cpt_jax.data.packing import Framing, pack
 from cpt_jax.data.tokenizer import BOS_ID, EOS_ID, PAD_ID, UNK_ID, Tokenizer, load_tokenizer, train_tokenizer
 
 __all__ = [
-    "BOS_ID", "EOS_ID", "PAD_ID", "UNK_ID", "Mixture", "Tokenizer", "default_cache_dir", "load_bible",
+    "BOS_ID", "EOS_ID", "PAD_ID", "UNK_ID", "Framing", "Mixture", "Tokenizer", "default_cache_dir", "load_bible",
     "load_tokenizer", "pack", "split_documents", "train_tokenizer",
 ]

@@ -6,7 +6,9 @@ something built for other inputs:
 
     tfds/                                       sources prepared as TFDS array_record datasets
     tokenizers/<hash of sources + options>/     a sentencepiece model trained on the train splits
-    stores/<source>-<source fp>/<tokenizer fp>-seq<L>/{train,eval}/   packed rows + manifest
+    stores/<source>-<source fp>/<tokenizer fp>-seq<L>[-bos<id>][-eos<id>]/{train,eval}/
+                                                packed rows + manifest (suffixes: a framing other
+                                                than no BOS and the tokenizer's EOS, `packing.py`)
 
 Jobs started at once on one data dir (a SLURM array on an empty cache, say) share the work: each
 source, tokenizer and store is built by one of them while the others wait for it (a lock per
@@ -27,6 +29,7 @@ import numpy as np
 from cpt_jax.data import sources as src_lib
 from cpt_jax.data.corpora import default_cache_dir
 from cpt_jax.data.mixture import Mixture
+from cpt_jax.data.packing import Framing
 from cpt_jax.data.store import Store, build_store, open_store, store_ready
 from cpt_jax.data.tokenizer import load_tokenizer, train_tokenizer
 from cpt_jax.storage import exclusive, write_atomic
@@ -41,6 +44,7 @@ _TOKENIZER_PIECE_CHARS = 1000
 @dataclasses.dataclass
 class Data:
     tokenizer: object
+    framing: Framing  # BOS and EOS around each document, as the stores were built
     train: dict[str, np.ndarray]  # source -> int32 rows [n, seq_len + 1] (memory-mapped)
     eval: dict[str, np.ndarray]  # held-out rows of each source, never trained on
     manifests: dict[str, dict]  # "<source>/<split>" -> the store's manifest
@@ -140,8 +144,16 @@ def _pieces(line: str) -> list[str]:
     return out + [line] if line else out
 
 
-def store_dir(root: Path, name: str, spec: src_lib.SourceSpec, tokenizer, seq_len: int, split: str) -> Path:
-    return root / "stores" / f"{name}-{src_lib.fingerprint(spec)}" / f"{tokenizer.fingerprint}-seq{seq_len}" / split
+def framing(dcfg, tokenizer) -> Framing:
+    """`data.framing` for this tokenizer; raises ValueError naming the field."""
+    return Framing.of(tokenizer, dcfg.framing.bos, dcfg.framing.eos)
+
+
+def store_dir(root: Path, name: str, spec: src_lib.SourceSpec, tokenizer, seq_len: int, split: str,
+              framed: Framing | None = None) -> Path:
+    suffix = framed.suffix(tokenizer) if framed else ""
+    return (root / "stores" / f"{name}-{src_lib.fingerprint(spec)}" / f"{tokenizer.fingerprint}-seq{seq_len}{suffix}"
+            / split)
 
 
 def build(dcfg, seq_len: int, workers: int | None = None) -> Data:
@@ -152,17 +164,20 @@ def build(dcfg, seq_len: int, workers: int | None = None) -> Data:
     for spec in specs.values():
         src_lib.prepare(spec, root)
     tok = tokenizer(dcfg, specs, root)
+    framed = framing(dcfg, tok)
     workers = workers or dcfg.workers
     out: dict[str, dict[str, Store]] = {s: {} for s in SPLITS}
     for name, spec in specs.items():
         for split in SPLITS:
-            path = store_dir(root, name, spec, tok, seq_len, split)
-            expect = {"tokenizer_fingerprint": tok.fingerprint, "seq_len": seq_len}
+            path = store_dir(root, name, spec, tok, seq_len, split, framed)
+            expect = {"tokenizer_fingerprint": tok.fingerprint, "seq_len": seq_len, "eos_id": framed.eos_id}
             if not store_ready(path, expect):  # build_store logs it when it builds (not while it waits)
-                build_store(src_lib.open_split(spec, split, root), tok, seq_len, path, source=name, workers=workers)
+                build_store(src_lib.open_split(spec, split, root), tok, seq_len, path, source=name, workers=workers,
+                            framing=framed)
             out[split][name] = open_store(path, expect=expect)
     return Data(
         tokenizer=tok,
+        framing=framed,
         train={n: s.rows for n, s in out["train"].items()},
         eval={n: s.rows for n, s in out["eval"].items()},
         manifests={f"{n}/{split}": s.manifest for split in SPLITS for n, s in out[split].items()},

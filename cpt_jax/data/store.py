@@ -7,9 +7,10 @@ A store directory holds:
     parts/          build scratch, removed once the manifest exists: plan.json and one
                     token stream per chunk of documents (part-000000.npy, ...)
 
-Packing: the rows are exactly ``pack(all documents, seq_len, eos_id)``. Each chunk of
-``chunk_docs`` documents is tokenized into its unpacked stream (every document followed by
-EOS), and finalizing concatenates the streams in order and cuts them into rows. So chunk
+Packing: the rows are exactly ``pack(all documents, seq_len, framing)`` (`packing.py`: each
+document framed as [BOS] text EOS). Each chunk of ``chunk_docs`` documents is tokenized into its
+unpacked stream of framed documents, and finalizing concatenates the streams in order and cuts
+them into rows. So chunk
 boundaries lose nothing and the rows do not depend on chunk_docs or workers; only the final
 partial row (< seq_len + 1 tokens) is dropped, counted in the manifest as dropped_tokens.
 
@@ -47,6 +48,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from cpt_jax.data.packing import Framing
 from cpt_jax.storage import atomic_path, exclusive
 
 log = logging.getLogger("cpt_jax")
@@ -115,24 +117,29 @@ def store_ready(out_dir: str | os.PathLike, expect: dict[str, Any]) -> bool:
 
 
 def build_store(split: TextSplit, tokenizer: StoreTokenizer, seq_len: int, out_dir: str | os.PathLike, *,
-                source: str, meta: dict | None = None, chunk_docs: int = 4096, workers: int = 2) -> Store:
-    """Tokenize and pack ``split`` into a store at ``out_dir`` (see the module docstring).
+                source: str, meta: dict | None = None, chunk_docs: int = 4096, workers: int = 2,
+                framing: Framing | None = None) -> Store:
+    """Tokenize, frame (default: no BOS, the tokenizer's EOS) and pack ``split`` into a store at
+    ``out_dir`` (see the module docstring).
 
-    A no-op if a store with the same source, tokenizer, seq_len, document count and ``meta``
-    (JSON-serializable, kept in the manifest) is already there, or once another process building
-    it has finished; otherwise finished parts of an interrupted build are reused. Raises
+    A no-op if a store with the same source, tokenizer, framing, seq_len, document count and
+    ``meta`` (JSON-serializable, kept in the manifest) is already there, or once another process
+    building it has finished; otherwise finished parts of an interrupted build are reused. Raises
     ValueError if a token id is outside [0, vocab_size) or the source yields less than one row.
     """
     if seq_len < 1 or chunk_docs < 1 or workers < 1:
         raise ValueError(f"need seq_len, chunk_docs, workers >= 1, got {seq_len}, {chunk_docs}, {workers}")
     out = Path(out_dir)
     n_docs = len(split)
+    framing = framing or Framing(None, int(tokenizer.eos_id))
     identity = {
         "format": FORMAT_VERSION, "source": source, "tokenizer_fingerprint": tokenizer.fingerprint,
-        "vocab_size": int(tokenizer.vocab_size), "eos_id": int(tokenizer.eos_id), "seq_len": seq_len,
+        "vocab_size": int(tokenizer.vocab_size), "eos_id": framing.eos_id, "seq_len": seq_len,
         "n_docs": n_docs, "dtype": "int32",
         "meta": json.loads(json.dumps(meta or {})),  # as it will read back from the manifest
     }
+    if framing.bos_id is not None:  # absent without BOS: stores built before framing was configurable
+        identity["bos_id"] = framing.bos_id
     if store_ready(out, identity):
         return open_store(out, expect=identity)
     if workers > 1:
@@ -148,12 +155,12 @@ def build_store(split: TextSplit, tokenizer: StoreTokenizer, seq_len: int, out_d
         if store_ready(out, identity):
             return open_store(out, expect=identity)
         log.info("tokenizing %d documents of %s into %s", n_docs, source, out)
-        _build(split, tokenizer, seq_len, out, identity, source, chunk_docs, workers)
+        _build(split, tokenizer, seq_len, out, identity, framing, source, chunk_docs, workers)
     return open_store(out, expect=identity)
 
 
 def _build(split: TextSplit, tokenizer: StoreTokenizer, seq_len: int, out: Path, identity: dict[str, Any],
-           source: str, chunk_docs: int, workers: int) -> None:
+           framing: Framing, source: str, chunk_docs: int, workers: int) -> None:
     """build_store's work, done under the lock."""
     n_docs = identity["n_docs"]
     # Drop a stale manifest first, so a crash mid-rebuild cannot pair it with new rows.
@@ -162,11 +169,12 @@ def _build(split: TextSplit, tokenizer: StoreTokenizer, seq_len: int, out: Path,
     for litter in [*out.glob(".*.tmp"), *parts.glob(".*.tmp")]:  # temp files of killed builds
         litter.unlink()
     _start_plan(parts, {k: identity[k] for k in ("format", "source", "tokenizer_fingerprint", "vocab_size",
-                                                 "eos_id", "n_docs")} | {"chunk_docs": chunk_docs})
+                                                 "eos_id", "bos_id", "n_docs") if k in identity}
+                | {"chunk_docs": chunk_docs})
 
     n_chunks = -(-n_docs // chunk_docs)
     todo = [i for i in range(n_chunks) if not _part_path(parts, i).exists()]
-    _tokenize_chunks(split, tokenizer, todo, parts, chunk_docs, n_docs, source, workers)
+    _tokenize_chunks(split, tokenizer, framing, todo, parts, chunk_docs, n_docs, source, workers)
 
     n_tokens, n_rows = _write_rows([_part_path(parts, i) for i in range(n_chunks)], seq_len, out / ROWS,
                                    source, n_docs)
@@ -192,14 +200,14 @@ def _part_path(parts: Path, chunk: int) -> Path:
     return parts / f"part-{chunk:06d}.npy"
 
 
-def _tokenize_chunks(split: TextSplit, tokenizer: StoreTokenizer, todo: list[int], parts: Path,
+def _tokenize_chunks(split: TextSplit, tokenizer: StoreTokenizer, framing: Framing, todo: list[int], parts: Path,
                      chunk_docs: int, n_docs: int, source: str, workers: int) -> None:
     def job(chunk: int) -> tuple:
         start, stop = chunk * chunk_docs, min((chunk + 1) * chunk_docs, n_docs)
         texts = split.texts(start, stop)
         if len(texts) != stop - start:
             raise ValueError(f"source {source!r}: texts({start}, {stop}) returned {len(texts)} documents")
-        return texts, _part_path(parts, chunk), source, start
+        return texts, framing, _part_path(parts, chunk), source, start
 
     workers = min(workers, len(todo))
     if workers <= 1:  # in-process: nothing to gain from starting a worker
@@ -239,20 +247,24 @@ def _exit_with_parent(sentinel: int) -> None:
     os._exit(1)
 
 
-def _write_part_in_worker(texts: list[str], path: Path, source: str, first_doc: int) -> None:
-    _write_part(_worker_tokenizer, texts, path, source, first_doc)
+def _write_part_in_worker(texts: list[str], framing: Framing, path: Path, source: str, first_doc: int) -> None:
+    _write_part(_worker_tokenizer, texts, framing, path, source, first_doc)
 
 
-def _write_part(tokenizer: StoreTokenizer, texts: list[str], path: Path, source: str, first_doc: int) -> None:
-    """Tokenize one chunk into its stream (each document + EOS), checked, written atomically."""
+def _write_part(tokenizer: StoreTokenizer, texts: list[str], framing: Framing, path: Path, source: str,
+                first_doc: int) -> None:
+    """Tokenize one chunk into its stream of framed documents, checked, written atomically."""
     ids = tokenizer.encode_batch(texts)
     if len(ids) != len(texts):
         raise ValueError(f"source {source!r}: tokenizer returned {len(ids)} token lists for {len(texts)} texts")
-    ends = np.cumsum([len(t) + 1 for t in ids], dtype=np.int64)
+    bos = int(framing.bos_id is not None)
+    ends = np.cumsum([bos + len(t) + 1 for t in ids], dtype=np.int64)
     stream = np.empty(int(ends[-1]) if len(ids) else 0, np.int32)
     for toks, end in zip(ids, ends):
         stream[end - 1 - len(toks):end - 1] = toks
-    stream[ends - 1] = tokenizer.eos_id
+    stream[ends - 1] = framing.eos_id
+    if bos:
+        stream[ends - 2 - np.array([len(t) for t in ids], np.int64)] = framing.bos_id
     bad = (stream < 0) | (stream >= tokenizer.vocab_size)
     if bad.any():
         pos = int(np.argmax(bad))
@@ -272,8 +284,8 @@ def _write_rows(part_files: list[Path], seq_len: int, dest: Path, source: str, n
     width = seq_len + 1
     n_rows = n_tokens // width
     if n_rows == 0:
-        raise ValueError(f"source {source!r} is too small to pack: {n_tokens} tokens (with one EOS per "
-                         f"document, {n_docs} documents) make no row of seq_len + 1 = {width} tokens")
+        raise ValueError(f"source {source!r} is too small to pack: {n_tokens} tokens (framed, "
+                         f"{n_docs} documents) make no row of seq_len + 1 = {width} tokens")
     left = n_rows * width
     with atomic_path(dest) as tmp, open(tmp, "wb") as f:
         # An .npy header then raw bytes: open_store can np.load(mmap_mode="r") it.

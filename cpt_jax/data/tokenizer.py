@@ -60,6 +60,10 @@ class TokenizerLike(Protocol):
 
     def decode(self, ids: Iterable[int]) -> str: ...
 
+    def token_to_id(self, token: str) -> int | None:
+        """The id of one token given by its text, or None where there is none."""
+        ...
+
     @property
     def files(self) -> dict[str, bytes]:
         """File name -> content: everything `save` writes and `load_tokenizer` reads back."""
@@ -101,7 +105,7 @@ class SentencePieceTokenizer:
         self.pad_id, self.bos_id, self.eos_id, self.unk_id = (
             i if i >= 0 else None
             for i in (self._sp.pad_id(), self._sp.bos_id(), self._sp.eos_id(), self._sp.unk_id()))
-        self.add_bos = False  # documents are packed as text + EOS, without BOS
+        self.add_bos = False  # trained here without a BOS convention (`data.framing.bos` can add one)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> SentencePieceTokenizer:
@@ -115,6 +119,10 @@ class SentencePieceTokenizer:
 
     def decode(self, ids: Iterable[int]) -> str:
         return self._sp.decode([int(i) for i in ids])
+
+    def token_to_id(self, token: str) -> int | None:
+        i = self._sp.piece_to_id(token)  # unknown pieces map to <unk>
+        return i if self._sp.id_to_piece(i) == token else None
 
     @property
     def files(self) -> dict[str, bytes]:
@@ -197,6 +205,9 @@ class HFTokenizer:
     def decode(self, ids: Iterable[int]) -> str:
         # Special tokens are dropped, as sentencepiece does for BOS/EOS.
         return self._tok.decode([int(i) for i in ids])
+
+    def token_to_id(self, token: str) -> int | None:
+        return self._tok.token_to_id(token)
 
     @property
     def files(self) -> dict[str, bytes]:

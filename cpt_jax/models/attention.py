@@ -9,6 +9,11 @@
 
 `auto` (the default) picks the first that fits the platform, dtype and shapes, so one config runs
 everywhere. Note that `jax.nn.dot_product_attention(implementation=None)` means XLA today.
+
+Packed documents (`segment_ids` [b, t]: a query sees only keys of its own segment): XLA takes them
+as a boolean mask; splash natively (`SegmentIds`, no mask in memory); cuDNN through the mask of
+`jax.nn.dot_product_attention`, which jax 0.10 hands to cuDNN as a dense [b, 1, t, t] bias (its
+packed-sequence layout is not public API), so its flash kernel runs, at t^2 bias memory per row.
 """
 
 from __future__ import annotations
@@ -38,11 +43,19 @@ def splash_fits(seq_len: int) -> bool:
     return seq_len % 128 == 0 and (seq_len <= SPLASH_BLOCK or seq_len % SPLASH_BLOCK == 0)
 
 
-def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, impl: str) -> jax.Array:
-    """q [b, t, heads, hd], k and v [b, t, kv_heads, hd] -> [b, t, heads, hd]; `impl` as resolved."""
+def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, impl: str, segment_ids: jax.Array | None = None
+                     ) -> jax.Array:
+    """q [b, t, heads, hd], k and v [b, t, kv_heads, hd] -> [b, t, heads, hd]; `impl` as resolved.
+    With `segment_ids` [b, t] int32, attention stays within each segment (a packed document)."""
     if impl == "splash":
-        return _splash(q, k, v)
-    return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=impl)
+        return _splash(q, k, v, segment_ids)
+    mask = None if segment_ids is None else segment_mask(segment_ids)
+    return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=True, implementation=impl)
+
+
+def segment_mask(segment_ids: jax.Array) -> jax.Array:
+    """[b, t] -> bool [b, 1, t, t]: query i may see key j of the same segment (causality apart)."""
+    return (segment_ids[:, :, None] == segment_ids[:, None, :])[:, None]
 
 
 def _splash_kernel(heads: int, seq_len: int, interpret: bool):
@@ -55,7 +68,8 @@ def _splash_kernel(heads: int, seq_len: int, interpret: bool):
     return sa.make_splash_mha(mask, head_shards=1, q_seq_shards=1, block_sizes=sizes, interpret=interpret)
 
 
-def _splash(q: jax.Array, k: jax.Array, v: jax.Array, interpret: bool | None = None) -> jax.Array:
+def _splash(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array | None = None,
+            interpret: bool | None = None) -> jax.Array:
     # The kernel takes one example as [heads, t, hd] (grouped-query heads natively) and does not
     # scale q. Heads are split over the mesh as the kv heads are, so each shard keeps whole groups.
     if not splash_fits(q.shape[1]):
@@ -65,13 +79,18 @@ def _splash(q: jax.Array, k: jax.Array, v: jax.Array, interpret: bool | None = N
     q, k, v = ((x * scale if x is q else x).swapaxes(1, 2) for x in (q, k, v))  # [b, heads, t, hd]
     interpret = jax.default_backend() != "tpu" if interpret is None else interpret
 
-    def local(q, k, v):
+    def local(q, k, v, segments):
+        from jax.experimental.pallas.ops.tpu import splash_attention as sa
+
         kernel = _splash_kernel(q.shape[1], q.shape[2], interpret)
-        return jax.vmap(kernel)(q, k, v)
+        if segments is None:
+            return jax.vmap(kernel)(q, k, v)
+        return jax.vmap(lambda q, k, v, s: kernel(q, k, v, segment_ids=sa.SegmentIds(q=s, kv=s)))(q, k, v, segments)
 
     mesh = jax.sharding.get_abstract_mesh()
     if not mesh.empty:
         batch, heads = sharding.logical_spec(("batch", "kv_heads"), (q.shape[0], k.shape[1]), mesh)
         spec = P(batch, heads, None, None)
-        local = jax.shard_map(local, in_specs=(spec, spec, spec), out_specs=spec, check_vma=False)
-    return local(q, k, v).swapaxes(1, 2)
+        local = jax.shard_map(local, in_specs=(spec, spec, spec, None if segment_ids is None else P(batch, None)),
+                              out_specs=spec, check_vma=False)
+    return local(q, k, v, segment_ids).swapaxes(1, 2)

@@ -19,19 +19,29 @@ import jax.numpy as jnp
 from cpt_jax import sharding
 
 
-def cross_entropy(x: jax.Array, w: jax.Array, labels: jax.Array, chunk: int = 0) -> tuple[jax.Array, jax.Array]:
+def cross_entropy(x: jax.Array, w: jax.Array, labels: jax.Array, chunk: int = 0, weights: jax.Array | None = None
+                  ) -> tuple[jax.Array, jax.Array]:
     """Final hidden states x [b, t, d] (compute dtype), head w [d, vocab] (float32), labels [b, t]
     -> (mean token loss, per-token losses [b, t]), float32. The mean is differentiable; the
-    per-token losses are reported values and carry no gradient."""
+    per-token losses are reported values and carry no gradient. `weights` [b, t] (1 counted, 0
+    not): the mean is over the counted positions only."""
     if chunk <= 0:
         losses = _chunk_losses(x, w, labels)
-        return losses.mean(), jax.lax.stop_gradient(losses)
+        return _mean(losses, weights), jax.lax.stop_gradient(losses)
     t = x.shape[1]
     chunk = min(chunk, t)
     if t % chunk:
         raise ValueError(f"model.loss_chunk={chunk} does not divide the sequence length {t}")
-    mean, losses = _fused(x, w, labels, chunk)
+    mean, losses = _fused(x, w, labels, weights, chunk)
     return mean, jax.lax.stop_gradient(losses)
+
+
+def _mean(losses: jax.Array, weights: jax.Array | None) -> jax.Array:
+    return losses.mean() if weights is None else (losses * weights).sum() / _count(weights)
+
+
+def _count(weights: jax.Array) -> jax.Array:
+    return jnp.maximum(weights.sum(), 1.0)  # a batch with nothing to predict has loss 0, not NaN
 
 
 def logits(x: jax.Array, w: jax.Array) -> jax.Array:
@@ -56,36 +66,38 @@ def _unchunk(a: jax.Array) -> jax.Array:
     return a.reshape(a.shape[0], a.shape[1] * a.shape[2], *a.shape[3:])
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def _fused(x, w, labels, chunk):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _fused(x, w, labels, weights, chunk):
     xs = (_chunks(x, chunk), _chunks(labels, chunk))
     losses = _unchunk(jax.lax.map(lambda xs: _chunk_losses(xs[0], w, xs[1]), xs))
-    return losses.mean(), losses
+    return _mean(losses, weights), losses
 
 
-def _fused_fwd(x, w, labels, chunk):
-    scale = 1.0 / (x.shape[0] * x.shape[1])  # d mean / d token loss
+def _fused_fwd(x, w, labels, weights, chunk):
+    # d mean / d token loss: one number, or per position where weights say which count.
+    scale = 1.0 / (x.shape[0] * x.shape[1]) if weights is None else _chunks(weights / _count(weights), chunk)
 
     def step(dw, xs):
-        x_c, y_c = xs
+        x_c, y_c, s_c = xs
         z = logits(x_c, w)
         lse = jax.nn.logsumexp(z, axis=-1, keepdims=True)
         onehot = jax.nn.one_hot(y_c, z.shape[-1], dtype=jnp.float32)
         losses = lse[..., 0] - jnp.sum(z * onehot, axis=-1)
-        g = ((jnp.exp(z - lse) - onehot) * scale).astype(x.dtype)  # d mean / d logits
+        g = ((jnp.exp(z - lse) - onehot) * (scale if s_c is None else s_c[..., None])).astype(x.dtype)
         dx = jnp.einsum("bcv,dv->bcd", g, w.astype(x.dtype), preferred_element_type=jnp.float32)
         dw = dw + jnp.einsum("bcd,bcv->dv", x_c, g, preferred_element_type=jnp.float32)
         return sharding.constrain(dw, ("embed", "vocab")), (losses, dx.astype(x.dtype))
 
-    dw, (losses, dx) = jax.lax.scan(step, jnp.zeros(w.shape, jnp.float32), (_chunks(x, chunk), _chunks(labels, chunk)))
+    xs = (_chunks(x, chunk), _chunks(labels, chunk), None if weights is None else scale)
+    dw, (losses, dx) = jax.lax.scan(step, jnp.zeros(w.shape, jnp.float32), xs)
     losses = _unchunk(losses)
-    return (losses.mean(), losses), (_unchunk(dx), dw.astype(w.dtype))
+    return (_mean(losses, weights), losses), (_unchunk(dx), dw.astype(w.dtype))
 
 
 def _fused_bwd(chunk, res, cotangents):
     dx, dw = res
     g = cotangents[0]  # the per-token losses leave through stop_gradient: their cotangent is zero
-    return (dx * g.astype(dx.dtype), dw * g.astype(dw.dtype), None)
+    return (dx * g.astype(dx.dtype), dw * g.astype(dw.dtype), None, None)  # weights: data, not learned
 
 
 _fused.defvjp(_fused_fwd, _fused_bwd)

@@ -170,10 +170,11 @@ class Block(nnx.Module):
         self.up = _param(rngs, (d, f), ("embed", "mlp"), std)
         self.down = _param(rngs, (f, d), ("mlp", "embed"), std)
 
-    def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, cache: tuple | None = None
-                 ) -> tuple[jax.Array, tuple | None]:
+    def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, cache: tuple | None = None,
+                 segment_ids: jax.Array | None = None) -> tuple[jax.Array, tuple | None]:
         """`cache` (decoding only): (k [b, slots, kv_heads, head_dim], v, index, mask [b, t, slots]);
-        this step's keys and values are written at slot `index`. Returns (x, the updated (k, v))."""
+        this step's keys and values are written at slot `index`. `segment_ids` [b, t] (training on
+        packed documents): attention stays within each. Returns (x, the updated (k, v))."""
         cfg, dt = self.cfg, jnp.dtype(self.cfg.dtype)
         w = lambda p: p[...].astype(dt)  # noqa: E731  (params live in float32, compute in dt)
 
@@ -187,7 +188,7 @@ class Block(nnx.Module):
         k = sharding.constrain(apply_rope(k, cos, sin), ("batch", "length", "kv_heads", "head_dim"))
         if cache is None:
             impl = attention.resolve(cfg.attention, jax.default_backend(), cfg.dtype, cfg.head_dim, q.shape[1])
-            a, new_cache = attention.causal_attention(q, k, v, impl), None
+            a, new_cache = attention.causal_attention(q, k, v, impl, segment_ids), None
         else:
             k_cache, v_cache, index, mask = cache
             k = jax.lax.dynamic_update_slice_in_dim(k_cache, k.astype(k_cache.dtype), index, axis=1)
@@ -243,8 +244,10 @@ class Llama(nnx.Module):
         if not cfg.tie_embeddings:
             self.lm_head = _param(rngs, (cfg.hidden, cfg.vocab_size), ("embed", "vocab"), cfg.init_std)
 
-    def hidden_states(self, tokens: jax.Array, positions: jax.Array | None = None, cache: KVCache | None = None
-                      ) -> tuple[jax.Array, KVCache | None]:
+    def hidden_states(self, tokens: jax.Array, positions: jax.Array | None = None, cache: KVCache | None = None,
+                      segment_ids: jax.Array | None = None) -> tuple[jax.Array, KVCache | None]:
+        """Final-norm hidden states [b, t, hidden]. `positions` [b, t] default to 0..t-1 (or follow
+        the cache); `segment_ids` [b, t] keep attention within each packed document."""
         cfg = self.cfg
         mask = None
         if cache is not None:
@@ -265,7 +268,8 @@ class Llama(nnx.Module):
 
         def layer(x, xs):
             params, kv = xs
-            return nnx.merge(graphdef, params)(x, cos, sin, None if kv is None else (*kv, cache.index, mask))
+            return nnx.merge(graphdef, params)(x, cos, sin, None if kv is None else (*kv, cache.index, mask),
+                                               segment_ids)
 
         if cfg.remat != "none":
             layer = jax.checkpoint(layer, policy=REMAT_POLICIES[cfg.remat], prevent_cse=not cfg.scan_layers)
@@ -286,9 +290,10 @@ class Llama(nnx.Module):
         """[hidden, vocab] output projection (the transposed embedding when tied)."""
         return self.embed[...].T if self.cfg.tie_embeddings else self.lm_head[...]
 
-    def __call__(self, tokens: jax.Array, positions: jax.Array | None = None, cache: KVCache | None = None):
+    def __call__(self, tokens: jax.Array, positions: jax.Array | None = None, cache: KVCache | None = None,
+                 segment_ids: jax.Array | None = None):
         """Logits [batch, seq, vocab] in float32; with a `cache`, (logits, the updated cache)."""
-        x, new_cache = self.hidden_states(tokens, positions, cache)
+        x, new_cache = self.hidden_states(tokens, positions, cache, segment_ids)
         logits = cross_entropy.logits(x, self.head_weight())
         return logits if cache is None else (logits, new_cache)
 
