@@ -114,6 +114,9 @@ def base() -> ml_collections.ConfigDict:
         "en": {"kind": "bible", "lang": "en"},
         "zh": {"kind": "bible", "lang": "zh"},
     })
+    # A files document that cannot be read as text (invalid UTF-8 or JSON, no text field, a null):
+    # "error" fails the source naming it; "skip" leaves it out, counted in the log and store manifests.
+    c.data.bad_documents = "error"
     c.data.target = "zh"  # the source being learned
     c.data.replay = "en"  # the source replayed against forgetting
     c.data.replay_ratio = 0.05  # share of sequences drawn from `replay`; 0 disables replay

@@ -7,7 +7,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from cpt_jax.config import base
+from cpt_jax.config import ConfigError, base
 from cpt_jax.data import pipeline
 
 
@@ -47,6 +47,7 @@ def test_files_sources_build_once_and_are_reused(tmp_path, corpus_files):
             assert rows.dtype == np.int32 and rows.shape[1] == 65 and rows.shape[0] > 0
             assert rows.max() < data.tokenizer.vocab_size
             assert data.manifests[f"{name}/{split}"]["tokenizer_fingerprint"] == data.tokenizer.fingerprint
+            assert data.manifests[f"{name}/{split}"]["meta"] == {}  # no bad_documents record: identity as before
     # Held out means never trained on: no eval row appears among the training rows.
     for name in ("en", "zh"):
         train = {r.tobytes() for r in np.asarray(data.train[name])}
@@ -61,6 +62,51 @@ def test_files_sources_build_once_and_are_reused(tmp_path, corpus_files):
     assert {p: p.stat().st_mtime_ns for p in files} == mtimes
     assert again.tokenizer.fingerprint == data.tokenizer.fingerprint
     assert all(np.array_equal(again.train[n], data.train[n]) for n in ("en", "zh"))
+
+
+def test_skipped_bad_documents_reach_the_manifests_and_every_runs_log(tmp_path, corpus_files, caplog):
+    lines = (corpus_files / "en.jsonl").read_bytes().splitlines()[:100]
+    lines[10] = b'{"text": "a bad \xff byte"}'
+    lines[20] = b'{"text": null}'
+    path = tmp_path / "web.jsonl"
+    path.write_bytes(b"\n".join(lines) + b"\n")
+    byte = sum(len(line) + 1 for line in lines[:10]) + lines[10].index(b"\xff")
+    d = _dcfg(tmp_path, web={"kind": "files", "paths": [str(path)], "eval_fraction": 0.05})
+    d.tokenizer.vocab_size = 500
+
+    d.bad_documents = "drop"
+    with pytest.raises(ValueError, match=r"^data\.bad_documents: must be one of \('error', 'skip'\), got 'drop'$"):
+        pipeline.build(d, seq_len=64, workers=1)
+    d.bad_documents = "error"
+    with pytest.raises(ValueError, match=rf"web\.jsonl: invalid UTF-8 at byte {byte} \(line 11\)$"):
+        pipeline.build(d, seq_len=64, workers=1)
+    assert not (tmp_path / "data").exists()  # both fail before anything is written
+
+    d.bad_documents = "skip"
+    line = (f"skipped 2 bad documents of source web: {path}: line 11 (invalid UTF-8 at byte {byte}), "
+            f"{path}: line 21 (field 'text' is NoneType, not a string)")
+    with caplog.at_level("INFO", logger="cpt_jax"):
+        data = pipeline.build(d, seq_len=64, workers=1)
+    assert [r.getMessage() for r in caplog.records if "bad documents" in r.getMessage()] == [line, line]  # prepare, run
+    record = {"count": 2, "first": [f"{path}: line 11 (invalid UTF-8 at byte {byte})",
+                                    f"{path}: line 21 (field 'text' is NoneType, not a string)"]}
+    for split in ("train", "eval"):  # the source's count, in each split's manifest
+        assert data.manifests[f"web/{split}"]["meta"] == {"bad_documents": record}
+    assert data.manifests["web/train"]["n_docs"] + data.manifests["web/eval"]["n_docs"] == 98
+
+    caplog.clear()  # a later run, reusing everything, still says so
+    with caplog.at_level("INFO", logger="cpt_jax"):
+        pipeline.build(d, seq_len=64, workers=1)
+    assert [r.getMessage() for r in caplog.records if "bad documents" in r.getMessage()] == [line]
+
+    from cpt_jax.data.prepare import prepare  # the prepare CLI's summary says it, and names a bad mode
+    config = base()
+    config.seq_len, config.data = 64, d
+    (summary,) = prepare(config)
+    assert summary["stores"]["web/train"]["bad_documents"] == summary["stores"]["web/eval"]["bad_documents"] == 2
+    config.data.bad_documents = "yes"
+    with pytest.raises(ConfigError, match=r"^data\.bad_documents: must be one of"):
+        prepare(config)
 
 
 def test_mixture_stages_from_config(tmp_path):

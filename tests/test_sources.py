@@ -15,11 +15,16 @@ import ml_collections
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import tensorflow_datasets as tfds
 
 from cpt_jax.data import default_cache_dir, load_bible, split_documents
+from cpt_jax.data.builders.text_files import TextFiles
 from cpt_jax.data.sources import (
     SourceSpec,
+    TextSplit,
+    _digest,
     _IndexHoldout,
+    bad_documents,
     fingerprint,
     open_split,
     prepare,
@@ -241,6 +246,179 @@ def test_bad_input_is_named_before_anything_is_written(tmp_path, make, message):
     with pytest.raises(ValueError, match=message):
         prepare(spec, tmp_path / "data")
     assert not (tmp_path / "data").exists()
+
+
+# ---------------------------------------------------------------- bad documents
+
+
+def skip_spec(paths, **fields) -> SourceSpec:
+    return source_spec("docs", {"kind": "files", "paths": paths, **fields}, bad_documents="skip")
+
+
+def broken_parquet(d: Path) -> str:
+    (d / "a.parquet").write_bytes(b"PAR1 this is not a parquet file")
+    return str(d / "a.parquet")
+
+
+def string_ids_parquet(d: Path) -> str:
+    pq.write_table(pa.table({"text": pa.array([1, 2], pa.int64())}), d / "a.parquet")
+    return str(d / "a.parquet")
+
+
+def test_bad_documents_is_validated():
+    with pytest.raises(ValueError, match=r"^data\.bad_documents: must be one of \('error', 'skip'\), got 'drop'$"):
+        source_spec("docs", {"kind": "files", "paths": "x"}, bad_documents="drop")
+    assert source_spec("docs", {"kind": "files", "paths": "x"}).bad_documents == "error"
+    assert skip_spec("x").bad_documents == "skip"
+    assert source_spec("en", {"kind": "bible", "lang": "en"}, bad_documents="skip").bad_documents == "error"  # unused
+
+
+# Every kind of bad jsonl line, each with the position and reason a skip record names.
+BAD_LINES = [
+    (b'{"text": "tw\xc3o"}', "invalid UTF-8 at byte {offset}"),
+    (b'{"text": }', "invalid JSON (Expecting value)"),
+    (b'["text", "a list"]', "no field 'text'"),
+    (b'{"body": "other field"}', "no field 'text'"),
+    (b'{"text": 7}', "field 'text' is int, not a string"),
+    (b'{"text": "lone \\ud800 surrogate"}', "field 'text' is not valid Unicode (surrogates not allowed)"),
+]
+
+
+def write_bad_jsonl(path: Path) -> list[str]:
+    """DOCS as jsonl with BAD_LINES after documents 0, 5, 10, ...; returns the skip record's names."""
+    lines, names = [], []
+    for i, doc in enumerate(DOCS):
+        lines.append(json.dumps({"text": doc}, ensure_ascii=False).encode())
+        if i % 5 == 0 and i // 5 < len(BAD_LINES):
+            raw, reason = BAD_LINES[i // 5]
+            offset = sum(len(x) + 1 for x in lines) + raw.find(b"\xc3")  # of the invalid byte, if any
+            lines.append(raw)
+            names.append(f"{path}: line {len(lines)} ({reason.format(offset=offset)})")
+    path.write_bytes(b"\n".join(lines) + b"\n")
+    return names
+
+
+def test_skip_leaves_bad_jsonl_lines_out_and_records_them(tmp_path, caplog):
+    names = write_bad_jsonl(tmp_path / "a.jsonl")
+    assert names[0] == f"{tmp_path / 'a.jsonl'}: line 2 (invalid UTF-8 at byte 80)"  # 67 bytes + newline, then 12
+    with pytest.raises(ValueError, match=r"docs .*a\.jsonl: invalid UTF-8 at byte 80 \(line 2\)$"):
+        prepare(files_spec(str(tmp_path / "a.jsonl")), tmp_path / "data")  # error: as before, the first one
+    assert not (tmp_path / "data").exists()
+
+    spec = skip_spec(str(tmp_path / "a.jsonl"), eval_fraction=0.2)
+    with caplog.at_level("INFO", logger="cpt_jax"):
+        prepare(spec, tmp_path / "data")
+    got = read_all(spec, tmp_path / "data")
+    assert got["eval"] and got["train"] == [d for d in DOCS if d not in got["eval"]]
+    assert got["eval"] == [d for d in DOCS if d in got["eval"]]
+    assert sorted(got["train"] + got["eval"]) == sorted(DOCS)  # every good one, no bad one
+
+    record = {"count": 6, "first": names[:5]}
+    assert bad_documents(spec, tmp_path / "data") == record
+    assert [r.getMessage() for r in caplog.records if "bad documents" in r.getMessage()] == [
+        "skipped 6 bad documents of source docs: " + ", ".join(names[:5]) + ", ..."]
+    # Kept with the dataset: a read-only builder from its files alone (a fresh process's view) has it.
+    (version_dir,) = (tmp_path / "data" / "tfds" / "text_files").glob("*/1.0.0")
+    reloaded = tfds.builder_from_directory(version_dir)
+    assert dict(reloaded.info.metadata.items()) == {"bad_documents": record}
+    assert json.loads((version_dir / "metadata.json").read_text()) == {"bad_documents": record}
+
+
+def test_skip_leaves_a_txt_block_out_whole(tmp_path):
+    blocks = ["first paragraph", "a paragraph\nwith a bad \xff line\nand a good one", "好的", "last one"]
+    raw = "\n\n".join(blocks).encode("utf-8").replace("\xff".encode(), b"\xff")
+    (tmp_path / "a.txt").write_bytes(raw)
+    offset = raw.index(b"\xff")
+    with pytest.raises(ValueError, match=rf"a\.txt: invalid UTF-8 at byte {offset} \(line 4\)"):
+        prepare(files_spec(str(tmp_path / "a.txt")), tmp_path / "data")
+    spec = skip_spec(str(tmp_path / "a.txt"))
+    prepare(spec, tmp_path / "data")
+    got = read_all(spec, tmp_path / "data")
+    assert sorted(got["train"] + got["eval"]) == sorted(["first paragraph", "好的", "last one"])
+    assert bad_documents(spec, tmp_path / "data") == {
+        "count": 1, "first": [f"{tmp_path / 'a.txt'}: line 4 (invalid UTF-8 at byte {offset})"]}
+
+
+def test_skip_leaves_parquet_nulls_out(tmp_path):
+    write_parquet(tmp_path / "a.parquet", ["one", None, "two", "three", None])
+    spec = skip_spec(str(tmp_path / "a.parquet"))
+    prepare(spec, tmp_path / "data")
+    got = read_all(spec, tmp_path / "data")
+    assert sorted(got["train"] + got["eval"]) == ["one", "three", "two"]
+    path = tmp_path / "a.parquet"
+    assert bad_documents(spec, tmp_path / "data") == {
+        "count": 2, "first": [f"{path}: row 1 ('text' is null)", f"{path}: row 4 ('text' is null)"]}
+
+
+def test_skip_without_bad_documents_records_none(tmp_path):
+    spec = skip_spec(write_source(tmp_path / "src", "txt"))
+    prepare(spec, tmp_path / "data")
+    assert sorted(sum(read_all(spec, tmp_path / "data").values(), [])) == sorted(DOCS)
+    assert bad_documents(spec, tmp_path / "data") == {"count": 0, "first": []}
+    assert bad_documents(files_spec(spec.paths), tmp_path / "data") is None  # error mode: nothing skipped
+
+
+def all_bad_jsonl(d: Path) -> str:
+    (d / "a.jsonl").write_bytes(b'{"text": "\xff"}\n{"text": null}\n')
+    return str(d / "a.jsonl")
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda d: str(d / "nothing" / "*.txt"), r"docs\.paths: '.*nothing/\*\.txt' matches no files"),
+    (broken_parquet, r"docs .*a\.parquet: not a readable parquet file"),
+    (missing_column_parquet, r"docs .*a\.parquet: no column 'text'"),
+    (string_ids_parquet, r"docs .*a\.parquet: column 'text' has type int64, not string"),
+    (blank_txt, r"docs .*: no non-empty documents$"),
+    (all_bad_jsonl, r"docs .*: no non-empty documents \(skipped 2 bad documents of source docs: .*a\.jsonl: line 1 "
+                    r"\(invalid UTF-8 at byte 10\), .*a\.jsonl: line 2 \(field 'text' is NoneType, not a string\)\)$"),
+])
+def test_skip_still_fails_on_broken_files_and_sources_without_documents(tmp_path, make, message):
+    (tmp_path / "src").mkdir()
+    paths = make(tmp_path / "src")
+    with pytest.raises(ValueError, match=message):
+        prepare(skip_spec(paths), tmp_path / "data")
+    if make is not all_bad_jsonl:  # a broken file fails in both modes alike
+        with pytest.raises(ValueError, match=message):
+            prepare(files_spec(paths), tmp_path / "data")
+    assert not (tmp_path / "data").exists()
+
+
+def test_skip_is_in_the_identity_and_error_keeps_the_old_one(tmp_path):
+    path = tmp_path / "a.jsonl"
+    write_jsonl(path, DOCS)
+    error, skip = files_spec(str(path)), skip_spec(str(path))
+    st = path.stat()
+    before = _digest({"version": str(TextFiles.VERSION), "files": [[str(path), st.st_size, st.st_mtime_ns]],
+                      "format": "jsonl", "text_field": "text", "eval_fraction": 0.01})  # the identity without it
+    assert fingerprint(error) == before != fingerprint(skip)
+    prepare(skip, tmp_path / "data")
+    with pytest.raises(ValueError, match="not prepared"):  # a skip build is never read for error
+        open_split(error, "train", tmp_path / "data")
+    prepare(error, tmp_path / "data")
+    configs = sorted(p.name for p in (tmp_path / "data" / "tfds" / "text_files").iterdir())
+    assert configs == sorted([f"docs-{before}", f"docs-{fingerprint(skip)}"])
+
+
+class Records:
+    """In-memory TFDS-like records: len() and __getitems__ over dicts of bytes."""
+
+    def __init__(self, texts: list[bytes]):
+        self.texts = texts
+
+    def __len__(self) -> int:
+        return len(self.texts)
+
+    def __getitems__(self, indices):
+        return [{"text": self.texts[i]} for i in indices]
+
+
+def test_undecodable_record_names_source_split_and_index():
+    records = Records([b"one", b"two", b"thr\xffee", b"four"])
+    split = TextSplit(records, "text", [0, 2, 3], where="data.sources.c4: c4/en/3.1.0 split 'train'")
+    assert split.texts(0, 1) == ["one"]
+    with pytest.raises(ValueError, match=r"^data\.sources\.c4: c4/en/3\.1\.0 split 'train': record 2 is not valid "
+                                         r"UTF-8 \(invalid start byte at byte 3 of its 'text'\)$"):
+        split.texts(0, 3)
 
 
 # Runs in a child process that dies by SIGKILL halfway through writing the train split.

@@ -55,10 +55,11 @@ def data_dir(dcfg) -> Path:
 
 
 def source_specs(dcfg) -> dict[str, src_lib.SourceSpec]:
-    """Parses every `data.sources.<name>`; raises ValueError naming the field."""
+    """Parses every `data.sources.<name>` (and `data.bad_documents`); raises ValueError naming the field."""
     if not dcfg.sources:
         raise ValueError("data.sources is empty: name at least one source")
-    return {name: src_lib.source_spec(name, cfg) for name, cfg in dcfg.sources.items()}
+    bad = src_lib.check_bad_documents(dcfg.get("bad_documents", "error"))
+    return {name: src_lib.source_spec(name, cfg, bad) for name, cfg in dcfg.sources.items()}
 
 
 def mixture_stages(dcfg, total_steps: int) -> list[tuple[int, dict[str, float]]]:
@@ -168,12 +169,13 @@ def build(dcfg, seq_len: int, workers: int | None = None) -> Data:
     workers = workers or dcfg.workers
     out: dict[str, dict[str, Store]] = {s: {} for s in SPLITS}
     for name, spec in specs.items():
+        bad = _bad_documents(name, spec, root)
         for split in SPLITS:
             path = store_dir(root, name, spec, tok, seq_len, split, framed)
             expect = {"tokenizer_fingerprint": tok.fingerprint, "seq_len": seq_len, "eos_id": framed.eos_id}
             if not store_ready(path, expect):  # build_store logs it when it builds (not while it waits)
                 build_store(src_lib.open_split(spec, split, root), tok, seq_len, path, source=name, workers=workers,
-                            framing=framed)
+                            framing=framed, meta={"bad_documents": bad} if bad is not None else None)
             out[split][name] = open_store(path, expect=expect)
     return Data(
         tokenizer=tok,
@@ -182,6 +184,16 @@ def build(dcfg, seq_len: int, workers: int | None = None) -> Data:
         eval={n: s.rows for n, s in out["eval"].items()},
         manifests={f"{n}/{split}": s.manifest for split in SPLITS for n, s in out[split].items()},
     )
+
+
+def _bad_documents(name: str, spec: src_lib.SourceSpec, root: Path) -> dict | None:
+    """The source's skip record (None unless data.bad_documents="skip"), logged when it skipped
+    any, so that every run's log says so; stores keep it in their manifest's meta (of the source,
+    since a bad document is in neither split). Only then: other stores keep their identity."""
+    bad = src_lib.bad_documents(spec, root)
+    if bad and bad["count"]:
+        log.warning("%s", src_lib.skipped_line(name, bad))
+    return bad
 
 
 def mixture(dcfg, data: Data, total_steps: int, seed: int) -> Mixture:

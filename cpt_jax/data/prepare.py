@@ -34,6 +34,9 @@ def prepare(config) -> list[dict]:
         except ValueError as e:
             raise ConfigError(str(e)) from None
         stores = {k: {f: m[f] for f in ("n_docs", "n_tokens", "n_rows") if f in m} for k, m in data.manifests.items()}
+        for k, m in data.manifests.items():  # of the source (in neither split); there with bad_documents="skip"
+            if "bad_documents" in m.get("meta", {}):
+                stores[k]["bad_documents"] = m["meta"]["bad_documents"]["count"]
         out.append({"seq_len": run.seq_len, "tokenizer": data.tokenizer.fingerprint,
                     "vocab_size": data.tokenizer.vocab_size, "stores": stores})
     return out

@@ -11,12 +11,19 @@ A source is configured as `data.sources.<name> = {"kind": ..., ...}`:
          eval_fraction (default 0.01). Built by builders/text_files: a txt document is a
          block of lines ended by a blank line (so one per paragraph); jsonl/parquet have one
          per row. eval: documents whose content hash is below a cutoff, about
-         eval_fraction of them and at least one.
+         eval_fraction of them and at least one. A document that cannot be read as text
+         (invalid UTF-8 or JSON, no text field, a null) fails the source, naming file and
+         line or row, unless `data.bad_documents = "skip"` (for every files source): then it
+         is left out of both splits, counted, and the first few are named by position, in the
+         log and in `bad_documents(spec, data_dir)` (kept in the prepared dataset's metadata,
+         and by pipeline.build in each store's manifest). A broken file still fails.
   tfds   tfds_name: e.g. "wikipedia/20230601.en" or "c4/en:3.1.0"; split (default
          "train"); eval_split (default "": hold out eval_fraction of `split` by index
          hash, see `_IndexHoldout`); text_feature (default "text"); data_dir (default:
          TFDS's, $TFDS_DATA_DIR or ~/tensorflow_datasets). It must already be prepared
-         with `tfds build --file_format=array_record`; it is never downloaded here.
+         with `tfds build --file_format=array_record`; it is never downloaded here. A record
+         that is not valid UTF-8 fails, naming the source, split and record index (TFDS wrote
+         it from a str, so it is not expected; data.bad_documents does not apply).
 
 Our builders write to `<data_dir>/tfds/<builder>/<config>/<version>`, so a prepared files
 or bible source can also be read elsewhere as kind "tfds" with data_dir `<data_dir>/tfds`.
@@ -44,7 +51,16 @@ import tensorflow_datasets as tfds
 
 from cpt_jax.data.builders.bible import EVAL_FRACTION as BIBLE_EVAL_FRACTION
 from cpt_jax.data.builders.bible import Bible
-from cpt_jax.data.builders.text_files import FORMATS, TextFiles, TextFilesConfig, eval_cutoff, read_documents
+from cpt_jax.data.builders.text_files import (
+    BAD_DOCUMENTS,
+    FORMATS,
+    Skipped,
+    TextFiles,
+    TextFilesConfig,
+    eval_cutoff,
+    good_documents,
+    read_documents,
+)
 from cpt_jax.storage import exclusive
 
 log = logging.getLogger("cpt_jax")
@@ -79,6 +95,7 @@ class SourceSpec:
     eval_split: str = ""  # tfds; "": hold out eval_fraction of `split`
     text_feature: str = "text"  # tfds
     data_dir: str = ""  # tfds; "": TFDS's default
+    bad_documents: str = "error"  # files: error | skip, from data.bad_documents (see the module docstring)
 
 
 # ---------------------------------------------------------------- config
@@ -110,12 +127,21 @@ def _check_values(where: str, spec: SourceSpec, given: set[str]) -> None:
         raise ValueError(f"{where}.eval_split: must differ from split {spec.split!r}, or train and eval would overlap")
 
 
-def source_spec(name: str, cfg: Any) -> SourceSpec:
-    """Validate one `data.sources.<name>` entry (a dict or ConfigDict).
+def check_bad_documents(mode: Any) -> str:
+    """`data.bad_documents`, validated."""
+    if mode not in BAD_DOCUMENTS:
+        raise ValueError(f"data.bad_documents: must be one of {BAD_DOCUMENTS}, got {mode!r}")
+    return mode
+
+
+def source_spec(name: str, cfg: Any, bad_documents: str = "error") -> SourceSpec:
+    """Validate one `data.sources.<name>` entry (a dict or ConfigDict); `bad_documents` is
+    `data.bad_documents`, kept by files sources.
 
     Raises ValueError naming `data.sources.<name>.<field>` for an unknown, missing or
     invalid field."""
     where = f"data.sources.{name}"
+    check_bad_documents(bad_documents)
     raw = cfg.to_dict() if hasattr(cfg, "to_dict") else cfg
     if not isinstance(raw, Mapping):
         raise ValueError(f"{where}: expected a mapping of fields, got {cfg!r}")
@@ -133,6 +159,8 @@ def source_spec(name: str, cfg: Any) -> SourceSpec:
         fields["paths"] = _paths(where, fields["paths"])
     if kind == "bible":
         fields["eval_fraction"] = BIBLE_EVAL_FRACTION  # the corpus' own held-out chapters
+    if kind == "files":
+        fields["bad_documents"] = bad_documents
     spec = SourceSpec(name=name, kind=kind, **fields)
     _check_values(where, spec, set(raw) - {"kind"})
     return spec
@@ -168,21 +196,24 @@ def _files_identity(spec: SourceSpec) -> tuple[list[str], str, str]:
     data, file sizes and mtimes included, so that changed files get a fresh build."""
     files, fmt = _resolve_files(spec)
     stats = [os.stat(p) for p in files]
-    digest = _digest({
+    identity = {
         "version": str(TextFiles.VERSION),
         "files": [[p, st.st_size, st.st_mtime_ns] for p, st in zip(files, stats)],
         "format": fmt,
         "text_field": spec.text_field,
         "eval_fraction": spec.eval_fraction,
-    })
-    return files, fmt, digest
+    }
+    if spec.bad_documents != "error":  # only then: sources prepared before the option keep their identity
+        identity["bad_documents"] = spec.bad_documents
+    return files, fmt, _digest(identity)
 
 
 def _files_config(spec: SourceSpec) -> TextFilesConfig:
     files, fmt, digest = _files_identity(spec)
     slug = re.sub(r"[^\w.-]+", "_", spec.name)  # TFDS config names allow only these
     return TextFilesConfig(name=f"{slug}-{digest}", description=f"source {spec.name!r}: {len(files)} {fmt} files",
-                           files=tuple(files), format=fmt, text_field=spec.text_field)
+                           files=tuple(files), format=fmt, text_field=spec.text_field,
+                           bad_documents=spec.bad_documents)
 
 
 def fingerprint(spec: SourceSpec) -> str:
@@ -246,13 +277,34 @@ def _prepared_tfds(spec: SourceSpec) -> tfds.core.DatasetBuilder:
     return builder
 
 
-def _files_eval_cutoff(spec: SourceSpec, config: TextFilesConfig) -> int:
-    """Read every document once: validates all files before anything is written."""
+def _files_eval_cutoff(spec: SourceSpec, config: TextFilesConfig) -> tuple[int, Skipped]:
+    """Read every document once: validates all files before anything is written. Also returns
+    the bad documents skipped (the builder skips the same ones)."""
     docs = (d for path in config.files for d in read_documents(path, config.format, config.text_field))
+    skipped = Skipped()
     try:
-        return eval_cutoff(docs, spec.eval_fraction)
+        return eval_cutoff(good_documents(docs, config.bad_documents, skipped), spec.eval_fraction), skipped
     except ValueError as e:
-        raise ValueError(f"data.sources.{spec.name} (paths {list(spec.paths)}): {e}") from None
+        also = f" ({skipped_line(spec.name, skipped.record())})" if skipped.count else ""
+        raise ValueError(f"data.sources.{spec.name} (paths {list(spec.paths)}): {e}{also}") from None
+
+
+def skipped_line(name: str, record: dict) -> str:
+    """A skip record (`bad_documents`) as one log line."""
+    more = ", ..." if record["count"] > len(record["first"]) else ""
+    return f"skipped {record['count']} bad documents of source {name}: {', '.join(record['first'])}{more}"
+
+
+def bad_documents(spec: SourceSpec, data_dir: str | os.PathLike) -> dict | None:
+    """What preparing a files source with bad_documents="skip" left out, as kept with its
+    prepared dataset: {"count": n, "first": ["path: line N (reason)", ...]}; None for any
+    other source, whose bad documents fail it."""
+    if spec.kind != "files" or spec.bad_documents != "skip":
+        return None
+    builder = _own_builder(spec, data_dir)
+    if not builder.is_prepared():
+        raise ValueError(f"data.sources.{spec.name}: not prepared in {_tfds_dir(data_dir)}; call prepare() first")
+    return dict(builder.info.metadata.items())["bad_documents"]  # items(): the lazy dict's get() would not load
 
 
 def prepare(spec: SourceSpec, data_dir: str | os.PathLike) -> None:
@@ -268,7 +320,10 @@ def prepare(spec: SourceSpec, data_dir: str | os.PathLike) -> None:
         return
     if spec.kind == "files":  # validated (every document read) before the lock: bad input writes nothing
         config = builder.builder_config
-        builder = _text_files(dataclasses.replace(config, eval_cutoff=_files_eval_cutoff(spec, config)), data_dir)
+        cutoff, skipped = _files_eval_cutoff(spec, config)
+        builder = _text_files(dataclasses.replace(config, eval_cutoff=cutoff), data_dir)
+    else:
+        skipped = Skipped()
     # One process builds; TFDS would fail renaming its build onto one another process renamed first.
     with exclusive(builder.data_dir):
         if builder.is_prepared():  # built by another process while this one validated or waited
@@ -276,6 +331,8 @@ def prepare(spec: SourceSpec, data_dir: str | os.PathLike) -> None:
         # Nothing to fetch: without this, TFDS first asks GCS whether a prepared copy exists. TFDS
         # prints its progress to stdout, which belongs to callers (JSON of the prepare CLI, benches).
         log.info("preparing source %s into %s", spec.name, builder.data_dir)
+        if skipped.count:
+            log.warning("%s", skipped_line(spec.name, skipped.record()))
         tfds.disable_progress_bar()  # bars flood the logs of cluster jobs
         with contextlib.redirect_stdout(sys.stderr):
             builder.download_and_prepare(download_config=tfds.download.DownloadConfig(try_download_gcs=False))
@@ -312,10 +369,12 @@ class _IndexHoldout:
 class TextSplit:
     """Random access to the documents of one split of a source, as str."""
 
-    def __init__(self, records: Any, feature: str, positions: Sequence[int] | None = None):
+    def __init__(self, records: Any, feature: str, positions: Sequence[int] | None = None, *,
+                 where: str = "records"):
         self._records = records  # a TFDS data source: len() and __getitems__ over dicts
         self._feature = feature
         self._positions = positions if positions is not None else range(len(records))
+        self._where = where  # names the records in errors: "data.sources.<name>, TFDS split 'train'"
 
     def __len__(self) -> int:
         return len(self._positions)
@@ -324,8 +383,18 @@ class TextSplit:
         """Documents [start, stop), decoded."""
         if not 0 <= start <= stop <= len(self):
             raise IndexError(f"texts({start}, {stop}) out of range for a split of {len(self)} documents")
-        rows = self._records.__getitems__([self._positions[k] for k in range(start, stop)])
-        return [row[self._feature].decode("utf-8") for row in rows]
+        indices = [self._positions[k] for k in range(start, stop)]
+        rows = self._records.__getitems__(indices)
+        try:
+            return [row[self._feature].decode("utf-8") for row in rows]
+        except UnicodeDecodeError:
+            for index, row in zip(indices, rows):
+                try:
+                    row[self._feature].decode("utf-8")
+                except UnicodeDecodeError as e:
+                    raise ValueError(f"{self._where}: record {index} is not valid UTF-8 ({e.reason} at byte "
+                                     f"{e.start} of its {self._feature!r})") from None
+            raise
 
 
 def open_split(spec: SourceSpec, split: str, data_dir: str | os.PathLike) -> TextSplit:
@@ -336,12 +405,14 @@ def open_split(spec: SourceSpec, split: str, data_dir: str | os.PathLike) -> Tex
     if spec.kind == "tfds":
         builder = _prepared_tfds(spec)
         if spec.eval_split:
-            return TextSplit(builder.as_data_source({"train": spec.split, "eval": spec.eval_split}[split]),
-                             spec.text_feature)
+            tfds_split = {"train": spec.split, "eval": spec.eval_split}[split]
+            return TextSplit(builder.as_data_source(tfds_split), spec.text_feature,
+                             where=f"data.sources.{spec.name}: {builder.info.full_name} split {tfds_split!r}")
         records = builder.as_data_source(spec.split)
-        return TextSplit(records, spec.text_feature, _IndexHoldout(len(records), spec.eval_fraction, split == "eval"))
+        return TextSplit(records, spec.text_feature, _IndexHoldout(len(records), spec.eval_fraction, split == "eval"),
+                         where=f"data.sources.{spec.name}: {builder.info.full_name} split {spec.split!r}")
     builder = _own_builder(spec, data_dir)
     if not builder.is_prepared():
         raise ValueError(f"data.sources.{spec.name}: not prepared in {_tfds_dir(data_dir)} (or its files changed "
                          f"since); call prepare() first")
-    return TextSplit(builder.as_data_source(split), "text")
+    return TextSplit(builder.as_data_source(split), "text", where=f"data.sources.{spec.name}: split {split!r}")

@@ -1,3 +1,14 @@
-from cpt_jax.data.builders.text_files.text_files import FORMATS, TextFiles, TextFilesConfig, eval_cutoff, read_documents
+from cpt_jax.data.builders.text_files.text_files import (
+    BAD_DOCUMENTS,
+    FORMATS,
+    BadDocument,
+    Skipped,
+    TextFiles,
+    TextFilesConfig,
+    eval_cutoff,
+    good_documents,
+    read_documents,
+)
 
-__all__ = ["FORMATS", "TextFiles", "TextFilesConfig", "eval_cutoff", "read_documents"]
+__all__ = ["BAD_DOCUMENTS", "FORMATS", "BadDocument", "Skipped", "TextFiles", "TextFilesConfig", "eval_cutoff",
+           "good_documents", "read_documents"]

@@ -10,6 +10,14 @@ Documents by format (whitespace-only documents are skipped):
 Splits `train` and `eval`: a document is held out iff a 64-bit hash of its content is
 below the config's `eval_cutoff` (see `eval_cutoff`), so copies of one document never
 straddle the two splits. Documents keep their file order.
+
+A bad document is one that cannot be read as text: invalid UTF-8 in a txt block (the whole
+block) or a jsonl line, invalid JSON, a jsonl row that is no object or lacks `text_field`, a
+text that is no string or holds lone surrogates, a null parquet value. `read_documents`
+yields it as a `BadDocument`; `good_documents` fails on it (config `bad_documents="error"`)
+or leaves it out of both splits and counts it ("skip"; the count and the first few positions
+go into the dataset's `info.metadata["bad_documents"]`). A broken file (unreadable parquet,
+missing or non-string column) is no document: it always fails.
 """
 
 from __future__ import annotations
@@ -27,57 +35,87 @@ from etils import epath
 from cpt_jax.data.builders import text_info
 
 FORMATS = ("txt", "jsonl", "parquet")
+BAD_DOCUMENTS = ("error", "skip")  # what `good_documents` does with a bad document
+FIRST_NAMED = 5  # bad documents named by position in a skip record
 
 
-def _utf8_lines(path: str) -> Iterator[tuple[int, str]]:
-    """(line number, line) pairs; invalid UTF-8 fails with its byte offset."""
+@dataclasses.dataclass(frozen=True)
+class BadDocument:
+    """A document that cannot be read as text. `error` is the message mode "error" fails
+    with; str() names it for a skip record: "path: line N (reason)"."""
+
+    where: str  # "path: line N" or "path: row N"
+    reason: str  # e.g. "invalid JSON (Expecting value)"
+    error: str
+
+    def __str__(self) -> str:
+        return f"{self.where} ({self.reason})"
+
+
+def _bad(where: str, reason: str) -> BadDocument:
+    return BadDocument(where, reason, f"{where}: {reason}")
+
+
+def _utf8_lines(path: str) -> Iterator[tuple[int, str | BadDocument]]:
+    """(line number, line) pairs; a line of invalid UTF-8 is a BadDocument naming its byte offset."""
     offset = 0
     with open(path, "rb") as f:
         for lineno, raw in enumerate(f, start=1):
             try:
                 line = raw.decode("utf-8")
             except UnicodeDecodeError as e:
-                raise ValueError(f"{path}: invalid UTF-8 at byte {offset + e.start} (line {lineno})") from None
+                reason = f"invalid UTF-8 at byte {offset + e.start}"
+                line = BadDocument(f"{path}: line {lineno}", reason, f"{path}: {reason} (line {lineno})")
             offset += len(raw)
-            if lineno == 1:
+            if lineno == 1 and isinstance(line, str):
                 line = line.removeprefix("\ufeff")  # a byte-order mark is not text
             yield lineno, line
 
 
-def _txt_documents(path: str) -> Iterator[str]:
+def _txt_documents(path: str) -> Iterator[str | BadDocument]:
     block: list[str] = []
+    bad: BadDocument | None = None  # the block's first undecodable line: the whole block is bad
     for _, line in _utf8_lines(path):
-        if line.strip():
+        if isinstance(line, BadDocument):
+            bad = bad or line
+        elif line.strip():
             block.append(line.rstrip("\r\n"))
-        elif block:
-            yield "\n".join(block)
-            block = []
-    if block:
-        yield "\n".join(block)
+        elif block or bad:
+            yield bad or "\n".join(block)
+            block, bad = [], None
+    if block or bad:
+        yield bad or "\n".join(block)
 
 
-def _jsonl_documents(path: str, text_field: str) -> Iterator[str]:
+def _jsonl_documents(path: str, text_field: str) -> Iterator[str | BadDocument]:
     for lineno, line in _utf8_lines(path):
+        if isinstance(line, BadDocument):
+            yield line
+            continue
         if not line.strip():
             continue
         where = f"{path}: line {lineno}"
         try:
             row = json.loads(line)
         except json.JSONDecodeError as e:
-            raise ValueError(f"{where}: invalid JSON ({e.msg})") from None
+            yield _bad(where, f"invalid JSON ({e.msg})")
+            continue
         if not isinstance(row, dict) or text_field not in row:
-            raise ValueError(f"{where}: no field {text_field!r}")
+            yield _bad(where, f"no field {text_field!r}")
+            continue
         text = row[text_field]
         if not isinstance(text, str):
-            raise ValueError(f"{where}: field {text_field!r} is {type(text).__name__}, not a string")
+            yield _bad(where, f"field {text_field!r} is {type(text).__name__}, not a string")
+            continue
         try:
             text.encode("utf-8")  # JSON escapes can smuggle in lone surrogates
         except UnicodeEncodeError as e:
-            raise ValueError(f"{where}: field {text_field!r} is not valid Unicode ({e.reason})") from None
+            yield _bad(where, f"field {text_field!r} is not valid Unicode ({e.reason})")
+            continue
         yield text
 
 
-def _parquet_documents(path: str, text_field: str) -> Iterator[str]:
+def _parquet_documents(path: str, text_field: str) -> Iterator[str | BadDocument]:
     try:
         table = pq.ParquetFile(path)
     except pa.ArrowException as e:
@@ -91,15 +129,13 @@ def _parquet_documents(path: str, text_field: str) -> Iterator[str]:
     row = 0
     for batch in table.iter_batches(batch_size=1024, columns=[text_field]):
         for text in batch.column(0).to_pylist():
-            if text is None:
-                raise ValueError(f"{path}: row {row}: {text_field!r} is null")
-            yield text
+            yield _bad(f"{path}: row {row}", f"{text_field!r} is null") if text is None else text
             row += 1
 
 
-def read_documents(path: str, format: str, text_field: str) -> Iterator[str]:
-    """The non-empty documents of one file; bad content raises ValueError naming the
-    file and the line, byte or row."""
+def read_documents(path: str, format: str, text_field: str) -> Iterator[str | BadDocument]:
+    """The non-empty documents of one file, each a str or a BadDocument naming the file and
+    the line, byte or row. A broken file (unreadable, no such column) raises ValueError."""
     if format == "txt":
         docs = _txt_documents(path)
     elif format == "jsonl":
@@ -108,7 +144,33 @@ def read_documents(path: str, format: str, text_field: str) -> Iterator[str]:
         docs = _parquet_documents(path, text_field)
     else:
         raise ValueError(f"{path}: unknown format {format!r}; expected one of {FORMATS}")
-    return (d for d in docs if d.strip())
+    return (d for d in docs if isinstance(d, BadDocument) or d.strip())
+
+
+@dataclasses.dataclass
+class Skipped:
+    """The bad documents `good_documents` left out: how many, and the first few by position."""
+
+    count: int = 0
+    first: list[str] = dataclasses.field(default_factory=list)
+
+    def record(self) -> dict:
+        """As kept in a prepared dataset's metadata and a store's manifest."""
+        return {"count": self.count, "first": list(self.first)}
+
+
+def good_documents(docs: Iterable[str | BadDocument], mode: str, skipped: Skipped) -> Iterator[str]:
+    """`docs` without the bad ones: mode "error" raises ValueError with the first one's message,
+    "skip" counts them into `skipped`."""
+    for doc in docs:
+        if not isinstance(doc, BadDocument):
+            yield doc
+        elif mode == "skip":
+            skipped.count += 1
+            if len(skipped.first) < FIRST_NAMED:
+                skipped.first.append(str(doc))
+        else:
+            raise ValueError(doc.error)
 
 
 def _content_hash(text: str) -> int:
@@ -148,6 +210,7 @@ class TextFilesConfig(tfds.core.BuilderConfig):
     format: str = "txt"
     text_field: str = "text"
     eval_cutoff: int = 0  # from `eval_cutoff`; documents hashing below it are held out
+    bad_documents: str = "error"  # error | skip (see `good_documents`)
 
 
 class TextFiles(tfds.core.GeneratorBasedBuilder):
@@ -161,7 +224,8 @@ class TextFiles(tfds.core.GeneratorBasedBuilder):
     code_path = epath.Path(__file__)
 
     def _info(self) -> tfds.core.DatasetInfo:
-        return text_info(self, __doc__)
+        # metadata["bad_documents"] (mode skip): set while generating, saved with the dataset.
+        return text_info(self, __doc__, metadata=tfds.core.MetadataDict())
 
     def _split_generators(self, dl_manager):
         del dl_manager  # the files are local: nothing to download
@@ -170,8 +234,12 @@ class TextFiles(tfds.core.GeneratorBasedBuilder):
     def _generate_examples(self, held_out: bool):
         config = self.builder_config
         key = 0  # increasing int keys keep file order under disable_shuffling
+        skipped = Skipped()
         for path in config.files:
-            for text in read_documents(path, config.format, config.text_field):
+            for text in good_documents(read_documents(path, config.format, config.text_field),
+                                       config.bad_documents, skipped):
                 if (_content_hash(text) < config.eval_cutoff) == held_out:
                     yield key, {"text": text}
                     key += 1
+        if config.bad_documents == "skip":  # of the source: a bad document is in neither split
+            self.info.metadata["bad_documents"] = skipped.record()
