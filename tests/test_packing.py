@@ -8,6 +8,7 @@ import dataclasses
 import json
 import math
 import os
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -236,3 +237,34 @@ def test_weighted_loss_and_gradients_equal_optax_on_the_counted_positions(chunk)
     np.testing.assert_allclose(got, want, rtol=1e-6)
     for g, h in zip(got_g, want_g):
         np.testing.assert_allclose(g, h, rtol=1e-5, atol=1e-7)
+
+
+# ---------------------------------------------------------------- a run packed by documents
+
+
+@pytest.mark.slow  # two runs and BOS-framed stores of the whole corpus: about a minute
+def test_a_documents_run_resumed_from_its_checkpoint_equals_the_uninterrupted_run(tmp_path, caplog):
+    """data.packing=documents with BOS framing on the real corpus: the run logs how it packs, and a
+    run resumed from a mid-run Orbax checkpoint ends with the metrics and params of the whole run."""
+    from test_trainer import small_config
+
+    from cpt_jax import trainer
+    from cpt_jax.data import pipeline
+
+    config = small_config("--config.data.packing=documents", "--config.data.framing.bos=always",
+                          "--config.seq_len=64", "--config.total_steps=6", "--config.checkpoint_every=3",
+                          "--config.keep_checkpoints=3", "--config.eval_every=3", "--config.log_every=2")
+    with caplog.at_level("INFO", "cpt_jax"):
+        whole = trainer.train_run(config, str(tmp_path / "whole"))
+    assert "documents framed as BOS (id 2) + text + EOS (id 3), packed as documents: XLA attention" in caplog.text
+    rows = pipeline.build(config.data, config.seq_len).train["zh"]  # the stores the run built
+    assert (rows[:, 0] == 2).any() and (rows[:, 1:] == 2).any()  # BOS opens documents, also inside rows
+
+    shutil.copytree(tmp_path / "whole", tmp_path / "resumed")
+    shutil.rmtree(tmp_path / "resumed" / "checkpoints" / "6")  # as if preempted after step 3's save
+    resumed = trainer.train_run(config, str(tmp_path / "resumed"))
+    assert "resumed" in caplog.text
+    perf = lambda recs: [{k: v for k, v in r.items() if not k.startswith("perf/")} for r in recs]  # noqa: E731
+    assert perf(resumed) == perf(whole) and whole[-1]["step"] == 6
+    a, b = (cpt_models.params_of(cpt_models.load(str(tmp_path / d))[0]) for d in ("whole", "resumed"))
+    jax.tree.map(np.testing.assert_array_equal, a, b)
