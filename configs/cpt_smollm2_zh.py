@@ -35,6 +35,10 @@ def get_config(mode: str = "gpu") -> ml_collections.ConfigDict:
     c.batch_size = 32
     c.seq_len = 512
     c.optimizer.peak_lr = 1e-4  # continued pre-training: below the from-scratch peak
+    # Framed as SmolLM2 was pretrained: no BOS, each document ended by <|endoftext|> (the Instruct
+    # GGUF's EOS, <|im_end|>, ends chat turns), attention across documents (document masking came
+    # with SmolLM3).
+    c.data.framing.eos = "<|endoftext|>"
     c.data.eval_batches = 16
     c.log_every = 10
     c.eval_every = 50

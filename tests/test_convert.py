@@ -223,6 +223,20 @@ def test_smollm2_matches_transformers_own_gguf_load(smollm2, smollm2_hf):
     np.testing.assert_allclose(got, expected, atol=1e-5 * np.abs(expected).max(), rtol=0)
 
 
+def test_smollm2_is_framed_as_it_was_pretrained(smollm2, smollm2_hf):
+    """No BOS (transformers' own tokenizer of the GGUF prepends none either); the Instruct model's EOS
+    ends chat turns, so configs/cpt_smollm2_zh.py ends documents with the base model's <|endoftext|>."""
+    from cpt_jax.config import load_file
+    from cpt_jax.data.packing import Framing
+
+    _, tok = cpt_models.load(smollm2)
+    _, hf_tok = smollm2_hf
+    assert hf_tok("The capital").input_ids == tok.encode("The capital")  # nothing added around the text
+    assert Framing.of(tok) == Framing(None, tok.token_to_id("<|im_end|>"))
+    framing = load_file(os.path.join(os.path.dirname(__file__), "..", "configs", "cpt_smollm2_zh.py")).data.framing
+    assert Framing.of(tok, framing.bos, framing.eos) == Framing(None, 0) and tok.token_to_id("<|endoftext|>") == 0
+
+
 # --------------------------------------------------------------------------------------------
 # Bad input: one clear error naming the tensor or field; nothing left in the destination.
 # --------------------------------------------------------------------------------------------
