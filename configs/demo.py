@@ -36,6 +36,8 @@ def get_config() -> ml_collections.ConfigDict:
     # merges and makes the head, which dominates a tiny model's FLOPs, half as costly as 8000.
     c.data.tokenizer.vocab_size = 4000
     c.data.eval_batches = 8
+    # Attention, RoPE positions and so the per-language eval losses stay within one chapter.
+    c.data.packing = "documents"
     c.log_every = 20
     c.eval_every = 40
     c.checkpoint_every = 40

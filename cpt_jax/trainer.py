@@ -317,9 +317,21 @@ def compile_run(plan: Plan) -> train.Steps:
     log.info("compiled train step in %.1fs; %s params (%s non-embedding); %s compute, %s attention; "
              "memory per device: %s", time.perf_counter() - t0, f"{mcfg.param_count():,}",
              f"{mcfg.non_embedding_params():,}", mcfg.dtype, mcfg.attention, _memory_summary(steps.memory))
-    log.info("documents framed as %stext + EOS (id %d), packed %s", "" if framing.bos_id is None else
-             f"BOS (id {framing.bos_id}) + ", framing.eos_id, _PACKING_NOTES[mcfg.attention if documents else "concat"])
+    log.info("documents framed as %stext + EOS (id %d), packed %s; %s", "" if framing.bos_id is None else
+             f"BOS (id {framing.bos_id}) + ", framing.eos_id, _PACKING_NOTES[mcfg.attention if documents else "concat"],
+             _packing_waste(plan.data.manifests, documents))
     return steps
+
+
+def _packing_waste(manifests: dict[str, dict], documents: bool) -> str:
+    """What the packing loses over the training stores: no padding, only each store's final
+    partial row; with document packing, also the one position per document whose input is EOS."""
+    train = [m for key, m in manifests.items() if key.endswith("/train")]
+    docs, tokens, dropped = (sum(m[k] for m in train) for k in ("n_docs", "n_tokens", "dropped_tokens"))
+    out = (f"{docs:,} documents in {tokens - dropped:,} tokens of rows, no padding; {dropped:,} tokens of final "
+           f"partial rows dropped ({100 * dropped / max(tokens, 1):.3f}%)")
+    return out + (f"; about {100 * docs / max(tokens, 1):.2f}% of positions (inputs that are EOS) predict nothing"
+                  if documents else "")
 
 
 _PACKING_NOTES = {  # how each kernel keeps attention within a document, for the log
