@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import logging
 
+import jax
+import optax
 import orbax.checkpoint as ocp
 from etils import epath
 from orbax.checkpoint.checkpoint_managers import preservation_policy as pp
@@ -94,6 +96,52 @@ class Checkpointer:
         out = self.manager.restore(step, args=ocp.args.Composite(**items))
         return out["params"], out.get("opt_state") if abstract_opt_state is not None else None, meta
 
+    def has_opt_state(self, step: int) -> bool:
+        """Whether step `step` holds an optimizer state (a converted model holds params only)."""
+        return (epath.Path(self.directory) / str(step) / "opt_state").is_dir()
+
+    def restore_moments(self, step: int, abstract_opt_state, opt_state) -> tuple[object, list[str]]:
+        """`opt_state` (this run's, fresh) with the AdamW moments (mu, nu) of step `step` for each
+        parameter whose path and shape match there, and with their Adam count (its bias correction
+        belongs to those moments). Found by path, not by the state's layout, so the two runs may
+        freeze different parameters. Returns (the state, the moments left fresh, with why)."""
+        item = epath.Path(self.directory) / str(step) / "opt_state"
+        with ocp.PyTreeCheckpointer() as reader:
+            saved = reader.metadata(item).item_metadata.tree
+        where = _find_adam(saved)
+        if where is None:
+            raise ValueError(f"checkpoint {self.directory}/{step} holds no AdamW moments")
+        ours = [x for x in jax.tree.leaves(abstract_opt_state, is_leaf=_is_adam) if _is_adam(x)]
+        if len(ours) != 1:
+            raise ValueError(f"this run's optimizer state has {len(ours)} AdamW states, not one")
+        theirs, wanted, fresh = _at(saved, where), {("count",): ours[0].count}, []
+        for field in ("mu", "nu"):
+            for keypath, x in jax.tree_util.tree_leaves_with_path(getattr(ours[0], field)):
+                path = tuple(str(k.key) for k in keypath)
+                there = _at(theirs, (field, *path))
+                if there is not None and tuple(there.shape) == x.shape:
+                    wanted[(field, *path)] = x
+                elif field == "mu":  # one line per parameter, not per moment
+                    why = f"{tuple(there.shape)} there" if there is not None else "none there"
+                    fresh.append(f"{'/'.join(path)} ({why}, {x.shape} here)")
+        request = _prune(saved, (), lambda p: wanted.get(p[len(where):]) if p[:len(where)] == where else None)
+        restore_args = jax.tree.map(lambda x: ocp.ArrayRestoreArgs(sharding=x.sharding, dtype=x.dtype), request)
+        with ocp.PyTreeCheckpointer() as reader:
+            out = _at(reader.restore(item, args=ocp.args.PyTreeRestore(item=request, restore_args=restore_args,
+                                                                        partial_restore=True)), where)
+
+        def moments(field: str, tree):
+            def one(keypath, x):
+                key = (field, *(str(k.key) for k in keypath))
+                return _at(out, key) if key in wanted else x
+            return jax.tree_util.tree_map_with_path(one, tree)
+
+        def swap(node):
+            if not _is_adam(node):
+                return node
+            return node._replace(count=out["count"], mu=moments("mu", node.mu), nu=moments("nu", node.nu))
+        return jax.tree.map(swap, opt_state, is_leaf=_is_adam), fresh
+
     def restore_latest(self, abstract_params, abstract_opt_state, model: dict) -> tuple[int, dict, object] | None:
         """(step, params, opt_state) of the latest step that restores; None where none does.
         `model`: the architecture fields the checkpoint's metadata must match.
@@ -141,3 +189,43 @@ class Checkpointer:
     def close(self) -> None:
         self.manager.close()
 
+
+
+def _is_adam(x) -> bool:
+    return isinstance(x, optax.ScaleByAdamState)
+
+
+def _find_adam(tree, path: tuple = ()) -> tuple | None:
+    """The path of the (first) AdamW state in a saved tree: a dict of count, mu and nu."""
+    if isinstance(tree, dict) and {"count", "mu", "nu"} <= tree.keys():
+        return path
+    children = tree.items() if isinstance(tree, dict) else enumerate(tree) if isinstance(tree, (list, tuple)) else ()
+    for k, v in children:
+        found = _find_adam(v, (*path, k))
+        if found is not None:
+            return found
+    return None
+
+
+def _at(tree, path: tuple):
+    """The node at `path` of a nested dict/list tree; None where there is none."""
+    for k in path:
+        if isinstance(tree, dict) and k in tree:
+            tree = tree[k]
+        elif isinstance(tree, (list, tuple)) and isinstance(k, int) and k < len(tree):
+            tree = tree[k]
+        else:
+            return None
+    return tree
+
+
+def _prune(tree, path: tuple, want):
+    """The saved tree cut to the leaves `want(path)` names (as the ShapeDtypeStruct to restore
+    them onto), for orbax's partial restore: dict keys dropped, list entries None."""
+    if isinstance(tree, dict):
+        kept = {k: _prune(v, (*path, k), want) for k, v in tree.items()}
+        return {k: v for k, v in kept.items() if v is not None} or None
+    if isinstance(tree, (list, tuple)):
+        kept = [_prune(v, (*path, i), want) for i, v in enumerate(tree)]
+        return kept if any(v is not None for v in kept) else None
+    return want(path)

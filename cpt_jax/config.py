@@ -104,6 +104,9 @@ def base() -> ml_collections.ConfigDict:
     c.optimizer.weight_decay = 0.1
     c.optimizer.clip_norm = 1.0
     c.optimizer.grad_accum = 1  # microbatches per update
+    # Parameters not trained (cpt_jax/freeze.py): paths like "embed", "layers/q", "layers/0-3"; "old_vocab": the
+    # rows extend-vocab did not add. Frozen values stay bit-identical; wholly frozen ones keep no AdamW moments.
+    c.optimizer.freeze = ()
 
     c.data = ml_collections.ConfigDict()
     c.data.dir = ""  # prepared sources, tokenizers, token stores; "": $CPT_JAX_CACHE/data or ~/.cache/cpt_jax/data
@@ -158,6 +161,9 @@ def base() -> ml_collections.ConfigDict:
     # Params only, from another run's workdir (or its checkpoints dir), a converted model
     # (`python -m cpt_jax.convert import`), or a bundled pretrained model by name ("smollm2").
     c.init_from = ""
+    # With init_from: also its latest AdamW moments (and their Adam count) where a leaf's shape matches; the
+    # step and the LR schedule still start at 0. A converted model has none.
+    c.init_from_optimizer = False
     # A cooldown branch: this run starts from another run's checkpoint at `branch_step` (params,
     # optimizer state, step) and goes on with the same data stream; it may differ from that run
     # in total_steps and the LR schedule after branch_step only (e.g. a wsd decay after `constant`).

@@ -17,7 +17,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from cpt_jax import models, sharding
+from cpt_jax import freeze, models, sharding
 from cpt_jax.models.cross_entropy import cross_entropy
 
 
@@ -82,15 +82,33 @@ def schedule(opt, total_steps: int) -> optax.Schedule:
     return lambda step: learning_rate(step, args)
 
 
-def optimizer(opt, args: dict) -> optax.GradientTransformation:
+def optimizer(opt, args: dict, lr: jax.Array | None = None, frozen: freeze.Mask | None = None
+              ) -> optax.GradientTransformation:
     """AdamW with global-norm clipping; weight decay on matrices only (not norms or biases); the
     learning rate of `schedule_args`. The state has one layout whatever the schedule, so a
-    branch restores its stable run's state."""
-    return optax.chain(
+    branch restores its stable run's state.
+
+    `lr`: this step's learning rate (train_step passes the one of its TrainState.step), in place
+    of optax's own count: a run that starts with another run's moments (init_from_optimizer)
+    keeps their Adam count for the bias correction but warms up from its own step 0. The
+    schedule's count stays in the state, unused, so that the state's layout is unchanged.
+
+    `frozen` (freeze.resolve): wholly frozen leaves go through set_to_zero and keep no moments;
+    frozen slices of the others get zero gradients in and zero updates out. The global norm is
+    clipped over the trainable entries only: frozen gradients are never applied, so they should
+    not shrink the ones that are.
+    """
+    schedule_fn = (lambda count: learning_rate(count, args)) if lr is None else (lambda _count: lr)
+    tx = optax.chain(
         optax.clip_by_global_norm(opt.clip_norm),
-        optax.adamw(lambda count: learning_rate(count, args), b1=opt.b1, b2=opt.b2, eps=opt.eps,
+        optax.adamw(schedule_fn, b1=opt.b1, b2=opt.b2, eps=opt.eps,
                     weight_decay=opt.weight_decay, mask=lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)),
     )
+    if frozen is None:
+        return tx
+    tx = optax.chain(optax.stateless(lambda g, _=None: freeze.zero_frozen(g, frozen)), tx,
+                     freeze.masked_updates(frozen))
+    return optax.multi_transform({"train": tx, "frozen": optax.set_to_zero()}, freeze.labels(frozen))
 
 
 def document_layout(inputs: jax.Array, eos_id: int) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -133,8 +151,8 @@ def _loss_and_stats(params, graphdef, tokens, source, num_sources, document_end)
 
 
 def train_step(state: TrainState, batch: dict, schedule: dict, *, graphdef, opt, num_sources: int,
-               grad_accum: int = 1, nan_steps: tuple[int, ...] = (), document_end: int | None = None
-               ) -> tuple[TrainState, dict]:
+               grad_accum: int = 1, nan_steps: tuple[int, ...] = (), frozen: freeze.Mask | None = None,
+               document_end: int | None = None) -> tuple[TrainState, dict]:
     """One optimizer update on `batch` = {"tokens": [b, seq+1] int32, "source": [b] int32}, at
     the learning rate of `schedule` (`schedule_args`) and `opt`'s AdamW settings; `document_end`
     as in `token_losses`.
@@ -144,8 +162,10 @@ def train_step(state: TrainState, batch: dict, schedule: dict, *, graphdef, opt,
     A step whose loss or gradient norm is not finite changes nothing but the step counter and
     reports `nonfinite` = 1; what then happens is the caller's choice (stop or go on).
     `nan_steps`: fault injection for tests, steps (counted from 1) whose gradients become NaN.
+    `frozen`: the static freeze.Mask of `optimizer.freeze` (None: everything trains).
     """
-    tx = optimizer(opt, schedule)
+    lr = learning_rate(state.step, schedule)
+    tx = optimizer(opt, schedule, lr, frozen)
     grad_fn = jax.value_and_grad(_loss_and_stats, has_aux=True)
 
     def micro(tokens, source):
@@ -171,17 +191,18 @@ def train_step(state: TrainState, batch: dict, schedule: dict, *, graphdef, opt,
     if nan_steps:
         inject = jnp.isin(state.step + 1, jnp.asarray(nan_steps))
         grads = jax.tree.map(lambda g: jnp.where(inject, jnp.nan, g), grads)
+    grads = freeze.zero_frozen(grads, frozen)  # the norm (and finiteness) of what is trained
     grad_norm = optax.global_norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
+    params = freeze.apply_updates(state.params, updates, frozen)
     keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)  # noqa: E731
     params, opt_state = keep(params, state.params), keep(opt_state, state.opt_state)
     metrics = {
         "loss": loss,
         "nonfinite": 1 - finite.astype(jnp.int32),
         "grad_norm": grad_norm,
-        "lr": learning_rate(state.step, schedule),
+        "lr": lr,
         "source_loss_sum": src_sum,
         "source_count": src_cnt,
     }
@@ -215,16 +236,24 @@ class Steps(NamedTuple):
 
 
 def compile_steps(mcfg: models.ModelConfig, opt, total_steps: int, mesh, batch_size: int, seq_len: int,
-                  num_sources: int, nan_steps: tuple[int, ...] = (), document_end: int | None = None) -> Steps:
+                  num_sources: int, nan_steps: tuple[int, ...] = (), frozen: freeze.Mask | None = None,
+                  document_end: int | None = None) -> Steps:
     """Shardings from the logical-axis rules, then the train step compiled ahead of time.
-    `document_end`: the EOS id of rows packed as documents (`token_losses`); None: concat."""
+    `frozen`: the resolved `optimizer.freeze` (the trainer's, which knows an extended model's old
+    vocabulary); None: `opt.freeze` resolved here. `document_end`: the EOS id of rows packed as
+    documents (`token_losses`); None: concat."""
     spec = models.spec(mcfg)
     args = schedule_args(opt, total_steps)
-    tx = optimizer(opt, args)
+    if frozen is None:
+        frozen = freeze.resolve(opt.get("freeze", ()), spec.abstract_params)
+    tx = optimizer(opt, args, frozen=frozen)
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
     p_sh = sharding.param_shardings(spec.abstract_params, spec.axes, mesh)
     abstract_opt = jax.eval_shape(tx.init, spec.abstract_params)
-    o_sh = optax.tree_map_params(tx, lambda _, s: s, abstract_opt, p_sh, transform_non_params=lambda _: replicated)
+    if frozen is None:
+        o_sh = optax.tree_map_params(tx, lambda _, s: s, abstract_opt, p_sh, transform_non_params=lambda _: replicated)
+    else:  # tree_map_params cannot see through multi_transform: a moment is sharded as its param
+        o_sh = freeze.state_shardings(abstract_opt, spec.abstract_params, p_sh, replicated)
     state_sh = TrainState(step=replicated, params=p_sh, opt_state=o_sh)
     batch_sh = {"tokens": sharding.batch_sharding(mesh, 2), "source": sharding.batch_sharding(mesh, 1),
                 "valid": sharding.batch_sharding(mesh, 1)}
@@ -235,7 +264,8 @@ def compile_steps(mcfg: models.ModelConfig, opt, total_steps: int, mesh, batch_s
 
     train_jit = jax.jit(
         functools.partial(train_step, graphdef=spec.graphdef, opt=opt, num_sources=num_sources,
-                          grad_accum=opt.grad_accum, nan_steps=tuple(nan_steps), document_end=document_end),
+                          grad_accum=opt.grad_accum, nan_steps=tuple(nan_steps), frozen=frozen,
+                          document_end=document_end),
         in_shardings=(state_sh, {"tokens": batch_sh["tokens"], "source": batch_sh["source"]}, replicated),
         out_shardings=(state_sh, None), donate_argnums=0,
     )

@@ -24,7 +24,7 @@ import ml_collections
 import numpy as np
 from etils import epath
 
-from cpt_jax import checkpoint, convert, distributed, models, sharding, storage, summary, train
+from cpt_jax import checkpoint, convert, distributed, freeze, models, sharding, storage, summary, train
 from cpt_jax.config import ConfigError, base, expand_runs, flatten
 from cpt_jax.data import pipeline
 from cpt_jax.data.mixture import Mixture
@@ -41,10 +41,12 @@ RESUMABLE_CHANGES = ("log_every", "eval_every", "checkpoint_every", "keep_checkp
                      "mesh.shape", "data.dir", "data.workers", "data.eval_batches", "model.remat",
                      "model.scan_layers", "model.attention", "model.loss_chunk", "nonfinite", "inject_nan_at")
 # And those in which a cooldown branch may differ from the run it branches from: its length, its
-# schedule (whose values before the branch point are checked to agree), what it starts from.
+# schedule (whose values before the branch point are checked to agree), what it starts from
+# (init_from_optimizer too: a branch starts from its run's own state, whatever that run started from).
+# optimizer.freeze is in neither: it changes what a run computes, and the optimizer state's layout.
 BRANCH_CHANGES = ("total_steps", "optimizer.schedule", "optimizer.peak_lr", "optimizer.warmup_frac",
                   "optimizer.warmup_steps", "optimizer.decay_frac", "optimizer.decay_shape", "optimizer.min_lr_frac",
-                  "branch_from", "branch_step", "init_from")
+                  "branch_from", "branch_step", "init_from", "init_from_optimizer")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -60,6 +62,12 @@ def validate(config: ml_collections.ConfigDict, workdir: str | None = None, devi
         if not isinstance(value, int) or value <= 0:
             raise ConfigError(f"{field}={value!r} must be a positive integer")
     _check_schedule(config)
+    if isinstance(config.optimizer.freeze, str):
+        raise ConfigError(f"optimizer.freeze={config.optimizer.freeze!r} must be a tuple of paths, e.g. ('embed',)")
+    for pattern in config.optimizer.freeze:  # syntax now; what they match once the model is known (prepare)
+        freeze.parse(pattern)
+    if config.init_from_optimizer and not config.init_from:
+        raise ConfigError("init_from_optimizer=True takes the optimizer state of init_from, which is not set")
     if config.nonfinite not in ("stop", "skip"):
         raise ConfigError(f"nonfinite={config.nonfinite!r} must be stop or skip")
     if config.data.packing not in PACKINGS:
@@ -101,6 +109,11 @@ def validate(config: ml_collections.ConfigDict, workdir: str | None = None, devi
     if config.init_from and check_init_from and RunDir.of(config.init_from).latest_step() is None:
         raise ConfigError(f"init_from={config.init_from!r}: no checkpoint found there (a pretrained model "
                           f"becomes one with `python -m cpt_jax.convert import`)")
+    if config.init_from_optimizer and check_init_from:
+        src = RunDir.of(config.init_from)
+        if not checkpoint.Checkpointer(src.checkpoints, read_only=True).has_opt_state(src.latest_step()):
+            raise ConfigError(f"init_from_optimizer: init_from={config.init_from!r} has no optimizer state (step "
+                              f"{src.latest_step()} holds params only, as a converted model does)")
     if config.branch_from and check_init_from:
         kept = checkpoint.all_steps(RunDir.of(config.branch_from).checkpoints)
         if config.branch_step not in kept:
@@ -237,6 +250,7 @@ class Plan:
     mixture: Mixture
     parent: RunDir | None  # init_from's or branch_from's run
     meta: dict  # stored with every checkpoint
+    frozen: freeze.Mask | None = None  # optimizer.freeze resolved over the model; None: all trains
 
 
 def prepare(config: ml_collections.ConfigDict, workdir: str, devices=None, allow_config_change: bool = False
@@ -294,7 +308,23 @@ def prepare(config: ml_collections.ConfigDict, workdir: str, devices=None, allow
     meta = {"config": json.loads(config.to_json()), "model": dataclasses.asdict(mcfg),
             "tokenizer": data.tokenizer.fingerprint, "sources": mixture.source_names,
             "framing": {"bos_id": data.framing.bos_id, "eos_id": data.framing.eos_id, "packing": config.data.packing}}
-    return Plan(config, run, mesh, mcfg, data, mixture, init, meta)
+    if init_meta and "vocab_extension" in init_meta:  # a later stage can still freeze "old_vocab"
+        meta["vocab_extension"] = init_meta["vocab_extension"]
+    frozen = _frozen(config, mcfg, meta.get("vocab_extension"), where if init else "this run's model")
+    return Plan(config, run, mesh, mcfg, data, mixture, init, meta, frozen)
+
+
+def _frozen(config: ml_collections.ConfigDict, mcfg: models.ModelConfig, extension: dict | None,
+            where: str) -> freeze.Mask | None:
+    """optimizer.freeze over this model: its errors before anything is compiled."""
+    patterns = tuple(config.optimizer.freeze)
+    if not patterns:
+        return None
+    old_vocab = extension.get("old_vocab_size") if extension else None
+    if extension and old_vocab is None and freeze.OLD_VOCAB in patterns:
+        raise ConfigError(f"optimizer.freeze: {freeze.OLD_VOCAB!r}: {where} was extended by an older cpt_jax that "
+                          f"did not record its old vocabulary size; run extend-vocab again")
+    return freeze.resolve(patterns, models.spec(mcfg).abstract_params, old_vocab, where)
 
 
 def _check_model(theirs: dict, mcfg: models.ModelConfig, where: str) -> None:
@@ -312,8 +342,11 @@ def compile_run(plan: Plan) -> train.Steps:
     documents = c.data.packing == "documents"
     t0 = time.perf_counter()
     steps = train.compile_steps(mcfg, c.optimizer, c.total_steps, plan.mesh, c.batch_size, c.seq_len,
-                                len(plan.mixture.source_names), nan_steps=tuple(c.inject_nan_at),
+                                len(plan.mixture.source_names), nan_steps=tuple(c.inject_nan_at), frozen=plan.frozen,
                                 document_end=framing.eos_id if documents else None)
+    if plan.frozen is not None:
+        log.info("optimizer.freeze=%s: %s of %s params frozen", tuple(c.optimizer.freeze),
+                 f"{freeze.frozen_count(plan.frozen, steps.spec.abstract_params):,}", f"{mcfg.param_count():,}")
     log.info("compiled train step in %.1fs; %s params (%s non-embedding); %s compute, %s attention; "
              "memory per device: %s", time.perf_counter() - t0, f"{mcfg.param_count():,}",
              f"{mcfg.non_embedding_params():,}", mcfg.dtype, mcfg.attention, _memory_summary(steps.memory))
@@ -353,7 +386,7 @@ def _memory_summary(mem) -> str:
 
 # ----------------------------------------------------------------------------------------------
 # Stage 3: restore the run's own latest checkpoint, else branch_from's state at branch_step, else
-# init_from's params (fresh optimizer state), else random parameters.
+# init_from's params (fresh optimizer state, or with init_from_optimizer its moments), else random parameters.
 # ----------------------------------------------------------------------------------------------
 def restore_or_init(plan: Plan, steps: train.Steps, ckpt: checkpoint.Checkpointer
                     ) -> tuple[train.TrainState, int | None]:
@@ -380,6 +413,14 @@ def restore_or_init(plan: Plan, steps: train.Steps, ckpt: checkpoint.Checkpointe
         else:
             params = steps.init_params(jax.random.key(plan.config.seed))
         opt_state = steps.init_opt_state(params)
+        if plan.parent and plan.config.init_from_optimizer:  # the step and the schedule still start at 0
+            try:
+                opt_state, fresh = src.restore_moments(src.latest_step(), abstract.opt_state, opt_state)
+            except ValueError as e:
+                raise ConfigError(f"init_from_optimizer: init_from={plan.config.init_from!r}: {e}") from None
+            log.info("initialised AdamW moments from %s (step %d)", plan.config.init_from, src.latest_step())
+            if fresh:
+                log.info("fresh (zero) AdamW moments for: %s", "; ".join(fresh))
     step = jax.device_put(np.int32(start or 0), steps.state_sharding.step)
     return train.TrainState(step, params, opt_state), start
 

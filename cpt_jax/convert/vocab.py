@@ -119,7 +119,9 @@ def extend_vocab(src: str, dst: str, dcfg: ml_collections.ConfigDict, source: st
 
     split = src_lib.open_split(specs[source], "eval", root)
     docs = list(split.texts(0, min(len(split), eval_docs)))
-    report = {"source": source, "added": len(added), "vocab_size": cfg.vocab_size,
+    # The rows below the first added token are the old model's (optimizer.freeze "old_vocab").
+    old_vocab = min((i for i, _ in added), default=model.cfg.vocab_size)
+    report = {"source": source, "added": len(added), "vocab_size": cfg.vocab_size, "old_vocab_size": old_vocab,
               "tokens_per_char_before": tokens_per_char(old, docs), "tokens_per_char_after": tokens_per_char(new, docs)}
     meta = RunDir.of(src).meta()
     extra = {k: v for k, v in meta.items() if k in ("hf_config", "converted_from")}
