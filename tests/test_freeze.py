@@ -201,6 +201,7 @@ def test_old_vocab_trains_only_the_rows_extend_vocab_added(english_model, tmp_pa
     assert RunDir.of(str(tmp_path / "run")).meta()["vocab_extension"]["old_vocab_size"] == v
 
 
+@pytest.mark.slow  # two runs and a resume: half a minute
 def test_a_resumed_frozen_run_equals_an_uninterrupted_one(tmp_path):
     args = ("--config.total_steps=6", "--config.checkpoint_every=3", "--config.keep_checkpoints=3",
             "--config.optimizer.freeze=('embed','layers/0')")

@@ -33,8 +33,9 @@ def comparable(recs):
     return [{k: v for k, v in r.items() if not k.startswith("perf/")} for r in recs]
 
 
+@pytest.mark.slow  # fault injection: two runs of 120 steps in subprocesses
 def test_sigkill_then_rerun_equals_uninterrupted(tmp_path):
-    args = SMALL + ["--config.total_steps=200", "--config.checkpoint_every=20"]
+    args = SMALL + ["--config.total_steps=120", "--config.checkpoint_every=20"]
     whole = cli(tmp_path / "whole", *args)
     assert whole.returncode == 0, whole.stdout + whole.stderr
 
@@ -48,7 +49,7 @@ def test_sigkill_then_rerun_equals_uninterrupted(tmp_path):
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     done = sorted(int(p.name) for p in ckpts.iterdir() if p.name.isdigit())
-    assert 60 <= done[-1] < 200, done  # killed mid-run
+    assert 60 <= done[-1] < 120, done  # killed mid-run
     resumed = cli(tmp_path / "killed", *args)
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
     assert f"resumed {tmp_path / 'killed'} at step {done[-1]}" in resumed.stderr
@@ -57,7 +58,7 @@ def test_sigkill_then_rerun_equals_uninterrupted(tmp_path):
     assert [r["step"] for r in b] == [r["step"] for r in a]  # no duplicated or missing lines
     assert a == b
     last = a[-1]
-    assert last["step"] == 200 and "eval/en/loss" in last and "eval/zh/loss" in last
+    assert last["step"] == 120 and "eval/en/loss" in last and "eval/zh/loss" in last
     assert abs(last["data/en_fraction"] - 0.25) < 0.01  # replay share, logged
     assert last["eval/zh/loss"] < a[0]["eval/zh/loss"] - 0.5  # it learned
 
