@@ -16,10 +16,12 @@ own tokenizer and architecture (`model.size="init_from"`).
   python -m cpt_jax.convert export --src /tmp/cpt_smollm2 --dst /tmp/cpt_smollm2_hf --dtype bfloat16
 
 Expected (measured, `:cpu`, 2 CPU cores): in 4 steps of batch 4 x 256 the Chinese eval loss goes
-2.84 -> 2.54 and English 3.09 -> 3.06 (per token of this tokenizer, which cuts Chinese finely);
-3.4 minutes, of which 15 s convert the model on first use and ~30 s prepare data and compile. The GPU default (300 steps of 32 x 512 tokens, 4.9M tokens) is
-unmeasured here. The bundled Chinese corpus has ~1.4M tokens in this tokenizer, so 300 steps
-see it 3 times: for real runs point data.sources at a larger corpus (a TFDS dataset or files).
+2.83 -> 2.54 and English 3.09 -> 3.05 (per token of this tokenizer, which cuts Chinese finely);
+2.8 minutes, of which 12 s convert the model on first use and ~20 s prepare data and compile.
+Documents are framed as SmolLM2 was pretrained (no BOS, <|endoftext|> after each). The GPU
+default (300 steps of 32 x 512 tokens, 4.9M tokens) is unmeasured here. The bundled Chinese
+corpus has ~1.4M tokens in this tokenizer, so 300 steps see it 3 times: for real runs point
+data.sources at a larger corpus (a TFDS dataset or files).
 """
 
 import ml_collections
