@@ -190,7 +190,6 @@ class Checkpointer:
         self.manager.close()
 
 
-
 def _is_adam(x) -> bool:
     return isinstance(x, optax.ScaleByAdamState)
 
