@@ -5,11 +5,14 @@
   python bench/train_step.py --sizes ref1100m --batch_size 8 --remat dots_no_batch       #   PyTorch bar's shapes
   python bench/train_step.py --sizes paper --batch_size 8 --remat dots_no_batch          # paper rows 49m..1393m
   python bench/train_step.py --sizes 5534m --compile_only                                # compile time and memory
+  python bench/train_step.py --sizes tiny --seq_len 128 --batch_size 16 --packing documents   # the document mask's cost
 
 It times the real train step of `cpt_jax.train.compile_steps` (jitted ahead of time over the mesh,
 state donated, bf16 compute with float32 params and AdamW state on accelerators, the platform's
 attention kernel, the fused chunked cross-entropy) after compilation and warm-up, on random
-tokens: this measures the compiled step, not the input pipeline (bench/data.py does that).
+tokens: this measures the compiled step, not the input pipeline (bench/data.py does that). With
+`--packing documents` the rows hold documents of `--doc_len` tokens (an EOS ends each) and the step
+masks attention, positions and the loss by document, as `data.packing="documents"` does.
 
 MFU = tokens/s x (6 x non-embedding params + 12 x layers x hidden x seq) / (peak FLOP/s x devices),
 with the device's bf16 dense peak from cpt_jax.metrics.PEAK_FLOPS or --peak_flops.
@@ -38,14 +41,15 @@ def bench(size: str, a: argparse.Namespace, mesh) -> dict:
     opt = base().optimizer
     opt.grad_accum = a.grad_accum
     t0 = time.perf_counter()
-    steps = train.compile_steps(mcfg, opt, 1000, mesh, a.batch_size, a.seq_len, num_sources=1)
+    eos = a.vocab_size - 1 if a.packing == "documents" else None
+    steps = train.compile_steps(mcfg, opt, 1000, mesh, a.batch_size, a.seq_len, num_sources=1, document_end=eos)
     compile_s = time.perf_counter() - t0
     mem = steps.memory
     out = {
         "size": size, "params": mcfg.param_count(), "non_embedding_params": mcfg.non_embedding_params(),
         "flops_per_token": models.flops_per_token(mcfg, a.seq_len), "seq_len": a.seq_len,
         "batch_size": a.batch_size, "grad_accum": a.grad_accum, "dtype": mcfg.dtype,
-        "attention": mcfg.attention,
+        "attention": mcfg.attention, "packing": a.packing, "doc_len": a.doc_len if eos is not None else None,
         "remat": a.remat, "scan_layers": mcfg.scan_layers, "loss_chunk": a.loss_chunk, "mesh": dict(mesh.shape),
         "device": jax.devices()[0].device_kind, "devices": jax.device_count(), "compile_s": round(compile_s, 2),
         # XLA's estimate for the step (per device): state in, temporaries; the state is donated.
@@ -58,7 +62,9 @@ def bench(size: str, a: argparse.Namespace, mesh) -> dict:
     with jax.set_mesh(mesh):
         params = steps.init_params(jax.random.key(0))
         state = train.TrainState(jnp.zeros((), jnp.int32), params, steps.init_opt_state(params))
-        tokens = np.random.default_rng(0).integers(0, a.vocab_size, (a.batch_size, a.seq_len + 1), np.int32)
+        tokens = np.random.default_rng(0).integers(0, a.vocab_size - 1, (a.batch_size, a.seq_len + 1), np.int32)
+        if eos is not None:
+            tokens[:, a.doc_len - 1::a.doc_len] = eos
         batch = jax.device_put({"tokens": tokens, "source": np.zeros(a.batch_size, np.int32)},
                                {k: steps.batch_sharding[k] for k in ("tokens", "source")})
         for _ in range(a.warmup):
@@ -98,6 +104,8 @@ def main() -> None:
     p.add_argument("--remat", default="none", choices=list(models.llama.REMAT_POLICIES))
     p.add_argument("--loss_chunk", type=int, default=256, help="positions per cross-entropy chunk; 0: plain")
     p.add_argument("--unrolled", action="store_true", help="a Python loop over layers instead of scan")
+    p.add_argument("--packing", default="concat", choices=["concat", "documents"])
+    p.add_argument("--doc_len", type=int, default=1000, help="--packing documents: tokens per document (with EOS)")
     p.add_argument("--mesh", default="-1,1,1", help="data,fsdp,tensor")
     p.add_argument("--steps", type=int, default=10, help="timed steps")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps after compilation")
