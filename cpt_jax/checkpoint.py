@@ -18,6 +18,7 @@ from etils import epath
 from orbax.checkpoint.checkpoint_managers import preservation_policy as pp
 
 from cpt_jax import distributed, storage
+from cpt_jax.models.llama import ModelConfig
 
 # Stored in `meta`; bump when the stored tree changes shape, so old checkpoints are refused clearly.
 LAYOUT = "stacked-layers-v1"
@@ -28,6 +29,7 @@ def check_model(theirs: dict, ours: dict, where: str) -> None:
     """The one model-compatibility check (resume and init_from alike): `theirs`, a checkpoint's
     model metadata, must match `ours` (ModelConfig.architecture()) in every field; else a
     ValueError lists each differing field as `field: theirs -> this run's`."""
+    theirs = ModelConfig.architecture_of(theirs)
     diff = [f"{k}: {theirs.get(k, '(absent)')!r} -> {v!r}" for k, v in ours.items() if theirs.get(k) != v]
     if diff:
         raise ValueError(f"{where} holds another model ({'; '.join(diff)})")

@@ -37,6 +37,9 @@ def hf_model(arch: str):
     elif arch == "mistral":
         config = transformers.MistralConfig(**COMMON, rope_theta=5000.0, sliding_window=None)
         m = transformers.MistralForCausalLM(config)
+    elif arch == "qwen3":  # q/k norms, and a head_dim that is not hidden / heads
+        m = transformers.Qwen3ForCausalLM(transformers.Qwen3Config(**COMMON, head_dim=32, rope_theta=5000.0,
+                                                                   tie_word_embeddings=False))
     else:
         m = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**COMMON, rope_theta=5000.0,
                                                                    tie_word_embeddings=True))
@@ -65,7 +68,7 @@ def leftovers(parent) -> list[str]:
     return [p for p in os.listdir(parent) if ".partial" in p]
 
 
-@pytest.mark.parametrize("arch", ["llama", "llama3-rope", "mistral", "qwen2"])
+@pytest.mark.parametrize("arch", ["llama", "llama3-rope", "mistral", "qwen2", "qwen3"])
 def test_import_export_parity_with_transformers(arch, tmp_path):
     ref = hf_model(arch)
     # The sharded layout (index + several files) is what large checkpoints use.
@@ -73,7 +76,8 @@ def test_import_export_parity_with_transformers(arch, tmp_path):
     assert os.path.exists(os.path.join(src, safetensors.INDEX))
     convert.import_model(src, str(tmp_path / "ckpt"))
     model, tok = cpt_models.load(str(tmp_path / "ckpt"))
-    assert model.cfg.qkv_bias == (arch == "qwen2") and tok.vocab_size == 27
+    assert model.cfg.qkv_bias == (arch == "qwen2") and model.cfg.qk_norm == (arch == "qwen3")
+    assert tok.vocab_size == 27
     # 80 positions: past llama3's original context of 16, so its frequency scaling matters.
     ids = np.random.default_rng(0).integers(0, VOCAB, (2, 80))
     expected = hf_logits(ref, ids)
@@ -352,3 +356,15 @@ def test_truncated_or_lying_safetensors_names_file_and_tensor(tmp_path, damage, 
     assert err == (f"convert error: {path}: tensor {name} needs bytes [{begin}, {end}) but the file has {size} "
                    f"(truncated?)"), err
     assert not (tmp_path / "out").exists() and not leftovers(tmp_path)
+
+
+def test_a_checkpoint_written_before_qk_norm_existed_still_matches_its_model():
+    """Model metadata from before a field existed reads as that field's default: such checkpoints
+    resume and serve as init_from; a real difference is still named."""
+    from cpt_jax import checkpoint
+
+    cfg = cpt_models.model_config("test", VOCAB)
+    old = {k: v for k, v in cfg.architecture().items() if k != "qk_norm"}
+    checkpoint.check_model(old, cfg.architecture(), "old")
+    with pytest.raises(ValueError, match=r"old holds another model \(qk_norm: False -> True\)"):
+        checkpoint.check_model(old, cpt_models.model_config("test", VOCAB, qk_norm=True).architecture(), "old")

@@ -396,6 +396,7 @@ def _leaf_count(tree) -> int:
 @pytest.mark.parametrize(("size", "overrides", "real"), [
     ("test", {}, True), ("tiny", {}, True), ("test", {"qkv_bias": True}, True),
     ("test", {"tie_embeddings": True}, False), ("tiny", {"qkv_bias": True, "tie_embeddings": True}, False),
+    ("test", {"qk_norm": True, "head_dim": 32}, False),
 ])
 def test_param_count_matches_params(size, overrides, real):
     cfg = model_config(size, VOCAB, **overrides)

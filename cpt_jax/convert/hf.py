@@ -18,7 +18,8 @@ from cpt_jax.models import ModelConfig, spec
 
 log = logging.getLogger(__name__)
 
-ARCHITECTURES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral", "Qwen2ForCausalLM": "qwen2"}
+ARCHITECTURES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral", "Qwen2ForCausalLM": "qwen2",
+                 "Qwen3ForCausalLM": "qwen3"}
 
 # Layout kinds: how one of our arrays (per layer) relates to the HF tensor.
 COPY, LINEAR, IN_HEADS, OUT_HEADS, BIAS_HEADS = "copy", "linear", "in_heads", "out_heads", "bias_heads"
@@ -31,6 +32,8 @@ LAYER_TENSORS = [  # (our key under params["layers"], HF name after "model.layer
     ("q_bias", "self_attn.q_proj.bias", BIAS_HEADS),
     ("k_bias", "self_attn.k_proj.bias", BIAS_HEADS),
     ("v_bias", "self_attn.v_proj.bias", BIAS_HEADS),
+    ("q_norm", "self_attn.q_norm.weight", COPY),
+    ("k_norm", "self_attn.k_norm.weight", COPY),
     ("o", "self_attn.o_proj.weight", OUT_HEADS),
     ("mlp_norm", "post_attention_layernorm.weight", COPY),
     ("gate", "mlp.gate_proj.weight", LINEAR),
@@ -93,6 +96,8 @@ def config_from_hf(c: dict, source: str) -> ModelConfig:
         refuse("mlp_bias", "MLP layers have no bias")
     if arch != "qwen2" and c.get("attention_bias"):
         refuse("attention_bias", "o_proj has no bias; q/k/v biases are Qwen2's")
+    if arch == "qwen3" and c.get("layer_types") and any(t != "full_attention" for t in c["layer_types"]):
+        refuse("layer_types", "every layer attends globally here")
     rope = dict(c.get("rope_parameters") or {})  # transformers v5 moves rope_theta in here
     theta = c.get("rope_theta", rope.pop("rope_theta", 10000.0))
     scaling = dict(c.get("rope_scaling") or rope)
@@ -115,7 +120,7 @@ def config_from_hf(c: dict, source: str) -> ModelConfig:
             layers=c["num_hidden_layers"], heads=heads, kv_heads=c.get("num_key_value_heads") or heads,
             head_dim=c.get("head_dim") or 0, rope_theta=float(theta), rope_scaling=tuple(scaling.items()),
             norm_eps=float(c.get("rms_norm_eps", 1e-6)), tie_embeddings=bool(c.get("tie_word_embeddings", False)),
-            qkv_bias=arch == "qwen2",
+            qkv_bias=arch == "qwen2", qk_norm=arch == "qwen3",
         )
     except KeyError as e:
         raise ValueError(f"{source}: config.json has no {e.args[0]}") from None
@@ -125,8 +130,10 @@ def config_from_hf(c: dict, source: str) -> ModelConfig:
 
 def config_to_hf(cfg: ModelConfig, base: dict | None = None) -> dict:
     """config.json for `cfg`: `base` (the imported model's own config) updated, or a new Llama
-    (Qwen2 where q/k/v have biases) config."""
-    arch = "Qwen2ForCausalLM" if cfg.qkv_bias else "LlamaForCausalLM"
+    (Qwen2 where q/k/v have biases, Qwen3 where q and k are normed) config."""
+    arch = "Qwen3ForCausalLM" if cfg.qk_norm else "Qwen2ForCausalLM" if cfg.qkv_bias else "LlamaForCausalLM"
+    if cfg.qk_norm and cfg.qkv_bias:
+        raise ValueError("no transformers architecture has both q/k/v biases and q/k norms")
     c = dict(base) if base else {"architectures": [arch], "model_type": ARCHITECTURES[arch],
                                  "max_position_embeddings": 4096, "attention_bias": False}
     c.pop("rope_parameters", None)

@@ -44,6 +44,7 @@ class ModelConfig:
     norm_eps: float = 1e-5
     tie_embeddings: bool = False
     qkv_bias: bool = False  # Qwen2 style
+    qk_norm: bool = False  # Qwen3 style: RMSNorm over head_dim on each head's q and k, before RoPE
     init_std: float = 0.02
     dtype: str = "float32"  # compute dtype; parameters stay float32. auto: bfloat16 on GPU/TPU, else float32
     scan_layers: bool = True
@@ -83,10 +84,19 @@ class ModelConfig:
         kernel = attention.resolve(self.attention, jax.default_backend(), self.dtype, self.head_dim, seq_len)
         return dataclasses.replace(self, attention=kernel)
 
+    ARCHITECTURE = ("vocab_size", "hidden", "intermediate", "layers", "heads", "kv_heads", "head_dim",
+                    "tie_embeddings", "qkv_bias", "qk_norm")
+
     def architecture(self) -> dict:
         """The fields that decide the parameters' shapes: what a checkpoint must match to be restored."""
-        return {k: getattr(self, k) for k in ("vocab_size", "hidden", "intermediate", "layers", "heads", "kv_heads",
-                                              "head_dim", "tie_embeddings", "qkv_bias")}
+        return {k: getattr(self, k) for k in self.ARCHITECTURE}
+
+    @classmethod
+    def architecture_of(cls, model: dict) -> dict:
+        """`architecture()` of a checkpoint's model metadata; a field added since it was written
+        reads as its default (what that checkpoint's model is)."""
+        defaults = {f.name: f.default for f in dataclasses.fields(cls)}
+        return {k: model.get(k, defaults[k]) for k in cls.ARCHITECTURE}
 
     def param_count(self) -> int:
         """Exact number of parameters of this architecture (no model is built)."""
@@ -96,7 +106,7 @@ class ModelConfig:
         """All parameters but the input embedding table; the output head counts even when tied,
         because its matmul is real work (this is the N of the MFU formula)."""
         d, f, h, k, hd = self.hidden, self.intermediate, self.heads, self.kv_heads, self.head_dim
-        attn = d * h * hd * 2 + d * k * hd * 2 + (h * hd + 2 * k * hd if self.qkv_bias else 0)
+        attn = d * h * hd * 2 + d * k * hd * 2 + (h * hd + 2 * k * hd if self.qkv_bias else 0) + 2 * hd * self.qk_norm
         block = attn + 3 * d * f + 2 * d
         return self.layers * block + d + self.vocab_size * d
 
@@ -165,6 +175,9 @@ class Block(nnx.Module):
             self.q_bias = nnx.Param(jnp.zeros((h, hd), jnp.float32), axes=("heads", "head_dim"))
             self.k_bias = nnx.Param(jnp.zeros((k, hd), jnp.float32), axes=("kv_heads", "head_dim"))
             self.v_bias = nnx.Param(jnp.zeros((k, hd), jnp.float32), axes=("kv_heads", "head_dim"))
+        if cfg.qk_norm:
+            self.q_norm = nnx.Param(jnp.ones((hd,), jnp.float32), axes=("norm",))
+            self.k_norm = nnx.Param(jnp.ones((hd,), jnp.float32), axes=("norm",))
         self.mlp_norm = nnx.Param(jnp.ones((d,), jnp.float32), axes=("norm",))
         self.gate = _param(rngs, (d, f), ("embed", "mlp"), std)
         self.up = _param(rngs, (d, f), ("embed", "mlp"), std)
@@ -184,6 +197,8 @@ class Block(nnx.Module):
         v = jnp.einsum("btd,dhk->bthk", y, w(self.v))
         if cfg.qkv_bias:
             q, k, v = q + w(self.q_bias), k + w(self.k_bias), v + w(self.v_bias)
+        if cfg.qk_norm:
+            q, k = rms_norm(q, self.q_norm[...], cfg.norm_eps), rms_norm(k, self.k_norm[...], cfg.norm_eps)
         q = sharding.constrain(apply_rope(q, cos, sin), ("batch", "length", "heads", "head_dim"))
         k = sharding.constrain(apply_rope(k, cos, sin), ("batch", "length", "kv_heads", "head_dim"))
         if cache is None:
