@@ -121,6 +121,24 @@ GGUF_NAMES = {"input_layernorm.weight": "attn_norm.weight", "self_attn.q_proj.we
               "mlp.down_proj.weight": "ffn_down.weight"}
 
 
+def llama_cpp_rope_factors(rope: dict, head_dim: int) -> np.ndarray:
+    """rope_freqs.weight as llama.cpp's convert_hf_to_gguf.py computes it for a llama3 rope_scaling."""
+    freqs = 1.0 / rope["rope_theta"] ** (np.arange(0, head_dim, 2, dtype=np.float32) / head_dim)
+    factor, low, high = rope["factor"], rope["low_freq_factor"], rope["high_freq_factor"]
+    context = rope["original_max_position_embeddings"]
+    out = []
+    for freq in freqs:
+        wavelen = 2 * np.pi / freq
+        if wavelen < context / high:
+            out.append(1.0)
+        elif wavelen > context / low:
+            out.append(factor)
+        else:
+            smooth = (context / wavelen - low) / (high - low)
+            out.append(1 / ((1 - smooth) / factor + smooth))
+    return np.asarray(out, np.float32)
+
+
 def write_gguf(path, ref, sp_proto: bytes) -> None:
     """A float32 llama GGUF of an HF model with a sentencepiece vocabulary, written the way
     llama.cpp's convert_hf_to_gguf.py does (q/k rows permuted for its RoPE)."""
@@ -137,6 +155,10 @@ def write_gguf(path, ref, sp_proto: bytes) -> None:
     w.add_head_count_kv(c.num_key_value_heads)
     w.add_layer_norm_rms_eps(c.rms_norm_eps)
     w.add_rope_freq_base(5000.0)
+    rope = dict(c.rope_parameters or {})
+    if rope.get("rope_type") == "llama3":  # llama.cpp bakes Llama 3.1's scaling into rope_freqs.weight
+        w.add_tensor("rope_freqs.weight", llama_cpp_rope_factors(rope, c.hidden_size // c.num_attention_heads))
+        w.add_rope_scaling_orig_ctx_len(rope["original_max_position_embeddings"])
     m = pb.ModelProto.FromString(sp_proto)
     w.add_tokenizer_model("llama")
     w.add_token_list([p.piece for p in m.pieces])
@@ -168,12 +190,61 @@ def write_gguf(path, ref, sp_proto: bytes) -> None:
     w.close()
 
 
-def test_gguf_with_a_sentencepiece_vocabulary(tmp_path):
+@pytest.fixture(scope="module")
+def bible_sp(tmp_path_factory):
     from cpt_jax.data.corpora import default_cache_dir, load_bible, split_documents
     from cpt_jax.data.tokenizer import train_tokenizer
 
     train, _ = split_documents(load_bible(default_cache_dir())["en"])
-    sp = train_tokenizer([v for d in train[::8] for v in d.verses], tmp_path / "sp.model", vocab_size=400)
+    return train_tokenizer([v for d in train[::8] for v in d.verses], tmp_path_factory.mktemp("sp") / "sp.model",
+                           vocab_size=400)
+
+
+# Llama 3.1's rope scaling at this small size: original context 64, so two of the eight
+# frequencies of head_dim 16 fall between the bands (as many do at Llama 3.1's own 8192 and 128).
+LLAMA31_ROPE = {"rope_type": "llama3", "rope_theta": 5000.0, "factor": 8.0, "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0, "original_max_position_embeddings": 64}
+
+
+def test_llama31_gguf_with_rope_freqs_imports_as_llama3_scaling(bible_sp, tmp_path):
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(**{**COMMON, "vocab_size": 400}, rope_parameters=LLAMA31_ROPE)
+    ref = transformers.LlamaForCausalLM(config)
+    with torch.no_grad():
+        for p in ref.parameters():
+            p.normal_(0.0, 0.2)
+    write_gguf(tmp_path / "m.gguf", ref.eval(), bible_sp.files["tokenizer.model"])
+    convert.import_model(str(tmp_path / "m.gguf"), str(tmp_path / "ckpt"))
+    model, _ = cpt_models.load(str(tmp_path / "ckpt"))
+    want = {k: v for k, v in LLAMA31_ROPE.items() if k != "rope_theta"}
+    got = dict(model.cfg.rope_scaling)
+    assert got["rope_type"] == "llama3" and got.keys() == want.keys()
+    for k in ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"):
+        assert got[k] == pytest.approx(want[k], rel=1e-5), k
+    ids = np.random.default_rng(0).integers(0, 400, (2, 200))  # past the original context of 64
+    np.testing.assert_allclose(np.asarray(model(jnp.asarray(ids))), hf_logits(ref, ids), atol=1e-4, rtol=0)
+
+
+def test_rope_freqs_without_context_metadata_give_the_same_frequencies():
+    """llama.cpp writes no original context for Llama 3.1: any context reproduces the factors
+    (only the bands' factors scale with it), so import assumes Llama 3's 8192."""
+    from cpt_jax.convert.gguf import llama3_scaling
+    from cpt_jax.models.llama import rope_frequencies
+
+    factors = llama_cpp_rope_factors(LLAMA31_ROPE, 16)
+    scaling = llama3_scaling(factors, 16, 5000.0, 8192, "m.gguf")
+    assert scaling["original_max_position_embeddings"] == 8192
+    want = {k: v for k, v in LLAMA31_ROPE.items() if k != "rope_theta"}
+    np.testing.assert_allclose(rope_frequencies(16, 5000.0, tuple(scaling.items())),
+                               rope_frequencies(16, 5000.0, tuple(want.items())), rtol=1e-5)
+    with pytest.raises(ValueError, match="does not pin down Llama 3's rope scaling"):
+        llama3_scaling(np.ones(8, np.float32), 16, 5000.0, 8192, "m.gguf")
+    with pytest.raises(ValueError, match="is not Llama 3's rope scaling"):
+        llama3_scaling(factors * np.linspace(1, 1.5, 8, dtype=np.float32), 16, 5000.0, 8192, "m.gguf")
+
+
+def test_gguf_with_a_sentencepiece_vocabulary(bible_sp, tmp_path):
+    sp = bible_sp
     torch.manual_seed(0)
     ref = transformers.LlamaForCausalLM(transformers.LlamaConfig(**{**COMMON, "vocab_size": 400}, rope_theta=5000.0))
     with torch.no_grad():

@@ -3,7 +3,8 @@ tensors and a tokenizer, so that import has one path after reading.
 
 Tensors are dequantized to float32 with the `gguf` package (every quantization it knows: Q4_0,
 Q4_1, Q8_0, K-quants, ...). llama.cpp stores q and k with the rows of each head interleaved for
-its RoPE; they are permuted back to HF's half-rotation layout.
+its RoPE; they are permuted back to HF's half-rotation layout. Llama 3.1+ files carry their RoPE
+scaling as per-frequency factors (`rope_freqs.weight`), read back into HF's llama3 rope_scaling.
 """
 
 from __future__ import annotations
@@ -34,6 +35,39 @@ LAYER_NAMES = {
 TOP_NAMES = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight",
              "output.weight": "lm_head.weight"}
 
+ROPE_FREQS = "rope_freqs.weight"
+LLAMA3_CONTEXT = 8192  # Llama 3's original context: llama.cpp's default where the file does not say
+
+
+def llama3_scaling(factors: np.ndarray, head_dim: int, theta: float, context: int, where: str) -> dict:
+    """The HF llama3 rope_scaling behind llama.cpp's `rope_freqs` (its frequency i is
+    theta^(-2i/head_dim) / factors[i]). The factor is the largest; between the two bands the
+    factors are 1 / ((1 - s) / factor + s) with s linear in context / wavelength, so two such
+    points give low_freq_factor and high_freq_factor; the result is checked to give every factor."""
+    from cpt_jax.models.llama import rope_frequencies
+
+    factors = np.asarray(factors, np.float64).reshape(-1)
+    inv = 1.0 / theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)
+    if factors.shape != inv.shape:
+        raise ValueError(f"{where}: tensor {ROPE_FREQS} has {factors.size} factors, head_dim {head_dim} needs "
+                         f"{inv.size}")
+    factor = float(factors.max())
+    x = context * inv / (2 * np.pi)  # context / wavelength
+    band = (factors > 1 + 1e-6) & (factors < factor * (1 - 1e-6))
+    if factor <= 1 or band.sum() < 2:
+        raise ValueError(f"{where}: tensor {ROPE_FREQS} does not pin down Llama 3's rope scaling (factor {factor}, "
+                         f"{int(band.sum())} frequencies between its bands; 2 are needed)")
+    smooth = (1 / factors[band] - 1 / factor) / (1 - 1 / factor)
+    slope, intercept = np.polyfit(x[band], smooth, 1)  # smooth = (x - low) / (high - low)
+    low = -intercept / slope
+    scaling = {"rope_type": "llama3", "factor": factor, "low_freq_factor": float(low),
+               "high_freq_factor": float(low + 1 / slope), "original_max_position_embeddings": int(context)}
+    ours = inv / np.asarray(rope_frequencies(head_dim, theta, tuple(scaling.items())), np.float64)
+    if not np.allclose(ours, factors, rtol=1e-4):
+        raise ValueError(f"{where}: tensor {ROPE_FREQS} is not Llama 3's rope scaling (closest: {scaling})")
+    return scaling
+
+
 # llama.cpp's pre-tokenizer names -> the split regex its BPE vocabulary was learned with.
 _GPT2 = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
 _LLAMA3 = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
@@ -56,9 +90,6 @@ class GGUFFile:
         arch = self.field("general.architecture")
         if arch != "llama":
             raise ValueError(f"{path}: general.architecture={arch!r} is not supported; supported: llama")
-        if "rope_freqs.weight" in self.tensors:
-            raise ValueError(f"{path}: tensor rope_freqs.weight (Llama 3.1 rope scaling baked into a GGUF) is not "
-                             "supported; import the HF checkpoint instead")
 
     def field(self, name: str, default=None):
         f = self.reader.fields.get(name)
@@ -85,6 +116,10 @@ class GGUFFile:
             c["rope_scaling"] = {"rope_type": "linear", "factor": g("rope.scaling.factor")}
         elif scaling != "none":
             raise ValueError(f"{self.path}: llama.rope.scaling.type={scaling!r} is not supported; supported: linear")
+        if ROPE_FREQS in self.tensors:  # Llama 3.1+: the llama3 scaling, baked into per-frequency factors
+            factors = self.get(ROPE_FREQS, ROPE_FREQS, 1, 1)
+            context = g("rope.scaling.original_context_length", LLAMA3_CONTEXT)
+            c["rope_scaling"] = llama3_scaling(factors, c["head_dim"], c["rope_theta"], context, self.path)
         missing = [k for k, v in c.items() if v is None and not k.endswith("token_id")]
         if missing:
             raise ValueError(f"{self.path}: metadata for {missing[0]} is missing")
@@ -94,6 +129,8 @@ class GGUFFile:
         """HF name -> GGUF name of every tensor in the file."""
         out = {}
         for name in self.tensors:
+            if name == ROPE_FREQS:  # read into the config's rope_scaling, not a parameter
+                continue
             if name in TOP_NAMES:
                 out[TOP_NAMES[name]] = name
                 continue
