@@ -158,7 +158,9 @@ def train_step(state: TrainState, batch: dict, schedule: dict, *, graphdef, opt,
     as in `token_losses`.
 
     With `grad_accum` > 1 the batch is split into that many microbatches whose gradients are
-    averaged before the single update (same result as the whole batch, less activation memory).
+    averaged before the single update (same result as the whole batch, less activation memory;
+    packed as documents, each microbatch's mean is over its own counted positions, so the average
+    weighs them as equal where their EOS counts differ).
     A step whose loss or gradient norm is not finite changes nothing but the step counter and
     reports `nonfinite` = 1; what then happens is the caller's choice (stop or go on).
     `nan_steps`: fault injection for tests, steps (counted from 1) whose gradients become NaN.
