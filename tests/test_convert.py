@@ -1,6 +1,7 @@
 """Pretrained weights: parity with HF transformers (an independent implementation, on CPU) for
 every supported architecture, both directions; the real bundled SmolLM2; bad input."""
 
+import dataclasses
 import json
 import os
 import struct
@@ -10,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 import transformers
+from flax import nnx
 from tokenizers import Tokenizer, models, pre_tokenizers
 
 from cpt_jax import convert
@@ -34,9 +36,13 @@ def hf_model(arch: str):
     elif arch == "llama3-rope":
         m = transformers.LlamaForCausalLM(transformers.LlamaConfig(**COMMON, rope_parameters=LLAMA3_ROPE,
                                                                    tie_word_embeddings=True))
-    elif arch == "mistral":
-        config = transformers.MistralConfig(**COMMON, rope_theta=5000.0, sliding_window=None)
+    elif arch == "mistral":  # its sliding window, shorter than the test's 80 tokens
+        config = transformers.MistralConfig(**COMMON, rope_theta=5000.0, sliding_window=24)
         m = transformers.MistralForCausalLM(config)
+    elif arch == "qwen2-window":
+        config = transformers.Qwen2Config(**COMMON, rope_theta=5000.0, use_sliding_window=True, sliding_window=24,
+                                          max_window_layers=0)
+        m = transformers.Qwen2ForCausalLM(config)
     elif arch == "qwen3":  # q/k norms, and a head_dim that is not hidden / heads
         m = transformers.Qwen3ForCausalLM(transformers.Qwen3Config(**COMMON, head_dim=32, rope_theta=5000.0,
                                                                    tie_word_embeddings=False))
@@ -68,7 +74,7 @@ def leftovers(parent) -> list[str]:
     return [p for p in os.listdir(parent) if ".partial" in p]
 
 
-@pytest.mark.parametrize("arch", ["llama", "llama3-rope", "mistral", "qwen2", "qwen3"])
+@pytest.mark.parametrize("arch", ["llama", "llama3-rope", "mistral", "qwen2", "qwen2-window", "qwen3"])
 def test_import_export_parity_with_transformers(arch, tmp_path):
     ref = hf_model(arch)
     # The sharded layout (index + several files) is what large checkpoints use.
@@ -76,12 +82,17 @@ def test_import_export_parity_with_transformers(arch, tmp_path):
     assert os.path.exists(os.path.join(src, safetensors.INDEX))
     convert.import_model(src, str(tmp_path / "ckpt"))
     model, tok = cpt_models.load(str(tmp_path / "ckpt"))
-    assert model.cfg.qkv_bias == (arch == "qwen2") and model.cfg.qk_norm == (arch == "qwen3")
+    assert model.cfg.qkv_bias == arch.startswith("qwen2") and model.cfg.qk_norm == (arch == "qwen3")
+    assert model.cfg.sliding_window == (24 if arch in ("mistral", "qwen2-window") else 0)
     assert tok.vocab_size == 27
     # 80 positions: past llama3's original context of 16, so its frequency scaling matters.
     ids = np.random.default_rng(0).integers(0, VOCAB, (2, 80))
     expected = hf_logits(ref, ids)
     np.testing.assert_allclose(np.asarray(model(jnp.asarray(ids))), expected, atol=1e-4, rtol=0)
+    if model.cfg.sliding_window:  # the window matters to this comparison
+        unwindowed = dataclasses.replace(model.cfg, sliding_window=0)
+        whole = nnx.merge(cpt_models.spec(unwindowed).graphdef, cpt_models.params_of(model))
+        assert np.abs(np.asarray(whole(jnp.asarray(ids))) - expected).max() > 1e-2
 
     convert.export_model(str(tmp_path / "ckpt"), str(tmp_path / "exported"))
     back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "exported", dtype=torch.float32).eval()

@@ -33,9 +33,10 @@ def naive_greedy(model, prompt: list[int], n: int, width: int = 64) -> list[int]
     return tokens[0, len(prompt):len(prompt) + n].tolist()
 
 
-@pytest.mark.parametrize("scan_layers", [True, False])
-def test_cached_greedy_equals_repeated_full_forward(scan_layers):
-    model = random_model(scan_layers=scan_layers)
+@pytest.mark.parametrize(("scan_layers", "window"), [(True, 0), (False, 0), (True, 6)])
+def test_cached_greedy_equals_repeated_full_forward(scan_layers, window):
+    """window: a sliding-window model, whose prompts and outputs are longer than its window."""
+    model = random_model(scan_layers=scan_layers, sliding_window=window)
     rng = np.random.default_rng(0)
     # Different lengths in one batch (left padding), one past a prompt bucket.
     prompts = [rng.integers(0, VOCAB, n).tolist() for n in (3, PROMPT_BUCKET + 5, 11)]

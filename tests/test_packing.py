@@ -135,13 +135,15 @@ def test_segments_positions_and_weights_of_hand_built_rows():
 # ---------------------------------------------------------------- attention kernels
 
 
-def naive_attention(q, k, v, segments):
-    """float64 softmax(q k^T / sqrt(d)) v over keys that are causal and in the query's segment."""
+def naive_attention(q, k, v, segments, window=0):
+    """float64 softmax(q k^T / sqrt(d)) v over keys that are causal, in the query's segment and,
+    with a window, among the last `window` positions."""
     q, k, v = (np.asarray(a, np.float64) for a in (q, k, v))
     b, t, h, d = q.shape
     k, v = (np.repeat(a, h // a.shape[2], axis=2) for a in (k, v))
     scores = np.einsum("bqhd,bkhd->bhqk", q, k) / math.sqrt(d)
-    allowed = np.tril(np.ones((t, t), bool))[None] & (segments[:, :, None] == segments[:, None, :])
+    causal = np.tril(np.ones((t, t), bool)) & (np.triu(np.ones((t, t), bool), -(window - 1)) if window else True)
+    allowed = causal[None] & (segments[:, :, None] == segments[:, None, :])
     scores = np.where(allowed[:, None], scores, -np.inf)
     p = np.exp(scores - scores.max(-1, keepdims=True))
     return np.einsum("bhqk,bkhd->bqhd", p / p.sum(-1, keepdims=True), v)
@@ -151,21 +153,25 @@ KERNELS = ["xla", "splash", pytest.param("cudnn", marks=pytest.mark.skipif(
     jax.default_backend() != "gpu", reason="cuDNN attention needs an NVIDIA GPU"))]
 
 
+@pytest.mark.parametrize("window", [0, 40])
 @pytest.mark.parametrize("impl", KERNELS)
-def test_each_kernel_keeps_attention_within_documents(impl):
+def test_each_kernel_keeps_attention_within_documents(impl, window):
+    """And, with a sliding window (Mistral's), within the last `window` positions too."""
     rng = np.random.default_rng(0)
     b, t, h, kv, d = 2, 128, 4, 2, 16
     q, k, v = (rng.standard_normal((b, t, n, d)).astype(np.float32) for n in (h, kv, kv))
     cuts = [[0, 30, 31, 90], [0, 64]]  # a one-token document included
     segments = np.stack([np.cumsum(np.isin(np.arange(t), c)) for c in cuts]).astype(np.int32)
-    want = naive_attention(q, k, v, segments)
+    want = naive_attention(q, k, v, segments, window)
     dtype = jnp.bfloat16 if impl == "cudnn" else jnp.float32
-    got = jax.jit(lambda q, k, v, s: attention.causal_attention(q, k, v, impl, s))(
+    got = jax.jit(lambda q, k, v, s: attention.causal_attention(q, k, v, impl, s, window))(
         *(jnp.asarray(a, dtype) for a in (q, k, v)), jnp.asarray(segments))
     tol = 2e-2 if impl == "cudnn" else 1e-5  # bfloat16 keeps 8 bits
     np.testing.assert_allclose(np.asarray(got, np.float64), want, atol=tol, rtol=tol)
-    unmasked = naive_attention(q, k, v, np.ones_like(segments))
+    unmasked = naive_attention(q, k, v, np.ones_like(segments), window)
     assert np.abs(unmasked - want).max() > 0.1  # the segments matter to this comparison
+    if window:
+        assert np.abs(naive_attention(q, k, v, segments) - want).max() > 0.1  # and so does the window
 
 
 # ---------------------------------------------------------------- parity with transformers

@@ -96,8 +96,6 @@ def config_from_hf(c: dict, source: str) -> ModelConfig:
         refuse("mlp_bias", "MLP layers have no bias")
     if arch != "qwen2" and c.get("attention_bias"):
         refuse("attention_bias", "o_proj has no bias; q/k/v biases are Qwen2's")
-    if arch == "qwen3" and c.get("layer_types") and any(t != "full_attention" for t in c["layer_types"]):
-        refuse("layer_types", "every layer attends globally here")
     rope = dict(c.get("rope_parameters") or {})  # transformers v5 moves rope_theta in here
     theta = c.get("rope_theta", rope.pop("rope_theta", 10000.0))
     scaling = dict(c.get("rope_scaling") or rope)
@@ -109,10 +107,7 @@ def config_from_hf(c: dict, source: str) -> ModelConfig:
         scaling["rope_type"] = rope_type
     else:
         refuse("rope_scaling", f"rope_type {rope_type!r}; supported: linear, llama3")
-    window = c.get("sliding_window")
-    if window and (arch == "mistral" or c.get("use_sliding_window")) and window < c.get("max_position_embeddings", 0):
-        log.warning("%s: sliding_window=%d is not implemented; attention is exact only for sequences up to %d "
-                    "tokens", source, window, window)
+    window = sliding_window(c, arch, refuse)
     heads = c["num_attention_heads"]
     try:
         return ModelConfig(
@@ -120,7 +115,7 @@ def config_from_hf(c: dict, source: str) -> ModelConfig:
             layers=c["num_hidden_layers"], heads=heads, kv_heads=c.get("num_key_value_heads") or heads,
             head_dim=c.get("head_dim") or 0, rope_theta=float(theta), rope_scaling=tuple(scaling.items()),
             norm_eps=float(c.get("rms_norm_eps", 1e-6)), tie_embeddings=bool(c.get("tie_word_embeddings", False)),
-            qkv_bias=arch == "qwen2", qk_norm=arch == "qwen3",
+            qkv_bias=arch == "qwen2", qk_norm=arch == "qwen3", sliding_window=window,
         )
     except KeyError as e:
         raise ValueError(f"{source}: config.json has no {e.args[0]}") from None
@@ -128,10 +123,24 @@ def config_from_hf(c: dict, source: str) -> ModelConfig:
         raise ValueError(f"{source}: {e}") from None
 
 
+def sliding_window(c: dict, arch: str, refuse: Callable) -> int:
+    """The window every layer attends within (0: none). Mistral's applies to all layers; Qwen's
+    to those `layer_types` (or use_sliding_window) say: all of them, or none, here."""
+    if arch == "mistral":
+        return int(c.get("sliding_window") or 0)
+    types = set(c.get("layer_types") or ["sliding_attention" if c.get("use_sliding_window") else "full_attention"])
+    if types == {"full_attention"}:
+        return 0
+    if types != {"sliding_attention"}:
+        refuse("layer_types", "a sliding window on some layers only")
+    return int(c.get("sliding_window") or 0)
+
+
 def config_to_hf(cfg: ModelConfig, base: dict | None = None) -> dict:
     """config.json for `cfg`: `base` (the imported model's own config) updated, or a new Llama
     (Qwen2 where q/k/v have biases, Qwen3 where q and k are normed) config."""
-    arch = "Qwen3ForCausalLM" if cfg.qk_norm else "Qwen2ForCausalLM" if cfg.qkv_bias else "LlamaForCausalLM"
+    arch = ("Qwen3ForCausalLM" if cfg.qk_norm else "Qwen2ForCausalLM" if cfg.qkv_bias
+            else "MistralForCausalLM" if cfg.sliding_window else "LlamaForCausalLM")
     if cfg.qk_norm and cfg.qkv_bias:
         raise ValueError("no transformers architecture has both q/k/v biases and q/k norms")
     c = dict(base) if base else {"architectures": [arch], "model_type": ARCHITECTURES[arch],
@@ -142,7 +151,11 @@ def config_to_hf(cfg: ModelConfig, base: dict | None = None) -> dict:
         "num_hidden_layers": cfg.layers, "num_attention_heads": cfg.heads, "num_key_value_heads": cfg.kv_heads,
         "head_dim": cfg.head_dim, "hidden_act": "silu", "rms_norm_eps": cfg.norm_eps, "rope_theta": cfg.rope_theta,
         "rope_scaling": dict(cfg.rope_scaling) or None, "tie_word_embeddings": cfg.tie_embeddings,
+        "sliding_window": cfg.sliding_window or None,
     })
+    if arch.startswith("Qwen"):  # a window on every layer, or none
+        kind = "sliding_attention" if cfg.sliding_window else "full_attention"
+        c.update(use_sliding_window=bool(cfg.sliding_window), max_window_layers=0, layer_types=[kind] * cfg.layers)
     return c
 
 

@@ -10,6 +10,9 @@
 `auto` (the default) picks the first that fits the platform, dtype and shapes, so one config runs
 everywhere. Note that `jax.nn.dot_product_attention(implementation=None)` means XLA today.
 
+A sliding window (`window` > 0, Mistral's): XLA and cuDNN through `local_window_size`, splash
+through its LocalMask.
+
 Packed documents (`segment_ids` [b, t]: a query sees only keys of its own segment): XLA takes them
 as a boolean mask; splash natively (`SegmentIds`, no mask in memory); cuDNN through the mask of
 `jax.nn.dot_product_attention`, which jax 0.10 hands to cuDNN as a dense [b, 1, t, t] bias (its
@@ -43,14 +46,16 @@ def splash_fits(seq_len: int) -> bool:
     return seq_len % 128 == 0 and (seq_len <= SPLASH_BLOCK or seq_len % SPLASH_BLOCK == 0)
 
 
-def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, impl: str, segment_ids: jax.Array | None = None
-                     ) -> jax.Array:
+def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, impl: str, segment_ids: jax.Array | None = None,
+                     window: int = 0) -> jax.Array:
     """q [b, t, heads, hd], k and v [b, t, kv_heads, hd] -> [b, t, heads, hd]; `impl` as resolved.
-    With `segment_ids` [b, t] int32, attention stays within each segment (a packed document)."""
+    With `segment_ids` [b, t] int32, attention stays within each segment (a packed document);
+    with `window` > 0, within the last `window` positions (itself included)."""
     if impl == "splash":
-        return _splash(q, k, v, segment_ids)
+        return _splash(q, k, v, segment_ids, window=window)
     mask = None if segment_ids is None else segment_mask(segment_ids)
-    return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=True, implementation=impl)
+    return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=True, implementation=impl,
+                                        local_window_size=(window - 1, 0) if window else None)
 
 
 def segment_mask(segment_ids: jax.Array) -> jax.Array:
@@ -58,18 +63,20 @@ def segment_mask(segment_ids: jax.Array) -> jax.Array:
     return (segment_ids[:, :, None] == segment_ids[:, None, :])[:, None]
 
 
-def _splash_kernel(heads: int, seq_len: int, interpret: bool):
+def _splash_kernel(heads: int, seq_len: int, interpret: bool, window: int = 0):
     from jax.experimental.pallas.ops.tpu import splash_attention as sa
 
     block = min(SPLASH_BLOCK, seq_len)
     sizes = sa.BlockSizes(block_q=block, block_kv=block, block_kv_compute=block, block_q_dkv=block,
                           block_kv_dkv=block, block_kv_dkv_compute=block, block_q_dq=block, block_kv_dq=block)
-    mask = sa.MultiHeadMask([sa.CausalMask((seq_len, seq_len)) for _ in range(heads)])
+    shape = (seq_len, seq_len)
+    one = sa.LocalMask(shape, (window - 1, 0), offset=0) if window else sa.CausalMask(shape)
+    mask = sa.MultiHeadMask([one for _ in range(heads)])
     return sa.make_splash_mha(mask, head_shards=1, q_seq_shards=1, block_sizes=sizes, interpret=interpret)
 
 
 def _splash(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array | None = None,
-            interpret: bool | None = None) -> jax.Array:
+            interpret: bool | None = None, window: int = 0) -> jax.Array:
     # The kernel takes one example as [heads, t, hd] (grouped-query heads natively) and does not
     # scale q. Heads are split over the mesh as the kv heads are, so each shard keeps whole groups.
     if not splash_fits(q.shape[1]):
@@ -82,7 +89,7 @@ def _splash(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array | N
     def local(q, k, v, segments):
         from jax.experimental.pallas.ops.tpu import splash_attention as sa
 
-        kernel = _splash_kernel(q.shape[1], q.shape[2], interpret)
+        kernel = _splash_kernel(q.shape[1], q.shape[2], interpret, window)
         if segments is None:
             return jax.vmap(kernel)(q, k, v)
         return jax.vmap(lambda q, k, v, s: kernel(q, k, v, segment_ids=sa.SegmentIds(q=s, kv=s)))(q, k, v, segments)

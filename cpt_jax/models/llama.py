@@ -45,6 +45,7 @@ class ModelConfig:
     tie_embeddings: bool = False
     qkv_bias: bool = False  # Qwen2 style
     qk_norm: bool = False  # Qwen3 style: RMSNorm over head_dim on each head's q and k, before RoPE
+    sliding_window: int = 0  # > 0: a query sees the last this many positions, itself included (Mistral); 0: all
     init_std: float = 0.02
     dtype: str = "float32"  # compute dtype; parameters stay float32. auto: bfloat16 on GPU/TPU, else float32
     scan_layers: bool = True
@@ -66,6 +67,8 @@ class ModelConfig:
             raise ValueError(f"model.attention={self.attention!r} is not one of {', '.join(attention.IMPLEMENTATIONS)}")
         if self.loss_chunk < 0:
             raise ValueError(f"model.loss_chunk={self.loss_chunk} must be >= 0")
+        if self.sliding_window < 0:
+            raise ValueError(f"model sliding_window={self.sliding_window} must be >= 0 (0: no window)")
         scaling = tuple(sorted((str(k), v) for k, v in dict(self.rope_scaling).items()))
         object.__setattr__(self, "rope_scaling", scaling)
         if scaling and dict(scaling).get("rope_type") not in ("linear", "llama3"):
@@ -203,7 +206,7 @@ class Block(nnx.Module):
         k = sharding.constrain(apply_rope(k, cos, sin), ("batch", "length", "kv_heads", "head_dim"))
         if cache is None:
             impl = attention.resolve(cfg.attention, jax.default_backend(), cfg.dtype, cfg.head_dim, q.shape[1])
-            a, new_cache = attention.causal_attention(q, k, v, impl, segment_ids), None
+            a, new_cache = attention.causal_attention(q, k, v, impl, segment_ids, cfg.sliding_window), None
         else:
             k_cache, v_cache, index, mask = cache
             k = jax.lax.dynamic_update_slice_in_dim(k_cache, k.astype(k_cache.dtype), index, axis=1)
@@ -271,6 +274,8 @@ class Llama(nnx.Module):
             # A query sees its row's slots from `start` up to itself (a pad query sees itself only).
             query = slots[None, :, None]
             mask = (keys <= query) & ((keys >= cache.start[:, None, None]) | (keys == query))
+            if cfg.sliding_window:
+                mask &= keys > query - cfg.sliding_window
             if positions is None:
                 positions = jnp.maximum(slots[None, :] - cache.start[:, None], 0)
         if positions is None:
