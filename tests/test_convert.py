@@ -28,31 +28,34 @@ LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 5000.0, "factor": 8.0, "low_
                "high_freq_factor": 4.0, "original_max_position_embeddings": 16}
 
 
-def hf_model(arch: str):
-    """A randomly initialised small HF model (weights N(0, 0.2), so layers matter)."""
+def randomised(cls, config):
+    """A transformers model of `config` with seeded N(0, 0.2) weights, so every layer matters."""
     torch.manual_seed(0)
-    if arch == "llama":
-        m = transformers.LlamaForCausalLM(transformers.LlamaConfig(**COMMON, rope_theta=5000.0))
-    elif arch == "llama3-rope":
-        m = transformers.LlamaForCausalLM(transformers.LlamaConfig(**COMMON, rope_parameters=LLAMA3_ROPE,
-                                                                   tie_word_embeddings=True))
-    elif arch == "mistral":  # its sliding window, shorter than the test's 80 tokens
-        config = transformers.MistralConfig(**COMMON, rope_theta=5000.0, sliding_window=24)
-        m = transformers.MistralForCausalLM(config)
-    elif arch == "qwen2-window":
-        config = transformers.Qwen2Config(**COMMON, rope_theta=5000.0, use_sliding_window=True, sliding_window=24,
-                                          max_window_layers=0)
-        m = transformers.Qwen2ForCausalLM(config)
-    elif arch == "qwen3":  # q/k norms, and a head_dim that is not hidden / heads
-        m = transformers.Qwen3ForCausalLM(transformers.Qwen3Config(**COMMON, head_dim=32, rope_theta=5000.0,
-                                                                   tie_word_embeddings=False))
-    else:
-        m = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**COMMON, rope_theta=5000.0,
-                                                                   tie_word_embeddings=True))
+    m = cls(config)
     with torch.no_grad():
         for p in m.parameters():
             p.normal_(0.0, 0.2)
     return m.eval()
+
+
+def hf_model(arch: str):
+    """A randomly initialised small HF model (weights N(0, 0.2), so layers matter)."""
+    if arch == "llama":
+        return randomised(transformers.LlamaForCausalLM, transformers.LlamaConfig(**COMMON, rope_theta=5000.0))
+    if arch == "llama3-rope":
+        return randomised(transformers.LlamaForCausalLM, transformers.LlamaConfig(
+            **COMMON, rope_parameters=LLAMA3_ROPE, tie_word_embeddings=True))
+    if arch == "mistral":  # its sliding window, shorter than the test's 80 tokens
+        return randomised(transformers.MistralForCausalLM, transformers.MistralConfig(
+            **COMMON, rope_theta=5000.0, sliding_window=24))
+    if arch == "qwen2-window":
+        return randomised(transformers.Qwen2ForCausalLM, transformers.Qwen2Config(
+            **COMMON, rope_theta=5000.0, use_sliding_window=True, sliding_window=24, max_window_layers=0))
+    if arch == "qwen3":  # q/k norms, and a head_dim that is not hidden / heads
+        return randomised(transformers.Qwen3ForCausalLM, transformers.Qwen3Config(
+            **COMMON, head_dim=32, rope_theta=5000.0, tie_word_embeddings=False))
+    return randomised(transformers.Qwen2ForCausalLM, transformers.Qwen2Config(
+        **COMMON, rope_theta=5000.0, tie_word_embeddings=True))
 
 
 def save_hf(model, path, **kwargs) -> str:
@@ -218,13 +221,9 @@ LLAMA31_ROPE = {"rope_type": "llama3", "rope_theta": 5000.0, "factor": 8.0, "low
 
 
 def test_llama31_gguf_with_rope_freqs_imports_as_llama3_scaling(bible_sp, tmp_path):
-    torch.manual_seed(0)
     config = transformers.LlamaConfig(**{**COMMON, "vocab_size": 400}, rope_parameters=LLAMA31_ROPE)
-    ref = transformers.LlamaForCausalLM(config)
-    with torch.no_grad():
-        for p in ref.parameters():
-            p.normal_(0.0, 0.2)
-    write_gguf(tmp_path / "m.gguf", ref.eval(), bible_sp.files["tokenizer.model"])
+    ref = randomised(transformers.LlamaForCausalLM, config)
+    write_gguf(tmp_path / "m.gguf", ref, bible_sp.files["tokenizer.model"])
     convert.import_model(str(tmp_path / "m.gguf"), str(tmp_path / "ckpt"))
     model, _ = cpt_models.load(str(tmp_path / "ckpt"))
     want = {k: v for k, v in LLAMA31_ROPE.items() if k != "rope_theta"}
@@ -256,12 +255,9 @@ def test_rope_freqs_without_context_metadata_give_the_same_frequencies():
 
 def test_gguf_with_a_sentencepiece_vocabulary(bible_sp, tmp_path):
     sp = bible_sp
-    torch.manual_seed(0)
-    ref = transformers.LlamaForCausalLM(transformers.LlamaConfig(**{**COMMON, "vocab_size": 400}, rope_theta=5000.0))
-    with torch.no_grad():
-        for p in ref.parameters():
-            p.normal_(0.0, 0.2)
-    write_gguf(tmp_path / "m.gguf", ref.eval(), sp.files["tokenizer.model"])
+    ref = randomised(transformers.LlamaForCausalLM,
+                     transformers.LlamaConfig(**{**COMMON, "vocab_size": 400}, rope_theta=5000.0))
+    write_gguf(tmp_path / "m.gguf", ref, sp.files["tokenizer.model"])
     convert.import_model(str(tmp_path / "m.gguf"), str(tmp_path / "ckpt"))
     model, tok = cpt_models.load(str(tmp_path / "ckpt"))
     for text in ["In the beginning God created the heaven", "  two  spaces, 北京 and bytes"]:

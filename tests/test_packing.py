@@ -28,6 +28,8 @@ from cpt_jax.data.tokenizer import HFTokenizer, train_tokenizer
 from cpt_jax.models import attention
 from cpt_jax.models.cross_entropy import cross_entropy
 
+from test_convert import randomised
+
 BOS, EOS = 1, 2
 
 
@@ -180,21 +182,17 @@ def test_each_kernel_keeps_attention_within_documents(impl, window):
 @pytest.fixture(scope="module")
 def hf_llama(tmp_path_factory):
     """A random transformers Llama (weights N(0, 0.2) so every layer matters), imported."""
-    torch.manual_seed(0)
     config = transformers.LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=112, num_hidden_layers=2,
                                       num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-6,
                                       max_position_embeddings=512, rope_theta=5000.0, bos_token_id=BOS,
                                       eos_token_id=EOS)
-    ref = transformers.LlamaForCausalLM(config)
-    with torch.no_grad():
-        for p in ref.parameters():
-            p.normal_(0.0, 0.2)
+    ref = randomised(transformers.LlamaForCausalLM, config)
     src = tmp_path_factory.mktemp("hf")
     ref.save_pretrained(src)
     Tokenizer.from_str(hf_tokenizer_json(True)).save(os.path.join(src, "tokenizer.json"))
     dst = str(tmp_path_factory.mktemp("ckpt") / "model")
     convert.import_model(str(src), dst)
-    return ref.eval(), dst
+    return ref, dst
 
 
 @pytest.mark.parametrize("impl", ["xla", "splash"])
