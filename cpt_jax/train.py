@@ -134,12 +134,14 @@ def token_losses(graphdef, params: dict, tokens: jax.Array, document_end: int | 
     packed as documents (`document_layout`); None: attention runs across the whole row."""
     model = nnx.merge(graphdef, params)
     inputs = tokens[:, :-1]
+    loss = lambda x, weights: cross_entropy(x, model.head_weight(), tokens[:, 1:], model.cfg.loss_chunk,  # noqa: E731
+                                            weights, model.cfg.final_softcap)
     if document_end is None:
         x, _ = model.hidden_states(inputs)
-        return *cross_entropy(x, model.head_weight(), tokens[:, 1:], model.cfg.loss_chunk), None
+        return *loss(x, None), None
     segments, positions, weights = document_layout(inputs, document_end)
     x, _ = model.hidden_states(inputs, positions, segment_ids=segments)
-    return *cross_entropy(x, model.head_weight(), tokens[:, 1:], model.cfg.loss_chunk, weights), weights
+    return *loss(x, weights), weights
 
 
 def _loss_and_stats(params, graphdef, tokens, source, num_sources, document_end):

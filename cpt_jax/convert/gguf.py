@@ -1,10 +1,15 @@
-"""GGUF files of the llama architecture (llama.cpp's format) as an HF config, HF-named float32
-tensors and a tokenizer, so that import has one path after reading.
+"""GGUF files (llama.cpp's format) of the llama, qwen2, qwen3, gemma2, gemma3 and olmo2
+architectures as an HF config, HF-named float32 tensors and a tokenizer, so that import has one
+path after reading.
 
 Tensors are dequantized to float32 with the `gguf` package (every quantization it knows: Q4_0,
 Q4_1, Q8_0, K-quants, ...). llama.cpp stores q and k with the rows of each head interleaved for
-its RoPE; they are permuted back to HF's half-rotation layout. Llama 3.1+ files carry their RoPE
-scaling as per-frequency factors (`rope_freqs.weight`), read back into HF's llama3 rope_scaling.
+its RoPE (the llama architecture only); they are permuted back to HF's half-rotation layout.
+Llama 3.1+ files carry their RoPE scaling as per-frequency factors (`rope_freqs.weight`), read back
+into HF's llama3 rope_scaling. llama.cpp stores Gemma's norm weights plus one (the scale it
+applies); they are stored back as Gemma's own. What a file does not say takes llama.cpp's value:
+Gemma's windowed layers (every second, or five in six), Gemma 3's local RoPE theta (10,000) and
+its attention scale (head_dim^-1/2).
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ import numpy as np
 import tokenizers
 from tokenizers import pre_tokenizers
 
+from cpt_jax.convert.hf import FAMILIES
 from cpt_jax.data.tokenizer import HFTokenizer, SentencePieceTokenizer
 
 log = logging.getLogger(__name__)
@@ -31,7 +37,15 @@ LAYER_NAMES = {
     "attn_v.bias": "self_attn.v_proj.bias", "attn_output.weight": "self_attn.o_proj.weight",
     "ffn_norm.weight": "post_attention_layernorm.weight", "ffn_gate.weight": "mlp.gate_proj.weight",
     "ffn_up.weight": "mlp.up_proj.weight", "ffn_down.weight": "mlp.down_proj.weight",
+    "attn_q_norm.weight": "self_attn.q_norm.weight", "attn_k_norm.weight": "self_attn.k_norm.weight",
+    "post_attention_norm.weight": "post_attention_layernorm.weight",
+    "post_ffw_norm.weight": "post_feedforward_layernorm.weight",
 }
+# Gemma's norms also follow attention and the MLP: its ffn_norm is the one before the MLP.
+SANDWICH_NAMES = {"ffn_norm.weight": "pre_feedforward_layernorm.weight"}
+ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
+                 "gemma2": "Gemma2ForCausalLM", "gemma3": "Gemma3ForCausalLM", "olmo2": "Olmo2ForCausalLM"}
+GEMMA3_LOCAL_THETA = 10000.0
 TOP_NAMES = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight",
              "output.weight": "lm_head.weight"}
 
@@ -87,9 +101,11 @@ class GGUFFile:
         self.path = path
         self.reader = gguf.GGUFReader(path)
         self.tensors = {t.name: t for t in self.reader.tensors}
-        arch = self.field("general.architecture")
-        if arch != "llama":
-            raise ValueError(f"{path}: general.architecture={arch!r} is not supported; supported: llama")
+        self.arch = self.field("general.architecture")
+        if self.arch not in ARCHITECTURES:
+            raise ValueError(f"{path}: general.architecture={self.arch!r} is not supported; supported: "
+                             f"{', '.join(ARCHITECTURES)}")
+        self.gemma = self.arch.startswith("gemma")
 
     def field(self, name: str, default=None):
         f = self.reader.fields.get(name)
@@ -97,17 +113,19 @@ class GGUFFile:
 
     def hf_config(self) -> dict:
         """The HF config.json this file's metadata describes."""
-        g = lambda key, default=None: self.field(f"llama.{key}", default)  # noqa: E731
+        g = lambda key, default=None: self.field(f"{self.arch}.{key}", default)  # noqa: E731
         heads = g("attention.head_count")
         c = {
-            "architectures": ["LlamaForCausalLM"], "model_type": "llama",
+            "architectures": [ARCHITECTURES[self.arch]], "model_type": FAMILIES[ARCHITECTURES[self.arch]][0],
             "vocab_size": len(self.field("tokenizer.ggml.tokens")), "hidden_size": g("embedding_length"),
             "intermediate_size": g("feed_forward_length"), "num_hidden_layers": g("block_count"),
             "num_attention_heads": heads, "num_key_value_heads": g("attention.head_count_kv", heads),
             "head_dim": g("attention.key_length") or g("embedding_length") // heads,
             "rms_norm_eps": g("attention.layer_norm_rms_epsilon"), "rope_theta": g("rope.freq_base", 10000.0),
-            "max_position_embeddings": g("context_length", 4096), "hidden_act": "silu",
+            "max_position_embeddings": g("context_length", 4096),
+            **({} if self.gemma else {"hidden_act": "silu"}),
             "tie_word_embeddings": "output.weight" not in self.tensors,
+            "attention_bias": "blk.0.attn_q.bias" in self.tensors,
             "bos_token_id": self.field("tokenizer.ggml.bos_token_id"),
             "eos_token_id": self.field("tokenizer.ggml.eos_token_id"),
         }
@@ -115,15 +133,34 @@ class GGUFFile:
         if scaling == "linear":
             c["rope_scaling"] = {"rope_type": "linear", "factor": g("rope.scaling.factor")}
         elif scaling != "none":
-            raise ValueError(f"{self.path}: llama.rope.scaling.type={scaling!r} is not supported; supported: linear")
+            raise ValueError(f"{self.path}: {self.arch}.rope.scaling.type={scaling!r} is not supported; supported: "
+                             f"linear")
         if ROPE_FREQS in self.tensors:  # Llama 3.1+: the llama3 scaling, baked into per-frequency factors
             factors = self.get(ROPE_FREQS, ROPE_FREQS, 1, 1)
             context = g("rope.scaling.original_context_length", LLAMA3_CONTEXT)
             c["rope_scaling"] = llama3_scaling(factors, c["head_dim"], c["rope_theta"], context, self.path)
-        missing = [k for k, v in c.items() if v is None and not k.endswith("token_id")]
+        if self.gemma:
+            c.update(self._gemma(g, c))
+        missing = [k for k, v in c.items() if v is None and not k.endswith(("token_id", "softcapping"))]
         if missing:
             raise ValueError(f"{self.path}: metadata for {missing[0]} is missing")
         return c
+
+    def _gemma(self, g, c: dict) -> dict:
+        """The Gemma fields of the config: window, windowed layers, soft-caps, attention scale."""
+        pattern = g("attention.sliding_window_pattern", 2 if self.arch == "gemma2" else 6)
+        layers = c["num_hidden_layers"]
+        if isinstance(pattern, list):  # newer llama.cpp: one flag per layer, true where windowed
+            types = ["sliding_attention" if p else "full_attention" for p in pattern]
+        else:
+            types = ["full_attention" if (i + 1) % pattern == 0 else "sliding_attention" for i in range(layers)]
+        out = {"sliding_window": g("attention.sliding_window"), "layer_types": types,
+               "query_pre_attn_scalar": c["head_dim"], "hidden_activation": "gelu_pytorch_tanh",
+               "attn_logit_softcapping": g("attn_logit_softcapping"),
+               "final_logit_softcapping": g("final_logit_softcapping")}
+        if self.arch == "gemma3":
+            out["rope_local_base_freq"] = g("rope.freq_base_swa", GEMMA3_LOCAL_THETA)
+        return out
 
     def hf_names(self) -> dict[str, str]:
         """HF name -> GGUF name of every tensor in the file."""
@@ -135,8 +172,9 @@ class GGUFFile:
                 out[TOP_NAMES[name]] = name
                 continue
             m = re.fullmatch(r"blk\.(\d+)\.(.+)", name)
+            names = {**LAYER_NAMES, **SANDWICH_NAMES} if self.gemma else LAYER_NAMES
             # Unknown tensors keep their GGUF name, so the import error names them.
-            out[f"model.layers.{m[1]}.{LAYER_NAMES[m[2]]}" if m and m[2] in LAYER_NAMES else name] = name
+            out[f"model.layers.{m[1]}.{names[m[2]]}" if m and m[2] in names else name] = name
         return out
 
     def get(self, hf_name: str, gguf_name: str, heads: int, kv_heads: int) -> np.ndarray:
@@ -144,8 +182,10 @@ class GGUFFile:
         a = gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float32, copy=False)
         a = a.reshape(tuple(int(d) for d in reversed(t.shape)))
         for proj, n in (("q_proj", heads), ("k_proj", kv_heads)):
-            if f"self_attn.{proj}." in hf_name:  # undoes convert_hf_to_gguf.py's permute (interleaved pairs)
+            if self.arch == "llama" and f"self_attn.{proj}." in hf_name:  # undoes convert_hf_to_gguf.py's permute
                 a = a.reshape(n, a.shape[0] // n // 2, 2, *a.shape[1:]).swapaxes(1, 2).reshape(a.shape)
+        if self.gemma and hf_name.endswith("norm.weight"):
+            a = a - 1.0
         return a
 
     def tokenizer(self):
@@ -186,17 +226,24 @@ class GGUFFile:
         scores = self.field("tokenizer.ggml.scores") or [0.0] * len(tokens)
         m = pb.ModelProto()
         for t, s, k in zip(tokens, scores, types):
+            # Gemma's files spell its whitespace-run pieces with spaces; sentencepiece matches
+            # them on the escaped text, as its own model spells them.
+            t = "\u2581" * len(t) if t and not t.strip(" ") else t
             m.pieces.add(piece=t, score=float(s), type=k)  # GGUF copies sentencepiece's piece types
         m.trainer_spec.model_type = pb.TrainerSpec.BPE
         m.trainer_spec.byte_fallback = 6 in types
         m.trainer_spec.vocab_size = len(tokens)
-        for role, field in (("bos", "bos_id"), ("eos", "eos_id"), ("unknown", "unk_id"), ("padding", "pad_id")):
-            setattr(m.trainer_spec, field, -1 if special[role] is None else special[role])
+        for role, name in (("bos", "bos"), ("eos", "eos"), ("unknown", "unk"), ("padding", "pad")):
+            i = special[role]
+            setattr(m.trainer_spec, f"{name}_id", -1 if i is None else i)
+            if i is not None:  # sentencepiece finds its special tokens by piece
+                setattr(m.trainer_spec, f"{name}_piece", m.pieces[i].piece)
         m.normalizer_spec.name = "identity"
         m.normalizer_spec.add_dummy_prefix = bool(self.field("tokenizer.ggml.add_space_prefix", True))
         m.normalizer_spec.remove_extra_whitespaces = False
         m.normalizer_spec.escape_whitespaces = True
-        return SentencePieceTokenizer(m.SerializeToString())
+        # llama.cpp prepends BOS to a sentencepiece vocabulary unless the file says not to.
+        return SentencePieceTokenizer(m.SerializeToString(), bool(self.field("tokenizer.ggml.add_bos_token", True)))
 
 
 def is_gguf(path: str) -> bool:

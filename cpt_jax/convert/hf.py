@@ -8,6 +8,7 @@ and the layers stacked.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -18,28 +19,49 @@ from cpt_jax.models import ModelConfig, spec
 
 log = logging.getLogger(__name__)
 
-ARCHITECTURES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral", "Qwen2ForCausalLM": "qwen2",
-                 "Qwen3ForCausalLM": "qwen3"}
+# Each family: its model_type, and the ModelConfig fields that are fixed for it (the rest, such as
+# the window or the soft-caps, come from its config.json). Import builds the config from these;
+# export writes the first family whose fixed fields are the model's and that can say the rest.
+LLAMA = dict(norms="pre", qk_norm="", qkv_bias=False, norm_offset=0.0, activation="silu", embed_scale=False)
+GEMMA = dict(LLAMA, norms="sandwich", norm_offset=1.0, activation="gelu_tanh", embed_scale=True)
+FAMILIES = {  # HF architecture -> (model_type, fixed fields, variable fields it can express)
+    "LlamaForCausalLM": ("llama", LLAMA, ()),
+    "MistralForCausalLM": ("mistral", LLAMA, ("sliding_window",)),
+    "Qwen2ForCausalLM": ("qwen2", dict(LLAMA, qkv_bias=True), ("sliding_window", "full_attention_layers")),
+    "Qwen3ForCausalLM": ("qwen3", dict(LLAMA, qk_norm="head"), ("sliding_window", "full_attention_layers")),
+    "Gemma2ForCausalLM": ("gemma2", GEMMA, ("sliding_window", "full_attention_layers", "query_pre_attn_scalar",
+                                            "attn_softcap", "final_softcap")),
+    "Gemma3ForCausalLM": ("gemma3_text", dict(GEMMA, qk_norm="head"),
+                          ("sliding_window", "full_attention_layers", "query_pre_attn_scalar", "attn_softcap",
+                           "final_softcap", "local_rope_theta")),
+    "Olmo2ForCausalLM": ("olmo2", dict(LLAMA, norms="post", qk_norm="proj"), ()),
+}
+ARCHITECTURES = list(FAMILIES)
+ACTIVATIONS = {"silu": "silu", "gelu_pytorch_tanh": "gelu_tanh", "gelu_tanh": "gelu_tanh"}  # HF name -> ours
 
 # Layout kinds: how one of our arrays (per layer) relates to the HF tensor.
-COPY, LINEAR, IN_HEADS, OUT_HEADS, BIAS_HEADS = "copy", "linear", "in_heads", "out_heads", "bias_heads"
+COPY, LINEAR, IN_HEADS, OUT_HEADS, FLAT = "copy", "linear", "in_heads", "out_heads", "flat"
 
 LAYER_TENSORS = [  # (our key under params["layers"], HF name after "model.layers.{i}.", kind)
     ("attn_norm", "input_layernorm.weight", COPY),
     ("q", "self_attn.q_proj.weight", IN_HEADS),
     ("k", "self_attn.k_proj.weight", IN_HEADS),
     ("v", "self_attn.v_proj.weight", IN_HEADS),
-    ("q_bias", "self_attn.q_proj.bias", BIAS_HEADS),
-    ("k_bias", "self_attn.k_proj.bias", BIAS_HEADS),
-    ("v_bias", "self_attn.v_proj.bias", BIAS_HEADS),
-    ("q_norm", "self_attn.q_norm.weight", COPY),
-    ("k_norm", "self_attn.k_norm.weight", COPY),
+    ("q_bias", "self_attn.q_proj.bias", FLAT),
+    ("k_bias", "self_attn.k_proj.bias", FLAT),
+    ("v_bias", "self_attn.v_proj.bias", FLAT),
+    ("q_norm", "self_attn.q_norm.weight", FLAT),  # [head_dim], or OLMo 2's [heads * head_dim]
+    ("k_norm", "self_attn.k_norm.weight", FLAT),
     ("o", "self_attn.o_proj.weight", OUT_HEADS),
-    ("mlp_norm", "post_attention_layernorm.weight", COPY),
+    ("attn_post_norm", "post_attention_layernorm.weight", COPY),
+    ("mlp_norm", "pre_feedforward_layernorm.weight", COPY),
+    ("mlp_post_norm", "post_feedforward_layernorm.weight", COPY),
     ("gate", "mlp.gate_proj.weight", LINEAR),
     ("up", "mlp.up_proj.weight", LINEAR),
     ("down", "mlp.down_proj.weight", LINEAR),
 ]
+# Llama's norm before the MLP is named for where it sits: after attention.
+PRE_NORM_NAMES = {"mlp_norm": "post_attention_layernorm.weight"}
 TOP_TENSORS = [  # (our key, HF name, kind)
     ("embed", "model.embed_tokens.weight", COPY),
     ("final_norm", "model.norm.weight", COPY),
@@ -58,11 +80,11 @@ def hf_shape(ours: tuple[int, ...], kind: str) -> tuple[int, ...]:
         return (ours[1] * ours[2], ours[0])
     if kind == OUT_HEADS:  # [h, hd, d] <- [d, h * hd]
         return (ours[2], ours[0] * ours[1])
-    return (ours[0] * ours[1],)  # BIAS_HEADS: [n, hd] <- [n * hd]
+    return (int(np.prod(ours)),)  # FLAT: [n, hd] <- [n * hd]
 
 
 def from_hf(a: np.ndarray, ours: tuple[int, ...], kind: str) -> np.ndarray:
-    if kind in (COPY, BIAS_HEADS):
+    if kind in (COPY, FLAT):
         return a.reshape(ours)
     return a.T.reshape(ours)  # LINEAR, IN_HEADS, OUT_HEADS: [out, in] -> [in, out], then split heads
 
@@ -70,7 +92,7 @@ def from_hf(a: np.ndarray, ours: tuple[int, ...], kind: str) -> np.ndarray:
 def to_hf(a: np.ndarray, kind: str) -> np.ndarray:
     if kind == COPY:
         return a
-    if kind == BIAS_HEADS:
+    if kind == FLAT:
         return a.reshape(-1)
     if kind == IN_HEADS:
         return a.reshape(a.shape[0], -1).T
@@ -79,26 +101,69 @@ def to_hf(a: np.ndarray, kind: str) -> np.ndarray:
     return a.T
 
 
+def layer_tensors(cfg: ModelConfig) -> list[tuple[str, str, str]]:
+    """LAYER_TENSORS with the HF names of `cfg`'s family."""
+    names = PRE_NORM_NAMES if cfg.norms == "pre" else {}
+    return [(key, names.get(key, name), kind) for key, name, kind in LAYER_TENSORS]
+
+
 def config_from_hf(c: dict, source: str) -> ModelConfig:
     """The ModelConfig of an HF config.json; anything this model cannot reproduce is refused,
     naming the field."""
     archs = c.get("architectures") or []
-    arch = next((ARCHITECTURES[a] for a in archs if a in ARCHITECTURES), None)
+    arch = next((a for a in archs if a in FAMILIES), None)
     if arch is None:
-        raise ValueError(f"{source}: architectures={archs} is not supported; supported: {', '.join(ARCHITECTURES)}")
+        raise ValueError(f"{source}: architectures={archs} is not supported; supported: {', '.join(FAMILIES)}")
+    fixed, variable = FAMILIES[arch][1], FAMILIES[arch][2]
 
     def refuse(field: str, why: str):
         raise ValueError(f"{source}: {field}={c.get(field)!r} is not supported ({why})")
 
-    if c.get("hidden_act", "silu") != "silu":
-        refuse("hidden_act", "the MLP is SwiGLU with silu")
+    act_field = "hidden_activation" if "hidden_activation" in c else "hidden_act"
+    if ACTIVATIONS.get(c.get(act_field, "silu")) != fixed["activation"]:
+        refuse(act_field, f"{arch}'s MLP is gated by {fixed['activation']}")
     if c.get("mlp_bias"):
         refuse("mlp_bias", "MLP layers have no bias")
-    if arch != "qwen2" and c.get("attention_bias"):
+    if not fixed["qkv_bias"] and c.get("attention_bias"):
         refuse("attention_bias", "o_proj has no bias; q/k/v biases are Qwen2's")
-    rope = dict(c.get("rope_parameters") or {})  # transformers v5 moves rope_theta in here
-    theta = c.get("rope_theta", rope.pop("rope_theta", 10000.0))
-    scaling = dict(c.get("rope_scaling") or rope)
+    if c.get("use_bidirectional_attention"):
+        refuse("use_bidirectional_attention", "the model is a causal LM")
+    full_rope, local_theta = rope(c, refuse)
+    window, full_layers = sliding_window(c, arch, refuse)
+    softcaps = {"attn_softcap": c.get("attn_logit_softcapping"), "final_softcap": c.get("final_logit_softcapping")}
+    heads = c["num_attention_heads"]
+    extra = {"query_pre_attn_scalar": float(c.get("query_pre_attn_scalar") or 0),
+             **{k: float(v or 0) for k, v in softcaps.items()}, "local_rope_theta": local_theta}
+    try:
+        return ModelConfig(
+            vocab_size=c["vocab_size"], hidden=c["hidden_size"], intermediate=c["intermediate_size"],
+            layers=c["num_hidden_layers"], heads=heads, kv_heads=c.get("num_key_value_heads") or heads,
+            head_dim=c.get("head_dim") or 0, norm_eps=float(c.get("rms_norm_eps", 1e-6)),
+            tie_embeddings=bool(c.get("tie_word_embeddings", arch.startswith("Gemma"))), **full_rope,
+            sliding_window=window, full_attention_layers=full_layers, **fixed,
+            **{k: v for k, v in extra.items() if k in variable},
+        )
+    except KeyError as e:
+        raise ValueError(f"{source}: config.json has no {e.args[0]}") from None
+    except ValueError as e:
+        raise ValueError(f"{source}: {e}") from None
+
+
+def rope(c: dict, refuse: Callable) -> tuple[dict, float]:
+    """(rope_theta and rope_scaling of the full-attention layers, the windowed layers' own theta
+    or 0). transformers v5 moves rope_theta into `rope_parameters`, per layer type for Gemma 3."""
+    params = dict(c.get("rope_parameters") or {})
+    local_theta = 0.0
+    if "full_attention" in params:  # Gemma 3: {"full_attention": {...}, "sliding_attention": {...}}
+        local = dict(params.get("sliding_attention") or {})
+        if local.get("rope_type", "default") != "default":
+            refuse("rope_parameters", "scaled RoPE on the sliding-window layers")
+        local_theta = float(local.get("rope_theta", 10000.0))
+        params = dict(params["full_attention"])
+    elif "rope_local_base_freq" in c:  # Gemma 3 config written by transformers v4
+        local_theta = float(c["rope_local_base_freq"])
+    theta = c.get("rope_theta", params.pop("rope_theta", 10000.0))
+    scaling = dict(c.get("rope_scaling") or params)
     scaling.pop("rope_theta", None)
     rope_type = scaling.pop("type", None) or scaling.get("rope_type")
     if rope_type in (None, "default"):
@@ -107,55 +172,93 @@ def config_from_hf(c: dict, source: str) -> ModelConfig:
         scaling["rope_type"] = rope_type
     else:
         refuse("rope_scaling", f"rope_type {rope_type!r}; supported: linear, llama3")
-    window = sliding_window(c, arch, refuse)
-    heads = c["num_attention_heads"]
-    try:
-        return ModelConfig(
-            vocab_size=c["vocab_size"], hidden=c["hidden_size"], intermediate=c["intermediate_size"],
-            layers=c["num_hidden_layers"], heads=heads, kv_heads=c.get("num_key_value_heads") or heads,
-            head_dim=c.get("head_dim") or 0, rope_theta=float(theta), rope_scaling=tuple(scaling.items()),
-            norm_eps=float(c.get("rms_norm_eps", 1e-6)), tie_embeddings=bool(c.get("tie_word_embeddings", False)),
-            qkv_bias=arch == "qwen2", qk_norm=arch == "qwen3", sliding_window=window,
-        )
-    except KeyError as e:
-        raise ValueError(f"{source}: config.json has no {e.args[0]}") from None
-    except ValueError as e:
-        raise ValueError(f"{source}: {e}") from None
+    return {"rope_theta": float(theta), "rope_scaling": tuple(scaling.items())}, local_theta
 
 
-def sliding_window(c: dict, arch: str, refuse: Callable) -> int:
-    """The window every layer attends within (0: none). Mistral's applies to all layers; Qwen's
-    to those `layer_types` (or use_sliding_window) say: all of them, or none, here."""
-    if arch == "mistral":
-        return int(c.get("sliding_window") or 0)
-    types = set(c.get("layer_types") or ["sliding_attention" if c.get("use_sliding_window") else "full_attention"])
-    if types == {"full_attention"}:
-        return 0
-    if types != {"sliding_attention"}:
-        refuse("layer_types", "a sliding window on some layers only")
-    return int(c.get("sliding_window") or 0)
+def sliding_window(c: dict, arch: str, refuse: Callable) -> tuple[int, tuple[int, ...]]:
+    """(the sliding window, the layers that attend to all positions though it is set). Mistral's
+    window applies to every layer; Qwen's to the layers `layer_types` (or max_window_layers) say,
+    and only with use_sliding_window; Gemma's to its sliding layers (every second for Gemma 2,
+    five in six for Gemma 3, where a config does not list them)."""
+    layers = c["num_hidden_layers"]
+    if arch == "MistralForCausalLM":
+        return int(c.get("sliding_window") or 0), ()
+    if arch.startswith("Qwen"):
+        window = int(c.get("sliding_window") or 0) if c.get("use_sliding_window") else 0
+        first = c.get("max_window_layers", 28)
+        default = ["sliding_attention" if window and i >= first else "full_attention" for i in range(layers)]
+    elif arch.startswith("Gemma"):
+        window = int(c.get("sliding_window") or 0)
+        pattern = c.get("sliding_window_pattern", 2 if arch.startswith("Gemma2") else 6)
+        default = ["full_attention" if (i + 1) % pattern == 0 else "sliding_attention" for i in range(layers)]
+    else:
+        return 0, ()
+    types = list(c.get("layer_types") or default)
+    if len(types) != layers or set(types) - {"sliding_attention", "full_attention"}:
+        refuse("layer_types", f"one of sliding_attention, full_attention for each of the {layers} layers")
+    if not window or "sliding_attention" not in types:
+        return 0, ()
+    return window, tuple(i for i, t in enumerate(types) if t == "full_attention")
+
+
+def family(cfg: ModelConfig) -> str:
+    """The HF architecture that expresses `cfg`: its fixed fields are the family's, and the family
+    can say the rest (a window, soft-caps, ...); refused, naming the field, where none can."""
+    defaults = {f.name: f.default for f in dataclasses.fields(ModelConfig)}
+    values = {"sliding_window": cfg.sliding_window, "full_attention_layers": cfg.full_attention_layers,
+              "query_pre_attn_scalar": cfg.query_pre_attn_scalar, "attn_softcap": cfg.attn_softcap,
+              "final_softcap": cfg.final_softcap, "local_rope_theta": cfg.local_rope_theta}
+    unsaid = None
+    for arch, (_, fixed, variable) in FAMILIES.items():
+        if any(getattr(cfg, k) != v for k, v in fixed.items()):
+            continue
+        unsaid = next((k for k, v in values.items() if v != defaults[k] and k not in variable), None)
+        if unsaid is None:
+            return arch
+    if unsaid is not None:
+        raise ValueError(f"model {unsaid}={getattr(cfg, unsaid)!r}: no transformers architecture of this family "
+                         f"has it; supported: {', '.join(FAMILIES)}")
+    fields = ", ".join(f"{k}={getattr(cfg, k)!r}" for k in LLAMA)
+    raise ValueError(f"model ({fields}): no transformers architecture has this combination; supported: "
+                     f"{', '.join(FAMILIES)}")
+
+
+def _number(x: float) -> int | float:
+    """x as an int where it is one (transformers' configs type such fields int)."""
+    return int(x) if float(x).is_integer() else x
 
 
 def config_to_hf(cfg: ModelConfig, base: dict | None = None) -> dict:
-    """config.json for `cfg`: `base` (the imported model's own config) updated, or a new Llama
-    (Qwen2 where q/k/v have biases, Qwen3 where q and k are normed) config."""
-    arch = ("Qwen3ForCausalLM" if cfg.qk_norm else "Qwen2ForCausalLM" if cfg.qkv_bias
-            else "MistralForCausalLM" if cfg.sliding_window else "LlamaForCausalLM")
-    if cfg.qk_norm and cfg.qkv_bias:
-        raise ValueError("no transformers architecture has both q/k/v biases and q/k norms")
-    c = dict(base) if base else {"architectures": [arch], "model_type": ARCHITECTURES[arch],
+    """config.json for `cfg`: `base` (the imported model's own config) updated, or a new one of
+    the family that expresses it (`family`)."""
+    arch = family(cfg)
+    model_type, fixed, variable = FAMILIES[arch]
+    c = dict(base) if base else {"architectures": [arch], "model_type": model_type,
                                  "max_position_embeddings": 4096, "attention_bias": False}
-    c.pop("rope_parameters", None)
+    for key in ("rope_parameters", "rope_local_base_freq", "sliding_window_pattern", "hidden_act",
+                "hidden_activation"):
+        c.pop(key, None)
     c.update({
         "vocab_size": cfg.vocab_size, "hidden_size": cfg.hidden, "intermediate_size": cfg.intermediate,
         "num_hidden_layers": cfg.layers, "num_attention_heads": cfg.heads, "num_key_value_heads": cfg.kv_heads,
-        "head_dim": cfg.head_dim, "hidden_act": "silu", "rms_norm_eps": cfg.norm_eps, "rope_theta": cfg.rope_theta,
+        "head_dim": cfg.head_dim, "rms_norm_eps": cfg.norm_eps, "rope_theta": cfg.rope_theta,
         "rope_scaling": dict(cfg.rope_scaling) or None, "tie_word_embeddings": cfg.tie_embeddings,
         "sliding_window": cfg.sliding_window or None,
+        "hidden_activation" if arch.startswith("Gemma") else "hidden_act":
+            {"silu": "silu", "gelu_tanh": "gelu_pytorch_tanh"}[cfg.activation],
     })
-    if arch.startswith("Qwen"):  # a window on every layer, or none
-        kind = "sliding_attention" if cfg.sliding_window else "full_attention"
-        c.update(use_sliding_window=bool(cfg.sliding_window), max_window_layers=0, layer_types=[kind] * cfg.layers)
+    types = ["sliding_attention" if w else "full_attention" for w in cfg.windowed()]
+    if "full_attention_layers" in variable:
+        c["layer_types"] = types
+    if arch.startswith("Qwen"):
+        c.update(use_sliding_window=bool(cfg.sliding_window), max_window_layers=0)
+    if arch.startswith("Gemma"):
+        c.update(query_pre_attn_scalar=_number(cfg.query_pre_attn_scalar or cfg.head_dim),
+                 attn_logit_softcapping=cfg.attn_softcap or None, final_logit_softcapping=cfg.final_softcap or None)
+        if not cfg.sliding_window:  # Gemma's layers are sliding unless said otherwise
+            c["layer_types"] = ["full_attention"] * cfg.layers
+    if "local_rope_theta" in variable:
+        c["rope_local_base_freq"] = cfg.local_rope_theta or cfg.rope_theta
     return c
 
 
@@ -179,7 +282,7 @@ def params_from_hf(cfg: ModelConfig, get: Callable[[str], np.ndarray], names: li
 
     params = {key: place(take(name, abstract[key].shape, kind)) for key, name, kind in TOP_TENSORS if key in abstract}
     params["layers"] = {}
-    for key, name, kind in LAYER_TENSORS:
+    for key, name, kind in layer_tensors(cfg):
         if key not in abstract["layers"]:
             continue
         stacked = np.empty(abstract["layers"][key].shape, np.float32)
@@ -202,7 +305,7 @@ def params_to_hf(cfg: ModelConfig, params: dict, dtype) -> Iterator[tuple[str, n
         if key in params:
             yield name, np.ascontiguousarray(to_hf(np.asarray(params[key]), kind)).astype(dtype)
     for i in range(cfg.layers):
-        for key, name, kind in LAYER_TENSORS:
+        for key, name, kind in layer_tensors(cfg):
             if key in params["layers"]:
                 a = np.asarray(params["layers"][key][i])
                 yield f"model.layers.{i}.{name}", np.ascontiguousarray(to_hf(a, kind)).astype(dtype)

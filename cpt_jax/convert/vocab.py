@@ -50,7 +50,7 @@ def merge(old, pieces: list[str]):
             m.pieces.add(piece=p, score=score - 1 - i, type=pb.ModelProto.SentencePiece.NORMAL)
         m.trainer_spec.vocab_size = len(m.pieces)
         first = len(m.pieces) - len(added)
-        return SentencePieceTokenizer(m.SerializeToString()), [(first + i, p.replace("\u2581", " "))
+        return SentencePieceTokenizer(m.SerializeToString(), old.add_bos), [(first + i, p.replace("\u2581", " "))
                                                                for i, p in enumerate(added)]
     files = old.files
     tok = tokenizers.Tokenizer.from_str(files[HF_FILE].decode())

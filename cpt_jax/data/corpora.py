@@ -34,7 +34,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from cpt_jax.storage import atomic_path, exclusive
+from cpt_jax.storage import atomic_path, exclusive, sha256
 
 N_VERSES = 31103
 N_CHAPTERS = 1189
@@ -80,22 +80,14 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("CPT_JAX_CACHE") or Path.home() / ".cache" / "cpt_jax")
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _fetch_archive(pkg: dict, cache: Path) -> Path:
     """Download the pinned archive once into cache/downloads (hash-checked), by one process
     of those asking at once; the others wait for it."""
     dest = cache / "downloads" / pkg["filename"]
-    if dest.exists() and _sha256(dest) == pkg["sha256"]:
+    if dest.exists() and sha256(dest) == pkg["sha256"]:
         return dest
     with exclusive(dest):
-        if not (dest.exists() and _sha256(dest) == pkg["sha256"]):
+        if not (dest.exists() and sha256(dest) == pkg["sha256"]):
             _download(pkg, dest)
     return dest
 
@@ -109,7 +101,7 @@ def _download(pkg: dict, dest: Path) -> None:
         got = Path(tmp) / pkg["filename"]
         if proc.returncode != 0 or not got.exists():
             raise RuntimeError(f"pip download {pkg['spec']} failed:\n{proc.stdout}\n{proc.stderr}")
-        digest = _sha256(got)
+        digest = sha256(got)
         if digest != pkg["sha256"]:
             raise RuntimeError(f"{pkg['filename']}: sha256 {digest} != pinned {pkg['sha256']}")
         os.replace(got, dest)

@@ -96,7 +96,10 @@ def _save_files(directory: str | os.PathLike, files: Mapping[str, bytes]) -> epa
 
 
 class SentencePieceTokenizer:
-    def __init__(self, model_proto: bytes):
+    """A sentencepiece model; `add_bos`: the model's convention (a GGUF's add_bos_token, kept in a
+    tokenizer_config.json beside the .model), none for one trained here."""
+
+    def __init__(self, model_proto: bytes, add_bos: bool = False):
         self._proto = model_proto
         self._sp = spm.SentencePieceProcessor(model_proto=model_proto)
         self.fingerprint: str = hashlib.sha256(model_proto).hexdigest()[:16]
@@ -105,11 +108,16 @@ class SentencePieceTokenizer:
         self.pad_id, self.bos_id, self.eos_id, self.unk_id = (
             i if i >= 0 else None
             for i in (self._sp.pad_id(), self._sp.bos_id(), self._sp.eos_id(), self._sp.unk_id()))
-        self.add_bos = False  # trained here without a BOS convention (`data.framing.bos` can add one)
+        self.add_bos = add_bos  # `data.framing.bos` can add one where it is False
+        if add_bos and self.bos_id is None:
+            raise ValueError("the sentencepiece model has no BOS token, but add_bos_token is true")
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> SentencePieceTokenizer:
-        return cls(epath.Path(path).read_bytes())
+        path = epath.Path(path)
+        config = path.parent / HF_CONFIG_FILE
+        add_bos = bool(json.loads(config.read_text()).get("add_bos_token", False)) if config.is_file() else False
+        return cls(path.read_bytes(), add_bos)
 
     def encode(self, text: str) -> list[int]:
         return self._sp.encode(text)
@@ -126,7 +134,8 @@ class SentencePieceTokenizer:
 
     @property
     def files(self) -> dict[str, bytes]:
-        return {SP_FILE: self._proto}
+        config = {HF_CONFIG_FILE: json.dumps({"add_bos_token": True}).encode()} if self.add_bos else {}
+        return {SP_FILE: self._proto, **config}
 
     def save(self, directory: str | os.PathLike) -> Path:
         return _save_files(directory, self.files)

@@ -11,7 +11,10 @@
 everywhere. Note that `jax.nn.dot_product_attention(implementation=None)` means XLA today.
 
 A sliding window (`window` > 0, Mistral's): XLA and cuDNN through `local_window_size`, splash
-through its LocalMask.
+through its LocalMask. Attention-logit soft-capping (Gemma 2): splash natively; cuDNN has none,
+so `auto` takes XLA then (`choose` says why, and the run logs it), through the plain softmax
+written out here, as `jax.nn.dot_product_attention` has no cap either. Head dims up to 256 (Gemma):
+splash, and cuDNN from Hopper (compute capability 9.0) on; before that, XLA.
 
 Packed documents (`segment_ids` [b, t]: a query sees only keys of its own segment): XLA takes them
 as a boolean mask; splash natively (`SegmentIds`, no mask in memory); cuDNN through the mask of
@@ -22,6 +25,7 @@ packed-sequence layout is not public API), so its flash kernel runs, at t^2 bias
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 from cpt_jax import sharding
@@ -30,15 +34,28 @@ IMPLEMENTATIONS = ("auto", "xla", "cudnn", "splash")
 SPLASH_BLOCK = 512  # splash tile size along the sequence (smaller sequences use one tile)
 
 
-def resolve(impl: str, platform: str, dtype: str, head_dim: int, seq_len: int) -> str:
-    """The kernel `impl` means on `platform` ("cpu", "gpu", "tpu") for these shapes."""
+def choose(impl: str, platform: str, dtype: str, head_dim: int, seq_len: int, softcap: float = 0.0
+           ) -> tuple[str, str]:
+    """(the kernel `impl` means on `platform` ("cpu", "gpu", "tpu") for these shapes, why that is
+    XLA where the platform has a fused kernel, else "")."""
     if impl != "auto":
-        return impl
-    if platform == "gpu" and dtype in ("bfloat16", "float16") and head_dim % 8 == 0 and head_dim <= 128:
-        return "cudnn"
-    if platform == "tpu" and splash_fits(seq_len):
-        return "splash"
-    return "xla"
+        return impl, ""
+    if platform == "gpu":
+        limit = 256 if _compute_capability() >= 9.0 else 128
+        why = ("attention soft-capping, which cuDNN does not do" if softcap
+               else f"{dtype} compute (cuDNN takes bfloat16 or float16)" if dtype not in ("bfloat16", "float16")
+               else f"head_dim {head_dim} (cuDNN takes multiples of 8 up to {limit} here)"
+               if head_dim % 8 or head_dim > limit else "")
+        return ("xla", why) if why else ("cudnn", "")
+    if platform == "tpu":
+        if splash_fits(seq_len):
+            return "splash", ""
+        return "xla", f"sequence length {seq_len} (splash tiles multiples of 128, and of {SPLASH_BLOCK} above it)"
+    return "xla", ""
+
+
+def _compute_capability() -> float:
+    return float(getattr(jax.devices()[0], "compute_capability", 0) or 0)
 
 
 def splash_fits(seq_len: int) -> bool:
@@ -47,15 +64,40 @@ def splash_fits(seq_len: int) -> bool:
 
 
 def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, impl: str, segment_ids: jax.Array | None = None,
-                     window: int = 0) -> jax.Array:
+                     window: int = 0, scale: float | None = None, softcap: float = 0.0) -> jax.Array:
     """q [b, t, heads, hd], k and v [b, t, kv_heads, hd] -> [b, t, heads, hd]; `impl` as resolved.
     With `segment_ids` [b, t] int32, attention stays within each segment (a packed document);
-    with `window` > 0, within the last `window` positions (itself included)."""
+    with `window` > 0, within the last `window` positions (itself included). Logits are scaled by
+    `scale` (default hd^-1/2) and, with `softcap` > 0, capped to softcap * tanh(logits / softcap)."""
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
     if impl == "splash":
-        return _splash(q, k, v, segment_ids, window=window)
+        return _splash(q, k, v, segment_ids, window=window, scale=scale, softcap=softcap)
+    if softcap:
+        t = jnp.arange(q.shape[1])
+        mask = t[None, :] <= t[:, None]
+        if window:
+            mask &= t[None, :] > t[:, None] - window
+        mask = mask[None, None] if segment_ids is None else mask & segment_mask(segment_ids)
+        return masked_attention(q, k, v, mask[:, 0], scale, softcap)
     mask = None if segment_ids is None else segment_mask(segment_ids)
-    return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=True, implementation=impl,
+    return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale, is_causal=True, implementation=impl,
                                         local_window_size=(window - 1, 0) if window else None)
+
+
+def masked_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, scale: float | None = None,
+                     softcap: float = 0.0) -> jax.Array:
+    """Attention of q [b, t, heads, hd] over k, v [b, s, kv_heads, hd] where mask [b, t, s] allows
+    (the KV cache's decoding, soft-capped training), in XLA; logits and softmax in float32."""
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    if not softcap:
+        return jax.nn.dot_product_attention(q, k, v, mask=mask[:, None], scale=scale)
+    b, t, h, hd = q.shape
+    groups = q.reshape(b, t, k.shape[2], h // k.shape[2], hd)  # grouped-query heads share their kv head
+    logits = jnp.einsum("btkgd,bskd->bkgts", groups, k, preferred_element_type=jnp.float32) * scale
+    logits = softcap * jnp.tanh(logits / softcap)
+    logits = jnp.where(mask[:, None, None], logits, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+    return jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(b, t, h, hd)
 
 
 def segment_mask(segment_ids: jax.Array) -> jax.Array:
@@ -63,7 +105,7 @@ def segment_mask(segment_ids: jax.Array) -> jax.Array:
     return (segment_ids[:, :, None] == segment_ids[:, None, :])[:, None]
 
 
-def _splash_kernel(heads: int, seq_len: int, interpret: bool, window: int = 0):
+def _splash_kernel(heads: int, seq_len: int, interpret: bool, window: int = 0, softcap: float = 0.0):
     from jax.experimental.pallas.ops.tpu import splash_attention as sa
 
     block = min(SPLASH_BLOCK, seq_len)
@@ -72,24 +114,26 @@ def _splash_kernel(heads: int, seq_len: int, interpret: bool, window: int = 0):
     shape = (seq_len, seq_len)
     one = sa.LocalMask(shape, (window - 1, 0), offset=0) if window else sa.CausalMask(shape)
     mask = sa.MultiHeadMask([one for _ in range(heads)])
-    return sa.make_splash_mha(mask, head_shards=1, q_seq_shards=1, block_sizes=sizes, interpret=interpret)
+    return sa.make_splash_mha(mask, head_shards=1, q_seq_shards=1, block_sizes=sizes, interpret=interpret,
+                              attn_logits_soft_cap=softcap or None)
 
 
 def _splash(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array | None = None,
-            interpret: bool | None = None, window: int = 0) -> jax.Array:
+            interpret: bool | None = None, window: int = 0, scale: float | None = None, softcap: float = 0.0
+            ) -> jax.Array:
     # The kernel takes one example as [heads, t, hd] (grouped-query heads natively) and does not
     # scale q. Heads are split over the mesh as the kv heads are, so each shard keeps whole groups.
     if not splash_fits(q.shape[1]):
         raise ValueError(f"model.attention='splash' needs a sequence length that is a multiple of 128 "
                          f"(and of {SPLASH_BLOCK} above it), not {q.shape[1]}")
-    scale = q.shape[-1] ** -0.5
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
     q, k, v = ((x * scale if x is q else x).swapaxes(1, 2) for x in (q, k, v))  # [b, heads, t, hd]
     interpret = jax.default_backend() != "tpu" if interpret is None else interpret
 
     def local(q, k, v, segments):
         from jax.experimental.pallas.ops.tpu import splash_attention as sa
 
-        kernel = _splash_kernel(q.shape[1], q.shape[2], interpret, window)
+        kernel = _splash_kernel(q.shape[1], q.shape[2], interpret, window, softcap)
         if segments is None:
             return jax.vmap(kernel)(q, k, v)
         return jax.vmap(lambda q, k, v, s: kernel(q, k, v, segment_ids=sa.SegmentIds(q=s, kv=s)))(q, k, v, segments)

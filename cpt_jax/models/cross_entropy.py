@@ -6,7 +6,8 @@ is 4 GiB per buffer. The fused way walks the sequence in chunks of `chunk` posit
 each, computes the logits, the loss and right away the gradients with respect to the hidden
 states and the head (softmax minus one-hot, times the mean's 1/n), so only one chunk of logits
 is ever alive and nothing is recomputed: the same three head matmuls as the plain backward.
-Logits and their statistics are float32 whatever the compute dtype.
+Logits and their statistics are float32 whatever the compute dtype. With `softcap` > 0 (Gemma 2)
+the logits are cap * tanh(logits / cap), and the gradient through the cap is applied in place.
 """
 
 from __future__ import annotations
@@ -19,20 +20,20 @@ import jax.numpy as jnp
 from cpt_jax import sharding
 
 
-def cross_entropy(x: jax.Array, w: jax.Array, labels: jax.Array, chunk: int = 0, weights: jax.Array | None = None
-                  ) -> tuple[jax.Array, jax.Array]:
+def cross_entropy(x: jax.Array, w: jax.Array, labels: jax.Array, chunk: int = 0, weights: jax.Array | None = None,
+                  softcap: float = 0.0) -> tuple[jax.Array, jax.Array]:
     """Final hidden states x [b, t, d] (compute dtype), head w [d, vocab] (float32), labels [b, t]
     -> (mean token loss, per-token losses [b, t]), float32. The mean is differentiable; the
     per-token losses are reported values and carry no gradient. `weights` [b, t] (1 counted, 0
     not): the mean is over the counted positions only."""
     if chunk <= 0:
-        losses = _chunk_losses(x, w, labels)
+        losses = _chunk_losses(x, w, labels, softcap)
         return _mean(losses, weights), jax.lax.stop_gradient(losses)
     t = x.shape[1]
     chunk = min(chunk, t)
     if t % chunk:
         raise ValueError(f"model.loss_chunk={chunk} does not divide the sequence length {t}")
-    mean, losses = _fused(x, w, labels, weights, chunk)
+    mean, losses = _fused(x, w, labels, weights, chunk, softcap)
     return mean, jax.lax.stop_gradient(losses)
 
 
@@ -44,14 +45,16 @@ def _count(weights: jax.Array) -> jax.Array:
     return jnp.maximum(weights.sum(), 1.0)  # a batch with nothing to predict has loss 0, not NaN
 
 
-def logits(x: jax.Array, w: jax.Array) -> jax.Array:
-    """Hidden states [b, t, d] through the head [d, vocab]: float32 logits from compute-dtype operands."""
+def logits(x: jax.Array, w: jax.Array, softcap: float = 0.0) -> jax.Array:
+    """Hidden states [b, t, d] through the head [d, vocab]: float32 logits from compute-dtype
+    operands, capped to softcap * tanh(z / softcap) when `softcap` > 0."""
     z = jnp.einsum("btd,dv->btv", x, w.astype(x.dtype), preferred_element_type=jnp.float32)
+    z = softcap * jnp.tanh(z / softcap) if softcap else z
     return sharding.constrain(z, ("batch", "length", "vocab"))
 
 
-def _chunk_losses(x, w, labels):
-    z = logits(x, w)
+def _chunk_losses(x, w, labels, softcap):
+    z = logits(x, w, softcap)
     label_logit = jnp.take_along_axis(z, labels[..., None], axis=-1)[..., 0]
     return jax.nn.logsumexp(z, axis=-1) - label_logit
 
@@ -66,24 +69,27 @@ def _unchunk(a: jax.Array) -> jax.Array:
     return a.reshape(a.shape[0], a.shape[1] * a.shape[2], *a.shape[3:])
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
-def _fused(x, w, labels, weights, chunk):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def _fused(x, w, labels, weights, chunk, softcap):
     xs = (_chunks(x, chunk), _chunks(labels, chunk))
-    losses = _unchunk(jax.lax.map(lambda xs: _chunk_losses(xs[0], w, xs[1]), xs))
+    losses = _unchunk(jax.lax.map(lambda xs: _chunk_losses(xs[0], w, xs[1], softcap), xs))
     return _mean(losses, weights), losses
 
 
-def _fused_fwd(x, w, labels, weights, chunk):
+def _fused_fwd(x, w, labels, weights, chunk, softcap):
     # d mean / d token loss: one number, or per position where weights say which count.
     scale = 1.0 / (x.shape[0] * x.shape[1]) if weights is None else _chunks(weights / _count(weights), chunk)
 
     def step(dw, xs):
         x_c, y_c, s_c = xs
-        z = logits(x_c, w)
+        z = logits(x_c, w, softcap)
         lse = jax.nn.logsumexp(z, axis=-1, keepdims=True)
         onehot = jax.nn.one_hot(y_c, z.shape[-1], dtype=jnp.float32)
         losses = lse[..., 0] - jnp.sum(z * onehot, axis=-1)
-        g = ((jnp.exp(z - lse) - onehot) * (scale if s_c is None else s_c[..., None])).astype(x.dtype)
+        g = (jnp.exp(z - lse) - onehot) * (scale if s_c is None else s_c[..., None])
+        if softcap:  # d cap * tanh(u / cap) / du = 1 - tanh^2
+            g = g * (1 - jnp.square(z / softcap))
+        g = g.astype(x.dtype)
         dx = jnp.einsum("bcv,dv->bcd", g, w.astype(x.dtype), preferred_element_type=jnp.float32)
         dw = dw + jnp.einsum("bcd,bcv->dv", x_c, g, preferred_element_type=jnp.float32)
         return sharding.constrain(dw, ("embed", "vocab")), (losses, dx.astype(x.dtype))
@@ -94,7 +100,7 @@ def _fused_fwd(x, w, labels, weights, chunk):
     return (_mean(losses, weights), losses), (_unchunk(dx), dw.astype(w.dtype))
 
 
-def _fused_bwd(chunk, res, cotangents):
+def _fused_bwd(chunk, softcap, res, cotangents):
     dx, dw = res
     g = cotangents[0]  # the per-token losses leave through stop_gradient: their cotangent is zero
     return (dx * g.astype(dx.dtype), dw * g.astype(dw.dtype), None, None)  # weights: data, not learned
