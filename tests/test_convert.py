@@ -17,7 +17,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from cpt_jax import convert
 from cpt_jax import models as cpt_models
 from cpt_jax.config import base
-from cpt_jax.convert import safetensors
+from cpt_jax.convert import hf, safetensors
 from cpt_jax.convert.__main__ import main as convert_main
 from cpt_jax.convert.vocab import extend_vocab
 
@@ -453,6 +453,51 @@ def test_unknown_tensor_and_unsupported_field_are_named(tmp_path):
     assert not (tmp_path / "out").exists() and not leftovers(tmp_path)
 
 
+@pytest.mark.parametrize(("arch", "change", "message"), [
+    ("gemma3", {"hidden_activation": "gelu"}, "hidden_activation='gelu' is not supported"),
+    ("gemma3", {"use_bidirectional_attention": True}, "use_bidirectional_attention=True is not supported"),
+    ("gemma3", {"layer_types": ["sliding_attention", "chunked_attention"]}, "layer_types=.* is not supported"),
+    ("gemma3", {"rope_parameters": {"full_attention": {"rope_type": "default", "rope_theta": 1e4},
+                                    "sliding_attention": {"rope_type": "linear", "factor": 2.0}}},
+     "rope_parameters=.* is not supported .scaled RoPE on the sliding-window layers"),
+    ("olmo2", {"hidden_act": "relu"}, "hidden_act='relu' is not supported"),
+    ("qwen3", {"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, r"rope_scaling=.* is not supported \(rope_type 'yarn'"),
+])
+def test_unsupported_family_options_are_named(arch, change, message, tmp_path):
+    src = save_hf(hf_model(arch), tmp_path / "hf")
+    cfg = json.loads((tmp_path / "hf" / "config.json").read_text())
+    (tmp_path / "hf" / "config.json").write_text(json.dumps({**cfg, **change}))
+    with pytest.raises(ValueError, match=message):
+        convert.import_model(src, str(tmp_path / "out"))
+    assert not (tmp_path / "out").exists() and not leftovers(tmp_path)
+
+
+def test_gguf_of_an_unsupported_architecture_is_named(tmp_path):
+    import gguf
+
+    w = gguf.GGUFWriter(str(tmp_path / "m.gguf"), "phi3")
+    w.add_block_count(1)
+    w.add_tensor("token_embd.weight", np.zeros((4, 8), np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    with pytest.raises(ValueError, match="general.architecture='phi3' is not supported; supported: llama, qwen2"):
+        convert.import_model(str(tmp_path / "m.gguf"), str(tmp_path / "out"))
+    assert not (tmp_path / "out").exists() and not leftovers(tmp_path)
+
+
+def test_export_of_a_model_no_family_expresses_is_named(tmp_path):
+    cfg = cpt_models.model_config("test", 64, norms="post", qk_norm="head")  # OLMo 2's norms, Qwen3's q/k norm
+    with pytest.raises(ValueError, match=r"no transformers architecture has this combination"):
+        hf.config_to_hf(cfg)
+    windows = cpt_models.model_config("test", 64, sliding_window=8, full_attention_layers=(1,))
+    with pytest.raises(ValueError, match=r"model full_attention_layers=\(1,\): no transformers architecture"):
+        hf.config_to_hf(windows)  # Llama's fields with a global layer among windowed ones: no such family
+    assert hf.family(cpt_models.model_config("test", 64, qkv_bias=True, sliding_window=8,
+                                             full_attention_layers=(1,))) == "Qwen2ForCausalLM"
+
+
 def test_existing_destination_is_not_touched(tmp_path):
     src = save_hf(hf_model("llama"), tmp_path / "hf")
     (tmp_path / "out").mkdir()
@@ -577,6 +622,12 @@ def test_gemma3_continues_chinese(gemma3):
     assert model.cfg.full_attention_layers == (5, 11, 17) and model.cfg.sliding_window == 512
     assert tok.add_bos  # Gemma is pretrained with BOS, and generate prepends it
     assert cpt_jax.generate(model, tok, "北京是中国的", max_new_tokens=6).startswith("首都")
+    # configs/cpt_gemma3_zh.py frames documents as <bos> text <eos>.
+    from cpt_jax.config import load_file
+    from cpt_jax.data.packing import Framing
+
+    framing = load_file(os.path.join(os.path.dirname(__file__), "..", "configs", "cpt_gemma3_zh.py")).data.framing
+    assert Framing.of(tok, **framing) == Framing(bos_id=2, eos_id=1)
 
 
 @pytest.mark.slow

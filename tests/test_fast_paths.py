@@ -89,13 +89,20 @@ def test_fused_cross_entropy_keeps_one_chunk_of_logits():
 # ---------------------------------------------------------------- whole model, sharded
 
 
+# Gemma 2's differences: windowed and global layers (a branch per layer in the scan), caps on the
+# attention and output logits, norms around each branch.
+GEMMA2 = (("norms", "sandwich"), ("norm_offset", 1.0), ("activation", "gelu_tanh"), ("embed_scale", True),
+          ("sliding_window", 40), ("full_attention_layers", (1,)), ("attn_softcap", 3.0), ("final_softcap", 8.0))
+
+
 @functools.cache
 def _loss_and_grads(dtype: str, attn: str, loss_chunk: int, scan_layers: bool, remat: str,
-                    document_end: int | None = None):
+                    document_end: int | None = None, family: tuple = ()):
     """Train loss and gradients of the `test` size at seq 128 on a (2, 2, 2) mesh of 8 devices;
-    with `document_end`, rows of documents 23 tokens long packed as documents."""
+    with `document_end`, rows of documents 23 tokens long packed as documents; `family`: model
+    fields as (name, value) pairs."""
     cfg = models.model_config("test", VOCAB, dtype=dtype, attention=attn, loss_chunk=loss_chunk,
-                              scan_layers=scan_layers, remat=remat)
+                              scan_layers=scan_layers, remat=remat, **dict(family))
     s = models.spec(cfg)
     mesh = sharding.make_mesh((2, 2, 2))
     p_sh = sharding.param_shardings(s.abstract_params, s.axes, mesh)
@@ -142,6 +149,18 @@ def test_packed_documents_on_splash_sharded_same_loss_and_grads_as_plain():
     assert abs(loss - loss0) / loss0 < 1e-6, (loss, loss0)
     for g, g0 in zip(jax.tree.leaves(grads), jax.tree.leaves(grads0)):
         assert _relerr(g, g0) < 1e-5
+
+
+def test_gemma2_on_splash_sharded_same_loss_and_grads_as_plain():
+    """Soft-capped splash under shard_map, the per-layer branch between windowed and global layers in
+    the scan and the capped fused cross-entropy, against XLA, unrolled layers and plain logits."""
+    loss0, grads0 = _loss_and_grads(*PLAIN, family=GEMMA2)
+    loss, grads = _loss_and_grads("float32", "splash", 32, True, "dots_no_batch", family=GEMMA2)
+    assert abs(loss - loss0) / loss0 < 1e-6, (loss, loss0)
+    for g, g0 in zip(jax.tree.leaves(grads), jax.tree.leaves(grads0)):
+        assert _relerr(g, g0) < 1e-5
+    uncapped, _ = _loss_and_grads(*PLAIN, family=tuple(kv for kv in GEMMA2 if "softcap" not in kv[0]))
+    assert abs(uncapped - loss0) / loss0 > 1e-3  # the caps matter to this comparison
 
 
 def test_bfloat16_is_really_used():

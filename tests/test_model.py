@@ -4,6 +4,7 @@ config validation. Everything runs on CPU with tiny shapes."""
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 
@@ -396,7 +397,8 @@ def _leaf_count(tree) -> int:
 @pytest.mark.parametrize(("size", "overrides", "real"), [
     ("test", {}, True), ("tiny", {}, True), ("test", {"qkv_bias": True}, True),
     ("test", {"tie_embeddings": True}, False), ("tiny", {"qkv_bias": True, "tie_embeddings": True}, False),
-    ("test", {"qk_norm": True, "head_dim": 32}, False),
+    ("test", {"qk_norm": "head", "head_dim": 32}, False), ("test", {"norms": "sandwich", "qk_norm": "head"}, False),
+    ("test", {"norms": "post", "qk_norm": "proj"}, False),
 ])
 def test_param_count_matches_params(size, overrides, real):
     cfg = model_config(size, VOCAB, **overrides)
@@ -405,6 +407,28 @@ def test_param_count_matches_params(size, overrides, real):
     embedding = VOCAB * cfg.hidden
     # non_embedding_params counts the output head even when it is the tied embedding.
     assert cfg.non_embedding_params() == _leaf_count(params) - embedding + (embedding if cfg.tie_embeddings else 0)
+
+
+def test_metadata_written_before_the_families_reads_as_llama():
+    """A checkpoint's model metadata from before the family fields (qk_norm a flag, no norms)."""
+    old = {k: v for k, v in dataclasses.asdict(model_config("test", VOCAB)).items()
+           if k not in ("norms", "norm_offset", "activation", "embed_scale", "full_attention_layers")}
+    cfg = ModelConfig.from_dict({**old, "qk_norm": False})
+    assert (cfg.qk_norm, cfg.norms, cfg.norm_offset, cfg.activation) == ("", "pre", 0.0, "silu")
+    assert ModelConfig.architecture_of({**old, "qk_norm": True})["qk_norm"] == "head"
+    assert ModelConfig.architecture_of(old) == model_config("test", VOCAB).architecture()
+
+
+@pytest.mark.parametrize(("field", "value", "message"), [
+    ("norms", "middle", "model norms='middle' is not one of"), ("qk_norm", "all", "model qk_norm='all' is not one of"),
+    ("activation", "relu", "model activation='relu' is not one of"),
+    ("full_attention_layers", (2,), r"model full_attention_layers=\(2,\) names layers outside 0..1"),
+])
+def test_bad_family_fields_are_named(field, value, message):
+    with pytest.raises(ValueError, match=message):
+        model_config("test", VOCAB, **{field: value})
+    with pytest.raises(ValueError, match="model.attention='cudnn' has no attention soft-capping"):
+        model_config("test", VOCAB, attention="cudnn", attn_softcap=50.0)
 
 
 @pytest.mark.parametrize("size", ["49m", "1393m", "5534m"])
