@@ -29,7 +29,7 @@ lent.
 
 import ml_collections
 
-from cpt_jax.config import base
+from cpt_jax.config import base, few_steps
 
 
 def get_config(mode: str = "gpu") -> ml_collections.ConfigDict:
@@ -45,13 +45,7 @@ def get_config(mode: str = "gpu") -> ml_collections.ConfigDict:
     c.eval_every = 100
     c.checkpoint_every = 200
     if mode == "cpu":
-        c.total_steps = 4
-        c.batch_size = 4
-        c.seq_len = 256
-        c.data.eval_batches = 2
-        c.log_every = 1
-        c.eval_every = 4
-        c.checkpoint_every = 4
+        few_steps(c)
     elif mode != "gpu":
         raise ValueError(f"configs/cpt_gemma3_zh.py:{mode}: mode must be gpu or cpu")
     return c

@@ -26,7 +26,7 @@ data.sources at a larger corpus (a TFDS dataset or files).
 
 import ml_collections
 
-from cpt_jax.config import base
+from cpt_jax.config import base, few_steps
 
 
 def get_config(mode: str = "gpu") -> ml_collections.ConfigDict:
@@ -46,13 +46,7 @@ def get_config(mode: str = "gpu") -> ml_collections.ConfigDict:
     c.eval_every = 50
     c.checkpoint_every = 100
     if mode == "cpu":
-        c.total_steps = 4
-        c.batch_size = 4
-        c.seq_len = 256
-        c.data.eval_batches = 2
-        c.log_every = 1
-        c.eval_every = 4
-        c.checkpoint_every = 4
+        few_steps(c)
     elif mode != "gpu":
         raise ValueError(f"configs/cpt_smollm2_zh.py:{mode}: mode must be gpu or cpu")
     return c

@@ -159,7 +159,7 @@ def base() -> ml_collections.ConfigDict:
     c.nonfinite = "stop"
     c.inject_nan_at = ()  # fault injection for tests: steps whose gradients are made NaN
     # Params only, from another run's workdir (or its checkpoints dir), a converted model
-    # (`python -m cpt_jax.convert import`), or a bundled pretrained model by name ("smollm2").
+    # (`python -m cpt_jax.convert import`), or a bundled pretrained model by name ("smollm2", "gemma3-270m").
     c.init_from = ""
     # With init_from: also its latest AdamW moments (and their Adam count) where a leaf's shape matches; the
     # step and the LR schedule still start at 0. A converted model has none.
@@ -169,4 +169,13 @@ def base() -> ml_collections.ConfigDict:
     # in total_steps and the LR schedule after branch_step only (e.g. a wsd decay after `constant`).
     c.branch_from = ""
     c.branch_step = 0
+    return c
+
+
+def few_steps(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """`c` cut to 4 steps of 4 x 256 tokens that log, evaluate and checkpoint at the end: a large
+    model's config seen running on a CPU (the `:cpu` mode of the pretrained-model configs)."""
+    c.total_steps, c.batch_size, c.seq_len = 4, 4, 256
+    c.data.eval_batches = 2
+    c.log_every, c.eval_every, c.checkpoint_every = 1, 4, 4
     return c

@@ -1,6 +1,6 @@
 """`python -m cpt_jax.convert import|export|extend-vocab`: pretrained weights in and out.
 
-  python -m cpt_jax.convert import --src smollm2 --dst /tmp/smollm2            # bundled GGUF
+  python -m cpt_jax.convert import --src smollm2|gemma3-270m --dst /tmp/m       # a bundled GGUF
   python -m cpt_jax.convert import --src HF_DIR|FILE.gguf --dst DIR
   python -m cpt_jax.convert export --src DIR --dst HF_DIR [--dtype bfloat16]   # a run or a converted model
   python -m cpt_jax.convert extend-vocab --src DIR --dst DIR --source zh --vocab_size 8000 [--config configs/X.py]

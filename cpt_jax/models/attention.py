@@ -1,7 +1,7 @@
 """Causal self-attention, by the fastest kernel the platform has.
 
 - `cudnn`: cuDNN's fused flash attention through `jax.nn.dot_product_attention` (NVIDIA GPUs,
-  bfloat16/float16, head_dim a multiple of 8 up to 128);
+  bfloat16/float16, head_dim a multiple of 8 up to 128, or 256 from Hopper on);
 - `splash`: the Pallas splash-attention kernel (TPU; elsewhere it runs in Pallas interpret mode,
   which is slow and only for tests), inside `shard_map` so each device attends over its own batch
   rows and heads;
