@@ -461,7 +461,8 @@ def test_unknown_tensor_and_unsupported_field_are_named(tmp_path):
                                     "sliding_attention": {"rope_type": "linear", "factor": 2.0}}},
      "rope_parameters=.* is not supported .scaled RoPE on the sliding-window layers"),
     ("olmo2", {"hidden_act": "relu"}, "hidden_act='relu' is not supported"),
-    ("qwen3", {"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, r"rope_scaling=.* is not supported \(rope_type 'yarn'"),
+    ("qwen3", {"rope_scaling": {"rope_type": "yarn", "factor": 4.0}},
+     r"rope_scaling=.* is not supported \(rope_type 'yarn'"),
 ])
 def test_unsupported_family_options_are_named(arch, change, message, tmp_path):
     src = save_hf(hf_model(arch), tmp_path / "hf")
