@@ -687,5 +687,5 @@ def test_a_checkpoint_written_before_qk_norm_existed_still_matches_its_model():
     cfg = cpt_models.model_config("test", VOCAB)
     old = {k: v for k, v in cfg.architecture().items() if k != "qk_norm"}
     checkpoint.check_model(old, cfg.architecture(), "old")
-    with pytest.raises(ValueError, match=r"old holds another model \(qk_norm: False -> True\)"):
-        checkpoint.check_model(old, cpt_models.model_config("test", VOCAB, qk_norm=True).architecture(), "old")
+    with pytest.raises(ValueError, match=r"old holds another model \(qk_norm: '' -> 'head'\)"):
+        checkpoint.check_model(old, cpt_models.model_config("test", VOCAB, qk_norm="head").architecture(), "old")

@@ -110,7 +110,7 @@ class ModelConfig:
     @classmethod
     def from_dict(cls, d: dict) -> ModelConfig:
         """The inverse of `dataclasses.asdict` after a JSON round trip (checkpoint metadata); a
-        field added since it was written takes its default (what that checkpoint's model is)."""
+        field added since it was written takes its default."""
         d = dict(d)
         d["rope_scaling"] = tuple(tuple(kv) for kv in d.get("rope_scaling", ()))
         return cls(**d)
@@ -138,8 +138,13 @@ class ModelConfig:
 
     @classmethod
     def architecture_of(cls, model: dict) -> dict:
-        """`architecture()` of a checkpoint's model metadata, written by this or an earlier version."""
-        return cls.from_dict(model).architecture()
+        """`architecture()` of a checkpoint's model metadata; a field added since it was written
+        reads as its default (what that checkpoint's model is)."""
+        defaults = {f.name: f.default for f in dataclasses.fields(cls)}
+        arch = {k: model.get(k, defaults[k]) for k in cls.ARCHITECTURE}
+        if isinstance(arch["qk_norm"], bool):  # written when it was Qwen3's flag
+            arch["qk_norm"] = "head" if arch["qk_norm"] else ""
+        return arch
 
     def param_count(self) -> int:
         """Exact number of parameters of this architecture (no model is built)."""
