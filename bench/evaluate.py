@@ -35,7 +35,8 @@ def main() -> None:
     src = convert.bundled_model(a.src) if a.src in convert.BUNDLED else a.src
     pairs = [(d["context"], tasks.BIBLE_LANGUAGES[lang] + c) for lang in ("en", "zh")
              for d in tasks.bible_next_verse(lang) for c in d["choices"]]
-    reqs = [Instance("loglikelihood", {}, pair, i) for i, pair in enumerate(pairs[::len(pairs) // a.requests][:a.requests])]
+    picked = pairs[::max(1, len(pairs) // a.requests)][:a.requests]  # spread over both languages
+    reqs = [Instance("loglikelihood", {}, pair, i) for i, pair in enumerate(picked)]
     model, tokenizer = models.load(src)
     with tempfile.TemporaryDirectory() as tmp:
         hf_dir = os.path.join(tmp, "hf")

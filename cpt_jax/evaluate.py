@@ -205,8 +205,9 @@ def evaluate(model, tokenizer, tasks: Sequence[str], limit: int | None = None, b
     from cpt_jax import tasks as task_lib
 
     lm = make_lm(model, tokenizer, batch_size, max_length, mesh)
-    return lm_eval.simple_evaluate(model=lm, tasks=list(tasks), limit=limit, task_manager=task_lib.manager(include_path),
-                                   log_samples=log_samples, bootstrap_iters=0)
+    return lm_eval.simple_evaluate(model=lm, tasks=list(tasks), limit=limit,
+                                   task_manager=task_lib.manager(include_path), log_samples=log_samples,
+                                   bootstrap_iters=0)
 
 
 def metric_values(metrics: dict) -> dict[str, float]:

@@ -140,7 +140,8 @@ def test_unknown_task_or_missing_dataset_fails_before_any_model_is_loaded(tmp_pa
     assert "evaluate error: task 'bible_next_vers' is not a harness task" in capsys.readouterr().err
     (tmp_path / "tasks").mkdir()
     (tmp_path / "tasks" / "mine.yaml").write_text(json.dumps({
-        "task": "mine", "dataset_path": "json", "dataset_kwargs": {"data_files": {"test": str(tmp_path / "gone.jsonl")}},
+        "task": "mine", "dataset_path": "json",
+        "dataset_kwargs": {"data_files": {"test": str(tmp_path / "gone.jsonl")}},
         "output_type": "multiple_choice", "test_split": "test", "doc_to_text": "{{q}}", "doc_to_choice": "{{c}}",
         "doc_to_target": "{{a}}"}))
     assert evaluate_main(["--workdir", str(tmp_path / "nowhere"), "--tasks", "mine",

@@ -339,7 +339,8 @@ def downstream_section(plan: dict, sweep_dir: str, out: dict) -> list[str]:
     rows = [(name, a["kind"], f"{a['flops']:.3g}", *(f"{a['acc'].get(t, float('nan')):.3f}" for t in tasks))
             for name, a in sorted(acc.items(), key=lambda x: (x[1]["kind"], x[1]["flops"]))]
     return ["## Downstream accuracy", "", "Each finished run's last in-loop evaluation (`eval_tasks`) against its "
-            "compute.", "", *_table(("run", "kind", "C", *tasks), rows), "", _save(fig, sweep_dir, "downstream.png"), ""]
+            "compute.", "", *_table(("run", "kind", "C", *tasks), rows), "",
+            _save(fig, sweep_dir, "downstream.png"), ""]
 
 
 def forgetting_section(plan: dict, curves: dict, sweep_dir: str, out: dict) -> list[str]:
