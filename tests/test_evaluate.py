@@ -165,6 +165,7 @@ def test_paper_suite_is_one_group_of_harness_tasks():
     assert os.path.isfile(task_lib.task_dir() / "cpt_paper.yaml")
 
 
+@pytest.mark.slow  # two short training runs with the harness in their loops
 def test_in_loop_task_metrics_at_their_steps_and_through_resume(tmp_path):
     import shutil
 
