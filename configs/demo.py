@@ -42,6 +42,10 @@ def get_config() -> ml_collections.ConfigDict:
     c.log_every = 20
     c.eval_every = 40
     c.checkpoint_every = 40
+    # Downstream: choose the next verse of a held-out chapter among four (lm-evaluation-harness),
+    # before and after each run, on 100 questions per language.
+    c.eval_tasks = ("bible_next_verse",)
+    c.eval_tasks_limit = 100
 
     c.runs = ml_collections.ConfigDict({
         "english": {"total_steps": 320, "data": {"target": "en", "replay_ratio": 0.0}},

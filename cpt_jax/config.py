@@ -149,6 +149,13 @@ def base() -> ml_collections.ConfigDict:
 
     c.log_every = 10
     c.eval_every = 100
+    # Downstream tasks of lm-evaluation-harness (the [eval] extra) run in the loop: names or groups
+    # (cpt_jax.tasks: bible_next_verse, cpt_paper; or any harness task), logged as
+    # eval/<task>/<metric>, before the first step, every eval_tasks_every steps (0: none between)
+    # and at the end; eval_tasks_limit caps the documents per task (0: all).
+    c.eval_tasks = ()
+    c.eval_tasks_every = 0
+    c.eval_tasks_limit = 0
     c.checkpoint_every = 100
     c.keep_checkpoints = 2  # the last N
     c.keep_every = 0  # plus every K-th step (0: none)

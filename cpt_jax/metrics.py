@@ -87,7 +87,9 @@ def log_line(step: int, total: int, scalars: dict, eta_s: float | None) -> str:
                    ("perf/tokens_per_sec", "{:,.0f} tok/s"), ("perf/mfu", "MFU {:.1%}")):
         if k in scalars:
             parts.append(fmt.format(scalars[k]))
-    parts += [f"{k.split('/')[1]} {v:.4f}" for k, v in scalars.items() if k.startswith("eval/")]
+    # eval/en/loss as "en", eval/bible_next_verse_zh/acc as "bible_next_verse_zh/acc"
+    parts += [f"{k.removeprefix('eval/').removesuffix('/loss')} {v:.4f}" for k, v in scalars.items()
+              if k.startswith("eval/")]
     if scalars.get("train/nonfinite_steps"):
         parts.append(f"{scalars['train/nonfinite_steps']:.0f} non-finite steps skipped")
     if eta_s is not None and math.isfinite(eta_s):

@@ -69,10 +69,30 @@ def compare(workdir: str, report: dict, wall_s: float | None = None) -> str:
     _, after = eval_curve(recs[report["cpt"]], src)
     lines.append(f"{src} eval loss (forgetting): source model {before[-1]:.3f} -> after CPT {after[-1]:.3f} "
                  f"({after[-1] - before[-1]:+.3f})")
+    lines += _task_table(recs, runs)
     lines.append(f"curves: {_plot(workdir, recs, report)}")
     if wall_s is not None:
         lines.append(f"wall time: {wall_s / 60:.1f} min")
     return "\n".join(lines)
+
+
+def _task_table(recs: dict[str, list[dict]], runs: list[str]) -> list[str]:
+    """Downstream accuracy (the harness's acc) of each run's first and last model, for every task
+    a run evaluated in the loop (config.eval_tasks); nothing if none did."""
+    tasks = sorted({k.split("/")[1] for r in runs for rec in recs[r] for k in rec
+                    if k.startswith("eval/") and k.endswith("/acc")})
+    if not tasks:
+        return []
+    width = max(len(t) for t in tasks) + 2
+    lines = ["", "downstream accuracy (start -> end of each run):",
+             f"{'run':<10}" + "".join(f"{t:>{width + 8}}" for t in tasks)]
+    for r in runs:
+        cells = []
+        for t in tasks:
+            accs = [rec[f"eval/{t}/acc"] for rec in recs[r] if f"eval/{t}/acc" in rec]
+            cells.append(f"{accs[0]:.3f} -> {accs[-1]:.3f}" if accs else "-")
+        lines.append(f"{r:<10}" + "".join(f"{c:>{width + 8}}" for c in cells))
+    return lines
 
 
 def _plot(workdir: str, recs: dict[str, list[dict]], report: dict) -> str:

@@ -23,6 +23,7 @@ import jax
 import ml_collections
 import numpy as np
 from etils import epath
+from flax import nnx
 
 from cpt_jax import checkpoint, convert, distributed, freeze, models, sharding, storage, summary, train
 from cpt_jax.config import ConfigError, base, expand_runs, flatten
@@ -39,7 +40,8 @@ log = logging.getLogger("cpt_jax")
 # computed, not what it computes.
 RESUMABLE_CHANGES = ("log_every", "eval_every", "checkpoint_every", "keep_checkpoints", "keep_every", "keep_steps",
                      "mesh.shape", "data.dir", "data.workers", "data.eval_batches", "model.remat",
-                     "model.scan_layers", "model.attention", "model.loss_chunk", "nonfinite", "inject_nan_at")
+                     "model.scan_layers", "model.attention", "model.loss_chunk", "nonfinite", "inject_nan_at",
+                     "eval_tasks", "eval_tasks_every", "eval_tasks_limit")
 # And those in which a cooldown branch may differ from the run it branches from: its length, its
 # schedule (whose values before the branch point are checked to agree), what it starts from
 # (init_from_optimizer too: a branch starts from its run's own state, whatever that run started from).
@@ -66,6 +68,7 @@ def validate(config: ml_collections.ConfigDict, workdir: str | None = None, devi
         raise ConfigError(f"optimizer.freeze={config.optimizer.freeze!r} must be a tuple of paths, e.g. ('embed',)")
     for pattern in config.optimizer.freeze:  # syntax now; what they match once the model is known (prepare)
         freeze.parse(pattern)
+    _check_eval_tasks(config)
     if config.init_from_optimizer and not config.init_from:
         raise ConfigError("init_from_optimizer=True takes the optimizer state of init_from, which is not set")
     if config.nonfinite not in ("stop", "skip"):
@@ -216,6 +219,21 @@ def check_branch(config: ml_collections.ConfigDict) -> None:
         raise ConfigError(f"branch_from={config.branch_from!r}: this run's learning rate differs from it before "
                           f"branch_step={config.branch_step} (first at step {differ[0]}); set "
                           f"optimizer.warmup_steps to the same number of steps in both")
+
+
+def _check_eval_tasks(config: ml_collections.ConfigDict) -> None:
+    if isinstance(config.eval_tasks, str):
+        raise ConfigError(f"eval_tasks={config.eval_tasks!r} must be a tuple of task names, e.g. ('bible_next_verse',)")
+    for field in ("eval_tasks_every", "eval_tasks_limit"):
+        if not isinstance(config[field], int) or config[field] < 0:
+            raise ConfigError(f"{field}={config[field]!r} must be an integer >= 0")
+    if config.eval_tasks:
+        from cpt_jax import tasks
+
+        try:
+            tasks.resolve(config.eval_tasks)
+        except (ValueError, ImportError) as e:
+            raise ConfigError(f"eval_tasks={tuple(config.eval_tasks)}: {e}") from None
 
 
 def model_config(config: ml_collections.ConfigDict, vocab_size: int, source: dict | None = None,
@@ -444,6 +462,8 @@ def train_loop(plan: Plan, steps: train.Steps, state: train.TrainState, step: in
             evals = {}
             if step % c.eval_every == 0 or last:
                 evals = progress.evaluate(functools.partial(evaluate, plan, steps, state.params), state.params)
+            if c.eval_tasks and (last or (c.eval_tasks_every and step % c.eval_tasks_every == 0)):
+                evals |= progress.evaluate(functools.partial(task_evals, plan, steps, state.params), state.params)
             if step % c.log_every == 0 or evals:
                 progress.log(step, m, evals)
             stop = preemption.now(step) and not last
@@ -493,6 +513,20 @@ def process_slots(batch_size: int) -> slice:
 
 def to_device(host: dict, shardings: dict) -> dict:
     return {k: jax.make_array_from_process_local_data(shardings[k], v) for k, v in host.items()}
+
+
+def task_evals(plan: Plan, steps: train.Steps, params) -> dict:
+    """The harness's metrics of config.eval_tasks on these (sharded) params, as
+    eval/<task>/<metric>: every process scores every request (the model is one SPMD program),
+    rows of the training batch size and sequence length."""
+    from cpt_jax import evaluate as harness
+
+    c = plan.config
+    model = nnx.merge(steps.spec.graphdef, params)
+    results = harness.evaluate(model, plan.data.tokenizer, c.eval_tasks, c.eval_tasks_limit or None,
+                               batch_size=c.batch_size, max_length=c.seq_len, mesh=plan.mesh)
+    return {f"eval/{task}/{name}": value for task, metrics in results["results"].items()
+            for name, value in harness.metric_values(metrics).items()}
 
 
 def evaluate(plan: Plan, steps: train.Steps, params) -> dict:
@@ -553,7 +587,8 @@ def train_run(config: ml_collections.ConfigDict, workdir: str, devices=None, all
                                 flops_per_token=models.flops_per_token(plan.model, c.seq_len),
                                 check_nonfinite=check_nonfinite)
             if start is None:
-                progress.start(evaluate(plan, steps, state.params))
+                progress.start(evaluate(plan, steps, state.params)
+                               | (task_evals(plan, steps, state.params) if c.eval_tasks else {}))
             train_loop(plan, steps, state, start or 0, ckpt, progress)
         finally:
             ckpt.wait()  # a save in flight completes, whatever ended the run

@@ -113,3 +113,21 @@ def test_report_verdicts_follow_the_data(tmp_path, cpt_law, expected):
         assert data["replay"]["critical_ratio"] == pytest.approx(true, rel=0.1)
         assert data["replay"]["fit"]["rho"] == pytest.approx(FORGET.rho, rel=0.1)
         assert 0 < data["replay"]["critical_interval"][0] < data["replay"]["critical_interval"][1] < 1
+
+
+def test_report_collects_downstream_accuracy_against_compute(tmp_path):
+    """In-loop task metrics (eval_tasks) of every finished scratch and CPT run, by compute."""
+    root = generated_sweep(tmp_path, CPT)
+    plan = json.loads((root / "sweep.json").read_text())
+    written = {}
+    for i, run in enumerate(r for r in plan["runs"] if r["kind"] in ("scratch", "cpt") and r["role"] != "stable"):
+        path = root / run["name"] / "metrics.jsonl"
+        record = json.loads(path.read_text())
+        record["eval/bible_next_verse_zh/acc"] = written[run["name"]] = 0.25 + 0.01 * i
+        path.write_text(json.dumps(record) + "\n")
+    write_report(str(root), bootstrap=20)
+    data = json.loads((root / "report.json").read_text())["downstream"]
+    assert {name: d["acc"]["bible_next_verse_zh"] for name, d in data.items()} == written
+    run = next(r for r in plan["runs"] if r["name"] in written)
+    assert data[run["name"]]["flops"] == 6.0 * run["params"] * run["tokens"]
+    assert "## Downstream accuracy" in (root / "report.md").read_text() and (root / "downstream.png").exists()

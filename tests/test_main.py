@@ -94,13 +94,16 @@ def test_demo_prints_its_table_from_the_runs(tmp_path):
     args = ["--config", "configs/demo.py", "--config.runs.english.total_steps=8", "--config.runs.cpt.total_steps=4",
             "--config.runs.scratch.total_steps=4", "--config.eval_every=2", "--config.log_every=2",
             "--config.data.eval_batches=1", "--config.batch_size=8", "--config.seq_len=32",
-            "--config.model.size=test"]
+            "--config.model.size=test", "--config.eval_tasks_limit=4"]
     r = cli(tmp_path, *args)
     assert r.returncode == 0, r.stdout + r.stderr
     out = r.stdout
     cpt, scratch, english = (records(tmp_path / n) for n in ("cpt", "scratch", "english"))
     # The table is the runs' own numbers: CPT starts from the English model's final eval.
     assert cpt[0]["eval/en/loss"] == english[-1]["eval/en/loss"]
+    acc = "eval/bible_next_verse_zh/acc"
+    assert cpt[0][acc] == english[-1][acc]  # the source model's accuracy, before and after the handover
+    assert "downstream accuracy" in out and f"{cpt[0][acc]:.3f} -> {cpt[-1][acc]:.3f}" in out
     assert f"{cpt[-1]['eval/zh/loss']:.3f}" in out and f"{scratch[-1]['eval/zh/loss']:.3f}" in out
     assert "forgetting" in out and (tmp_path / "summary.png").stat().st_size > 10_000
     assert cpt[-1]["train/tokens"] == scratch[-1]["train/tokens"]  # equal tokens

@@ -154,6 +154,7 @@ def write_report(sweep_dir: str, bootstrap: int = 100) -> str:
     md += cost_section(plan, out)
     md += forgetting_section(plan, curves, sweep_dir, out)
     md += replay_section(study, plan, out)
+    md += downstream_section(plan, sweep_dir, out)
 
     path = os.path.join(sweep_dir, "report.md")
     with open(path, "w") as f:
@@ -311,6 +312,35 @@ def cost_section(plan: dict, out: dict) -> list[str]:
     return ["## Sweep cost", "", f"{protocol}. FLOPs (C = 6 N D over the tokens each run trains itself, sources "
             f"included): this sweep {f['spent']:.3g}; one run per point for the same points "
             f"{f['one_run_per_point']:.3g} ({f['saved']:.1%} saved).", ""]
+
+
+def downstream_section(plan: dict, sweep_dir: str, out: dict) -> list[str]:
+    """Downstream accuracy (config.eval_tasks, in the loop) at the end of every finished scratch and
+    CPT run against its compute C = 6 N D; nothing where no run evaluated a task."""
+    rows, acc = [], {}
+    for run in (r for r in plan["runs"] if r["kind"] in ("scratch", "cpt") and r["role"] != "stable"):
+        recs = RunDir.of(os.path.join(sweep_dir, run["name"])).read_metrics()
+        last = {k.split("/")[1]: v for rec in recs if rec.get("train/tokens", 0) >= run["tokens"]
+                for k, v in rec.items() if k.startswith("eval/") and k.endswith("/acc")}
+        if last:
+            acc[run["name"]] = {"kind": run["kind"], "flops": 6.0 * run["params"] * run["tokens"], "acc": last}
+    if not acc:
+        return []
+    out["downstream"] = acc
+    tasks = sorted({t for a in acc.values() for t in a["acc"]})
+    fig, axes = plt.subplots(1, len(tasks), figsize=(4 * len(tasks), 3.5), squeeze=False)
+    for ax, task in zip(axes[0], tasks):
+        for kind, marker in (("scratch", "o"), ("cpt", "s")):
+            pts = sorted((a["flops"], a["acc"][task]) for a in acc.values() if a["kind"] == kind and task in a["acc"])
+            if pts:
+                ax.plot(*zip(*pts), marker=marker, lw=0.8, label=kind)
+        ax.set(xscale="log", xlabel="C = 6ND (FLOPs)", ylabel="accuracy", title=task)
+        ax.legend(fontsize=7)
+    rows = [(name, a["kind"], f"{a['flops']:.3g}", *(f"{a['acc'].get(t, float('nan')):.3f}" for t in tasks))
+            for name, a in sorted(acc.items(), key=lambda x: (x[1]["kind"], x[1]["flops"]))]
+    return ["## Downstream accuracy", "", "Each finished run's last in-loop evaluation (`eval_tasks`) against its "
+            "compute.", "", *_table(("run", "kind", "C", *tasks), rows), "",
+            _save(fig, sweep_dir, "downstream.png"), ""]
 
 
 def forgetting_section(plan: dict, curves: dict, sweep_dir: str, out: dict) -> list[str]:

@@ -1,0 +1,201 @@
+"""Downstream evaluation: cpt_jax's harness backend against the harness's own HF backend (an
+independent implementation, on CPU torch) on the same checkpoint exported to HF; batching;
+bad input before any model is loaded."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+import tokenizers
+import transformers
+from tokenizers import Tokenizer, pre_tokenizers, processors
+
+from cpt_jax import convert
+from cpt_jax import models as cpt_models
+from cpt_jax import tasks as task_lib
+from cpt_jax.evaluate import main as evaluate_main
+from cpt_jax.evaluate import make_lm
+
+from test_convert import COMMON, randomised
+
+lm_eval = pytest.importorskip("lm_eval")  # the [eval] extra
+from lm_eval.api.instance import Instance  # noqa: E402
+from lm_eval.models.huggingface import HFLM  # noqa: E402
+
+VOCAB = 300
+BOS, EOS = 1, 2
+
+
+def byte_level_with_bos() -> str:
+    """A byte-level tokenizer.json (every byte a token) whose post-processor prepends <s>, as
+    Llama's does: the BOS convention the harness must follow."""
+    vocab = {"<unk>": 0, "<s>": BOS, "</s>": EOS}
+    vocab |= {c: 3 + i for i, c in enumerate(pre_tokenizers.ByteLevel.alphabet())}
+    tok = Tokenizer(tokenizers.models.BPE(vocab, []))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = tokenizers.decoders.ByteLevel()
+    tok.add_special_tokens(["<unk>", "<s>", "</s>"])
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", BOS)])
+    return tok.to_str()
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    """(a converted checkpoint of a random transformers Llama, the same exported back to HF)."""
+    root = tmp_path_factory.mktemp("eval")
+    config = transformers.LlamaConfig(**{**COMMON, "vocab_size": VOCAB}, rope_theta=5000.0, bos_token_id=BOS,
+                                      eos_token_id=EOS)
+    ref = randomised(transformers.LlamaForCausalLM, config)
+    ref.save_pretrained(root / "hf")
+    (root / "hf" / "tokenizer.json").write_text(byte_level_with_bos())
+    (root / "hf" / "tokenizer_config.json").write_text(json.dumps(
+        {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "add_bos_token": True}))
+    convert.import_model(str(root / "hf"), str(root / "ckpt"))
+    convert.export_model(str(root / "ckpt"), str(root / "exported"))
+    return str(root / "ckpt"), str(root / "exported")
+
+
+@pytest.fixture(scope="module")
+def both(exported):
+    ckpt, hf_dir = exported
+    model, tok = cpt_models.load(ckpt)
+    ours = make_lm(model, tok, batch_size=8, max_length=512)
+    theirs = HFLM(pretrained=hf_dir, batch_size=8, device="cpu", dtype="float32", max_length=512)
+    return ours, theirs
+
+
+def requests() -> list[tuple[str, str]]:
+    """Real text of mixed lengths: Bible next-verse pairs in both languages, and an empty context."""
+    pairs = []
+    for lang in ("en", "zh"):
+        for d in task_lib.bible_next_verse(lang)[:5]:
+            pairs += [(d["context"], task_lib.BIBLE_LANGUAGES[lang] + c) for c in d["choices"]]
+    return pairs + [("", "In the beginning")]
+
+
+def test_loglikelihoods_equal_the_harness_hf_backend(both):
+    ours, theirs = both
+    reqs = [Instance("loglikelihood", {}, pair, i) for i, pair in enumerate(requests())]
+    got, want = ours.loglikelihood(reqs, disable_tqdm=True), theirs.loglikelihood(reqs, disable_tqdm=True)
+    # 1e-4, and past |log p| ~ 1000 (a long Chinese verse under a random model) float32's own
+    # resolution of the HF backend's sum (1.2e-4 at 1000): rtol 1e-6.
+    np.testing.assert_allclose([g[0] for g in got], [w[0] for w in want], atol=1e-4, rtol=1e-6)
+    assert [g[1] for g in got] == [w[1] for w in want]
+    text = [Instance("loglikelihood_rolling", {}, (c + x,), i) for i, (c, x) in enumerate(requests()[::7])]
+    # Whole texts: sums of hundreds of token log-probs, which the HF backend accumulates in float32
+    # (we sum in float64): the same tolerance.
+    np.testing.assert_allclose(ours.loglikelihood_rolling(text, disable_tqdm=True),
+                               theirs.loglikelihood_rolling(text, disable_tqdm=True), atol=1e-4, rtol=1e-6)
+
+
+def test_batching_and_padding_change_no_loglikelihood(exported):
+    model, tok = cpt_models.load(exported[0])
+    reqs = [Instance("loglikelihood", {}, pair, i) for i, pair in enumerate(requests())]
+    batched = make_lm(model, tok, batch_size=16).loglikelihood(reqs, disable_tqdm=True)
+    alone = [make_lm(model, tok, batch_size=8).loglikelihood([r], disable_tqdm=True)[0] for r in reqs[::5]]
+    np.testing.assert_allclose([b[0] for b in batched[::5]], [a[0] for a in alone], atol=1e-5, rtol=0)
+
+
+def generate_task(directory) -> str:
+    """A generate_until task over local files: the first words of a verse, then up to its end."""
+    docs = [{"prompt": d["context"], "answer": d["choices"][d["gold"]]} for d in task_lib.bible_next_verse("en")[:6]]
+    data = directory / "gen.jsonl"
+    data.write_text("".join(json.dumps(d) + "\n" for d in docs))
+    (directory / "gen.yaml").write_text(json.dumps({
+        "task": "verse_gen", "dataset_path": "json", "dataset_kwargs": {"data_files": {"test": str(data)}},
+        "test_split": "test", "output_type": "generate_until", "doc_to_text": "{{prompt}}",
+        "doc_to_target": "{{answer}}", "generation_kwargs": {"until": ["."], "max_gen_toks": 12, "do_sample": False},
+        "metric_list": [{"metric": "exact_match", "aggregation": "mean", "higher_is_better": True}]}))
+    return str(directory)
+
+
+def test_task_accuracies_and_generations_equal_the_harness_hf_backend(both, exported, tmp_path):
+    ours, theirs = both
+    include = generate_task(tmp_path)
+    manager = task_lib.manager(include)
+    results = {}
+    for name, lm in (("ours", ours), ("theirs", theirs)):
+        results[name] = lm_eval.simple_evaluate(model=lm, tasks=["bible_next_verse_en", "verse_gen"], limit=6,
+                                                task_manager=manager, log_samples=True, bootstrap_iters=0)
+    for task in ("bible_next_verse_en", "verse_gen"):
+        for metric in ("acc,none", "acc_norm,none", "exact_match,none"):
+            if metric in results["theirs"]["results"][task]:
+                assert results["ours"]["results"][task][metric] == results["theirs"]["results"][task][metric]
+    generated = [[s["filtered_resps"] for s in results[n]["samples"]["verse_gen"]] for n in ("ours", "theirs")]
+    assert generated[0] == generated[1] and any(r[0] for r in generated[0])
+
+
+def test_evaluate_command_writes_results(exported, tmp_path, capsys):
+    assert evaluate_main(["--workdir", exported[0], "--tasks", "bible_next_verse_zh", "--limit", "4",
+                          "--batch_size", "8", "--output", str(tmp_path / "out")]) == 0
+    results = json.loads((tmp_path / "out" / "results.json").read_text())["results"]
+    assert 0 <= results["bible_next_verse_zh"]["acc,none"] <= 1
+    assert "bible_next_verse_zh: acc " in capsys.readouterr().out
+
+
+def test_unknown_task_or_missing_dataset_fails_before_any_model_is_loaded(tmp_path, capsys):
+    # The workdir does not exist: the error is the task's, so tasks were checked first.
+    assert evaluate_main(["--workdir", str(tmp_path / "nowhere"), "--tasks", "bible_next_vers"]) == 2
+    assert "evaluate error: task 'bible_next_vers' is not a harness task" in capsys.readouterr().err
+    (tmp_path / "tasks").mkdir()
+    (tmp_path / "tasks" / "mine.yaml").write_text(json.dumps({
+        "task": "mine", "dataset_path": "json",
+        "dataset_kwargs": {"data_files": {"test": str(tmp_path / "gone.jsonl")}},
+        "output_type": "multiple_choice", "test_split": "test", "doc_to_text": "{{q}}", "doc_to_choice": "{{c}}",
+        "doc_to_target": "{{a}}"}))
+    assert evaluate_main(["--workdir", str(tmp_path / "nowhere"), "--tasks", "mine",
+                          "--include_path", str(tmp_path / "tasks")]) == 2
+    assert f"task 'mine': its dataset file {tmp_path / 'gone.jsonl'} does not exist" in capsys.readouterr().err
+
+
+def test_bible_next_verse_is_real_and_seeded():
+    for lang in ("en", "zh"):
+        docs = task_lib.bible_next_verse(lang)
+        assert len(docs) > 500 and docs == task_lib.bible_next_verse(lang)
+        golds = np.bincount([d["gold"] for d in docs], minlength=4) / len(docs)
+        assert golds.min() > 0.15  # the true verse is not always in one place
+        assert all(len(set(d["choices"])) == 4 for d in docs)
+
+
+def test_paper_suite_is_one_group_of_harness_tasks():
+    tm = task_lib.manager()
+    assert task_lib.resolve(["cpt_paper"]) == ["cpt_paper"]
+    assert set(task_lib._leaves(tm, "cpt_paper")) == set(task_lib.PAPER_SUITE)
+    assert os.path.isfile(task_lib.task_dir() / "cpt_paper.yaml")
+
+
+@pytest.mark.slow  # two short training runs with the harness in their loops
+def test_in_loop_task_metrics_at_their_steps_and_through_resume(tmp_path):
+    import shutil
+
+    from cpt_jax import trainer
+    from cpt_jax.rundir import RunDir
+
+    from test_trainer import small_config
+
+    config = small_config("--config.total_steps=4", "--config.checkpoint_every=2", "--config.eval_every=2",
+                          "--config.eval_tasks=('bible_next_verse_en',)", "--config.eval_tasks_every=2",
+                          "--config.eval_tasks_limit=8")
+    trainer.train_run(config, str(tmp_path / "whole"))
+    rows = RunDir.of(str(tmp_path / "whole")).read_metrics()
+    key = "eval/bible_next_verse_en/acc"
+    assert [r["step"] for r in rows if key in r] == [0, 2, 4]
+    assert all(0 <= r[key] <= 1 and "eval/bible_next_verse_en/acc_norm" in r for r in rows if key in r)
+    # Resumed from step 2 (its later checkpoint lost), the run writes the same metrics.
+    shutil.copytree(tmp_path / "whole", tmp_path / "resumed")
+    shutil.rmtree(tmp_path / "resumed" / "checkpoints" / "4")
+    trainer.train_run(config, str(tmp_path / "resumed"))
+    again = RunDir.of(str(tmp_path / "resumed")).read_metrics()
+    strip = lambda rs: [{k: v for k, v in r.items() if not k.startswith("perf/")} for r in rs]  # noqa: E731
+    assert strip(again) == strip(rows)
+
+
+def test_unknown_eval_task_is_a_config_error_before_compile(tmp_path):
+    from cpt_jax import trainer
+    from cpt_jax.config import ConfigError
+
+    from test_trainer import small_config
+
+    with pytest.raises(ConfigError, match=r"eval_tasks=\('nosuch_task',\): task 'nosuch_task' is not a harness task"):
+        trainer.validate(small_config("--config.eval_tasks=('nosuch_task',)"), str(tmp_path / "run"))
