@@ -19,6 +19,7 @@ per task and metric is printed.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
 import math
@@ -55,6 +56,7 @@ def make_lm(model, tokenizer, batch_size: int = 16, max_length: int = 2048, mesh
     return _jax_lm_class()(model, tokenizer, batch_size, max_length, mesh)
 
 
+@functools.cache  # one class, defined once the harness is importable
 def _jax_lm_class():
     TemplateLM = _harness()
 
