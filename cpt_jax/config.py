@@ -12,9 +12,7 @@ import os
 
 import ml_collections
 
-
-class ConfigError(ValueError):
-    """A config field that cannot work; raised before anything is written or compiled."""
+from cpt_jax.errors import ConfigError
 
 
 def load_file(path: str) -> ml_collections.ConfigDict:

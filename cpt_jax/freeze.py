@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from cpt_jax.config import ConfigError
+from cpt_jax.errors import ConfigError
 
 OLD_VOCAB = "old_vocab"
 FIELD = "optimizer.freeze"

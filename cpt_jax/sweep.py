@@ -12,7 +12,7 @@ expands into a source run (the source language from scratch), then scratch runs 
 `branches` one stable phase and a cooldown branch from it per budget (`expand`). Every run is an
 ordinary `cpt_jax.main` run in SWEEP_DIR/<size>/<kind>, so finished runs are skipped and
 unfinished ones resume; the runs get the sweep command's own config file and `--config.X`
-overrides, and `sweep run` exits as `cpt_jax.main` does (cpt_jax.runner). Backends: `local`
+overrides, and `sweep run` exits as `cpt_jax.main` does (cpt_jax.cli). Backends: `local`
 runs them one after another in this process (a failed run is reported and the runs that start
 from it are skipped), `slurm` submits a data-preparation job, then array jobs whose tasks each
 wait for the task of the run they start from only, `print` prints the preparation command, then
@@ -33,10 +33,9 @@ import sys
 import ml_collections
 from absl import app, flags
 
-from cpt_jax import models, runner, train
-from cpt_jax.config import ConfigError
+from cpt_jax import cli, models, train
+from cpt_jax.errors import ConfigError, Preempted, RunError
 from cpt_jax.rundir import RunDir
-from cpt_jax.runner import RunError
 
 _SWEEP_DIR = flags.DEFINE_string("sweep_dir", None, "Where the sweep's runs, plan and report go.")
 _BACKEND = flags.DEFINE_enum("backend", "local", ["local", "slurm", "print"], "How the runs are launched.")
@@ -213,12 +212,12 @@ def launch_local(runs: list[Run], sweep_dir: str) -> list[str]:
         print(f"[sweep] {run.name}: N={run.params:,} D={run.tokens:,} ({run.config.total_steps} steps)", flush=True)
         try:
             trainer.run_all(run.config, os.path.join(sweep_dir, run.name))
-        except runner.Preempted:
+        except Preempted:
             raise  # saved: the same command resumes the sweep
         except Exception as e:  # noqa: BLE001  (one run's failure, whatever it is, ends that run only)
             what = "config error" if isinstance(e, ConfigError) else "run error" if isinstance(e, RunError) else None
             if what is None:
-                runner.log.exception("%s failed", run.name)
+                cli.log.exception("%s failed", run.name)
             first = str(e).splitlines()[0] if str(e) else ""
             print(f"[sweep] {run.name}: FAILED ({what or type(e).__name__}: {first}); re-running the sweep resumes it",
                   flush=True)
@@ -400,9 +399,9 @@ def main(args: list[str]) -> None:
 
         print(write_report(sweep_dir))
         return
-    if runner.CONFIG.value is None:
+    if cli.CONFIG.value is None:
         raise app.UsageError("--config is required")
-    sweep = runner.CONFIG.value
+    sweep = cli.CONFIG.value
     try:
         runs = expand(sweep, sweep_dir, tuple(_ONLY.value))
     except ValueError as e:
@@ -419,7 +418,7 @@ def main(args: list[str]) -> None:
         trainer.run_all(run.config, os.path.join(sweep_dir, run.name))
         return
     # The runs are launched with this command's config file and overrides.
-    config_args = runner.config_args(sys.argv)
+    config_args = cli.config_args(sys.argv)
     write_plan(runs, sweep_dir, config_args, sweep)
     if _BACKEND.value == "print":
         for line in print_commands(runs, sweep_dir, config_args):
@@ -438,4 +437,4 @@ def main(args: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    runner.main(main)
+    cli.main(main)

@@ -26,13 +26,14 @@ from etils import epath
 from flax import nnx
 
 from cpt_jax import checkpoint, convert, distributed, freeze, models, sharding, storage, summary, train
-from cpt_jax.config import ConfigError, base, expand_runs, flatten
+from cpt_jax.errors import ConfigError
+from cpt_jax.config import base, expand_runs, flatten
 from cpt_jax.data import pipeline
 from cpt_jax.data.mixture import Mixture
 from cpt_jax.data.packing import BOS_CHOICES, PACKINGS
 from cpt_jax.metrics import MetricWriter, Progress
 from cpt_jax.rundir import RunDir
-from cpt_jax.runner import Preempted, RunError
+from cpt_jax.errors import Preempted, RunError
 
 log = logging.getLogger("cpt_jax")
 

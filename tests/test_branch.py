@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from cpt_jax import checkpoint, trainer
-from cpt_jax.config import ConfigError
+from cpt_jax.errors import ConfigError
 from cpt_jax.rundir import RunDir
 
 from test_trainer import small_config

@@ -193,7 +193,7 @@ def test_in_loop_task_metrics_at_their_steps_and_through_resume(tmp_path):
 
 def test_unknown_eval_task_is_a_config_error_before_compile(tmp_path):
     from cpt_jax import trainer
-    from cpt_jax.config import ConfigError
+    from cpt_jax.errors import ConfigError
 
     from test_trainer import small_config
 

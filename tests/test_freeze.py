@@ -13,7 +13,8 @@ import optax
 import pytest
 
 from cpt_jax import checkpoint, freeze, models, sharding, train, trainer
-from cpt_jax.config import ConfigError, base
+from cpt_jax.config import base
+from cpt_jax.errors import ConfigError
 from cpt_jax.convert.vocab import extend_vocab
 from cpt_jax.rundir import RunDir
 

@@ -7,7 +7,8 @@ import ml_collections
 import numpy as np
 import pytest
 
-from cpt_jax.config import ConfigError, base
+from cpt_jax.config import base
+from cpt_jax.errors import ConfigError
 from cpt_jax.data import pipeline
 
 
@@ -143,14 +144,14 @@ def test_bad_sources_name_the_field(tmp_path):
 
 def test_prepare_imports_nothing_above_the_data_layer():
     """`python -m cpt_jax.data.prepare` runs on CPU nodes before a job: no model, trainer or
-    converter stack (the runner it shares with main is below them)."""
+    converter stack (the cli it shares with main is below them)."""
     import subprocess
     import sys
 
     code = ("import sys, cpt_jax.data.prepare; "
             "print(' '.join(m for m in sys.modules if m.startswith('cpt_jax')))")
     loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
-    assert "cpt_jax.data.prepare" in loaded and "cpt_jax.runner" in loaded
+    assert "cpt_jax.data.prepare" in loaded and "cpt_jax.cli" in loaded
     above = [m for m in loaded if m.split(".")[1:2] and m.split(".")[1] in (
         "main", "trainer", "train", "models", "convert", "sweep", "checkpoint", "sharding", "generation", "scaling")]
     assert not above, above

@@ -17,7 +17,7 @@ from cpt_jax.scaling.report import SECTIONS
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MINI = os.path.join(ROOT, "configs", "sweeps", "mini.py")
-MINI_ARGS = ["--config", MINI]  # as `runner.config_args` gives them
+MINI_ARGS = ["--config", MINI]  # as `cli.config_args` gives them
 PAPER = os.path.join(ROOT, "configs", "sweeps", "paper.py")
 
 

@@ -11,7 +11,8 @@ import jax
 import pytest
 
 from cpt_jax import models, trainer
-from cpt_jax.config import ConfigError, load_file
+from cpt_jax.config import load_file
+from cpt_jax.errors import ConfigError
 from cpt_jax.convert import save_model
 
 from test_main import ROOT, SMALL, cli

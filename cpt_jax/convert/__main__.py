@@ -14,8 +14,9 @@ import argparse
 import json
 import sys
 
-from cpt_jax import convert, runner
-from cpt_jax.config import ConfigError, base, load_file
+from cpt_jax import cli, convert
+from cpt_jax.config import base, load_file
+from cpt_jax.errors import ConfigError
 from cpt_jax.convert.vocab import extend_vocab
 
 
@@ -50,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
         except (ValueError, FileNotFoundError, FileExistsError) as e:
             raise ConfigError(str(e)) from None
 
-    return runner.run(job, label="convert error", join_processes=False)
+    return cli.run(job, label="convert error", join_processes=False)
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -6,7 +6,7 @@ The main job prepares whatever is missing by itself; running this first (e.g. on
 before a GPU job) keeps accelerators from waiting. Interrupted, it resumes: finished parts of a
 store are kept, and a store is only read once its manifest, written last, exists. Several of these
 and of training jobs may start at once on one cache: each part is prepared by one of them, and the
-others wait for it. Exit codes are the main job's (cpt_jax.runner).
+others wait for it. Exit codes are the main job's (cpt_jax.cli).
 """
 
 from __future__ import annotations
@@ -15,8 +15,9 @@ import json
 
 from absl import app
 
-from cpt_jax import runner
-from cpt_jax.config import ConfigError, expand_runs
+from cpt_jax import cli
+from cpt_jax.config import expand_runs
+from cpt_jax.errors import ConfigError
 from cpt_jax.data import pipeline
 
 
@@ -45,11 +46,11 @@ def prepare(config) -> list[dict]:
 def main(args: list[str]) -> None:
     if args:
         raise app.UsageError(f"unexpected arguments: {args}")
-    if runner.CONFIG.value is None:
+    if cli.CONFIG.value is None:
         raise app.UsageError("--config is required")
-    for summary in prepare(runner.CONFIG.value):
+    for summary in prepare(cli.CONFIG.value):
         print(json.dumps(summary, indent=2))
 
 
 if __name__ == "__main__":
-    runner.main(main, join_processes=False)
+    cli.main(main, join_processes=False)

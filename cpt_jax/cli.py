@@ -21,7 +21,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from cpt_jax import distributed
-from cpt_jax.config import ConfigError
+from cpt_jax.errors import ConfigError, Preempted, RunError
 from cpt_jax.metrics import setup_logging
 
 CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/demo.py[:arg]; any field can "
@@ -32,14 +32,6 @@ NUM_PROCESSES = flags.DEFINE_integer("num_processes", 0, "With --coordinator_add
 PROCESS_ID = flags.DEFINE_integer("process_id", -1, "With --coordinator_address: this process's index.")
 
 log = logging.getLogger("cpt_jax")
-
-
-class RunError(RuntimeError):
-    """A run that cannot go on (a non-finite loss); its last good checkpoint is kept."""
-
-
-class Preempted(Exception):
-    """SIGTERM: the step in flight finished and was saved; the same command resumes."""
 
 
 def run(job: Callable[[], object], *, label: str = "config error", join_processes: bool = True) -> int:
