@@ -29,7 +29,7 @@ def main() -> None:
     from lm_eval.api.instance import Instance
     from lm_eval.models.huggingface import HFLM
 
-    from cpt_jax import convert, models, tasks
+    from cpt_jax import convert, inference, tasks
     from cpt_jax.evaluate import make_lm
 
     src = convert.bundled_model(a.src) if a.src in convert.BUNDLED else a.src
@@ -37,7 +37,7 @@ def main() -> None:
              for d in tasks.bible_next_verse(lang) for c in d["choices"]]
     picked = pairs[::max(1, len(pairs) // a.requests)][:a.requests]  # spread over both languages
     reqs = [Instance("loglikelihood", {}, pair, i) for i, pair in enumerate(picked)]
-    model, tokenizer = models.load(src)
+    model, tokenizer = inference.load(src)
     with tempfile.TemporaryDirectory() as tmp:
         hf_dir = os.path.join(tmp, "hf")
         convert.export_model(src, hf_dir)

@@ -17,7 +17,7 @@ import json
 import jax
 import numpy as np
 
-from cpt_jax import freeze, models, sharding, train
+from cpt_jax import freeze, models, sharding, update
 from cpt_jax.config import base
 
 MIB = 2**20
@@ -28,7 +28,7 @@ def measure(mcfg, patterns: tuple[str, ...], a: argparse.Namespace, mesh) -> dic
     mask = freeze.resolve(patterns, spec.abstract_params, a.old_vocab)
     opt = base().optimizer
     opt.freeze = patterns
-    steps = train.compile_steps(mcfg, opt, 1000, mesh, a.batch_size, a.seq_len, num_sources=1, frozen=mask)
+    steps = update.compile_steps(mcfg, opt, 1000, mesh, a.batch_size, a.seq_len, num_sources=1, frozen=mask)
     mem = steps.memory
     opt_bytes = sum(int(np.prod(x.shape)) * x.dtype.itemsize for x in jax.tree.leaves(steps.abstract_state.opt_state))
     return {"size": a.size, "vocab_size": a.vocab_size, "batch_size": a.batch_size, "seq_len": a.seq_len,

@@ -7,7 +7,7 @@
   python bench/train_step.py --sizes 5534m --compile_only                                # compile time and memory
   python bench/train_step.py --sizes tiny --seq_len 128 --batch_size 16 --packing documents   # the document mask's cost
 
-It times the real train step of `cpt_jax.train.compile_steps` (jitted ahead of time over the mesh,
+It times the real train step of `cpt_jax.update.compile_steps` (jitted ahead of time over the mesh,
 state donated, bf16 compute with float32 params and AdamW state on accelerators, the platform's
 attention kernel, the fused chunked cross-entropy) after compilation and warm-up, on random
 tokens: this measures the compiled step, not the input pipeline (bench/data.py does that). With
@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cpt_jax import models, sharding, train
+from cpt_jax import models, sharding, update
 from cpt_jax.config import base
 from cpt_jax.metrics import mfu, peak_flops
 
@@ -42,7 +42,7 @@ def bench(size: str, a: argparse.Namespace, mesh) -> dict:
     opt.grad_accum = a.grad_accum
     t0 = time.perf_counter()
     eos = a.vocab_size - 1 if a.packing == "documents" else None
-    steps = train.compile_steps(mcfg, opt, 1000, mesh, a.batch_size, a.seq_len, num_sources=1, document_end=eos)
+    steps = update.compile_steps(mcfg, opt, 1000, mesh, a.batch_size, a.seq_len, num_sources=1, document_end=eos)
     compile_s = time.perf_counter() - t0
     mem = steps.memory
     out = {
@@ -61,7 +61,7 @@ def bench(size: str, a: argparse.Namespace, mesh) -> dict:
 
     with jax.set_mesh(mesh):
         params = steps.init_params(jax.random.key(0))
-        state = train.TrainState(jnp.zeros((), jnp.int32), params, steps.init_opt_state(params))
+        state = update.TrainState(jnp.zeros((), jnp.int32), params, steps.init_opt_state(params))
         tokens = np.random.default_rng(0).integers(0, a.vocab_size - 1, (a.batch_size, a.seq_len + 1), np.int32)
         if eos is not None:
             tokens[:, a.doc_len - 1::a.doc_len] = eos

@@ -10,6 +10,7 @@ intermediate checkpoints are data points for scaling-law fits.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
 import jax
 import optax
@@ -18,21 +19,10 @@ from etils import epath
 from orbax.checkpoint.checkpoint_managers import preservation_policy as pp
 
 from cpt_jax import distributed, storage
-from cpt_jax.models.llama import ModelConfig
 
 # Stored in `meta`; bump when the stored tree changes shape, so old checkpoints are refused clearly.
 LAYOUT = "stacked-layers-v1"
 log = logging.getLogger("cpt_jax")
-
-
-def check_model(theirs: dict, ours: dict, where: str) -> None:
-    """The one model-compatibility check (resume and init_from alike): `theirs`, a checkpoint's
-    model metadata, must match `ours` (ModelConfig.architecture()) in every field; else a
-    ValueError lists each differing field as `field: theirs -> this run's`."""
-    theirs = ModelConfig.architecture_of(theirs)
-    diff = [f"{k}: {theirs.get(k, '(absent)')!r} -> {v!r}" for k, v in ours.items() if theirs.get(k) != v]
-    if diff:
-        raise ValueError(f"{where} holds another model ({'; '.join(diff)})")
 
 
 def latest_step(directory: str) -> int | None:
@@ -144,9 +134,10 @@ class Checkpointer:
             return node._replace(count=out["count"], mu=moments("mu", node.mu), nu=moments("nu", node.nu))
         return jax.tree.map(swap, opt_state, is_leaf=_is_adam), fresh
 
-    def restore_latest(self, abstract_params, abstract_opt_state, model: dict) -> tuple[int, dict, object] | None:
+    def restore_latest(self, abstract_params, abstract_opt_state, check: Callable[[dict, str], None]
+                       ) -> tuple[int, dict, object] | None:
         """(step, params, opt_state) of the latest step that restores; None where none does.
-        `model`: the architecture fields the checkpoint's metadata must match.
+        `check(meta, where)` raises ValueError where a readable checkpoint holds another model.
 
         Orbax renames a step into place only once it is complete, so a crash mid-save leaves no
         half step; a step that still fails to read (a truncated or corrupted file) is moved aside
@@ -161,7 +152,7 @@ class Checkpointer:
                 if meta.get("layout") != LAYOUT:
                     raise ValueError(f"checkpoint {self.directory}/{step} has layout {meta.get('layout')!r}, "
                                      f"this cpt_jax reads {LAYOUT!r}")
-                check_model(meta.get("model", {}), model, f"checkpoint {self.directory}/{step}")
+                check(meta, f"checkpoint {self.directory}/{step}")
                 try:
                     params, opt_state, _ = self.restore(step, abstract_params, abstract_opt_state)
                     return step, params, opt_state

@@ -238,7 +238,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--output", default=None, help="results dir (default: WORKDIR/eval/step_N)")
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
-    from cpt_jax import models
+    from cpt_jax import inference
     from cpt_jax import tasks as task_lib
     from cpt_jax.rundir import RunDir
 
@@ -248,7 +248,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         step = run.latest_step() if a.step is None else a.step
         if step is None:
             raise FileNotFoundError(f"--workdir {a.workdir}: no checkpoint there")
-        model, tokenizer = models.load(a.workdir, step, a.dtype)
+        model, tokenizer = inference.load(a.workdir, step, a.dtype)
     except (ValueError, FileNotFoundError, ImportError) as e:
         print(f"evaluate error: {e}", file=sys.stderr)
         return 2

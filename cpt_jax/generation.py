@@ -1,6 +1,6 @@
 """Text generation with a KV cache: one jitted prefill, then one jitted token at a time.
 
-    model, tokenizer = cpt_jax.models.load("/tmp/smollm2")
+    model, tokenizer = cpt_jax.load("/tmp/smollm2")
     cpt_jax.generate(model, tokenizer, "The capital of France is", max_new_tokens=8)
 
 Prompts of different lengths are left-padded into one batch (the cache masks the padding), and

@@ -18,7 +18,6 @@ from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
-from etils import epath
 
 from cpt_jax import storage
 from cpt_jax.tensorboard import EventWriter
@@ -42,13 +41,6 @@ def mfu(tokens_per_sec: float, flops_per_token: float, peak_per_device: float | 
     return tokens_per_sec * flops_per_token / (peak_per_device * devices) if peak_per_device else None
 
 
-def read_jsonl(path: str) -> list[dict]:
-    path = epath.Path(path)  # local or gs://
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
 class MetricWriter:
     """Appends metrics to DIR/metrics.jsonl and TensorBoard; a no-op off process 0."""
 
@@ -57,7 +49,7 @@ class MetricWriter:
         if not enabled:
             return
         # Resuming keeps the lines up to the restored step; a fresh start drops stale ones.
-        self.lines = [json.dumps(r) + "\n" for r in read_jsonl(self.path)
+        self.lines = [json.dumps(r) + "\n" for r in storage.read_jsonl(self.path)
                       if resume_step is not None and r["step"] <= resume_step]
         storage.write_atomic(self.path, "".join(self.lines))
         self.tb = EventWriter(tensorboard_dir)
@@ -118,25 +110,28 @@ class Progress:
         self._epochs: dict[str, float] = {}
 
     def start(self, evals: dict) -> None:
-        """The evals before the first step."""
+        """The evals before the first step; the speed clock starts after them."""
         self.writer.write(0, evals)
         log.info(log_line(0, self.total, evals, None))
+        self._since = (time.perf_counter(), self._since[1])
 
     def dispatched(self, metrics: dict) -> None:
-        """After a step went to the device: its non-finite flag counted, the previous logged step
-        written (fetching it waits for that step only: this one is queued behind it)."""
-        self.nonfinite = self.nonfinite + metrics["nonfinite"]
+        """After a step went to the device: the previous logged step written (fetching it waits for
+        that step only: this one is queued behind it), with the non-finite steps up to it; then this
+        step's non-finite flag counted. A good step's record is written before a later bad step
+        can stop the run."""
         self.flush()
+        self.nonfinite = self.nonfinite + metrics["nonfinite"]
 
     def log(self, step: int, metrics: dict, evals: dict) -> None:
         """Record `step` once the next step has been dispatched (or at `flush`)."""
         self._pending = (step, metrics, evals)
 
-    def evaluate(self, fn: Callable[[], dict], params) -> dict:
-        """`fn()`, its time kept out of the speed; the wait for training still counts as training."""
+    def timed(self, evals: Callable[[dict], dict], params: dict) -> dict:
+        """`evals(params)`, its time kept out of the speed; the wait for training still counts as training."""
         jax.block_until_ready(params)
         t0 = time.perf_counter()
-        out = fn()
+        out = evals(params)
         self._eval_s += time.perf_counter() - t0
         return out
 

@@ -1,5 +1,5 @@
 """A run directory's layout, in one place. A training run's workdir and a converted pretrained
-model share it, so `init_from`, `models.load`, export, the sweep and its report read either:
+model share it, so `init_from`, `cpt_jax.load`, export, the sweep and its report read either:
 
     DIR/checkpoints/N/   Orbax: params, opt_state (runs only), meta (cpt_jax.checkpoint)
     DIR/tokenizer/       the tokenizer the checkpoints speak
@@ -57,15 +57,7 @@ class RunDir:
         return json.loads(path.read_text()) if path.exists() else None
 
     def read_metrics(self) -> list[dict]:
-        from cpt_jax.metrics import read_jsonl
-
-        return read_jsonl(self.metrics)
-
-    def load_tokenizer(self):
-        """The tokenizer saved beside the checkpoints; None where none was."""
-        from cpt_jax.data.tokenizer import load_tokenizer
-
-        return load_tokenizer(self.tokenizer) if epath.Path(self.tokenizer).is_dir() else None
+        return storage.read_jsonl(self.metrics)
 
     def meta(self, step: int | None = None) -> dict:
         """The metadata of a checkpoint (the latest by default): config, model, tokenizer."""

@@ -105,3 +105,14 @@ __all__ = [
     "MESH_AXES", "RULES", "batch_sharding", "constrain", "data_parallel_size", "logical_spec",
     "make_mesh", "mesh_shape", "param_shardings",
 ]
+
+
+def process_rows(batch_size: int) -> slice:
+    """This process's rows of a global batch."""
+    per = batch_size // jax.process_count()
+    return slice(jax.process_index() * per, (jax.process_index() + 1) * per)
+
+
+def to_device(host: dict, shardings: dict) -> dict:
+    """Each process's rows (`process_rows`) of every array of a batch, as global arrays."""
+    return {k: jax.make_array_from_process_local_data(shardings[k], v) for k, v in host.items()}

@@ -30,12 +30,14 @@ import shlex
 import subprocess
 import sys
 
+import jax
 import ml_collections
 from absl import app, flags
 
-from cpt_jax import cli, models, train
+from cpt_jax import cli, models, trainer, update
 from cpt_jax.errors import ConfigError, Preempted, RunError
 from cpt_jax.rundir import RunDir
+from cpt_jax.scaling.report import write_report
 
 _SWEEP_DIR = flags.DEFINE_string("sweep_dir", None, "Where the sweep's runs, plan and report go.")
 _BACKEND = flags.DEFINE_enum("backend", "local", ["local", "slurm", "print"], "How the runs are launched.")
@@ -129,7 +131,7 @@ def expand(sweep: ml_collections.ConfigDict, sweep_dir: str, only: tuple[str, ..
                 1, round(sweep.base.optimizer.warmup_frac * steps_of(budgets[0])))
             opt = copy.deepcopy(sweep.base.optimizer)
             opt.warmup_steps = warmup
-            points = {tpp: steps_of(tpp) - train.decay_steps(opt, steps_of(tpp)) for tpp in budgets}
+            points = {tpp: steps_of(tpp) - update.decay_steps(opt, steps_of(tpp)) for tpp in budgets}
             if points[budgets[0]] <= warmup:
                 raise ValueError(f"tokens_per_param={budgets[0]:g} at size {size}: {steps_of(budgets[0])} steps "
                                  f"leave no stable phase after a {warmup}-step warmup")
@@ -194,10 +196,6 @@ def launch_local(runs: list[Run], sweep_dir: str) -> list[str]:
     were skipped because what they start from failed. The runs share a persistent compilation
     cache (SWEEP_DIR/jax_cache, unless JAX_COMPILATION_CACHE_DIR says otherwise): runs of one size
     compile the same train step whatever their schedule and length."""
-    import jax
-
-    from cpt_jax import trainer
-
     if not os.environ.get("JAX_COMPILATION_CACHE_DIR"):
         jax.config.update("jax_compilation_cache_dir", os.path.join(sweep_dir, "jax_cache"))
     failed: list[str] = []
@@ -395,8 +393,6 @@ def main(args: list[str]) -> None:
         raise app.UsageError("--sweep_dir is required")
     sweep_dir = os.path.abspath(_SWEEP_DIR.value or "SWEEP_DIR")
     if command == "report":
-        from cpt_jax.scaling.report import write_report
-
         print(write_report(sweep_dir))
         return
     if cli.CONFIG.value is None:
@@ -413,8 +409,6 @@ def main(args: list[str]) -> None:
         run = next((r for r in runs if r.name == _RUN.value), None)
         if run is None:
             raise ConfigError(f"--run {_RUN.value!r} is not in the sweep")
-        from cpt_jax import trainer
-
         trainer.run_all(run.config, os.path.join(sweep_dir, run.name))
         return
     # The runs are launched with this command's config file and overrides.
@@ -431,8 +425,6 @@ def main(args: list[str]) -> None:
             print(f"[sweep] {len(failed)} run(s) failed or skipped: {', '.join(failed)}", flush=True)
             raise RunError(f"{len(failed)} run(s) of the sweep failed or were skipped; re-running resumes them")
         if sweep.report:
-            from cpt_jax.scaling.report import write_report
-
             print(write_report(sweep_dir))
 
 

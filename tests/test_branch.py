@@ -10,7 +10,7 @@ from cpt_jax import checkpoint, trainer
 from cpt_jax.errors import ConfigError
 from cpt_jax.rundir import RunDir
 
-from test_trainer import small_config
+from test_trainer import setup, small_config
 
 STABLE = ("--config.total_steps=12", "--config.optimizer.schedule=constant", "--config.optimizer.warmup_steps=3",
           "--config.keep_steps=(8,9,10)", "--config.checkpoint_every=100", "--config.eval_every=100",
@@ -35,7 +35,7 @@ def stable(tmp_path_factory):
 
 def _restorer(config, probe: str):
     """(workdir, step) -> the leaves of params and optimizer state of that checkpoint, as numpy."""
-    abstract = trainer.compile_run(trainer.prepare(config, probe)).abstract_state
+    abstract = trainer.compile_run(setup(config, probe)).abstract_state
 
     def state(workdir, step):
         params, opt_state, _ = checkpoint.Checkpointer(RunDir.of(workdir).checkpoints, read_only=True).restore(

@@ -1,5 +1,7 @@
 """Orbax checkpoints: what is kept, what is stored with them, and restoring onto other meshes."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -76,13 +78,15 @@ def test_restore_latest_refuses_another_model_and_moves_nothing(tmp_path):
     mesh = sharding.make_mesh((8, 1, 1))
     params, spec, shardings = _sharded_params(mesh)
     ckpt = checkpoint.Checkpointer(str(tmp_path), async_save=False)
-    ckpt.save(3, params, {"count": jnp.zeros((), jnp.int32)}, {"model": {"hidden": CFG.hidden}})
+    ckpt.save(3, params, {"count": jnp.zeros((), jnp.int32)}, {"model": dataclasses.asdict(CFG)})
     ckpt.wait()
     abstract_opt = {"count": jax.ShapeDtypeStruct((), jnp.int32, sharding=jax.sharding.NamedSharding(
         mesh, jax.sharding.PartitionSpec()))}
-    step, restored, _ = ckpt.restore_latest(_abstract(spec, shardings), abstract_opt, {"hidden": CFG.hidden})
+    check = lambda cfg: lambda meta, where: cfg.check_restores(meta["model"], where)  # noqa: E731
+    step, restored, _ = ckpt.restore_latest(_abstract(spec, shardings), abstract_opt, check(CFG))
     assert step == 3
     jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), restored, params)
     with pytest.raises(ValueError, match="holds another model"):
-        ckpt.restore_latest(_abstract(spec, shardings), abstract_opt, {"hidden": 2 * CFG.hidden})
+        wider = dataclasses.replace(CFG, hidden=2 * CFG.hidden)
+        ckpt.restore_latest(_abstract(spec, shardings), abstract_opt, check(wider))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["3"]

@@ -14,7 +14,7 @@ import transformers
 from flax import nnx
 from tokenizers import Tokenizer, models, pre_tokenizers
 
-from cpt_jax import convert
+from cpt_jax import convert, inference
 from cpt_jax import models as cpt_models
 from cpt_jax.config import base
 from cpt_jax.convert import hf, safetensors
@@ -114,7 +114,7 @@ def test_import_export_parity_with_transformers(arch, tmp_path):
     src = save_hf(ref, tmp_path / "hf", max_shard_size="40KB")
     assert os.path.exists(os.path.join(src, safetensors.INDEX))
     convert.import_model(src, str(tmp_path / "ckpt"))
-    model, tok = cpt_models.load(str(tmp_path / "ckpt"))
+    model, tok = inference.load(str(tmp_path / "ckpt"))
     assert {k: getattr(model.cfg, k) for k in FAMILY_FIELDS[arch]} == FAMILY_FIELDS[arch]
     assert tok.vocab_size == 27
     # 80 positions: past the windows of 24 and llama3's original context of 16.
@@ -281,7 +281,7 @@ def test_llama31_gguf_with_rope_freqs_imports_as_llama3_scaling(bible_sp, tmp_pa
     ref = randomised(transformers.LlamaForCausalLM, config)
     write_gguf(tmp_path / "m.gguf", ref, bible_sp.files["tokenizer.model"])
     convert.import_model(str(tmp_path / "m.gguf"), str(tmp_path / "ckpt"))
-    model, _ = cpt_models.load(str(tmp_path / "ckpt"))
+    model, _ = inference.load(str(tmp_path / "ckpt"))
     want = {k: v for k, v in LLAMA31_ROPE.items() if k != "rope_theta"}
     got = dict(model.cfg.rope_scaling)
     assert got["rope_type"] == "llama3" and got.keys() == want.keys()
@@ -330,7 +330,7 @@ def test_gguf_of_each_family_matches_transformers(arch, bible_sp, tmp_path):
     ref = randomised(cls, config(**{**COMMON, "vocab_size": 400}, **fields))
     write_gguf(tmp_path / "m.gguf", ref, bible_sp.files["tokenizer.model"])
     convert.import_model(str(tmp_path / "m.gguf"), str(tmp_path / "ckpt"))
-    model, _ = cpt_models.load(str(tmp_path / "ckpt"))
+    model, _ = inference.load(str(tmp_path / "ckpt"))
     ids = np.random.default_rng(0).integers(0, 400, (2, 80))  # past the window of 24
     np.testing.assert_allclose(np.asarray(model(jnp.asarray(ids))), hf_logits(ref, ids), atol=1e-4, rtol=0)
 
@@ -341,7 +341,7 @@ def test_gguf_with_a_sentencepiece_vocabulary(bible_sp, tmp_path):
                      transformers.LlamaConfig(**{**COMMON, "vocab_size": 400}, rope_theta=5000.0))
     write_gguf(tmp_path / "m.gguf", ref, sp.files["tokenizer.model"])
     convert.import_model(str(tmp_path / "m.gguf"), str(tmp_path / "ckpt"))
-    model, tok = cpt_models.load(str(tmp_path / "ckpt"))
+    model, tok = inference.load(str(tmp_path / "ckpt"))
     for text in ["In the beginning God created the heaven", "  two  spaces, 北京 and bytes"]:
         assert tok.encode(text) == sp.encode(text), text
     assert (tok.bos_id, tok.eos_id, tok.unk_id, tok.pad_id) == (sp.bos_id, sp.eos_id, sp.unk_id, sp.pad_id)
@@ -370,13 +370,13 @@ def smollm2_hf():
 def test_smollm2_knows_paris(smollm2):
     import cpt_jax
 
-    model, tok = cpt_models.load(smollm2)
+    model, tok = inference.load(smollm2)
     out = cpt_jax.generate(model, tok, "The capital of France is", max_new_tokens=4)
     assert out.split()[0].strip(".,") == "Paris", out
 
 
 def test_smollm2_matches_transformers_own_gguf_load(smollm2, smollm2_hf):
-    model, tok = cpt_models.load(smollm2)
+    model, tok = inference.load(smollm2)
     hf, hf_tok = smollm2_hf
     for text in ["The capital of France is", "北京是中国的首都。", "x = 12345\n\tdef f():  return 'ok'"]:
         assert tok.encode(text) == hf_tok.encode(text, add_special_tokens=False), text
@@ -393,7 +393,7 @@ def test_smollm2_is_framed_as_it_was_pretrained(smollm2, smollm2_hf):
     from cpt_jax.config import load_file
     from cpt_jax.data.packing import Framing
 
-    _, tok = cpt_models.load(smollm2)
+    _, tok = inference.load(smollm2)
     _, hf_tok = smollm2_hf
     assert hf_tok("The capital").input_ids == tok.encode("The capital")  # nothing added around the text
     assert Framing.of(tok) == Framing(None, tok.token_to_id("<|im_end|>"))
@@ -563,8 +563,8 @@ def test_vocabulary_extension_of_each_family(arch, tmp_path):
     byte_level.save(str(tmp_path / "hf" / "tokenizer.json"))
     convert.import_model(str(tmp_path / "hf"), str(tmp_path / "ckpt"))
     report = extend_vocab(str(tmp_path / "ckpt"), str(tmp_path / "ext"), base().data, "zh", 4000)
-    old, old_tok = cpt_models.load(str(tmp_path / "ckpt"))
-    new, new_tok = cpt_models.load(str(tmp_path / "ext"))
+    old, old_tok = inference.load(str(tmp_path / "ckpt"))
+    new, new_tok = inference.load(str(tmp_path / "ext"))
     assert report["added"] > 100 and new.cfg.vocab_size == max(300, 257 + report["added"])
     ids = np.array([new_tok.encode("In the beginning 北京是中国的首都")])
     assert ids.max() >= 257  # new tokens in the text
@@ -580,8 +580,8 @@ def test_vocabulary_extension_of_each_family(arch, tmp_path):
 
 def test_smollm2_vocabulary_extension_for_chinese(smollm2, tmp_path):
     report = extend_vocab(smollm2, str(tmp_path / "ext"), base().data, "zh", 4000)
-    old, old_tok = cpt_models.load(smollm2)
-    new, new_tok = cpt_models.load(str(tmp_path / "ext"))
+    old, old_tok = inference.load(smollm2)
+    new, new_tok = inference.load(str(tmp_path / "ext"))
     v = old.cfg.vocab_size
     assert new.cfg.vocab_size == new_tok.vocab_size == v + report["added"] and report["added"] > 1000
     # Byte-level BPE spends ~2 tokens per Chinese character; the added pieces cut that by more than half.
@@ -619,7 +619,7 @@ def gemma3(tmp_path_factory):
 def test_gemma3_continues_chinese(gemma3):
     import cpt_jax
 
-    model, tok = cpt_models.load(gemma3)
+    model, tok = inference.load(gemma3)
     assert model.cfg.full_attention_layers == (5, 11, 17) and model.cfg.sliding_window == 512
     assert tok.add_bos  # Gemma is pretrained with BOS, and generate prepends it
     assert cpt_jax.generate(model, tok, "北京是中国的", max_new_tokens=6).startswith("首都")
@@ -639,7 +639,7 @@ def test_gemma3_matches_transformers_own_gguf_load(gemma3):
     kwargs = dict(gguf_file=os.path.basename(path))
     hf = transformers.AutoModelForCausalLM.from_pretrained(os.path.dirname(path), dtype=torch.float32, **kwargs).eval()
     hf_tok = transformers.AutoTokenizer.from_pretrained(os.path.dirname(path), **kwargs)
-    model, tok = cpt_models.load(gemma3)
+    model, tok = inference.load(gemma3)
     for text in ["The capital of France is", "北京是中国的首都。", "x = 12345\n\tdef f():  return 'ok'",
                  "  two  spaces\n\n\tand tabs 🤖"]:
         assert tok.encode(text) == hf_tok.encode(text, add_special_tokens=False), text
@@ -682,10 +682,8 @@ def test_truncated_or_lying_safetensors_names_file_and_tensor(tmp_path, damage, 
 def test_a_checkpoint_written_before_qk_norm_existed_still_matches_its_model():
     """Model metadata from before a field existed reads as that field's default: such checkpoints
     resume and serve as init_from; a real difference is still named."""
-    from cpt_jax import checkpoint
-
     cfg = cpt_models.model_config("test", VOCAB)
     old = {k: v for k, v in cfg.architecture().items() if k != "qk_norm"}
-    checkpoint.check_model(old, cfg.architecture(), "old")
+    cfg.check_restores(old, "old")
     with pytest.raises(ValueError, match=r"old holds another model \(qk_norm: '' -> 'head'\)"):
-        checkpoint.check_model(old, cpt_models.model_config("test", VOCAB, qk_norm="head").architecture(), "old")
+        cpt_models.model_config("test", VOCAB, qk_norm="head").check_restores(old, "old")

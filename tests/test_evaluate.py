@@ -11,7 +11,7 @@ import tokenizers
 import transformers
 from tokenizers import Tokenizer, pre_tokenizers, processors
 
-from cpt_jax import convert
+from cpt_jax import convert, inference
 from cpt_jax import models as cpt_models
 from cpt_jax import tasks as task_lib
 from cpt_jax.evaluate import main as evaluate_main
@@ -59,7 +59,7 @@ def exported(tmp_path_factory):
 @pytest.fixture(scope="module")
 def both(exported):
     ckpt, hf_dir = exported
-    model, tok = cpt_models.load(ckpt)
+    model, tok = inference.load(ckpt)
     ours = make_lm(model, tok, batch_size=8, max_length=512)
     theirs = HFLM(pretrained=hf_dir, batch_size=8, device="cpu", dtype="float32", max_length=512)
     return ours, theirs
@@ -90,7 +90,7 @@ def test_loglikelihoods_equal_the_harness_hf_backend(both):
 
 
 def test_batching_and_padding_change_no_loglikelihood(exported):
-    model, tok = cpt_models.load(exported[0])
+    model, tok = inference.load(exported[0])
     reqs = [Instance("loglikelihood", {}, pair, i) for i, pair in enumerate(requests())]
     batched = make_lm(model, tok, batch_size=16).loglikelihood(reqs, disable_tqdm=True)
     alone = [make_lm(model, tok, batch_size=8).loglikelihood([r], disable_tqdm=True)[0] for r in reqs[::5]]
@@ -192,10 +192,10 @@ def test_in_loop_task_metrics_at_their_steps_and_through_resume(tmp_path):
 
 
 def test_unknown_eval_task_is_a_config_error_before_compile(tmp_path):
-    from cpt_jax import trainer
+    from cpt_jax import checks
     from cpt_jax.errors import ConfigError
 
     from test_trainer import small_config
 
     with pytest.raises(ConfigError, match=r"eval_tasks=\('nosuch_task',\): task 'nosuch_task' is not a harness task"):
-        trainer.validate(small_config("--config.eval_tasks=('nosuch_task',)"), str(tmp_path / "run"))
+        checks.check_config(small_config("--config.eval_tasks=('nosuch_task',)"))

@@ -13,7 +13,7 @@ import numpy as np
 import optax
 import pytest
 
-from cpt_jax import models, sharding, train
+from cpt_jax import models, sharding, update
 from cpt_jax.models import attention
 from cpt_jax.models.cross_entropy import cross_entropy
 
@@ -117,7 +117,7 @@ def _loss_and_grads(dtype: str, attn: str, loss_chunk: int, scan_layers: bool, r
     with jax.set_mesh(mesh):
         params = jax.device_put(params, p_sh)
         tokens = jax.device_put(jnp.asarray(tokens, jnp.int32), sharding.batch_sharding(mesh))
-        fn = jax.jit(jax.value_and_grad(lambda p, t: train.token_losses(s.graphdef, p, t, document_end)[0]))
+        fn = jax.jit(jax.value_and_grad(lambda p, t: update.token_losses(s.graphdef, p, t, document_end)[0]))
         loss, grads = fn(params, tokens)
     return float(loss), jax.tree.map(np.asarray, grads)
 

@@ -44,16 +44,16 @@ def run(workdir, *extra, devices=8):
 
 def metrics(workdir):
     """Everything logged but wall-clock speed."""
-    from cpt_jax.metrics import read_jsonl  # local or gs://
+    from cpt_jax.storage import read_jsonl  # local or gs://
 
     return [{k: v for k, v in r.items() if not k.startswith("perf/")}
             for r in read_jsonl(os.path.join(str(workdir), "metrics.jsonl"))]
 
 
 def final_params(workdir):
-    from cpt_jax import models
+    from cpt_jax import inference, models
 
-    model, _ = models.load(str(workdir))
+    model, _ = inference.load(str(workdir))
     return {k: np.asarray(v) for k, v in _flat(models.params_of(model))}
 
 

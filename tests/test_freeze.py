@@ -12,13 +12,13 @@ import numpy as np
 import optax
 import pytest
 
-from cpt_jax import checkpoint, freeze, models, sharding, train, trainer
+from cpt_jax import checkpoint, checks, freeze, inference, loop, models, sharding, trainer, update
 from cpt_jax.config import base
 from cpt_jax.errors import ConfigError
 from cpt_jax.convert.vocab import extend_vocab
 from cpt_jax.rundir import RunDir
 
-from test_trainer import small_config
+from test_trainer import setup, small_config
 from test_vocab import english_model  # noqa: F401  (a fixture)
 
 
@@ -33,11 +33,11 @@ def _steps(mcfg, patterns, n=3, seed=0):
     opt = _opt(freeze=patterns)
     spec = models.spec(mcfg)
     mask = freeze.resolve(patterns, spec.abstract_params)
-    args = train.schedule_args(opt, 10)
-    step = jax.jit(functools.partial(train.train_step, schedule=args, graphdef=spec.graphdef, opt=opt,
+    args = update.schedule_args(opt, 10)
+    step = jax.jit(functools.partial(update.train_step, schedule=args, graphdef=spec.graphdef, opt=opt,
                                      num_sources=1, frozen=mask))
     params = models.init_params(mcfg, jax.random.key(seed))
-    state = train.TrainState(jnp.int32(0), params, train.optimizer(opt, args, frozen=mask).init(params))
+    state = update.TrainState(jnp.int32(0), params, update.optimizer(opt, args, frozen=mask).init(params))
     rng = np.random.default_rng(seed)
     for _ in range(n):
         batch = {"tokens": jnp.asarray(rng.integers(0, mcfg.vocab_size, (4, 17)), jnp.int32),
@@ -88,7 +88,7 @@ def test_a_layer_slice_keeps_those_layers_and_trains_the_others():
 
 def test_wholly_frozen_leaves_shrink_the_compiled_step_by_their_moments():
     mcfg, mesh = models.model_config("test", 64), sharding.make_mesh((-1, 1, 1))  # params replicated
-    mem = {p: train.compile_steps(mcfg, _opt(freeze=p), 10, mesh, 8, 16, 1).memory for p in ((), ("embed", "lm_head"))}
+    mem = {p: update.compile_steps(mcfg, _opt(freeze=p), 10, mesh, 8, 16, 1).memory for p in ((), ("embed", "lm_head"))}
     saved = mem[()].argument_size_in_bytes - mem[("embed", "lm_head")].argument_size_in_bytes
     assert saved == 2 * 2 * 64 * 64 * 4  # mu and nu of two [64, 64] float32 leaves, per device
 
@@ -133,10 +133,10 @@ def source(tmp_path_factory):
 
 
 def _start(config, workdir):
-    plan = trainer.prepare(config, workdir)
+    plan = setup(config, workdir)
     steps = trainer.compile_run(plan)
     with jax.set_mesh(plan.mesh):
-        ckpt = checkpoint.Checkpointer(plan.run.checkpoints)
+        ckpt = checkpoint.Checkpointer(plan.dir.checkpoints)
         state, start = trainer.restore_or_init(plan, steps, ckpt)
         ckpt.close()
     return plan, steps, state, start
@@ -149,8 +149,7 @@ def test_init_from_optimizer_takes_the_moments_and_count_but_starts_at_step_0(so
         plan, steps, state, start = _start(config, str(tmp_path / "run"))
     assert start is None and int(state.step) == 0
     src = checkpoint.Checkpointer(RunDir.of(source).checkpoints, read_only=True)
-    probe = trainer.compile_run(trainer.prepare(small_config("--config.optimizer.freeze=('embed',)"),
-                                                str(tmp_path / "probe")))
+    probe = trainer.compile_run(setup(small_config("--config.optimizer.freeze=('embed',)"), str(tmp_path / "probe")))
     _, theirs, _ = src.restore(3, probe.abstract_state.params, probe.abstract_state.opt_state)
     ours, theirs = _adam(state.opt_state), _adam(theirs)
     assert int(ours.count) == int(theirs.count) == 3  # the bias correction of the moments it came with
@@ -162,7 +161,8 @@ def test_init_from_optimizer_takes_the_moments_and_count_but_starts_at_step_0(so
     assert "fresh (zero) AdamW moments for: embed (none there" in caplog.text
     # The schedule is the run's own: warmup step 0, lr 0, so the first update moves nothing (a
     # schedule on Adam's restored count would be at step 3, past the warmup).
-    with jax.set_mesh(plan.mesh), trainer.HostBatches(plan, steps, 0) as batches:
+    with jax.set_mesh(plan.mesh), loop.HostBatches(plan.mixture, config.batch_size, config.total_steps,
+                                                   steps.batch_sharding, 0) as batches:
         after, m = steps.train(jax.tree.map(jnp.copy, state), batches.next())
     assert float(m["lr"]) == 0.0 and int(after.step) == 1
     assert all(_same(a, b) for a, b in zip(jax.tree.leaves(after.params), jax.tree.leaves(state.params)))
@@ -176,9 +176,9 @@ def test_without_init_from_optimizer_the_moments_are_fresh(source, tmp_path):
 
 def test_init_from_optimizer_needs_init_from_with_an_optimizer_state(english_model, tmp_path):  # noqa: F811
     with pytest.raises(ConfigError, match="init_from_optimizer=True takes the optimizer state of init_from, which"):
-        trainer.validate(small_config("--config.init_from_optimizer=True"))
+        checks.check_config(small_config("--config.init_from_optimizer=True"))
     with pytest.raises(ConfigError) as e:
-        trainer.validate(small_config(f"--config.init_from={english_model}", "--config.init_from_optimizer=True"))
+        checks.check_start(small_config(f"--config.init_from={english_model}", "--config.init_from_optimizer=True"))
     assert str(e.value) == (f"init_from_optimizer: init_from={english_model!r} has no optimizer state (step 0 holds "
                             f"params only, as a converted model does)")
 
@@ -186,14 +186,14 @@ def test_init_from_optimizer_needs_init_from_with_an_optimizer_state(english_mod
 def test_old_vocab_trains_only_the_rows_extend_vocab_added(english_model, tmp_path):  # noqa: F811
     ext = str(tmp_path / "ext")
     report = extend_vocab(english_model, ext, base().data, "zh", 4000)
-    old, _ = models.load(english_model)
+    old, _ = inference.load(english_model)
     v = old.cfg.vocab_size
     assert report["old_vocab_size"] == v
     config = small_config("--config.model.size=init_from", f"--config.init_from={ext}", "--config.total_steps=3",
                           "--config.optimizer.freeze=('layers','final_norm','old_vocab')")
     trainer.train_run(config, str(tmp_path / "run"))
-    start, _ = models.load(ext)
-    end, _ = models.load(str(tmp_path / "run"))
+    start, _ = inference.load(ext)
+    end, _ = inference.load(str(tmp_path / "run"))
     assert _same(end.embed[...][:v], start.embed[...][:v]) and _same(end.lm_head[...][:, :v], start.lm_head[...][:, :v])
     assert not np.array_equal(end.embed[...][v:], start.embed[...][v:])
     assert not np.array_equal(end.lm_head[...][:, v:], start.lm_head[...][:, v:])
@@ -212,7 +212,7 @@ def test_a_resumed_frozen_run_equals_an_uninterrupted_one(tmp_path):
     shutil.copytree(whole, cut)
     shutil.rmtree(cut / "checkpoints" / "6")  # as if it had stopped after saving step 3
     trainer.train_run(small_config(*args), str(cut))
-    plan = trainer.prepare(small_config(*args), str(tmp_path / "probe"))
+    plan = setup(small_config(*args), str(tmp_path / "probe"))
     abstract = trainer.compile_run(plan).abstract_state
     state = lambda d: jax.tree.leaves(checkpoint.Checkpointer(RunDir.of(str(d)).checkpoints, read_only=True)  # noqa
                                       .restore(6, abstract.params, abstract.opt_state)[:2])

@@ -20,7 +20,7 @@ import transformers
 from flax import nnx
 from tokenizers import Tokenizer, models, pre_tokenizers, processors
 
-from cpt_jax import convert, train
+from cpt_jax import convert, inference, update
 from cpt_jax import models as cpt_models
 from cpt_jax.data.packing import Framing, pack
 from cpt_jax.data.store import build_store
@@ -127,7 +127,7 @@ def test_segments_positions_and_weights_of_hand_built_rows():
     e = 9
     rows = jnp.array([[5, 6, e, 1, 7, 8, e, 1, 4],
                       [1, 3, 3, 3, 3, 3, 3, 3, 3]], jnp.int32)
-    segments, positions, weights = jax.device_get(train.document_layout(rows, e))
+    segments, positions, weights = jax.device_get(update.document_layout(rows, e))
     assert segments.tolist() == [[1, 1, 1, 2, 2, 2, 2, 3, 3], [1] * 9]
     assert positions.tolist() == [[0, 1, 2, 0, 1, 2, 3, 0, 1], list(range(9))]
     # The position whose input is EOS would predict the next document's first token: not counted.
@@ -206,7 +206,7 @@ def hf_llama(tmp_path_factory):
 @pytest.mark.parametrize("impl", ["xla", "splash"])
 def test_packed_row_gives_each_document_the_logits_transformers_gives_it_alone(hf_llama, impl):
     ref, path = hf_llama
-    loaded, _ = cpt_models.load(path)
+    loaded, _ = inference.load(path)
     cfg = dataclasses.replace(loaded.cfg, attention=impl)
     model = nnx.merge(cpt_models.spec(cfg).graphdef, cpt_models.params_of(loaded))
     rng = np.random.default_rng(1)
@@ -217,7 +217,7 @@ def test_packed_row_gives_each_document_the_logits_transformers_gives_it_alone(h
     with torch.no_grad():
         want_b = ref(torch.tensor([b])).logits.numpy()[0]
         want_a = ref(torch.tensor([a])).logits.numpy()[0]
-    segments, positions, _ = train.document_layout(row, EOS)
+    segments, positions, _ = update.document_layout(row, EOS)
     got = np.asarray(jax.jit(lambda r, p, s: model(r, p, segment_ids=s))(row, positions, segments))[0]
     err_b = np.abs(got[len(a):] - want_b).max()
     concat = np.asarray(jax.jit(lambda r: model(r))(row))[0]  # data.packing="concat": B sees A
@@ -279,5 +279,5 @@ def test_a_documents_run_resumed_from_its_checkpoint_equals_the_uninterrupted_ru
     assert "resumed" in caplog.text
     perf = lambda recs: [{k: v for k, v in r.items() if not k.startswith("perf/")} for r in recs]  # noqa: E731
     assert perf(resumed) == perf(whole) and whole[-1]["step"] == 6
-    a, b = (cpt_models.params_of(cpt_models.load(str(tmp_path / d))[0]) for d in ("whole", "resumed"))
+    a, b = (cpt_models.params_of(inference.load(str(tmp_path / d))[0]) for d in ("whole", "resumed"))
     jax.tree.map(np.testing.assert_array_equal, a, b)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from cpt_jax import config as config_lib
-from cpt_jax import models, sharding, train
+from cpt_jax import models, sharding, update
 
 B, T, VOCAB, STEPS = 8, 16, 256, 3
 MESHES = [(8, 1, 1), (2, 4, 1), (1, 4, 2)]
@@ -23,11 +23,11 @@ def _train(mesh_shape, devices, grad_accum=1):
     mesh = sharding.make_mesh(mesh_shape, devices)
     opt = _opt()
     opt.grad_accum = grad_accum
-    steps = train.compile_steps(mcfg, opt, total_steps=10, mesh=mesh, batch_size=B, seq_len=T, num_sources=2)
+    steps = update.compile_steps(mcfg, opt, total_steps=10, mesh=mesh, batch_size=B, seq_len=T, num_sources=2)
     rng = np.random.default_rng(0)
     with jax.set_mesh(mesh):
         params = steps.init_params(jax.random.key(0))
-        state = train.TrainState(jax.device_put(np.int32(0), steps.state_sharding.step), params,
+        state = update.TrainState(jax.device_put(np.int32(0), steps.state_sharding.step), params,
                                  steps.init_opt_state(params))
         losses = []
         for _ in range(STEPS):

@@ -10,7 +10,7 @@ import os
 import jax
 import pytest
 
-from cpt_jax import models, trainer
+from cpt_jax import checks, models, trainer
 from cpt_jax.config import load_file
 from cpt_jax.errors import ConfigError
 from cpt_jax.convert import save_model
@@ -31,11 +31,16 @@ def small_config(*overrides):
     return config
 
 
+def setup(config, workdir: str) -> trainer.RunSetup:
+    """A run's setup after its checks, as the trainer makes it."""
+    return trainer.setup(config, workdir, checks.check_run(config, workdir))
+
+
 @pytest.fixture(scope="module")
 def source_variants(tmp_path_factory):
     """Converted-model dirs with the run's tokenizer and the run's architecture but one field."""
     config = small_config()
-    plan = trainer.prepare(config, str(tmp_path_factory.mktemp("probe") / "run"))
+    plan = setup(config, str(tmp_path_factory.mktemp("probe") / "run"))
     root = tmp_path_factory.mktemp("sources")
     variants = {"tie_embeddings": dict(tie_embeddings=True), "qkv_bias": dict(qkv_bias=True),
                 "heads": dict(heads=8, head_dim=plan.model.head_dim), "kv_heads": dict(kv_heads=4)}
@@ -73,17 +78,16 @@ def test_resuming_a_checkpoint_of_another_model_is_refused_before_compile(source
 def test_workdir_that_is_a_file_or_under_a_file(tmp_path):
     (tmp_path / "file").write_text("x")
     with pytest.raises(ConfigError, match=f"--workdir {tmp_path}/file is a file, not a directory"):
-        trainer.validate(small_config(), str(tmp_path / "file"))
+        checks.check_workdir(str(tmp_path / "file"))
     with pytest.raises(ConfigError, match="cannot be created: .*/file is a file"):
-        trainer.validate(small_config(), str(tmp_path / "file" / "run"))
+        checks.check_workdir(str(tmp_path / "file" / "run"))
     assert (tmp_path / "file").read_text() == "x"
 
 
 def test_logged_kernel_is_the_compiled_one(tmp_path, caplog):
-    auto = trainer.prepare(small_config(), str(tmp_path / "auto"))
+    auto = setup(small_config(), str(tmp_path / "auto"))
     assert auto.model.attention == "xla"  # auto on CPU
-    plan = trainer.prepare(small_config("--config.model.attention=splash", "--config.seq_len=128"),
-                           str(tmp_path / "splash"))
+    plan = setup(small_config("--config.model.attention=splash", "--config.seq_len=128"), str(tmp_path / "splash"))
     with caplog.at_level(logging.INFO, "cpt_jax"):
         steps = trainer.compile_run(plan)
     assert "float32 compute, splash attention" in caplog.text
@@ -121,6 +125,6 @@ def test_a_workdir_from_before_a_field_existed_resumes_when_the_field_is_at_its_
     del saved["optimizer"]["schedule"], saved["branch_from"]  # as written before they existed
     os.makedirs(tmp_path / "run")
     (tmp_path / "run" / "config.json").write_text(json.dumps(saved))
-    trainer.check_workdir_config(config, RunDir.of(str(tmp_path / "run")))
+    checks.check_resume(config, RunDir.of(str(tmp_path / "run")))
     with pytest.raises(ConfigError, match=r"optimizer.schedule: 'cosine' -> 'wsd'"):
-        trainer.check_workdir_config(small_config("--config.optimizer.schedule=wsd"), RunDir.of(str(tmp_path / "run")))
+        checks.check_resume(small_config("--config.optimizer.schedule=wsd"), RunDir.of(str(tmp_path / "run")))

@@ -11,7 +11,7 @@ import pytest
 import sentencepiece as spm
 
 import cpt_jax
-from cpt_jax import convert, models
+from cpt_jax import convert, inference, models
 from cpt_jax.config import base
 from cpt_jax.convert.vocab import extend_vocab
 from cpt_jax.data.corpora import default_cache_dir, load_bible, split_documents
@@ -35,8 +35,8 @@ def english_model(tmp_path_factory):
 
 def test_sentencepiece_extension_keeps_old_rows_and_old_text(english_model, tmp_path):
     report = extend_vocab(english_model, str(tmp_path / "ext"), base().data, "zh", 4000)
-    old, old_tok = models.load(english_model)
-    new, new_tok = models.load(str(tmp_path / "ext"))
+    old, old_tok = inference.load(english_model)
+    new, new_tok = inference.load(str(tmp_path / "ext"))
     v = old_tok.vocab_size
     assert report["added"] > 500 and new.cfg.vocab_size == new_tok.vocab_size == v + report["added"]
     assert report["tokens_per_char_after"] < 0.6 * report["tokens_per_char_before"]
@@ -65,8 +65,8 @@ def test_main_continues_an_extended_model_and_load_reads_the_run(english_model, 
         cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr
     assert f"initialised params from {ext}" in run.stderr
-    model, tok = models.load(str(tmp_path / "run"))
-    _, ext_tok = models.load(ext)
+    model, tok = inference.load(str(tmp_path / "run"))
+    _, ext_tok = inference.load(ext)
     assert tok.fingerprint == ext_tok.fingerprint and model.cfg.vocab_size == ext_tok.vocab_size
     assert isinstance(cpt_jax.generate(model, tok, "起初，神创造天地。", max_new_tokens=3), str)
 
@@ -86,7 +86,7 @@ def test_sentencepiece_models_export_to_an_equivalent_tokenizer_json(english_mod
     ext = str(tmp_path / "ext")
     extend_vocab(english_model, ext, base().data, "zh", 4000)  # appended pieces must merge last, as in sentencepiece
     convert.export_model(ext, str(tmp_path / "hf"))
-    model, tok = models.load(ext)
+    model, tok = inference.load(ext)
     hf_tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
     bible = load_bible(default_cache_dir())
     texts = ["  two  spaces, then\ta tab\nand a line", " lead", "trail  ", "é ü © ☃", "   "]

@@ -1,7 +1,7 @@
 """Pretrained weights in and out: HF safetensors and GGUF -> a cpt_jax checkpoint, and back to HF.
 
 A converted model is a directory laid out like a run's workdir (cpt_jax.rundir), so `init_from`,
-`models.load` and `export` read it as they read any run: step 0 of `checkpoints/` holds the params
+`cpt_jax.load` and `export` read it as they read any run: step 0 of `checkpoints/` holds the params
 and a meta with the architecture and the source's config.json, `tokenizer/` the tokenizer the
 weights speak (tokenizer.json or .model).
 
@@ -31,7 +31,8 @@ from cpt_jax.convert import hf, safetensors
 from cpt_jax.convert.gguf import GGUFFile
 from cpt_jax.data.corpora import default_cache_dir
 from cpt_jax.data.tokenizer import HF_CONFIG_FILE, HF_FILE, SP_FILE, load_tokenizer
-from cpt_jax.models import ModelConfig, load, params_of
+from cpt_jax.inference import load
+from cpt_jax.models import ModelConfig, params_of
 from cpt_jax.storage import atomic_path, exclusive, sha256
 
 log = logging.getLogger(__name__)

@@ -26,6 +26,7 @@ from tokenizers import pre_tokenizers
 
 from cpt_jax.convert.hf import FAMILIES
 from cpt_jax.data.tokenizer import HFTokenizer, SentencePieceTokenizer
+from cpt_jax.models.llama import rope_frequencies
 
 log = logging.getLogger(__name__)
 
@@ -58,8 +59,6 @@ def llama3_scaling(factors: np.ndarray, head_dim: int, theta: float, context: in
     theta^(-2i/head_dim) / factors[i]). The factor is the largest; between the two bands the
     factors are 1 / ((1 - s) / factor + s) with s linear in context / wavelength, so two such
     points give low_freq_factor and high_freq_factor; the result is checked to give every factor."""
-    from cpt_jax.models.llama import rope_frequencies
-
     factors = np.asarray(factors, np.float64).reshape(-1)
     inv = 1.0 / theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)
     if factors.shape != inv.shape:

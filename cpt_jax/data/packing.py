@@ -15,7 +15,7 @@ Packing: the framed documents of a source are concatenated and cut into rows of 
 tokens (inputs row[:-1], targets row[1:]); a document longer than a row continues in the next
 one. Nothing is padded, so the only tokens lost are the final partial row's. Whether attention
 crosses the documents inside a row is the run's `data.packing` (concat | documents), decided on
-the device from the EOS tokens of each row (`cpt_jax.train.document_layout`): the rows are the
+the device from the EOS tokens of each row (`cpt_jax.update.document_layout`): the rows are the
 same for both.
 """
 

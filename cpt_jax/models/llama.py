@@ -146,6 +146,15 @@ class ModelConfig:
             arch["qk_norm"] = "head" if arch["qk_norm"] else ""
         return arch
 
+    def check_restores(self, theirs: dict, where: str) -> None:
+        """The one model-compatibility check (resume and init_from alike): `theirs`, a checkpoint's
+        model metadata, must match this architecture in every field; else a ValueError lists each
+        differing field as `field: theirs -> this run's`."""
+        theirs = self.architecture_of(theirs)
+        diff = [f"{k}: {theirs[k]!r} -> {v!r}" for k, v in self.architecture().items() if theirs[k] != v]
+        if diff:
+            raise ValueError(f"{where} holds another model ({'; '.join(diff)})")
+
     def param_count(self) -> int:
         """Exact number of parameters of this architecture (no model is built)."""
         return self.non_embedding_params() + (0 if self.tie_embeddings else self.vocab_size * self.hidden)

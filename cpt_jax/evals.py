@@ -1,0 +1,49 @@
+"""What a run measures on its params besides the training loss: the held-out loss of each source,
+and the harness's downstream tasks (`eval_tasks`)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import jax
+import numpy as np
+from flax import nnx
+
+from cpt_jax import evaluate as harness
+from cpt_jax import sharding, update
+from cpt_jax.data.tokenizer import TokenizerLike
+
+
+def heldout_losses(steps: update.Steps, params: dict, eval_sets: dict[str, np.ndarray], batch_size: int,
+                   max_batches: int = 0) -> dict[str, float]:
+    """Mean token loss over every held-out row of each source (rows [n, seq+1]; up to `max_batches`
+    batches, 0: all), as eval/<source>/loss; the last batch is padded with masked rows so nothing
+    is dropped."""
+    b, rows = batch_size, sharding.process_rows(batch_size)
+    out = {}
+    for name, eval_rows in eval_sets.items():
+        n = -(-len(eval_rows) // b)
+        if max_batches:
+            n = min(n, max_batches)
+        sums = []
+        for i in range(n):
+            chunk = eval_rows[i * b:(i + 1) * b]
+            valid = np.zeros(b, np.float32)
+            valid[:len(chunk)] = 1.0
+            chunk = np.concatenate([chunk, np.zeros((b - len(chunk), eval_rows.shape[1]), np.int32)])
+            batch = sharding.to_device({"tokens": chunk[rows], "valid": valid[rows]}, steps.batch_sharding)
+            sums.append(steps.eval(params, batch["tokens"], batch["valid"]))
+        total, count = np.sum(jax.device_get(sums), axis=0)
+        out[f"eval/{name}/loss"] = total / count
+    return out
+
+
+def task_metrics(steps: update.Steps, params: dict, tokenizer: TokenizerLike, tasks: Sequence[str], limit: int,
+                 batch_size: int, max_length: int, mesh: jax.sharding.Mesh) -> dict[str, float]:
+    """The harness's metrics of `tasks` on these (sharded) params, as eval/<task>/<metric>: every
+    process scores every request (the model is one SPMD program)."""
+    model = nnx.merge(steps.spec.graphdef, params)
+    results = harness.evaluate(model, tokenizer, tasks, limit or None, batch_size=batch_size, max_length=max_length,
+                               mesh=mesh)
+    return {f"eval/{task}/{name}": value for task, metrics in results["results"].items()
+            for name, value in harness.metric_values(metrics).items()}
