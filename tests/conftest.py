@@ -36,9 +36,26 @@ if JAX_CACHE and "JAX_COMPILATION_CACHE_DIR" not in os.environ:
     os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "-1"  # every entry, however small
     os.environ["JAX_COMPILATION_CACHE_MAX_SIZE"] = str(4 << 30)
 
+import logging  # noqa: E402
+
 import jax  # noqa: E402  (after the environment above)
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _logging_as_before():
+    """A command line run in process (`main(argv)`) sets logging up as for a terminal
+    (basicConfig(force=True): a handler on the stream that is stderr at that moment, which may be
+    a test's capture); afterwards logging is as it was, for the next test."""
+    levels = {name: logging.getLogger(name).level for name in ("", "cpt_jax", "absl")}
+    yield
+    root = logging.getLogger()
+    for handler in root.handlers[:]:
+        if type(handler) is logging.StreamHandler:  # basicConfig's (pytest's own are subclasses)
+            root.removeHandler(handler)
+    for name, level in levels.items():
+        logging.getLogger(name).setLevel(level)
 
 
 @pytest.fixture(scope="session")

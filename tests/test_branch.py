@@ -10,7 +10,7 @@ from cpt_jax import checkpoint, trainer
 from cpt_jax.errors import ConfigError
 from cpt_jax.rundir import RunDir
 
-from test_trainer import setup, small_config
+from helpers import setup, small_config
 
 STABLE = ("--config.total_steps=12", "--config.optimizer.schedule=constant", "--config.optimizer.warmup_steps=3",
           "--config.keep_steps=(8,9,10)", "--config.checkpoint_every=100", "--config.eval_every=100",

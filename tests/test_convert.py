@@ -21,21 +21,11 @@ from cpt_jax.convert import hf, safetensors
 from cpt_jax.convert.__main__ import main as convert_main
 from cpt_jax.convert.vocab import extend_vocab
 
-VOCAB = 96
-COMMON = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=112, num_hidden_layers=2, num_attention_heads=4,
-              num_key_value_heads=2, rms_norm_eps=1e-6, max_position_embeddings=512)
+from helpers import COMMON, randomised
+
+VOCAB = COMMON["vocab_size"]
 LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 5000.0, "factor": 8.0, "low_freq_factor": 1.0,
                "high_freq_factor": 4.0, "original_max_position_embeddings": 16}
-
-
-def randomised(cls, config):
-    """A transformers model of `config` with seeded N(0, 0.2) weights, so every layer matters."""
-    torch.manual_seed(0)
-    m = cls(config)
-    with torch.no_grad():
-        for p in m.parameters():
-            p.normal_(0.0, 0.2)
-    return m.eval()
 
 
 def hf_model(arch: str, vocab: int = VOCAB):

@@ -17,7 +17,7 @@ from cpt_jax import tasks as task_lib
 from cpt_jax.evaluate import main as evaluate_main
 from cpt_jax.evaluate import make_lm
 
-from test_convert import COMMON, randomised
+from helpers import COMMON, randomised
 
 lm_eval = pytest.importorskip("lm_eval")  # the [eval] extra
 from lm_eval.api.instance import Instance  # noqa: E402
@@ -172,7 +172,7 @@ def test_in_loop_task_metrics_at_their_steps_and_through_resume(tmp_path):
     from cpt_jax import trainer
     from cpt_jax.rundir import RunDir
 
-    from test_trainer import small_config
+    from helpers import small_config
 
     config = small_config("--config.total_steps=4", "--config.checkpoint_every=2", "--config.eval_every=2",
                           "--config.eval_tasks=('bible_next_verse_en',)", "--config.eval_tasks_every=2",
@@ -195,7 +195,7 @@ def test_unknown_eval_task_is_a_config_error_before_compile(tmp_path):
     from cpt_jax import checks
     from cpt_jax.errors import ConfigError
 
-    from test_trainer import small_config
+    from helpers import small_config
 
     with pytest.raises(ConfigError, match=r"eval_tasks=\('nosuch_task',\): task 'nosuch_task' is not a harness task"):
         checks.check_config(small_config("--config.eval_tasks=('nosuch_task',)"))

@@ -14,7 +14,7 @@ from cpt_jax.scaling import findings, laws
 from cpt_jax.scaling import replay as replay_law
 from cpt_jax.scaling.report import write_report
 
-from test_sweep import MINI
+from helpers import MINI
 
 SIZES = {1e5: ([1e5, 2e5, 4e5], [6.0, 5.6, 5.3]), 3e5: ([3e5, 6e5, 1.2e6], [5.5, 5.1, 4.8])}
 

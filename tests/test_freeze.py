@@ -18,8 +18,7 @@ from cpt_jax.errors import ConfigError
 from cpt_jax.convert.vocab import extend_vocab
 from cpt_jax.rundir import RunDir
 
-from test_trainer import setup, small_config
-from test_vocab import english_model  # noqa: F401  (a fixture)
+from helpers import setup, small_config
 
 
 def _opt(**fields):
@@ -174,7 +173,7 @@ def test_without_init_from_optimizer_the_moments_are_fresh(source, tmp_path):
     assert int(adam.count) == 0 and not any(np.any(np.asarray(x)) for x in jax.tree.leaves((adam.mu, adam.nu)))
 
 
-def test_init_from_optimizer_needs_init_from_with_an_optimizer_state(english_model, tmp_path):  # noqa: F811
+def test_init_from_optimizer_needs_init_from_with_an_optimizer_state(english_model, tmp_path):
     with pytest.raises(ConfigError, match="init_from_optimizer=True takes the optimizer state of init_from, which"):
         checks.check_config(small_config("--config.init_from_optimizer=True"))
     with pytest.raises(ConfigError) as e:
@@ -183,7 +182,7 @@ def test_init_from_optimizer_needs_init_from_with_an_optimizer_state(english_mod
                             f"params only, as a converted model does)")
 
 
-def test_old_vocab_trains_only_the_rows_extend_vocab_added(english_model, tmp_path):  # noqa: F811
+def test_old_vocab_trains_only_the_rows_extend_vocab_added(english_model, tmp_path):
     ext = str(tmp_path / "ext")
     report = extend_vocab(english_model, ext, base().data, "zh", 4000)
     old, _ = inference.load(english_model)

@@ -9,11 +9,7 @@ import time
 
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# A fast single run: the 'test' size, real bilingual data, 25% English replay, 8 fake devices.
-SMALL = ["--config", "configs/bible.py:test", "--config.batch_size=8", "--config.seq_len=32",
-         "--config.data.replay_ratio=0.25", "--config.data.eval_batches=2", "--config.log_every=10",
-         "--config.eval_every=40", "--config.mesh.shape=(2,2,2)"]
+from helpers import ROOT, SMALL
 
 
 def cli(workdir, *args, wait=True):

@@ -28,7 +28,7 @@ from cpt_jax.data.tokenizer import HFTokenizer, train_tokenizer
 from cpt_jax.models import attention
 from cpt_jax.models.cross_entropy import cross_entropy
 
-from test_convert import randomised
+from helpers import randomised
 
 BOS, EOS = 1, 2
 
@@ -259,7 +259,7 @@ def test_weighted_loss_and_gradients_equal_optax_on_the_counted_positions(chunk)
 def test_a_documents_run_resumed_from_its_checkpoint_equals_the_uninterrupted_run(tmp_path, caplog):
     """data.packing=documents with BOS framing on the real corpus: the run logs how it packs, and a
     run resumed from a mid-run Orbax checkpoint ends with the metrics and params of the whole run."""
-    from test_trainer import small_config
+    from helpers import small_config
 
     from cpt_jax import trainer
     from cpt_jax.data import pipeline

@@ -12,13 +12,14 @@ import time
 
 import pytest
 from etils import epath
-from test_tensorboard import read_events, scalars
 
 from cpt_jax import storage
 from cpt_jax.data import corpora
 from cpt_jax.data.tokenizer import load_tokenizer, train_tokenizer
 from cpt_jax.metrics import MetricWriter
 from cpt_jax.storage import read_jsonl
+
+from helpers import read_events, scalars
 
 
 @pytest.fixture(scope="module")

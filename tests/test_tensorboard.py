@@ -7,7 +7,6 @@ import math
 import os
 import re
 import socket
-import struct
 import subprocess
 import sys
 import time
@@ -17,36 +16,7 @@ import numpy as np
 from cpt_jax.metrics import MetricWriter
 from cpt_jax.tensorboard import EventWriter, crc32c
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def masked(crc: int) -> int:
-    return (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF
-
-
-def read_events(path):
-    """Every record of an event file, CRCs checked, as tensorboardX Event protos."""
-    from tensorboardX.crc32c import crc32c as independent_crc32c
-    from tensorboardX.proto import event_pb2
-
-    data, events, i = open(path, "rb").read(), [], 0
-    while i < len(data):
-        header = data[i:i + 8]
-        (n,) = struct.unpack("<Q", header)
-        (header_crc,) = struct.unpack("<I", data[i + 8:i + 12])
-        body = data[i + 12:i + 12 + n]
-        (body_crc,) = struct.unpack("<I", data[i + 12 + n:i + 16 + n])
-        assert len(body) == n and header_crc == masked(independent_crc32c(header))
-        assert body_crc == masked(independent_crc32c(body))
-        e = event_pb2.Event()
-        e.ParseFromString(body)
-        events.append(e)
-        i += 16 + n
-    return events
-
-
-def scalars(events):
-    return [(v.tag, e.step, v.simple_value) for e in events[1:] for v in e.summary.value]
+from helpers import ROOT, read_events, scalars
 
 
 def test_crc32c_check_values():

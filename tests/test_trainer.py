@@ -2,7 +2,6 @@
 alike) before anything is compiled or written, the workdir check, the kernel that is logged is the
 one compiled."""
 
-import ast
 import dataclasses
 import logging
 import os
@@ -11,29 +10,11 @@ import jax
 import pytest
 
 from cpt_jax import checks, models, trainer
-from cpt_jax.config import load_file
 from cpt_jax.errors import ConfigError
 from cpt_jax.convert import save_model
 
-from test_main import ROOT, SMALL, cli
-
-
-def small_config(*overrides):
-    """SMALL (test_main's run) as a ConfigDict, with `--config.X=v` overrides."""
-    config = load_file(os.path.join(ROOT, SMALL[1]))
-    for arg in [*SMALL[2:], *overrides]:
-        field, value = arg.removeprefix("--config.").split("=", 1)
-        try:
-            value = ast.literal_eval(value)
-        except (ValueError, SyntaxError):  # a plain string, as absl takes it
-            pass
-        config.update_from_flattened_dict({field: value})
-    return config
-
-
-def setup(config, workdir: str) -> trainer.RunSetup:
-    """A run's setup after its checks, as the trainer makes it."""
-    return trainer.setup(config, workdir, checks.check_run(config, workdir))
+from helpers import SMALL, setup, small_config
+from test_main import cli
 
 
 @pytest.fixture(scope="module")

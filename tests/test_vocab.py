@@ -1,36 +1,22 @@
 """Vocabulary extension (sentencepiece proto merge here; HF added tokens in test_convert), and a
 converted model continued by the main job with `model.size="init_from"`."""
 
-import os
-import subprocess
-import sys
+import json
 
-import jax
 import numpy as np
 import pytest
 import sentencepiece as spm
 
 import cpt_jax
-from cpt_jax import convert, inference, models
+from cpt_jax import convert, inference, trainer
 from cpt_jax.config import base
+from cpt_jax.convert.__main__ import main as convert_main
 from cpt_jax.convert.vocab import extend_vocab
-from cpt_jax.data.corpora import default_cache_dir, load_bible, split_documents
-from cpt_jax.data.tokenizer import train_tokenizer
+from cpt_jax.data.corpora import split_documents
+from cpt_jax.errors import ConfigError
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from helpers import config_of
 ENGLISH = "In the beginning God created the heaven and the earth."
-
-
-@pytest.fixture(scope="module")
-def english_model(tmp_path_factory):
-    """A 'test'-size model whose 600-piece tokenizer has seen only English: Chinese is bytes."""
-    train, _ = split_documents(load_bible(default_cache_dir())["en"])
-    root = tmp_path_factory.mktemp("english")
-    tok = train_tokenizer([v for d in train[::4] for v in d.verses], root / "sp.model", vocab_size=600)
-    cfg = models.model_config("test", tok.vocab_size)
-    params = jax.tree.map(np.asarray, models.init_params(cfg, jax.random.key(0)))
-    convert.save_model(root / "model", cfg, params, tok, {})
-    return str(root / "model")
 
 
 def test_sentencepiece_extension_keeps_old_rows_and_old_text(english_model, tmp_path):
@@ -53,18 +39,18 @@ def test_sentencepiece_extension_keeps_old_rows_and_old_text(english_model, tmp_
     np.testing.assert_allclose(new.embed[...][new_id], np.asarray(old.embed[...])[old_pieces].mean(axis=0), rtol=1e-5)
 
 
-def test_main_continues_an_extended_model_and_load_reads_the_run(english_model, tmp_path):
+def test_main_continues_an_extended_model_and_load_reads_the_run(english_model, tmp_path, capsys):
+    """extend-vocab as its command line parses it (in process), then a run from the result."""
     ext = str(tmp_path / "ext")
-    assert subprocess.run([sys.executable, "-m", "cpt_jax.convert", "extend-vocab", "--src", english_model,
-                           "--dst", ext, "--source", "zh", "--vocab_size", "4000"], cwd=ROOT).returncode == 0
-    run = subprocess.run(
-        [sys.executable, "-m", "cpt_jax.main", "--workdir", str(tmp_path / "run"), "--config", "configs/bible.py:test",
-         "--config.model.size=init_from", f"--config.init_from={ext}", "--config.total_steps=4",
-         "--config.batch_size=8", "--config.seq_len=32", "--config.data.eval_batches=1", "--config.log_every=2",
-         "--config.eval_every=4", "--config.checkpoint_every=4"],
-        cwd=ROOT, capture_output=True, text=True, timeout=600)
-    assert run.returncode == 0, run.stderr
-    assert f"initialised params from {ext}" in run.stderr
+    assert convert_main(["extend-vocab", "--src", english_model, "--dst", ext, "--source", "zh",
+                         "--vocab_size", "4000"]) == 0
+    assert json.loads(capsys.readouterr().out)["added"] > 500  # the report, printed
+    config = config_of(["--config", "configs/bible.py:test", "--config.model.size=init_from",
+                        f"--config.init_from={ext}", "--config.total_steps=2", "--config.batch_size=8",
+                        "--config.seq_len=32", "--config.data.eval_batches=1", "--config.log_every=2",
+                        "--config.eval_every=2", "--config.checkpoint_every=2"])
+    trainer.run_all(config, str(tmp_path / "run"))
+    assert f"initialised params from {ext}" in capsys.readouterr().err  # logging as the command line set it up
     model, tok = inference.load(str(tmp_path / "run"))
     _, ext_tok = inference.load(ext)
     assert tok.fingerprint == ext_tok.fingerprint and model.cfg.vocab_size == ext_tok.vocab_size
@@ -72,14 +58,13 @@ def test_main_continues_an_extended_model_and_load_reads_the_run(english_model, 
 
 
 def test_init_from_size_needs_init_from(tmp_path):
-    run = subprocess.run([sys.executable, "-m", "cpt_jax.main", "--workdir", str(tmp_path / "w"), "--config",
-                          "configs/bible.py:test", "--config.model.size=init_from"],
-                         cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert run.returncode == 2 and "model.size='init_from'" in run.stderr
+    config = config_of(["--config", "configs/bible.py:test", "--config.model.size=init_from"])
+    with pytest.raises(ConfigError, match=r"model\.size='init_from'"):
+        trainer.run_all(config, str(tmp_path / "w"))
     assert not (tmp_path / "w").exists()
 
 
-def test_sentencepiece_models_export_to_an_equivalent_tokenizer_json(english_model, tmp_path):
+def test_sentencepiece_models_export_to_an_equivalent_tokenizer_json(english_model, bible, tmp_path):
     import torch
     import transformers
 
@@ -88,7 +73,6 @@ def test_sentencepiece_models_export_to_an_equivalent_tokenizer_json(english_mod
     convert.export_model(ext, str(tmp_path / "hf"))
     model, tok = inference.load(ext)
     hf_tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
-    bible = load_bible(default_cache_dir())
     texts = ["  two  spaces, then\ta tab\nand a line", " lead", "trail  ", "é ü © ☃", "   "]
     texts += [v for lang in ("en", "zh") for d in split_documents(bible[lang])[1][:3] for v in d.verses]
     for text in texts:
