@@ -51,6 +51,16 @@ def setup(config, workdir: str):
     return trainer.setup(config, workdir, checks.check_run(config, workdir))
 
 
+def run_main(workdir, *args) -> int:
+    """`python -m cpt_jax.main --workdir W ARGS` in this process: the run(s) of that command line,
+    ended as the command ends them (cpt_jax.cli.run: its exit code returned, the one line of a
+    bad input printed to stderr). The flags' parsing is tested once, in test_main."""
+    from cpt_jax import cli, trainer
+
+    config = config_of(list(args))
+    return cli.run(lambda: trainer.run_all(config, str(workdir)), join_processes=False)
+
+
 def comparable(records: list[dict]) -> list[dict]:
     """Metrics records without wall-clock speed: what must match between equal runs."""
     return [{k: v for k, v in r.items() if not k.startswith("perf/")} for r in records]

@@ -13,8 +13,7 @@ from cpt_jax import checks, models, trainer
 from cpt_jax.errors import ConfigError
 from cpt_jax.convert import save_model
 
-from helpers import SMALL, setup, small_config
-from test_main import cli
+from helpers import SMALL, run_main, setup, small_config
 
 
 @pytest.fixture(scope="module")
@@ -76,21 +75,22 @@ def test_logged_kernel_is_the_compiled_one(tmp_path, caplog):
     assert plan.meta["model"]["attention"] == "splash"
 
 
-def test_cli_init_from_of_another_model_exits_2_and_writes_nothing(source_variants, tmp_path):
+def test_cli_init_from_of_another_model_exits_2_and_writes_nothing(source_variants, tmp_path, capsys):
     path, ours, theirs = source_variants["tie_embeddings"]
-    r = cli(tmp_path / "run", *SMALL, f"--config.init_from={path}")
-    assert r.returncode == 2, r.stderr
-    errors = [line for line in r.stderr.splitlines() if line.startswith("config error:")]
-    assert len(errors) == 1 and f"tie_embeddings: {theirs} -> {ours}" in errors[0], r.stderr
-    assert "Traceback" not in r.stderr and "compiled train step" not in r.stderr
+    assert run_main(tmp_path / "run", *SMALL, f"--config.init_from={path}") == 2
+    stderr = capsys.readouterr().err
+    errors = [line for line in stderr.splitlines() if line.startswith("config error:")]
+    assert len(errors) == 1 and f"tie_embeddings: {theirs} -> {ours}" in errors[0], stderr
+    assert "Traceback" not in stderr and "compiled train step" not in stderr
     assert not (tmp_path / "run").exists()
 
 
-def test_cli_workdir_that_is_a_file_exits_2(tmp_path):
+def test_cli_workdir_that_is_a_file_exits_2(tmp_path, capsys):
     (tmp_path / "run").write_text("mine")
-    r = cli(tmp_path / "run", *SMALL)
-    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
-    assert r.stderr.strip().splitlines()[-1] == f"config error: --workdir {tmp_path}/run is a file, not a directory"
+    assert run_main(tmp_path / "run", *SMALL) == 2
+    stderr = capsys.readouterr().err
+    assert "Traceback" not in stderr, stderr
+    assert stderr.strip().splitlines()[-1] == f"config error: --workdir {tmp_path}/run is a file, not a directory"
     assert (tmp_path / "run").read_text() == "mine"
 
 
