@@ -21,15 +21,16 @@ from cpt_jax.data import corpora
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-# Every process: wait for the start signal, then check -> lock -> check again -> build. The build
-# is slow and leaves a visibly partial file while it runs, so a reader that skipped the lock
-# would see it; a builder appends its pid to builds.log.
+# Every process: say it is ready, wait for the start signal, then check -> lock -> check again ->
+# build. The build is slow and leaves a visibly partial file while it runs, so a reader that
+# skipped the lock would see it; a builder appends its pid to builds.log.
 _WORKER = textwrap.dedent("""
     import logging, os, sys, time
     from pathlib import Path
     from cpt_jax.storage import exclusive, write_atomic
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     root = Path(sys.argv[1]); result = root / "result"
+    (root / "ready").mkdir(exist_ok=True); (root / "ready" / str(os.getpid())).touch()
     while not (root / "go").exists():
         time.sleep(0.001)
     if not result.exists():
@@ -46,22 +47,30 @@ _WORKER = textwrap.dedent("""
 """)
 
 
-def _workers(root: Path, n: int, *extra: str) -> list[subprocess.Popen]:
+def _workers(root: Path, n: int, *extra: str, stderr=subprocess.PIPE) -> list[subprocess.Popen]:
     return [subprocess.Popen([sys.executable, "-c", _WORKER, str(root), *extra], cwd=ROOT,
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(n)]
+                             stdout=subprocess.PIPE, stderr=stderr, text=True) for _ in range(n)]
+
+
+def _go_when_ready(root: Path, procs: list[subprocess.Popen]) -> None:
+    """Gives the start signal once every process has started and is polling for it."""
+    deadline = time.time() + 120
+    while len(os.listdir(root / "ready") if (root / "ready").exists() else []) < len(procs):
+        assert all(p.poll() is None for p in procs) and time.time() < deadline, [p.communicate() for p in procs]
+        time.sleep(0.01)
+    (root / "go").touch()
 
 
 def test_one_of_many_processes_builds_and_all_read_the_whole_result(tmp_path):
     procs = _workers(tmp_path, 6)
-    time.sleep(3)  # all started and polling for the signal
-    (tmp_path / "go").touch()
+    _go_when_ready(tmp_path, procs)
     outs = [p.communicate(timeout=120) for p in procs]
     assert [p.returncode for p in procs] == [0] * 6, outs
     assert [out.strip() for out, _ in outs] == ["complete"] * 6
     assert len((tmp_path / "builds.log").read_text().split()) == 1  # exactly one built
     waited = [err.count(f"waiting for another process preparing {tmp_path / 'result'}") for _, err in outs]
     assert max(waited) == 1 and sum(waited) >= 1, waited  # logged once by each that waited
-    assert sorted(os.listdir(tmp_path)) == [".result.lock", "builds.log", "go", "result"]  # the lock file stays
+    assert sorted(os.listdir(tmp_path)) == [".result.lock", "builds.log", "go", "ready", "result"]  # the lock stays
 
 
 def test_a_killed_holder_releases_the_lock(tmp_path):
@@ -71,23 +80,28 @@ def test_a_killed_holder_releases_the_lock(tmp_path):
     while not (tmp_path / "partial").exists():
         assert holder.poll() is None and time.time() < deadline, holder.communicate()
         time.sleep(0.01)
-    [waiter] = _workers(tmp_path, 1)
-    time.sleep(2)
+    with open(tmp_path / "waiter.err", "w") as log:
+        [waiter] = _workers(tmp_path, 1, stderr=log)
+    while "waiting for another process preparing" not in (tmp_path / "waiter.err").read_text():
+        assert waiter.poll() is None and time.time() < deadline, waiter.communicate()
+        time.sleep(0.01)
+    time.sleep(0.2)
     assert waiter.poll() is None  # blocked behind the holder
     holder.send_signal(signal.SIGKILL)
     holder.wait()
-    out, err = waiter.communicate(timeout=60)
-    assert waiter.returncode == 0 and out.strip() == "complete", err
+    out, _ = waiter.communicate(timeout=60)
+    assert waiter.returncode == 0 and out.strip() == "complete", (tmp_path / "waiter.err").read_text()
     assert len((tmp_path / "builds.log").read_text().split()) == 2  # the killed one, then the waiter
 
 
 # build_store in several processes at once on one dir: a tokenizer slow enough that the builds
 # overlap, and that counts its calls in a file shared by all processes.
 _STORE_WORKER = textwrap.dedent("""
-    import hashlib, sys, time
+    import hashlib, os, sys, time
     from pathlib import Path
     from cpt_jax.data.store import build_store
     root = Path(sys.argv[1])
+    (root / "ready").mkdir(exist_ok=True); (root / "ready" / str(os.getpid())).touch()
     class Split:
         docs = [f"document {i} " + "word " * (i % 7) for i in range(40)]
         def __len__(self): return len(self.docs)
@@ -125,8 +139,7 @@ def _calls(root: Path) -> int:
 
 def test_store_built_once_by_processes_started_together(tmp_path):
     procs = _store_workers(tmp_path, 4)
-    time.sleep(3)
-    (tmp_path / "go").touch()
+    _go_when_ready(tmp_path, procs)
     outs = [p.communicate(timeout=120) for p in procs]
     assert [p.returncode for p in procs] == [0] * 4, [err[-2000:] for _, err in outs]
     assert [out.strip() for out, _ in outs] == [_store_reference()] * 4
