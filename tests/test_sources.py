@@ -17,7 +17,7 @@ import pyarrow.parquet as pq
 import pytest
 import tensorflow_datasets as tfds
 
-from cpt_jax.data import default_cache_dir, load_bible, split_documents
+from cpt_jax.data import split_documents
 from cpt_jax.data.builders.text_files import TextFiles
 from cpt_jax.data.sources import (
     SourceSpec,
@@ -472,11 +472,6 @@ def test_open_split_checks_its_arguments(tmp_path):
 
 
 # ---------------------------------------------------------------- bible
-
-
-@pytest.fixture(scope="module")
-def bible():
-    return load_bible(default_cache_dir())
 
 
 def test_bible_source_holds_out_the_split_documents_chapters(tmp_path, bible):

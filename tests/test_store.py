@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from cpt_jax.data import EOS_ID, default_cache_dir, load_bible, pack, train_tokenizer
+from cpt_jax.data import EOS_ID, pack, train_tokenizer
 from cpt_jax.data.store import MANIFEST, PARTS, build_store, open_store, store_ready
 
 SEQ = 64
@@ -61,11 +61,6 @@ class WordTokenizer:
 
     def encode_batch(self, texts):
         return [[10] * len(t.split()) for t in texts]
-
-
-@pytest.fixture(scope="module")
-def bible():
-    return load_bible(default_cache_dir())
 
 
 @pytest.fixture(scope="module")
