@@ -8,6 +8,7 @@ import shutil
 import subprocess
 import sys
 
+import jax
 import ml_collections
 import pytest
 
@@ -15,10 +16,7 @@ from cpt_jax import models, sweep
 from cpt_jax.config import load_file
 from cpt_jax.scaling.report import SECTIONS
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-MINI = os.path.join(ROOT, "configs", "sweeps", "mini.py")
-MINI_ARGS = ["--config", MINI]  # as `cli.config_args` gives them
-PAPER = os.path.join(ROOT, "configs", "sweeps", "paper.py")
+from helpers import MINI, MINI_ARGS, PAPER, ROOT
 
 
 def test_mini_expands_into_stable_phases_and_their_cooldown_branches(tmp_path):
@@ -224,6 +222,22 @@ def test_sweep_config_errors_are_one_line(tmp_path):
     assert not (tmp_path / "sweep.json").exists()
 
 
+def test_local_backend_shares_a_compilation_cache_in_the_sweep_dir_unless_told_otherwise(tmp_path, monkeypatch):
+    """Where the local backend's runs share their compiled programs: SWEEP_DIR/jax_cache, or
+    JAX_COMPILATION_CACHE_DIR's (as in these tests: the slow sweep below uses the tests' cache)."""
+    before = jax.config.jax_compilation_cache_dir
+    try:
+        monkeypatch.delenv("JAX_COMPILATION_CACHE_DIR", raising=False)
+        assert sweep.launch_local([], str(tmp_path)) == []
+        assert jax.config.jax_compilation_cache_dir == str(tmp_path / "jax_cache")
+        jax.config.update("jax_compilation_cache_dir", before)
+        monkeypatch.setenv("JAX_COMPILATION_CACHE_DIR", str(tmp_path / "elsewhere"))
+        assert sweep.launch_local([], str(tmp_path)) == []
+        assert jax.config.jax_compilation_cache_dir == before  # left to JAX, which reads the variable
+    finally:
+        jax.config.update("jax_compilation_cache_dir", before)
+
+
 def sweep_cli(*args):
     return subprocess.run([sys.executable, "-m", "cpt_jax.sweep", *args], cwd=ROOT, capture_output=True,
                           text=True, timeout=900)
@@ -251,7 +265,9 @@ def test_reduced_branched_sweep_runs_skips_reports_failures_and_writes_its_repor
     assert "[sweep] test/cpt_r0.05_0.16x: skipped, test/cpt_r0.05_stable failed" in r.stdout
     assert ("5 run(s) failed or skipped: test/source, test/cpt_r0.05_stable, test/cpt_r0.05_0.04x, "
             "test/cpt_r0.05_0.08x, test/cpt_r0.05_0.16x") in r.stdout, r.stdout
-    assert (out / "jax_cache").is_dir()  # the runs share their compiled programs
+    # The runs share their compiled programs: in the tests' cache (JAX_COMPILATION_CACHE_DIR),
+    # else in the sweep dir's (test_local_backend_shares_a_compilation_cache_in_the_sweep_dir...)
+    assert (out / "jax_cache").is_dir() != bool(os.environ.get("JAX_COMPILATION_CACHE_DIR"))
     os.remove(out / "test" / "source")
     r = sweep_cli("--config", str(config), "--sweep_dir", str(out))
     assert r.returncode == 0, r.stdout + r.stderr
