@@ -1,5 +1,7 @@
 """The same training on 1 device and on 8-device meshes: equal losses and params, real shardings."""
 
+import functools
+
 import jax
 import ml_collections
 import numpy as np
@@ -39,9 +41,15 @@ def _train(mesh_shape, devices, grad_accum=1):
     return losses, jax.device_get(state.params), state
 
 
+@functools.cache
+def _trained(mesh_shape, one_device=False, grad_accum=1):
+    """_train's result, once per arguments (a mesh's run serves every test that looks at it)."""
+    return _train(mesh_shape, jax.devices()[:1] if one_device else jax.devices(), grad_accum)
+
+
 @pytest.fixture(scope="module")
 def single_device():
-    return _train((1, 1, 1), jax.devices()[:1])
+    return _trained((1, 1, 1), one_device=True)
 
 
 def test_eight_devices_are_visible():
@@ -51,7 +59,7 @@ def test_eight_devices_are_visible():
 @pytest.mark.parametrize("mesh_shape", MESHES)
 def test_mesh_matches_single_device(single_device, mesh_shape):
     ref_losses, ref_params, _ = single_device
-    losses, params, _ = _train(mesh_shape, jax.devices())
+    losses, params, _ = _trained(mesh_shape)
     assert ref_losses[0] != ref_losses[-1]  # training moved
     np.testing.assert_allclose(losses, ref_losses, rtol=1e-5, atol=1e-5)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5), params, ref_params)
@@ -59,13 +67,13 @@ def test_mesh_matches_single_device(single_device, mesh_shape):
 
 def test_grad_accumulation_matches_full_batch(single_device):
     ref_losses, ref_params, _ = single_device
-    losses, params, _ = _train((1, 1, 1), jax.devices()[:1], grad_accum=2)
+    losses, params, _ = _trained((1, 1, 1), one_device=True, grad_accum=2)
     np.testing.assert_allclose(losses, ref_losses, rtol=1e-5, atol=1e-5)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5), params, ref_params)
 
 
 def test_params_carry_intended_shardings():
-    _, _, state = _train((1, 4, 2), jax.devices())
+    _, _, state = _trained((1, 4, 2))  # a mesh of test_mesh_matches_single_device
     p = state.params
     spec = lambda x: tuple(x.sharding.spec) + (None,) * (x.ndim - len(x.sharding.spec))  # noqa: E731
     assert spec(p["embed"]) == ("tensor", "fsdp")  # (vocab, embed)
