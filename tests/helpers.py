@@ -5,8 +5,12 @@ model) are in conftest.py. Test modules import from here, never from each other.
 from __future__ import annotations
 
 import ast
+import hashlib
+import inspect
+import json
 import os
 import struct
+from collections.abc import Callable
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -116,3 +120,31 @@ def randomised(cls, config):
         for p in m.parameters():
             p.normal_(0.0, 0.2)
     return m.eval()
+
+
+# ---------------------------------------------------------------- references computed once
+
+
+def reference(name: str, key: dict, compute: Callable[[], dict]) -> dict:
+    """What an independent implementation computes for a fixed input (transformers' tokens and
+    logits of a bundled GGUF: minutes to read on 2 cores), computed once per machine and kept in
+    the user's cache ($CPT_JAX_CACHE or ~/.cache/cpt_jax, in test-references/). `key` holds
+    everything the result depends on (the input file's SHA-256, library versions, the inputs); the
+    source of `compute` is part of it too, so a changed recipe computes it again. `compute`
+    returns {name: array}; the same comes back, as numpy arrays."""
+    import numpy as np
+
+    from cpt_jax.data.corpora import default_cache_dir
+
+    ident = json.dumps({"key": key, "compute": inspect.getsource(compute)}, sort_keys=True, default=str)
+    path = default_cache_dir() / "test-references" / f"{name}-{hashlib.sha256(ident.encode()).hexdigest()[:20]}.npz"
+    if path.exists():
+        with np.load(path) as f:
+            return {k: f[k] for k in f.files}
+    out = {k: np.asarray(v) for k, v in compute().items()}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "wb") as f:
+        np.savez(f, **out)
+    os.replace(tmp, path)
+    return out

@@ -21,7 +21,9 @@ from cpt_jax.convert import hf, safetensors
 from cpt_jax.convert.__main__ import main as convert_main
 from cpt_jax.convert.vocab import extend_vocab
 
-from helpers import COMMON, randomised
+from cpt_jax.storage import sha256
+
+from helpers import COMMON, randomised, reference
 
 VOCAB = COMMON["vocab_size"]
 LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 5000.0, "factor": 8.0, "low_freq_factor": 1.0,
@@ -349,12 +351,31 @@ def smollm2(tmp_path_factory):
     return dst
 
 
+SMOLLM2_TEXTS = ["The capital of France is", "北京是中国的首都。", "x = 12345\n\tdef f():  return 'ok'"]
+SMOLLM2_PROMPT = "The capital of France is Paris, and the capital of China is"
+
+
 @pytest.fixture(scope="module")
-def smollm2_hf():
+def smollm2_hf(smollm2):
+    """transformers' own reading of the same GGUF (its tokenizer and forward pass), as (the prompt's
+    ids as ours splits it, {`ids<i>`: its ids of SMOLLM2_TEXTS[i], none added; `framed`: "The capital"
+    as its tokenizer frames it; `logits`: of the prompt}); computed once per machine, as its GGUF
+    reader takes minutes (helpers.reference)."""
+    _, tok = inference.load(smollm2)
+    prompt = np.array([tok.encode(SMOLLM2_PROMPT)])
     path = convert.resolve_source("smollm2")
-    kwargs = dict(gguf_file=os.path.basename(path))
-    model = transformers.AutoModelForCausalLM.from_pretrained(os.path.dirname(path), dtype=torch.float32, **kwargs)
-    return model.eval(), transformers.AutoTokenizer.from_pretrained(os.path.dirname(path), **kwargs)
+
+    def compute():
+        kwargs = dict(gguf_file=os.path.basename(path))
+        model = transformers.AutoModelForCausalLM.from_pretrained(os.path.dirname(path), dtype=torch.float32,
+                                                                  **kwargs).eval()
+        hf_tok = transformers.AutoTokenizer.from_pretrained(os.path.dirname(path), **kwargs)
+        ids = {f"ids{i}": hf_tok.encode(text, add_special_tokens=False) for i, text in enumerate(SMOLLM2_TEXTS)}
+        return {**ids, "framed": hf_tok("The capital").input_ids, "logits": hf_logits(model, prompt)}
+
+    key = {"gguf": sha256(path), "transformers": transformers.__version__, "torch": torch.__version__,
+           "texts": SMOLLM2_TEXTS, "prompt": prompt.tolist()}
+    return prompt, reference("smollm2_hf", key, compute)
 
 
 def test_smollm2_knows_paris(smollm2):
@@ -367,12 +388,11 @@ def test_smollm2_knows_paris(smollm2):
 
 def test_smollm2_matches_transformers_own_gguf_load(smollm2, smollm2_hf):
     model, tok = inference.load(smollm2)
-    hf, hf_tok = smollm2_hf
-    for text in ["The capital of France is", "北京是中国的首都。", "x = 12345\n\tdef f():  return 'ok'"]:
-        assert tok.encode(text) == hf_tok.encode(text, add_special_tokens=False), text
-    ids = np.array([tok.encode("The capital of France is Paris, and the capital of China is")])
-    expected = hf_logits(hf, ids)
-    got = np.asarray(model(jnp.asarray(ids)))
+    prompt, hf = smollm2_hf
+    for i, text in enumerate(SMOLLM2_TEXTS):
+        assert tok.encode(text) == hf[f"ids{i}"].tolist(), text
+    expected = hf["logits"]
+    got = np.asarray(model(jnp.asarray(prompt)))
     # 30 float32 layers computed in two orders: 1e-5 of the logits' scale.
     np.testing.assert_allclose(got, expected, atol=1e-5 * np.abs(expected).max(), rtol=0)
 
@@ -384,8 +404,8 @@ def test_smollm2_is_framed_as_it_was_pretrained(smollm2, smollm2_hf):
     from cpt_jax.data.packing import Framing
 
     _, tok = inference.load(smollm2)
-    _, hf_tok = smollm2_hf
-    assert hf_tok("The capital").input_ids == tok.encode("The capital")  # nothing added around the text
+    _, hf = smollm2_hf
+    assert hf["framed"].tolist() == tok.encode("The capital")  # nothing added around the text
     assert Framing.of(tok) == Framing(None, tok.token_to_id("<|im_end|>"))
     framing = load_file(os.path.join(os.path.dirname(__file__), "..", "configs", "cpt_smollm2_zh.py")).data.framing
     assert Framing.of(tok, framing.bos, framing.eos) == Framing(None, 0) and tok.token_to_id("<|endoftext|>") == 0
@@ -622,23 +642,33 @@ def test_gemma3_continues_chinese(gemma3):
 
 
 @pytest.mark.slow
-def test_gemma3_matches_transformers_own_gguf_load(gemma3):
-    from cpt_jax.data.corpora import default_cache_dir, load_bible
-
-    path = convert.resolve_source("gemma3-270m")
-    kwargs = dict(gguf_file=os.path.basename(path))
-    hf = transformers.AutoModelForCausalLM.from_pretrained(os.path.dirname(path), dtype=torch.float32, **kwargs).eval()
-    hf_tok = transformers.AutoTokenizer.from_pretrained(os.path.dirname(path), **kwargs)
+def test_gemma3_matches_transformers_own_gguf_load(gemma3, bible):
+    """Against transformers' reading of the same GGUF, computed once per machine (its GGUF reader
+    takes minutes: helpers.reference)."""
     model, tok = inference.load(gemma3)
-    for text in ["The capital of France is", "北京是中国的首都。", "x = 12345\n\tdef f():  return 'ok'",
-                 "  two  spaces\n\n\tand tabs 🤖"]:
-        assert tok.encode(text) == hf_tok.encode(text, add_special_tokens=False), text
-    assert hf_tok.encode("hi")[0] == tok.bos_id  # both prepend BOS
+    texts = ["The capital of France is", "北京是中国的首都。", "x = 12345\n\tdef f():  return 'ok'",
+             "  two  spaces\n\n\tand tabs 🤖"]
     # Over 600 tokens: past the sliding window of 512, so windowed and global layers differ.
-    text = " ".join(v for d in load_bible(default_cache_dir())["en"][:3] for v in d.verses)
+    text = " ".join(v for d in bible["en"][:3] for v in d.verses)
     ids = np.array([[tok.bos_id] + tok.encode(text)[:640]])
     assert ids.shape[1] > 600
-    expected = hf_logits(hf, ids)
+    path = convert.resolve_source("gemma3-270m")
+
+    def compute():
+        kwargs = dict(gguf_file=os.path.basename(path))
+        hf = transformers.AutoModelForCausalLM.from_pretrained(os.path.dirname(path), dtype=torch.float32,
+                                                               **kwargs).eval()
+        hf_tok = transformers.AutoTokenizer.from_pretrained(os.path.dirname(path), **kwargs)
+        out = {f"ids{i}": hf_tok.encode(text, add_special_tokens=False) for i, text in enumerate(texts)}
+        return {**out, "hi": hf_tok.encode("hi"), "logits": hf_logits(hf, ids)}
+
+    key = {"gguf": sha256(path), "transformers": transformers.__version__, "torch": torch.__version__,
+           "texts": texts, "ids": ids.tolist()}
+    hf = reference("gemma3_hf", key, compute)
+    for i, text in enumerate(texts):
+        assert tok.encode(text) == hf[f"ids{i}"].tolist(), text
+    assert int(hf["hi"][0]) == tok.bos_id  # both prepend BOS
+    expected = hf["logits"]
     got = np.asarray(model(jnp.asarray(ids)))
     # 18 float32 layers computed in two orders: 1e-5 of the logits' scale, as SmolLM2's.
     np.testing.assert_allclose(got, expected, atol=1e-5 * np.abs(expected).max(), rtol=0)
