@@ -21,10 +21,10 @@ from cpt_jax import sweep
 from cpt_jax.config import load_file
 from cpt_jax.rundir import RunDir
 
+from helpers import MINI, ROOT
+
 pytestmark = pytest.mark.slow
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-MINI = os.path.join(ROOT, "configs", "sweeps", "mini.py")
 SLURM_LOCAL = os.path.join(ROOT, "tests", "slurm_local.sh")
 RUNS = ("test/source", "test/scratch", "test/cpt_r0.05")
 ENDED = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE",
@@ -60,11 +60,14 @@ def data_dir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def job_env(tmp_path_factory):
     """The environment the sweep's jobs inherit from sbatch: this tree's cpt_jax, one CPU device
-    per run (not the test suite's 8), and a shared XLA compilation cache: the runs of one size
-    compile the same steps, and a warm cache halves a run's time on 2 cores."""
+    per run (not the test suite's 8), and a shared XLA compilation cache (the tests', see
+    conftest.py, else one of its own): the runs of one size compile the same steps, and a warm
+    cache halves a run's time on 2 cores."""
+    cache = {} if os.environ.get("JAX_COMPILATION_CACHE_DIR") else {
+        "JAX_COMPILATION_CACHE_DIR": str(tmp_path_factory.mktemp("jax_cache")),
+        "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0", "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
     return {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH")) if p),
-            "XLA_FLAGS": "", "JAX_COMPILATION_CACHE_DIR": str(tmp_path_factory.mktemp("jax_cache")),
-            "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0", "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
+            "XLA_FLAGS": "", **cache}
 
 
 def write_config(path, data_dir, source_tokens_per_param=0.0899) -> str:
