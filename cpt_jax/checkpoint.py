@@ -9,6 +9,7 @@ intermediate checkpoints are data points for scaling-law fits.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Callable
 
@@ -22,7 +23,43 @@ from cpt_jax import distributed, storage
 
 # Stored in `meta`; bump when the stored tree changes shape, so old checkpoints are refused clearly.
 LAYOUT = "stacked-layers-v1"
+# The version of `Meta`; bump when a field changes meaning. Checkpoints from before it existed are 0.
+META_VERSION = 1
 log = logging.getLogger("cpt_jax")
+
+
+@dataclasses.dataclass(frozen=True)
+class Meta:
+    """What a checkpoint stores beside its arrays (its JSON `meta` item). Model-agnostic: the
+    model is the dict of its config (`models.ModelConfig.from_dict` reads it back)."""
+
+    model: dict
+    tokenizer: str | None = None  # the fingerprint of the tokenizer the model speaks
+    config: dict | None = None  # the config of the run that saved it; None for a converted model
+    sources: tuple[str, ...] = ()  # the run's data sources, in the mixture's order
+    framing: dict | None = None  # {"bos_id", "eos_id", "packing"} of the run's rows
+    vocab_extension: dict | None = None  # extend-vocab's report ("old_vocab_size": the rows it did not add)
+    hf_config: dict | None = None  # an imported model's HF config.json (export writes it back)
+    converted_from: str | None = None  # an imported model's source path
+    step: int = 0
+    layout: str = LAYOUT
+    version: int = META_VERSION
+
+    @classmethod
+    def from_json(cls, d: dict, where: str) -> Meta:
+        """A checkpoint's stored meta; a field added since it was written takes its default."""
+        if d.get("layout") != LAYOUT:
+            raise ValueError(f"checkpoint {where} has layout {d.get('layout')!r}, this cpt_jax reads {LAYOUT!r}")
+        version = d.get("version", 0)
+        if version > META_VERSION:
+            raise ValueError(f"checkpoint {where} has metadata version {version}; this cpt_jax reads up to "
+                             f"{META_VERSION}: update cpt_jax")
+        known = {f.name for f in dataclasses.fields(cls)}
+        d = {k: v for k, v in d.items() if k in known}
+        return cls(**{**d, "sources": tuple(d.get("sources", ())), "version": version})
+
+    def to_json(self, step: int) -> dict:
+        return {**dataclasses.asdict(self), "step": int(step), "layout": LAYOUT, "version": META_VERSION}
 
 
 def latest_step(directory: str) -> int | None:
@@ -62,26 +99,23 @@ class Checkpointer:
     def all_steps(self) -> list[int]:
         return sorted(self.manager.all_steps())
 
-    def save(self, step: int, params, opt_state, meta: dict) -> None:
+    def save(self, step: int, params, opt_state, meta: Meta) -> None:
         """Starts an async save; `wait()` (or the next save) finishes it. `opt_state=None` saves
         params and meta only (converted models; numpy arrays are written without a device copy)."""
-        items = {"params": ocp.args.StandardSave(params),
-                 "meta": ocp.args.JsonSave({**meta, "step": int(step), "layout": LAYOUT})}
+        items = {"params": ocp.args.StandardSave(params), "meta": ocp.args.JsonSave(meta.to_json(step))}
         if opt_state is not None:
             items["opt_state"] = ocp.args.StandardSave(opt_state)
         self.manager.save(step, args=ocp.args.Composite(**items))
 
-    def meta(self, step: int | None = None) -> dict:
+    def meta(self, step: int | None = None) -> Meta:
         step = self.latest_step() if step is None else step
-        return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+        stored = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+        return Meta.from_json(stored, f"{self.directory}/{step}")
 
-    def restore(self, step: int, abstract_params, abstract_opt_state=None) -> tuple[dict, object, dict]:
+    def restore(self, step: int, abstract_params, abstract_opt_state=None) -> tuple[dict, object, Meta]:
         """Restores onto the shardings carried by the abstract trees (jax.ShapeDtypeStruct with
         `sharding`); `abstract_opt_state=None` restores params and meta only."""
         meta = self.meta(step)
-        if meta.get("layout") != LAYOUT:
-            raise ValueError(f"checkpoint {self.manager.directory}/{step} has layout {meta.get('layout')!r}, "
-                             f"this cpt_jax reads {LAYOUT!r}")
         items = {"params": ocp.args.StandardRestore(abstract_params)}
         if abstract_opt_state is not None:
             items["opt_state"] = ocp.args.StandardRestore(abstract_opt_state)
@@ -134,7 +168,7 @@ class Checkpointer:
             return node._replace(count=out["count"], mu=moments("mu", node.mu), nu=moments("nu", node.nu))
         return jax.tree.map(swap, opt_state, is_leaf=_is_adam), fresh
 
-    def restore_latest(self, abstract_params, abstract_opt_state, check: Callable[[dict, str], None]
+    def restore_latest(self, abstract_params, abstract_opt_state, check: Callable[[Meta, str], None]
                        ) -> tuple[int, dict, object] | None:
         """(step, params, opt_state) of the latest step that restores; None where none does.
         `check(meta, where)` raises ValueError where a readable checkpoint holds another model.
@@ -145,13 +179,11 @@ class Checkpointer:
         steps = sorted(self.all_steps(), reverse=True)
         for i, step in enumerate(steps):
             try:
-                meta = self.meta(step)
+                stored = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
             except Exception as e:  # noqa: BLE001  (any failure to read makes the step unusable)
-                meta, error = None, e
-            if meta is not None:  # readable: a checkpoint of another kind is an error, not corruption
-                if meta.get("layout") != LAYOUT:
-                    raise ValueError(f"checkpoint {self.directory}/{step} has layout {meta.get('layout')!r}, "
-                                     f"this cpt_jax reads {LAYOUT!r}")
+                stored, error = None, e
+            if stored is not None:  # readable: a checkpoint of another kind is an error, not corruption
+                meta = Meta.from_json(stored, f"{self.directory}/{step}")
                 check(meta, f"checkpoint {self.directory}/{step}")
                 try:
                     params, opt_state, _ = self.restore(step, abstract_params, abstract_opt_state)

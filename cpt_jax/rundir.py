@@ -59,6 +59,6 @@ class RunDir:
     def read_metrics(self) -> list[dict]:
         return storage.read_jsonl(self.metrics)
 
-    def meta(self, step: int | None = None) -> dict:
+    def meta(self, step: int | None = None) -> checkpoint.Meta:
         """The metadata of a checkpoint (the latest by default): config, model, tokenizer."""
         return checkpoint.Checkpointer(self.checkpoints, read_only=True).meta(step)

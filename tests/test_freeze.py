@@ -199,7 +199,7 @@ def test_old_vocab_trains_only_the_rows_extend_vocab_added(english_model, tmp_pa
     assert not np.array_equal(end.lm_head[...][:, v:], start.lm_head[...][:, v:])
     assert _same(end.layers.q[...], start.layers.q[...]) and _same(end.final_norm[...], start.final_norm[...])
     # A later stage from that run still knows the old vocabulary.
-    assert RunDir.of(str(tmp_path / "run")).meta()["vocab_extension"]["old_vocab_size"] == v
+    assert RunDir.of(str(tmp_path / "run")).meta().vocab_extension["old_vocab_size"] == v
 
 
 @pytest.mark.slow  # two runs and a resume: half a minute

@@ -29,7 +29,7 @@ def english_model(tmp_path_factory):
     tok = train_tokenizer([v for d in train[::4] for v in d.verses], root / "sp.model", vocab_size=600)
     cfg = models.model_config("test", tok.vocab_size)
     params = jax.tree.map(np.asarray, models.init_params(cfg, jax.random.key(0)))
-    convert.save_model(root / "model", cfg, params, tok, {})
+    convert.save_model(root / "model", cfg, params, tok)
     return str(root / "model")
 
 

@@ -124,8 +124,8 @@ def extend_vocab(src: str, dst: str, dcfg: ml_collections.ConfigDict, source: st
     report = {"source": source, "added": len(added), "vocab_size": cfg.vocab_size, "old_vocab_size": old_vocab,
               "tokens_per_char_before": tokens_per_char(old, docs), "tokens_per_char_after": tokens_per_char(new, docs)}
     meta = RunDir.of(src).meta()
-    extra = {k: v for k, v in meta.items() if k in ("hf_config", "converted_from")}
-    save_model(dst, cfg, params, new, {**extra, "vocab_extension": report})
+    save_model(dst, cfg, params, new, hf_config=meta.hf_config, converted_from=meta.converted_from,
+               vocab_extension=report)
     log.info("extended %s -> %s: %d pieces added; %s eval tokens/char %.3f -> %.3f", src, dst, len(added), source,
              report["tokens_per_char_before"], report["tokens_per_char_after"])
     return report
