@@ -35,6 +35,7 @@ import ml_collections
 from absl import app, flags
 
 from cpt_jax import cli, models, trainer, update
+from cpt_jax.data.tokenizer import load_tokenizer
 from cpt_jax.errors import ConfigError, Preempted, RunError
 from cpt_jax.rundir import RunDir
 from cpt_jax.scaling.report import write_report
@@ -67,6 +68,20 @@ def paper_batch_tokens(params: int) -> int:
     return 1 << 20 if params <= 1e9 else 2 << 20 if params <= 2.5e9 else 4 << 20
 
 
+def vocab_size(base: ml_collections.ConfigDict) -> int:
+    """The vocabulary of the runs' models, as the trainer sizes it: `model.vocab_size`, else the
+    tokenizer's, read from the file at `data.tokenizer.path` (a trained one has
+    `data.tokenizer.vocab_size` pieces). Raises ValueError naming the field the runs would fail on."""
+    path = base.data.tokenizer.path
+    try:
+        tokens = load_tokenizer(path).vocab_size if path else base.data.tokenizer.vocab_size
+    except (ValueError, OSError) as e:
+        raise ValueError(f"base.data.tokenizer.path: {e}") from None
+    if base.model.vocab_size and base.model.vocab_size < tokens:
+        raise ValueError(f"base.model.vocab_size={base.model.vocab_size} is smaller than the tokenizer's {tokens}")
+    return base.model.vocab_size or tokens
+
+
 def ratios(sweep: ml_collections.ConfigDict, size: str) -> tuple[float, ...]:
     """The replay ratios of a size's CPT runs: the sweep's, plus the replay study's at its size."""
     study = sweep.get("replay_study")
@@ -87,7 +102,7 @@ def expand(sweep: ml_collections.ConfigDict, sweep_dir: str, only: tuple[str, ..
         raise ValueError(f"sizes: {unknown[0]!r} is not a known size; known: {', '.join(models.SIZES)}")
     if study and study.size and study.size not in sweep.sizes:
         raise ValueError(f"replay_study.size={study.size!r} is not one of sizes {tuple(sweep.sizes)}")
-    vocab = sweep.base.model.vocab_size or sweep.base.data.tokenizer.vocab_size
+    vocab = vocab_size(sweep.base)
     branched, seq = sweep.get("branches", False), sweep.base.seq_len
     budgets = sorted(sweep.tokens_per_param)
     runs = []

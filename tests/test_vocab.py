@@ -13,7 +13,8 @@ import sentencepiece as spm
 import cpt_jax
 from cpt_jax import convert, inference, models
 from cpt_jax.config import base
-from cpt_jax.convert.vocab import extend_vocab
+from cpt_jax.convert.gguf import GGUFFile
+from cpt_jax.convert.vocab import extend_vocab, grow, merge
 from cpt_jax.data.corpora import default_cache_dir, load_bible, split_documents
 from cpt_jax.data.tokenizer import train_tokenizer
 
@@ -51,6 +52,68 @@ def test_sentencepiece_extension_keeps_old_rows_and_old_text(english_model, tmp_
     new_id, old_pieces = sp.piece_to_id("以色列"), old_tok.encode("以色列")[1:]  # less the word-start "▁"
     assert new_id >= v and len(old_pieces) == 9  # three characters, three UTF-8 bytes each
     np.testing.assert_allclose(new.embed[...][new_id], np.asarray(old.embed[...])[old_pieces].mean(axis=0), rtol=1e-5)
+
+
+def gguf_vocabulary(tok, path):
+    """`tok` as llama.cpp writes a sentencepiece vocabulary into a GGUF, read back by the importer."""
+    import gguf
+    from sentencepiece import sentencepiece_model_pb2 as pb
+
+    m = pb.ModelProto.FromString(tok.files["tokenizer.model"])
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_tokenizer_model("llama")
+    w.add_token_list([p.piece for p in m.pieces])
+    w.add_token_scores([p.score for p in m.pieces])
+    w.add_token_types([int(p.type) for p in m.pieces])
+    w.add_unk_token_id(tok.unk_id)
+    w.add_bos_token_id(tok.bos_id)
+    w.add_eos_token_id(tok.eos_id)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return GGUFFile(str(path)).tokenizer()
+
+
+@pytest.mark.parametrize("vocabulary", ["sentencepiece", "gguf"])
+def test_new_rows_are_the_mean_of_the_pieces_old_segmentation_inside_a_text(english_model, vocabulary, tmp_path):
+    """Rows by hand: a word-start piece "▁X" is what the old model makes of the text "X" (its dummy
+    prefix makes it "▁X"); an inner piece, sentencepiece's BPE over the old pieces (checked here
+    against the old model on the word-start ones); Chinese, its UTF-8 bytes."""
+    model, sp_tok = models.load(english_model)
+    old = sp_tok if vocabulary == "sentencepiece" else gguf_vocabulary(sp_tok, tmp_path / "v.gguf")
+    sp = spm.SentencePieceProcessor(model_proto=sp_tok.files["tokenizer.model"])
+    score = {sp.id_to_piece(i): sp.get_score(i) for i in range(sp.get_piece_size()) if not (
+        sp.is_byte(i) or sp.is_control(i) or sp.is_unknown(i))}
+
+    def bpe(text: str) -> list[int]:  # merge the best-scoring adjacent pair, the leftmost first
+        syms = list(text)
+        while pairs := [(score[a + b], -i) for i, (a, b) in enumerate(zip(syms, syms[1:])) if a + b in score]:
+            i = -max(pairs)[1]
+            syms[i:i + 2] = [syms[i] + syms[i + 1]]
+        return [i for s in syms for i in ([sp.piece_to_id(s)] if s in score else byte_ids(s))]
+
+    def byte_ids(text: str) -> list[int]:
+        return [sp.piece_to_id(f"<0x{b:02X}>") for b in text.encode()]
+
+    expected = {"▁Jerusalem": sp.encode("Jerusalem"), "▁righteousness": sp.encode("righteousness"),
+                "▁以色列": [sp.piece_to_id("▁"), *byte_ids("以色列")],
+                "salem": bpe("salem"), "eousness": bpe("eousness"), "以色列": byte_ids("以色列")}
+    for piece, ids in expected.items():
+        assert piece not in score and len(ids) > 1, piece  # a new piece, of several old ones
+        if piece.startswith("▁"):
+            assert bpe(piece) == ids, piece
+    assert bpe("▁salem") != expected["salem"] and bpe("▁eousness") != expected["eousness"]  # no word starts
+
+    new, added = merge(old, list(expected))
+    params = grow(jax.tree.map(np.asarray, models.params_of(model)), old, added, new.vocab_size)
+    embed, head = np.asarray(model.embed[...]), np.asarray(model.lm_head[...])
+    sp_new = spm.SentencePieceProcessor(model_proto=new.files["tokenizer.model"])
+    for piece, ids in expected.items():
+        i = sp_new.piece_to_id(piece)
+        assert i >= old.vocab_size, piece
+        np.testing.assert_allclose(params["embed"][i], embed[ids].mean(axis=0), rtol=1e-6, err_msg=piece)
+        np.testing.assert_allclose(params["lm_head"][:, i], head[:, ids].mean(axis=1), rtol=1e-6, err_msg=piece)
 
 
 def test_main_continues_an_extended_model_and_load_reads_the_run(english_model, tmp_path):
