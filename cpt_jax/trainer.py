@@ -520,7 +520,7 @@ def task_evals(plan: Plan, steps: train.Steps, params) -> dict:
     """The harness's metrics of config.eval_tasks on these (sharded) params, as
     eval/<task>/<metric>: every process scores every request (the model is one SPMD program),
     rows of the training batch size and sequence length."""
-    from cpt_jax import evaluate as harness
+    from cpt_jax import harness
 
     c = plan.config
     model = nnx.merge(steps.spec.graphdef, params)
