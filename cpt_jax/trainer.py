@@ -26,7 +26,8 @@ import ml_collections
 import numpy as np
 from etils import epath
 
-from cpt_jax import checkpoint, checks, convert, distributed, evals, freeze, loop, models, storage, summary, update
+from cpt_jax import (checkpoint, checks, convert, distributed, evals, freeze, harness, loop, models, storage, summary,
+                     update)
 from cpt_jax.config import expand_runs
 from cpt_jax.data import pipeline
 from cpt_jax.data.mixture import Mixture
@@ -268,9 +269,10 @@ def train_checked(config: ml_collections.ConfigDict, workdir: str, mesh: jax.sha
                                 check_nonfinite=check_nonfinite)
             heldout = functools.partial(evals.heldout_losses, steps, eval_sets=run.data.eval, batch_size=c.batch_size,
                                         max_batches=c.data.eval_batches)
-            tasks = functools.partial(evals.task_metrics, steps, tokenizer=run.data.tokenizer, tasks=c.eval_tasks,
-                                      limit=c.eval_tasks_limit, batch_size=c.batch_size, max_length=c.seq_len,
-                                      mesh=run.mesh) if c.eval_tasks else None
+            tasks = None
+            if c.eval_tasks:
+                scorer = harness.Scorer(steps.spec, run.data.tokenizer, c.batch_size, c.seq_len, run.mesh)
+                tasks = functools.partial(evals.task_metrics, scorer, tasks=c.eval_tasks, limit=c.eval_tasks_limit)
             if start is None:
                 progress.start(heldout(state.params) | (tasks(state.params) if tasks else {}))
             with loop.HostBatches(run.mixture, c.batch_size, c.total_steps, steps.batch_sharding,

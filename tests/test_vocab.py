@@ -80,7 +80,7 @@ def test_new_rows_are_the_mean_of_the_pieces_old_segmentation_inside_a_text(engl
     """Rows by hand: a word-start piece "▁X" is what the old model makes of the text "X" (its dummy
     prefix makes it "▁X"); an inner piece, sentencepiece's BPE over the old pieces (checked here
     against the old model on the word-start ones); Chinese, its UTF-8 bytes."""
-    model, sp_tok = models.load(english_model)
+    model, sp_tok = inference.load(english_model)
     old = sp_tok if vocabulary == "sentencepiece" else gguf_vocabulary(sp_tok, tmp_path / "v.gguf")
     sp = spm.SentencePieceProcessor(model_proto=sp_tok.files["tokenizer.model"])
     score = {sp.id_to_piece(i): sp.get_score(i) for i in range(sp.get_piece_size()) if not (
