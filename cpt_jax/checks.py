@@ -114,6 +114,7 @@ def check_start(config: ml_collections.ConfigDict) -> None:
             raise ConfigError(f"branch_from={config.branch_from!r} has no checkpoint at branch_step="
                               f"{config.branch_step} (it has {kept or 'none'}; keep_steps makes a run keep its "
                               f"branch points)")
+        check_branch(config)
 
 
 def _check_schedule(config: ml_collections.ConfigDict) -> None:

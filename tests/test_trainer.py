@@ -135,7 +135,7 @@ def test_a_good_steps_record_is_written_before_a_later_nonfinite_step_stops_the_
     resumed run's metrics hold every step once."""
     args = ("--config.total_steps=6", "--config.log_every=1", "--config.checkpoint_every=3", "--config.eval_every=3")
     workdir = str(tmp_path / "run")
-    with pytest.raises(RunError, match="by step 5"):
+    with pytest.raises(RunError, match="by step 4"):
         trainer.train_run(small_config(*args, "--config.inject_nan_at=(4,)"), workdir)
     assert [r["step"] for r in RunDir.of(workdir).read_metrics()] == [0, 1, 2, 3]
     trainer.train_run(small_config(*args), workdir)
