@@ -100,7 +100,8 @@ def _declared() -> SimpleNamespace:
     c.model = SimpleNamespace()
     c.model.size = field("tiny")  # a key of cpt_jax.models.SIZES, or "init_from": init_from's architecture
     c.model.vocab_size = field(0)  # 0: the tokenizer's vocabulary size
-    # compute dtype; auto: bfloat16 on GPU/TPU, float32 on CPU. Params stay float32.
+    # Compute dtype: auto (bfloat16 on GPU/TPU, float32 on CPU) | float32 | bfloat16; not float16, which would need
+    # loss scaling. Params stay float32.
     c.model.dtype = field("auto", NUMERICS)
     c.model.scan_layers = field(True, RESUME, NUMERICS)
     c.model.remat = field("none", RESUME, NUMERICS)  # none | full | dots | dots_no_batch

@@ -483,3 +483,16 @@ def test_odd_head_dim_and_unknown_attention():
         ModelConfig(vocab_size=10, hidden=60, intermediate=128, layers=1, heads=4, kv_heads=4)
     with pytest.raises(ValueError, match="attention"):
         model_config("test", VOCAB, attention="flash")
+
+
+def test_float16_compute_is_refused_naming_the_field():
+    """float16 has no loss scaling here: refused with one error naming model.dtype (the trainer
+    makes it a ConfigError); the supported compute dtypes still build."""
+    stored = dataclasses.asdict(model_config("test", VOCAB))
+    for make in (lambda: model_config("test", VOCAB, dtype="float16"),
+                 lambda: ModelConfig.from_dict({**stored, "dtype": "float16"})):
+        with pytest.raises(ValueError, match=r"^model.dtype='float16' is not a supported compute dtype: auto, float32, "
+                                             r"bfloat16 \(float16 would need loss scaling"):
+            make()
+    assert [model_config("test", VOCAB, dtype=d).dtype for d in ("float32", "bfloat16")] == ["float32", "bfloat16"]
+
