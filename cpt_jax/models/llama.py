@@ -419,6 +419,13 @@ class Llama(nnx.Module):
 
 
 def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
-    """Training FLOPs per token: 6 x non-embedding params + 12 x layers x hidden x seq."""
-    return 6.0 * cfg.non_embedding_params() + 12.0 * cfg.layers * cfg.hidden * seq_len
+    """Training FLOPs per token: 6 x non-embedding params + 12 x layers x heads*head_dim x keys,
+    the project's MFU numerator (6N + 12 x layers x hidden x seq where heads*head_dim = hidden
+    and every layer attends to all seq keys, as in the PaLM paper's convention, which counts the
+    whole score matrix, not its causal half). `keys` is the mean over layers of the keys a query
+    is scored against: seq for a full-attention layer, min(sliding_window, seq) for a windowed one
+    (Gemma 3: 5 windowed layers to 1 full), so the second term is 12 x heads*head_dim x the sum of
+    the layers' keys."""
+    keys = sum(min(cfg.sliding_window, seq_len) if w else seq_len for w in cfg.windowed())
+    return 6.0 * cfg.non_embedding_params() + 12.0 * cfg.heads * cfg.head_dim * keys
 
