@@ -377,7 +377,9 @@ class Llama(nnx.Module):
             positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
         rope = rope_tables(positions, cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
         local_rope = rope_tables(positions, cfg.head_dim, cfg.local_rope_theta) if cfg.local_rope_theta else rope
-        x = self.embed[...].astype(cfg.dtype)[tokens]
+        # Gather, then cast: the backward pass then sums a token's occurrences into its float32 row
+        # (cast first, a frequent token's row would be a long sum in the compute dtype).
+        x = self.embed[...][tokens].astype(cfg.dtype)
         if cfg.embed_scale:  # sqrt(hidden) rounded to the compute dtype first, as Gemma does
             x = x * jnp.asarray(cfg.hidden ** 0.5, cfg.dtype)
         x = sharding.constrain(x, ("batch", "length", "embed"))
