@@ -126,7 +126,11 @@ def _declared() -> SimpleNamespace:
     c.optimizer.b1 = field(0.9)
     c.optimizer.b2 = field(0.95)
     c.optimizer.eps = field(1e-8)
+    # Decoupled (AdamW) weight decay on the weight matrices only, not on norm scales or biases (Megatron-LM, HF
+    # Trainer); the output head always, the input embedding if decay_embeddings (Megatron-LM and HF Trainer: yes;
+    # OLMo 2: no). cpt_jax.update.decayed says which leaves.
     c.optimizer.weight_decay = field(0.1)
+    c.optimizer.decay_embeddings = field(True)
     c.optimizer.clip_norm = field(1.0)
     c.optimizer.grad_accum = field(1)  # microbatches per update
     # Parameters not trained (cpt_jax/freeze.py): paths like "embed", "layers/q", "layers/0-3"; "old_vocab": the

@@ -82,11 +82,24 @@ def schedule(opt, total_steps: int) -> optax.Schedule:
     return lambda step: learning_rate(step, args)
 
 
+def decayed(params: dict, embeddings: bool = True) -> dict:
+    """Per leaf, whether weight decay applies: to the weight matrices, not to norm scales or
+    biases (as Megatron-LM and HF Trainer do). Decided by what a leaf is, not by its rank: the
+    per-layer leaves are stacked [layers, ...], so every norm scale and bias has rank >= 2. The
+    output head is a matrix like the others; the input embedding decays where `embeddings`, a
+    choice because the families' reference trainers differ there (Megatron-LM and HF Trainer
+    decay it, OLMo 2's OLMo-core does not). A tied table is both and follows `embeddings`."""
+    def one(keypath, _) -> bool:
+        path = tuple(str(k.key) for k in keypath)
+        return embeddings if path == ("embed",) else not path[-1].endswith(("norm", "_bias"))
+    return jax.tree_util.tree_map_with_path(one, params)
+
+
 def optimizer(opt, args: dict, lr: jax.Array | None = None, frozen: freeze.Mask | None = None
               ) -> optax.GradientTransformation:
-    """AdamW with global-norm clipping; weight decay on matrices only (not norms or biases); the
-    learning rate of `schedule_args`. The state has one layout whatever the schedule, so a
-    branch restores its stable run's state.
+    """AdamW with global-norm clipping; weight decay on the leaves `decayed` names (matrices,
+    the input embedding as `opt.decay_embeddings` says); the learning rate of `schedule_args`.
+    The state has one layout whatever the schedule, so a branch restores its stable run's state.
 
     `lr`: this step's learning rate (train_step passes the one of its TrainState.step), in place
     of optax's own count: a run that starts with another run's moments (init_from_optimizer)
@@ -102,7 +115,7 @@ def optimizer(opt, args: dict, lr: jax.Array | None = None, frozen: freeze.Mask 
     tx = optax.chain(
         optax.clip_by_global_norm(opt.clip_norm),
         optax.adamw(schedule_fn, b1=opt.b1, b2=opt.b2, eps=opt.eps,
-                    weight_decay=opt.weight_decay, mask=lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)),
+                    weight_decay=opt.weight_decay, mask=lambda params: decayed(params, opt.decay_embeddings)),
     )
     if frozen is None:
         return tx

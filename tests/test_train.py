@@ -113,19 +113,6 @@ def test_eval_step_masks_padding_rows():
     assert float(count) == 3 * 8
 
 
-def test_weight_decay_skips_norms():
-    mcfg = models.model_config("test", 64)
-    opt = config_lib.base().optimizer
-    opt.weight_decay, opt.peak_lr, opt.warmup_frac = 0.5, 1.0, 0.0
-    tx = update.optimizer(opt, update.schedule_args(opt, 10))
-    params = models.init_params(mcfg, jax.random.key(3))
-    zeros = jax.tree.map(jnp.zeros_like, params)
-    _, opt_state = tx.update(zeros, tx.init(params), params)  # step 0: lr 0 (warmup)
-    updates, _ = tx.update(zeros, opt_state, params)  # step 1: lr = peak, zero gradients: decay only
-    assert float(jnp.abs(updates["final_norm"]).max()) == 0.0  # no decay on norm weights
-    assert float(jnp.abs(updates["embed"]).max()) > 0.0  # decay on matrices
-
-
 def test_runs_that_differ_only_in_schedule_share_one_compiled_step(tmp_path):
     """The schedule is an argument of the compiled step: a stable phase and its cooldown branches
     (other schedule, other length) hit the compilation cache; another batch size does not."""
