@@ -18,7 +18,7 @@ import optax
 from flax import nnx
 
 from cpt_jax import freeze, models, sharding
-from cpt_jax.models.cross_entropy import cross_entropy
+from cpt_jax.models.cross_entropy import cross_entropy, positions_counted
 
 
 @flax.struct.dataclass
@@ -139,16 +139,17 @@ def document_layout(inputs: jax.Array, eos_id: int) -> tuple[jax.Array, jax.Arra
     return segments, positions, (~is_eos).astype(jnp.float32)
 
 
-def token_losses(graphdef, params: dict, tokens: jax.Array, document_end: int | None = None
-                 ) -> tuple[jax.Array, jax.Array, jax.Array | None]:
+def token_losses(graphdef, params: dict, tokens: jax.Array, document_end: int | None = None,
+                 count: jax.Array | None = None) -> tuple[jax.Array, jax.Array, jax.Array | None]:
     """Next-token cross-entropy of tokens [b, seq+1]: (the mean, differentiable; per position
     [b, seq] float32, for reporting; the weights of the positions that count, or None where all
     do), with the logits chunked as `model.loss_chunk` says. `document_end`: the EOS id of rows
-    packed as documents (`document_layout`); None: attention runs across the whole row."""
+    packed as documents (`document_layout`); None: attention runs across the whole row.
+    `count`: the mean's divisor in place of these rows' counted positions (`counted`)."""
     model = nnx.merge(graphdef, params)
     inputs = tokens[:, :-1]
     loss = lambda x, weights: cross_entropy(x, model.head_weight(), tokens[:, 1:], model.cfg.loss_chunk,  # noqa: E731
-                                            weights, model.cfg.final_softcap)
+                                            weights, model.cfg.final_softcap, count)
     if document_end is None:
         x, _ = model.hidden_states(inputs)
         return *loss(x, None), None
@@ -157,12 +158,20 @@ def token_losses(graphdef, params: dict, tokens: jax.Array, document_end: int | 
     return *loss(x, weights), weights
 
 
-def _loss_and_stats(params, graphdef, tokens, source, num_sources, document_end):
-    loss, per_token, weights = token_losses(graphdef, params, tokens, document_end)
-    row = per_token.mean(axis=1) if weights is None else (
-        (per_token * weights).sum(axis=1) / jnp.maximum(weights.sum(axis=1), 1.0))
+def counted(tokens: jax.Array, document_end: int | None = None) -> jax.Array:
+    """How many positions of tokens [b, seq+1] the loss counts (at least 1): all b x seq, or,
+    packed as documents, those whose input is not EOS."""
+    weights = None if document_end is None else document_layout(tokens[:, :-1], document_end)[2]
+    return positions_counted(weights, tokens[:, 1:].shape)
+
+
+def _loss_and_stats(params, graphdef, tokens, source, num_sources, document_end, count):
+    """(loss: the sum of these rows' counted token losses / `count`, (per source: the sum of its
+    counted token losses, their number)): sums, so that they add up over microbatches."""
+    loss, per_token, weights = token_losses(graphdef, params, tokens, document_end, count)
+    weights = jnp.ones_like(per_token) if weights is None else weights
     onehot = jax.nn.one_hot(source, num_sources, dtype=jnp.float32)  # [b, sources]
-    return loss, (onehot.T @ row, onehot.sum(axis=0))
+    return loss, (onehot.T @ (per_token * weights).sum(axis=1), onehot.T @ weights.sum(axis=1))
 
 
 def train_step(state: TrainState, batch: dict, schedule: dict, *, graphdef, opt, num_sources: int,
@@ -172,10 +181,13 @@ def train_step(state: TrainState, batch: dict, schedule: dict, *, graphdef, opt,
     the learning rate of `schedule` (`schedule_args`) and `opt`'s AdamW settings; `document_end`
     as in `token_losses`.
 
-    With `grad_accum` > 1 the batch is split into that many microbatches whose gradients are
-    averaged before the single update (same result as the whole batch, less activation memory;
-    packed as documents, each microbatch's mean is over its own counted positions, so the average
-    weighs them as equal where their EOS counts differ).
+    The loss is the mean over the batch's counted positions (`counted`). With `grad_accum` > 1 the
+    batch is split into that many microbatches, each contributing the sum of its token losses
+    over the whole batch's count (HF Trainer's num_items_in_batch): their losses and gradients
+    add up to the whole batch's, whatever each counts (packed as documents, rows count different
+    numbers of positions), with less activation memory.
+    `source_loss_sum` / `source_count`: per source, the sum of its counted token losses and their
+    number (a token-weighted mean once divided).
     A step whose loss or gradient norm is not finite changes nothing but the step counter and
     reports `nonfinite` = 1; what then happens is the caller's choice (stop or go on).
     `nan_steps`: fault injection for tests, steps (counted from 1) whose gradients become NaN.
@@ -184,13 +196,14 @@ def train_step(state: TrainState, batch: dict, schedule: dict, *, graphdef, opt,
     lr = learning_rate(state.step, schedule)
     tx = optimizer(opt, schedule, lr, frozen)
     grad_fn = jax.value_and_grad(_loss_and_stats, has_aux=True)
+    tokens, source = batch["tokens"], batch["source"]
+    count = counted(tokens, document_end)
 
     def micro(tokens, source):
         (loss, (src_sum, src_cnt)), grads = grad_fn(state.params, graphdef, tokens, source, num_sources,
-                                                    document_end)
+                                                    document_end, count)
         return loss, src_sum, src_cnt, grads
 
-    tokens, source = batch["tokens"], batch["source"]
     if grad_accum == 1:
         loss, src_sum, src_cnt, grads = micro(tokens, source)
     else:
@@ -202,8 +215,6 @@ def train_step(state: TrainState, batch: dict, schedule: dict, *, graphdef, opt,
         zeros = jax.tree.map(jnp.zeros_like, jax.eval_shape(micro, split(tokens)[0], split(source)[0]))
         total, _ = jax.lax.scan(body, zeros, (split(tokens), split(source)))
         loss, src_sum, src_cnt, grads = total
-        loss = loss / grad_accum
-        grads = jax.tree.map(lambda g: g / grad_accum, grads)
 
     if nan_steps:
         inject = jnp.isin(state.step + 1, jnp.asarray(nan_steps))
@@ -233,8 +244,8 @@ def eval_step(params: dict, tokens: jax.Array, valid: jax.Array, *, graphdef, do
     _, losses, weights = token_losses(graphdef, params, tokens, document_end)
     if weights is None:
         return (losses * valid[:, None]).sum(), valid.sum() * losses.shape[1]
-    counted = valid[:, None] * weights
-    return (losses * counted).sum(), counted.sum()
+    kept = valid[:, None] * weights
+    return (losses * kept).sum(), kept.sum()
 
 
 class Steps(NamedTuple):

@@ -94,10 +94,10 @@ def test_per_source_loss_splits_the_batch():
     _, m = step(update.TrainState(jnp.int32(0), params, tx.init(params)), {"tokens": tokens, "source": source})
     # Independent: cross-entropy from the model's logits with optax.
     logits = nnx.merge(spec.graphdef, params)(tokens[:, :-1])
-    per_row = np.asarray(optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:])).mean(axis=1)
-    np.testing.assert_allclose(m["source_count"], [2, 4])
+    per_row = np.asarray(optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:])).sum(axis=1)
+    np.testing.assert_allclose(m["source_count"], [2 * 16, 4 * 16])  # counted tokens
     np.testing.assert_allclose(m["source_loss_sum"], [per_row[[0, 3]].sum(), per_row[[1, 2, 4, 5]].sum()], rtol=1e-5)
-    np.testing.assert_allclose(m["loss"], per_row.mean(), rtol=1e-6)
+    np.testing.assert_allclose(m["loss"], per_row.sum() / (6 * 16), rtol=1e-6)
 
 
 def test_eval_step_masks_padding_rows():

@@ -1,12 +1,16 @@
 """The training math against independent references: the bf16 embedding gradient against the
-float32 model's, weight decay leaf by leaf against its definition."""
+float32 model's, weight decay leaf by leaf against its definition, the loss of a batch of packed
+documents (per source, and with gradient accumulation) against each document run alone."""
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
+from flax import nnx
 
 from cpt_jax import config as config_lib
 from cpt_jax import models, update
@@ -15,6 +19,7 @@ from cpt_jax import models, update
 FAST_COMPILE = {"xla_backend_optimization_level": 0}
 
 
+@functools.cache
 def _init(mcfg: models.ModelConfig, seed: int = 0) -> dict:
     key = jax.random.key(seed)
     return jax.jit(lambda k: models.init_params(mcfg, k)).lower(key).compile(FAST_COMPILE)(key)
@@ -92,3 +97,77 @@ def test_weight_decay_moves_exactly_the_matrices(family):
             name, p = "/".join(str(k.key) for k in kp), _at(params, kp)
             decays = name in MATRICES and (decay_embeddings or name != "embed")
             np.testing.assert_array_equal(u, -0.5 * 0.1 * p if decays else np.zeros_like(p), err_msg=name)
+
+
+# ---------------------------------------------------------------- the loss of a batch of documents
+
+EOS = 1
+# Four rows of 32 inputs packed as documents: an EOS input opens a new document and is not counted,
+# so the rows count 22, 32, 30 and 31 positions.
+EOS_AT = ([2, 5, 6, 9, 13, 14, 20, 24, 27, 30], [], [0, 17], [31])
+SOURCES = jnp.array([0, 1, 1, 0], jnp.int32)
+
+
+def _documents() -> jax.Array:
+    tokens = np.random.default_rng(4).integers(2, 64, (4, 33))
+    for row, at in enumerate(EOS_AT):
+        tokens[row, at] = EOS
+    return jnp.asarray(tokens, jnp.int32)
+
+
+def _mcfg() -> models.ModelConfig:
+    return models.model_config("test", 64, loss_chunk=8)
+
+
+@functools.cache
+def _step(grad_accum: int):
+    """(metrics, params after) of one train_step on _documents() from _init(_mcfg()). At Adam eps 1
+    the first step's update is g / (|g| + 1), about the gradient itself: the params after it
+    compare the gradients entry by entry (at eps 1e-8, about their signs only)."""
+    mcfg, opt = _mcfg(), _opt(peak_lr=1.0, warmup_steps=1, schedule="constant", eps=1.0)
+    args = update.schedule_args(opt, 10)
+    params = _init(mcfg)
+    state = update.TrainState(jnp.int32(1), params, update.optimizer(opt, args).init(params))
+    step = functools.partial(update.train_step, schedule=args, graphdef=models.spec(mcfg).graphdef, opt=opt,
+                             num_sources=2, grad_accum=grad_accum, document_end=EOS)
+    batch = {"tokens": _documents(), "source": SOURCES}
+    after, metrics = jax.jit(step).lower(state, batch).compile(FAST_COMPILE)(state, batch)
+    return jax.device_get(metrics), jax.device_get(after.params)
+
+
+def test_per_source_train_losses_are_token_weighted():
+    """Against each document run on its own through the plain model: a source's loss is the mean
+    over all its counted tokens, not a mean of its rows' means."""
+    mcfg = _mcfg()
+    params, tokens = _init(mcfg), np.asarray(_documents())
+    docs, rows = [], []  # each document's tokens, from its start to the target of its last counted input
+    for r, at in enumerate(EOS_AT):
+        starts, ends = [0, *(a + 1 for a in at if a < 31)], [*at, 32]
+        for s, e in zip(starts, ends):
+            docs.append(tokens[r, s:e + 1])
+            rows.append(r)
+    padded = np.stack([np.pad(d, (0, 33 - len(d))) for d in docs])
+    logits = jax.jit(lambda p, t: nnx.merge(models.spec(mcfg).graphdef, p)(t))(params, padded[:, :-1])
+    losses = np.asarray(optax.softmax_cross_entropy_with_integer_labels(logits, padded[:, 1:]))
+    per_doc = [(losses[i, :len(d) - 1].sum(), len(d) - 1) for i, d in enumerate(docs)]
+    per_row = np.array([[sum(x[k] for x, r in zip(per_doc, rows) if r == row) for k in (0, 1)] for row in range(4)])
+    np.testing.assert_array_equal(per_row[:, 1], [22, 32, 30, 31])
+    m, _ = _step(1)
+    for source, members in ((0, [0, 3]), (1, [1, 2])):
+        total, count = per_row[members].sum(axis=0)
+        assert m["source_count"][source] == count
+        np.testing.assert_allclose(m["source_loss_sum"][source] / m["source_count"][source], total / count, rtol=1e-5)
+    np.testing.assert_allclose(m["loss"], per_row[:, 0].sum() / per_row[:, 1].sum(), rtol=1e-5)
+
+
+@pytest.mark.parametrize("grad_accum", [2, 4])
+def test_gradient_accumulation_gives_the_whole_batchs_update(grad_accum):
+    """Microbatches that count 22 + 32 and 30 + 31 positions (or each row alone): the loss, the
+    gradient's norm and the updated parameters are the whole batch's, to float32 precision."""
+    (whole, after), (acc, acc_after) = _step(1), _step(grad_accum)
+    np.testing.assert_allclose(acc["loss"], whole["loss"], rtol=2e-6)
+    np.testing.assert_allclose(acc["grad_norm"], whole["grad_norm"], rtol=1e-5)
+    np.testing.assert_allclose(acc["source_loss_sum"], whole["source_loss_sum"], rtol=2e-6)
+    for a, b, before in zip(jax.tree.leaves(acc_after), jax.tree.leaves(after), jax.tree.leaves(_init(_mcfg()))):
+        # to an ulp of the value and a millionth of the leaf's largest change
+        np.testing.assert_allclose(a, b, rtol=2.4e-7, atol=1e-6 * np.abs(b - before).max())
