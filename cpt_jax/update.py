@@ -95,6 +95,36 @@ def decayed(params: dict, embeddings: bool = True) -> dict:
     return jax.tree_util.tree_map_with_path(one, params)
 
 
+def scale_by_adam(b1: float, b2: float, eps: float) -> optax.GradientTransformation:
+    """optax.scale_by_adam, but with an Adam count per row of each leaf (freeze.row_axis: per
+    vocabulary row of the embedding and head, per layer of a stacked leaf, one for any other
+    leaf) in place of one count for the whole state. A run that starts from another run's
+    moments (init_from_optimizer, checkpoint.restore_moments) keeps their count for them, while
+    the moments that start at zero there (no match in the source, or frozen in it) start their own
+    bias correction from 0, as a fresh AdamW would; under one mature count their first updates
+    would be 0.45x-6.5x the proper size. In a run of its own every count is the same."""
+    def counts(params):
+        def one(keypath, p):
+            axis = freeze.row_axis(keypath)
+            return jnp.zeros(() if axis is None else [p.shape[axis] if i == axis else 1 for i in range(p.ndim)],
+                             jnp.int32)
+        return jax.tree_util.tree_map_with_path(one, params)
+
+    def init(params):
+        zeros = lambda: jax.tree.map(jnp.zeros_like, params)  # noqa: E731
+        return optax.ScaleByAdamState(count=counts(params), mu=zeros(), nu=zeros())
+
+    def update(updates, state, params=None):
+        mu = optax.tree.update_moment(updates, state.mu, b1, 1)
+        nu = optax.tree.update_moment_per_elem_norm(updates, state.nu, b2, 2)
+        count = jax.tree.map(optax.safe_increment, state.count)
+        # optax's bias correction, with each row's own count
+        scaled = lambda m, v, c: (m / (1 - b1 ** c).astype(m.dtype)) / (  # noqa: E731
+            jnp.sqrt(v / (1 - b2 ** c).astype(v.dtype)) + eps)
+        return jax.tree.map(scaled, mu, nu, count), optax.ScaleByAdamState(count=count, mu=mu, nu=nu)
+    return optax.GradientTransformation(init, update)
+
+
 def optimizer(opt, args: dict, lr: jax.Array | None = None, frozen: freeze.Mask | None = None
               ) -> optax.GradientTransformation:
     """AdamW with global-norm clipping; weight decay on the leaves `decayed` names (matrices,
@@ -103,8 +133,9 @@ def optimizer(opt, args: dict, lr: jax.Array | None = None, frozen: freeze.Mask 
 
     `lr`: this step's learning rate (train_step passes the one of its TrainState.step), in place
     of optax's own count: a run that starts with another run's moments (init_from_optimizer)
-    keeps their Adam count for the bias correction but warms up from its own step 0. The
-    schedule's count stays in the state, unused, so that the state's layout is unchanged.
+    keeps their Adam counts for the bias correction (`scale_by_adam`) but warms up from its own
+    step 0. The schedule's count stays in the state, unused, so that the state's layout is
+    optax.adamw's but for the Adam counts.
 
     `frozen` (freeze.resolve): wholly frozen leaves go through set_to_zero and keep no moments;
     frozen slices of the others get zero gradients in and zero updates out. The global norm is
@@ -114,8 +145,9 @@ def optimizer(opt, args: dict, lr: jax.Array | None = None, frozen: freeze.Mask 
     schedule_fn = (lambda count: learning_rate(count, args)) if lr is None else (lambda _count: lr)
     tx = optax.chain(
         optax.clip_by_global_norm(opt.clip_norm),
-        optax.adamw(schedule_fn, b1=opt.b1, b2=opt.b2, eps=opt.eps,
-                    weight_decay=opt.weight_decay, mask=lambda params: decayed(params, opt.decay_embeddings)),
+        optax.chain(scale_by_adam(opt.b1, opt.b2, opt.eps),  # optax.adamw's chain
+                    optax.add_decayed_weights(opt.weight_decay, lambda params: decayed(params, opt.decay_embeddings)),
+                    optax.scale_by_learning_rate(schedule_fn)),
     )
     if frozen is None:
         return tx
@@ -278,10 +310,7 @@ def compile_steps(mcfg: models.ModelConfig, opt, total_steps: int, mesh, batch_s
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
     p_sh = sharding.param_shardings(spec.abstract_params, spec.axes, mesh)
     abstract_opt = jax.eval_shape(tx.init, spec.abstract_params)
-    if frozen is None:
-        o_sh = optax.tree_map_params(tx, lambda _, s: s, abstract_opt, p_sh, transform_non_params=lambda _: replicated)
-    else:  # tree_map_params cannot see through multi_transform: a moment is sharded as its param
-        o_sh = freeze.state_shardings(abstract_opt, spec.abstract_params, p_sh, replicated)
+    o_sh = freeze.state_shardings(abstract_opt, spec.abstract_params, p_sh, replicated)  # moments as their params
     state_sh = TrainState(step=replicated, params=p_sh, opt_state=o_sh)
     batch_sh = {"tokens": sharding.batch_sharding(mesh, 2), "source": sharding.batch_sharding(mesh, 1),
                 "valid": sharding.batch_sharding(mesh, 1)}

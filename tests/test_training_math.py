@@ -13,7 +13,7 @@ import pytest
 from flax import nnx
 
 from cpt_jax import config as config_lib
-from cpt_jax import models, update
+from cpt_jax import checkpoint, freeze, models, update
 
 # XLA's CPU backend spends most of a small test's time optimising programs that then run once.
 FAST_COMPILE = {"xla_backend_optimization_level": 0}
@@ -171,3 +171,102 @@ def test_gradient_accumulation_gives_the_whole_batchs_update(grad_accum):
     for a, b, before in zip(jax.tree.leaves(acc_after), jax.tree.leaves(after), jax.tree.leaves(_init(_mcfg()))):
         # to an ulp of the value and a millionth of the leaf's largest change
         np.testing.assert_allclose(a, b, rtol=2.4e-7, atol=1e-6 * np.abs(b - before).max())
+
+
+# ---------------------------------------------------------------- Adam moments taken from another run
+
+LR = jnp.float32(1e-2)
+
+
+def _grads(abstract: dict, n: int, seed: int) -> list[dict]:
+    rng = np.random.default_rng(seed)
+    return [jax.tree.map(lambda a: jnp.asarray(rng.normal(0, 1e-3, a.shape), jnp.float32), abstract) for _ in range(n)]
+
+
+def _updates(tx, state, grads: list[dict], params: dict) -> list[dict]:
+    """The updates of `tx` from `state` for each of `grads` in turn."""
+    out, update = [], jax.jit(tx.update)
+    for g in grads:
+        u, state = update(g, state, params)
+        out.append(u)
+    return out
+
+
+def _abstract(tree):
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
+
+
+def _adam_state(opt_state) -> optax.ScaleByAdamState:
+    return next(x for x in jax.tree.leaves(opt_state, is_leaf=lambda x: isinstance(x, optax.ScaleByAdamState))
+                if isinstance(x, optax.ScaleByAdamState))
+
+
+def test_moments_fresh_in_the_source_start_their_own_bias_correction(tmp_path):
+    """The source ran 5 steps with `embed` frozen (no moments there) and layer 0 frozen (zero
+    moments there). From its state, the first updates of those moments are a fresh AdamW's, and
+    the others continue the source's AdamW, each against plain optax.adamw."""
+    spec = models.spec(models.model_config("test", 64))
+    params = _random(spec.abstract_params)
+    opt = _opt(weight_decay=0.0, clip_norm=1e9, b2=0.95)
+    args = update.schedule_args(opt, 10)
+    mask = freeze.resolve(("embed", "layers/0"), spec.abstract_params)
+    source = update.optimizer(opt, args, LR, frozen=mask)
+    state = source.init(params)
+    for g in _grads(spec.abstract_params, 5, seed=1):
+        _, state = jax.jit(source.update)(g, state, params)
+    ckpt = checkpoint.Checkpointer(str(tmp_path / "source"), async_save=False)
+    ckpt.save(5, params, state, checkpoint.Meta(model={}))
+    theirs = _adam_state(state)
+
+    tx = update.optimizer(opt, args, LR)
+    ours = tx.init(params)
+    ours, fresh = ckpt.restore_moments(5, _abstract(ours), ours)
+    assert fresh[0] == "embed (none there, (64, 64) here)"
+    assert set(fresh[1:]) == {f"layers/{n} (1 of 2 layers with zero moments there)"
+                              for n in spec.abstract_params["layers"]}
+    grads = _grads(spec.abstract_params, 3, seed=2)
+    got = _updates(tx, ours, grads, params)
+    plain = optax.adamw(LR, b1=opt.b1, b2=opt.b2, eps=opt.eps, weight_decay=0.0)
+
+    def check(pick, state):  # the updates of one leaf (or slice) against plain AdamW's from `state`
+        want = _updates(plain, state, [pick(g) for g in grads], pick(params))
+        for step, (u, w) in enumerate(zip(got, want)):
+            np.testing.assert_allclose(pick(u), w, rtol=1e-6, atol=1e-9, err_msg=f"update {step + 1}")
+
+    fresh_state = lambda x: plain.init(x)  # noqa: E731
+    check(lambda t: t["embed"], fresh_state(params["embed"]))
+    check(lambda t: t["layers"]["q"][0], fresh_state(params["layers"]["q"][0]))
+    for pick in (lambda t: t["layers"]["q"][1], lambda t: t["lm_head"], lambda t: t["final_norm"]):
+        mature = fresh_state(pick(params))
+        adam = mature[0]._replace(count=jnp.int32(5), mu=pick(theirs.mu), nu=pick(theirs.nu))
+        check(pick, (adam, *mature[1:]))
+
+
+def test_a_checkpoint_with_one_adam_count_restores_with_it_in_every_row(tmp_path):
+    """A state saved by the optimizer before per-row counts (optax.adamw's one count) resumes, and
+    gives its moments to another run, with that count in every row: its updates go on as before."""
+    spec = models.spec(models.model_config("test", 64))
+    params = _random(spec.abstract_params)
+    opt = _opt(weight_decay=0.0, clip_norm=1e9)
+    before = optax.chain(optax.clip_by_global_norm(opt.clip_norm),  # the layout update.optimizer saved then
+                         optax.adamw(lambda _: LR, b1=opt.b1, b2=opt.b2, eps=opt.eps, weight_decay=0.0,
+                                     mask=lambda p: jax.tree.map(lambda x: x.ndim >= 2, p)))
+    state = before.init(params)
+    for g in _grads(spec.abstract_params, 4, seed=3):
+        _, state = jax.jit(before.update)(g, state, params)
+    ckpt = checkpoint.Checkpointer(str(tmp_path / "old"), async_save=False)
+    ckpt.save(4, params, state, checkpoint.Meta(model={}))
+
+    tx = update.optimizer(opt, update.schedule_args(opt, 10), LR)
+    abstract = _abstract(tx.init(params))
+    _, resumed, _ = ckpt.restore(4, _abstract(params), abstract)
+    taken, fresh = ckpt.restore_moments(4, abstract, tx.init(params))
+    assert fresh == []
+    for restored in (resumed, taken):
+        adam = _adam_state(restored)
+        assert jax.tree.map(jnp.shape, adam.count) == jax.tree.map(jnp.shape, _adam_state(abstract).count)
+        assert all(np.all(np.asarray(c) == 4) for c in jax.tree.leaves(adam.count))
+    grads = _grads(spec.abstract_params, 2, seed=4)
+    for u, w in zip(_updates(tx, resumed, grads, params), _updates(before, state, grads, params)):
+        for a, b in zip(jax.tree.leaves(u), jax.tree.leaves(w)):
+            np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-9)
