@@ -14,8 +14,10 @@ tokens: this measures the compiled step, not the input pipeline (bench/data.py d
 `--packing documents` the rows hold documents of `--doc_len` tokens (an EOS ends each) and the step
 masks attention, positions and the loss by document, as `data.packing="documents"` does.
 
-MFU = tokens/s x (6 x non-embedding params + 12 x layers x hidden x seq) / (peak FLOP/s x devices),
-with the device's bf16 dense peak from cpt_jax.metrics.PEAK_FLOPS or --peak_flops.
+MFU = tokens/s x (6 x non-embedding params + 12 x layers x heads*head_dim x keys) / (peak FLOP/s x
+devices), keys = seq (min(window, seq) for a sliding-window layer, averaged over the layers; see
+cpt_jax.models.flops_per_token), with the device's bf16 dense peak from cpt_jax.metrics.PEAK_FLOPS or
+--peak_flops.
 """
 
 from __future__ import annotations

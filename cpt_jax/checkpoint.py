@@ -10,16 +10,18 @@ intermediate checkpoints are data points for scaling-law fits.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 from collections.abc import Callable
 
 import jax
+import jax.numpy as jnp
 import optax
 import orbax.checkpoint as ocp
 from etils import epath
 from orbax.checkpoint.checkpoint_managers import preservation_policy as pp
 
-from cpt_jax import distributed, storage
+from cpt_jax import distributed, freeze, storage
 
 # Stored in `meta`; bump when the stored tree changes shape, so old checkpoints are refused clearly.
 LAYOUT = "stacked-layers-v1"
@@ -114,58 +116,96 @@ class Checkpointer:
 
     def restore(self, step: int, abstract_params, abstract_opt_state=None) -> tuple[dict, object, Meta]:
         """Restores onto the shardings carried by the abstract trees (jax.ShapeDtypeStruct with
-        `sharding`); `abstract_opt_state=None` restores params and meta only."""
+        `sharding`); `abstract_opt_state=None` restores params and meta only. An optimizer state
+        saved with one Adam count for all its moments (before update.scale_by_adam's per-row
+        counts) comes back with that count in every row, which is what it meant."""
         meta = self.meta(step)
         items = {"params": ocp.args.StandardRestore(abstract_params)}
+        one_count = abstract_opt_state is not None and _one_count(self._saved_opt_state(step))
         if abstract_opt_state is not None:
-            items["opt_state"] = ocp.args.StandardRestore(abstract_opt_state)
+            items["opt_state"] = ocp.args.StandardRestore(
+                _with_counts(abstract_opt_state, _one_of) if one_count else abstract_opt_state)
         out = self.manager.restore(step, args=ocp.args.Composite(**items))
-        return out["params"], out.get("opt_state") if abstract_opt_state is not None else None, meta
+        opt_state = out.get("opt_state") if abstract_opt_state is not None else None
+        if one_count:
+            counts = _adam(abstract_opt_state).count
+            spread = jax.jit(lambda c: jax.tree.map(lambda a: jnp.full(a.shape, c, a.dtype), counts),
+                             out_shardings=jax.tree.map(lambda a: a.sharding, counts))
+            opt_state = _with_counts(opt_state, spread)
+        return out["params"], opt_state, meta
 
     def has_opt_state(self, step: int) -> bool:
         """Whether step `step` holds an optimizer state (a converted model holds params only)."""
         return (epath.Path(self.directory) / str(step) / "opt_state").is_dir()
 
+    def _saved_opt_state(self, step: int):
+        """The tree of step `step`'s optimizer state as saved (metadata: shapes, no values)."""
+        with ocp.PyTreeCheckpointer() as reader:
+            return reader.metadata(epath.Path(self.directory) / str(step) / "opt_state").item_metadata.tree
+
     def restore_moments(self, step: int, abstract_opt_state, opt_state) -> tuple[object, list[str]]:
         """`opt_state` (this run's, fresh) with the AdamW moments (mu, nu) of step `step` for each
-        parameter whose path and shape match there, and with their Adam count (its bias correction
-        belongs to those moments). Found by path, not by the state's layout, so the two runs may
-        freeze different parameters. Returns (the state, the moments left fresh, with why)."""
-        item = epath.Path(self.directory) / str(step) / "opt_state"
-        with ocp.PyTreeCheckpointer() as reader:
-            saved = reader.metadata(item).item_metadata.tree
+        parameter whose path and shape match there, with their Adam counts (their bias correction
+        belongs to them). Found by path, not by the state's layout, so the two runs may freeze
+        different parameters. The moments that start at zero keep a count of 0, so that their bias
+        correction starts afresh (update.scale_by_adam): those of parameters with no match there,
+        and the rows (freeze.row_axis: vocabulary rows, layers) whose moments are all zero there,
+        frozen there or never given a gradient. Returns (the state, the fresh moments, with why)."""
+        saved = self._saved_opt_state(step)
         where = _find_adam(saved)
         if where is None:
             raise ValueError(f"checkpoint {self.directory}/{step} holds no AdamW moments")
         ours = [x for x in jax.tree.leaves(abstract_opt_state, is_leaf=_is_adam) if _is_adam(x)]
         if len(ours) != 1:
             raise ValueError(f"this run's optimizer state has {len(ours)} AdamW states, not one")
-        theirs, wanted, fresh = _at(saved, where), {("count",): ours[0].count}, []
-        for field in ("mu", "nu"):
-            for keypath, x in jax.tree_util.tree_leaves_with_path(getattr(ours[0], field)):
-                path = tuple(str(k.key) for k in keypath)
-                there = _at(theirs, (field, *path))
-                if there is not None and tuple(there.shape) == x.shape:
-                    wanted[(field, *path)] = x
-                elif field == "mu":  # one line per parameter, not per moment
-                    why = f"{tuple(there.shape)} there" if there is not None else "none there"
-                    fresh.append(f"{'/'.join(path)} ({why}, {x.shape} here)")
+        theirs, one_count = _at(saved, where), _one_count(saved)
+        wanted, fresh, matched = {}, [], {}
+        for (keypath, x), count in zip(jax.tree_util.tree_leaves_with_path(ours[0].mu), jax.tree.leaves(ours[0].count)):
+            path = tuple(str(k.key) for k in keypath)
+            there = _at(theirs, ("mu", *path))
+            if there is None or tuple(there.shape) != x.shape:
+                why = f"{tuple(there.shape)} there" if there is not None else "none there"
+                fresh.append(f"{'/'.join(path)} ({why}, {x.shape} here)")
+                continue
+            matched[path] = keypath, count
+            wanted[("mu", *path)] = wanted[("nu", *path)] = x
+            wanted[("count",) if one_count else ("count", *path)] = _one_of(count) if one_count else count
         request = _prune(saved, (), lambda p: wanted.get(p[len(where):]) if p[:len(where)] == where else None)
         restore_args = jax.tree.map(lambda x: ocp.ArrayRestoreArgs(sharding=x.sharding, dtype=x.dtype), request)
         with ocp.PyTreeCheckpointer() as reader:
-            out = _at(reader.restore(item, args=ocp.args.PyTreeRestore(item=request, restore_args=restore_args,
-                                                                        partial_restore=True)), where)
+            out = _at(reader.restore(epath.Path(self.directory) / str(step) / "opt_state", args=ocp.args.PyTreeRestore(
+                item=request, restore_args=restore_args, partial_restore=True)), where)
+
+        @functools.partial(jax.jit, out_shardings={p: (c.sharding, c.sharding) for p, (_, c) in matched.items()})
+        def live_counts(nu: dict, counts: dict) -> dict:
+            """Per matched leaf: (its counts there, 0 in the rows whose moments are all zero; how many those are)."""
+            def one(keypath, v, c):
+                axis = freeze.row_axis(keypath)
+                live = jnp.any(v != 0, axis=tuple(i for i in range(v.ndim) if i != axis), keepdims=axis is not None)
+                return jnp.where(live, c, 0), live.size - live.sum()
+            return {p: one(kp, nu[p], counts[p]) for p, (kp, _) in matched.items()}
+
+        counted = live_counts({p: _at(out, ("nu", *p)) for p in matched},
+                              {p: _at(out, ("count",) if one_count else ("count", *p)) for p in matched})
+        for path, (count, dead) in counted.items():
+            if int(dead):
+                rows = ("layers" if path[0] == "layers" else "rows") if count.size > 1 else ""
+                fresh.append(f"{'/'.join(path)} ({f'{int(dead)} of {count.size} {rows} with ' if rows else ''}"
+                             f"zero moments there)")
 
         def moments(field: str, tree):
             def one(keypath, x):
-                key = (field, *(str(k.key) for k in keypath))
-                return _at(out, key) if key in wanted else x
+                path = tuple(str(k.key) for k in keypath)
+                if path not in matched:
+                    return x
+                return counted[path][0] if field == "count" else _at(out, (field, *path))
             return jax.tree_util.tree_map_with_path(one, tree)
 
         def swap(node):
             if not _is_adam(node):
                 return node
-            return node._replace(count=out["count"], mu=moments("mu", node.mu), nu=moments("nu", node.nu))
+            return node._replace(count=moments("count", node.count), mu=moments("mu", node.mu),
+                                 nu=moments("nu", node.nu))
         return jax.tree.map(swap, opt_state, is_leaf=_is_adam), fresh
 
     def restore_latest(self, abstract_params, abstract_opt_state, check: Callable[[Meta, str], None]
@@ -217,6 +257,27 @@ class Checkpointer:
 
 def _is_adam(x) -> bool:
     return isinstance(x, optax.ScaleByAdamState)
+
+
+def _adam(opt_state) -> optax.ScaleByAdamState:
+    return next(x for x in jax.tree.leaves(opt_state, is_leaf=_is_adam) if _is_adam(x))
+
+
+def _with_counts(opt_state, f):
+    """`opt_state` with the counts of its AdamW state replaced by f(counts)."""
+    return jax.tree.map(lambda x: x._replace(count=f(x.count)) if _is_adam(x) else x, opt_state, is_leaf=_is_adam)
+
+
+def _one_of(counts) -> jax.ShapeDtypeStruct:
+    """One int32 count, placed as (the first of) `counts` are."""
+    return jax.ShapeDtypeStruct((), jnp.int32, sharding=jax.tree.leaves(counts)[0].sharding)
+
+
+def _one_count(saved) -> bool:
+    """Whether a saved optimizer state (`_saved_opt_state`) has one Adam count for all its
+    moments, as written before update.scale_by_adam's per-row counts."""
+    where = _find_adam(saved)
+    return where is not None and not isinstance(_at(saved, (*where, "count")), dict)
 
 
 def _find_adam(tree, path: tuple = ()) -> tuple | None:
