@@ -23,6 +23,7 @@ from absl import flags
 
 from cpt_jax import cli
 from cpt_jax.errors import ConfigError
+from cpt_jax.models import sizes
 from cpt_jax.scaling import laws
 
 COMPUTE = flags.DEFINE_list("compute", None, "FLOPs budgets, comma-separated: 1e18,1e20.")
@@ -64,7 +65,6 @@ def load_fits(path: str) -> tuple[laws.ChinchillaFit, laws.CPTFit]:
 
 def size_rows(paper_n: bool) -> list[tuple[str, float]]:
     """(name, N) of the paper's sizes: its own figure, or the non-embedding count at its vocabulary."""
-    from cpt_jax.models import sizes  # the size table needs the model code; the laws do not
     return sorted((r["size"], r["paper_m"] * 1e6 if paper_n else float(r["non_embedding"]))
                   for r in sizes.table() if r["paper_m"] is not None)
 
