@@ -26,7 +26,7 @@ import jax
 import numpy as np
 import sentencepiece as spm
 
-from cpt_jax import checkpoint, rundir
+from cpt_jax import checkpoint, dtypes, rundir
 from cpt_jax.convert import hf, safetensors
 from cpt_jax.convert.gguf import GGUFFile
 from cpt_jax.data.corpora import default_cache_dir
@@ -186,9 +186,9 @@ def export_model(src: str, dst: str, dtype: str = "float32", step: int | None = 
     """A run's workdir or a converted model -> an HF dir (safetensors, config.json, tokenizer
     files) that transformers loads as it is. Returns the files written."""
     check_destination(dst)
-    if dtype not in ("float32", "bfloat16", "float16"):
-        raise ValueError(f"--dtype {dtype!r} must be float32, bfloat16 or float16")
-    np_dtype = safetensors.DTYPES[{"float32": "F32", "bfloat16": "BF16", "float16": "F16"}[dtype]]
+    if dtype not in dtypes.FLOATS:
+        raise ValueError(f"--dtype {dtype!r} must be one of {', '.join(dtypes.FLOATS)}")
+    np_dtype = dtypes.FLOATS[dtype]
     model, tokenizer = load(src, step)
     cfg = model.cfg
     meta = rundir.RunDir.of(src).meta(step)

@@ -16,7 +16,7 @@ from collections.abc import Sequence
 
 from absl import flags
 
-from cpt_jax import cli, convert
+from cpt_jax import cli, convert, dtypes
 from cpt_jax.config import base
 from cpt_jax.convert.vocab import extend_vocab
 from cpt_jax.errors import ConfigError
@@ -31,7 +31,7 @@ _SRC = flags.DEFINE_string("src", None, "import: an HF model dir, a .gguf file, 
                            f"{', '.join(convert.BUNDLED)}; export, extend-vocab: a run's workdir or a converted model.",
                            flag_values=CLI.flags)
 _DST = flags.DEFINE_string("dst", None, "The dir to write (it must not exist).", flag_values=CLI.flags)
-_DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16", "float16"], "export: the weights' dtype.",
+_DTYPE = flags.DEFINE_enum("dtype", "float32", list(dtypes.FLOATS), "export: the weights' dtype.",
                            flag_values=CLI.flags)
 _STEP = flags.DEFINE_integer("step", None, "export: the checkpoint step (default: the latest).", flag_values=CLI.flags)
 _SOURCE = flags.DEFINE_string("source", "zh", "extend-vocab: the data source (config's data.sources) to train "

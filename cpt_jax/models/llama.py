@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from cpt_jax import sharding
+from cpt_jax import dtypes, sharding
 from cpt_jax.models import attention, cross_entropy
 
 QK_NORMS = ("", "head", "proj")
@@ -68,7 +68,7 @@ class ModelConfig:
     full_attention_layers: tuple = ()  # with a window: the layers that still see all positions (Gemma's global)
     local_rope_theta: float = 0.0  # > 0: the windowed layers' own RoPE theta, unscaled (Gemma 3); 0: shared
     init_std: float = 0.02
-    dtype: str = "float32"  # compute dtype, COMPUTE_DTYPES or auto (bfloat16 on GPU/TPU, else float32); params float32
+    dtype: str = "float32"  # compute dtype, dtypes.COMPUTE or auto (bfloat16 on GPU/TPU, else float32); params float32
     scan_layers: bool = True
     remat: str = "none"  # a key of REMAT_POLICIES
     attention: str = "auto"  # a kernel of models.attention: auto | xla | cudnn | splash
@@ -169,20 +169,15 @@ class ModelConfig:
         return self.layers * block + d + self.vocab_size * d
 
 
-# The compute dtypes a run may use. Not float16: its narrow exponent needs loss scaling, which the
-# trainer does not do, and the fused cross-entropy's gradient would flush small entries to zero.
-COMPUTE_DTYPES = ("float32", "bfloat16")
-
-
 def compute_dtype(name: str) -> str:
     """`name`, with "auto" made bfloat16 on accelerators and float32 on CPU; a ValueError naming
-    `model.dtype` where it is not auto or one of COMPUTE_DTYPES."""
+    `model.dtype` where it is not auto or one of dtypes.COMPUTE."""
     if name == "auto":
         return "float32" if jax.default_backend() == "cpu" else "bfloat16"
-    if name not in COMPUTE_DTYPES:
+    if name not in dtypes.COMPUTE:
         why = " (float16 would need loss scaling, which cpt_jax does not do)" if name == "float16" else ""
         raise ValueError(f"model.dtype={name!r} is not a supported compute dtype: auto, "
-                         f"{', '.join(COMPUTE_DTYPES)}{why}")
+                         f"{', '.join(dtypes.COMPUTE)}{why}")
     return name
 
 
