@@ -43,7 +43,7 @@ def choose(impl: str, platform: str, dtype: str, head_dim: int, seq_len: int, so
     if platform == "gpu":
         limit = 256 if _compute_capability() >= 9.0 else 128
         why = ("attention soft-capping, which cuDNN does not do" if softcap
-               else f"{dtype} compute (cuDNN takes bfloat16 here)" if dtype != "bfloat16"
+               else f"{dtype} compute (cuDNN takes bfloat16 or float16)" if dtype not in ("bfloat16", "float16")
                else f"head_dim {head_dim} (cuDNN takes multiples of 8 up to {limit} here)"
                if head_dim % 8 or head_dim > limit else "")
         return ("xla", why) if why else ("cudnn", "")
