@@ -18,7 +18,6 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import platform
@@ -28,10 +27,16 @@ import time
 from pathlib import Path
 
 import numpy as np
+from absl import flags
 
+from cpt_jax import cli
 from cpt_jax.config import base
 from cpt_jax.data import Mixture, pipeline, sources
 from cpt_jax.data.store import build_store, open_store
+
+CLI = cli.Command(__doc__, label="bench error")
+_ROWS = flags.DEFINE_integer("rows", 20000, "Rows of synthetic store a (b gets a tenth).", flag_values=CLI.flags)
+_STEPS = flags.DEFINE_integer("steps", 300, "Timed batches per step pattern.", flag_values=CLI.flags)
 
 WEIGHTS = {"a": 0.95, "b": 0.05}
 
@@ -138,14 +143,10 @@ def bench_loader(tmp: Path, rows: int, steps: int, batch: int = 64, seq_len: int
     return out, first
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--rows", type=int, default=20000, help="rows of synthetic store a (b gets a tenth)")
-    p.add_argument("--steps", type=int, default=300, help="timed batches per step pattern")
-    a = p.parse_args()
+def bench() -> None:
     with tempfile.TemporaryDirectory(prefix="bench-data-") as tmp:
         prepare = bench_prepare(Path(tmp))
-        loader, first = bench_loader(Path(tmp), a.rows, a.steps)
+        loader, first = bench_loader(Path(tmp), _ROWS.value, _STEPS.value)
     print(json.dumps({
         "command": " ".join([os.path.basename(sys.executable), *sys.argv]),
         "machine": {"cpu_count": os.cpu_count(), "python": platform.python_version(), "numpy": np.__version__},
@@ -153,5 +154,10 @@ def main() -> None:
     }, indent=2))
 
 
+def main(argv: list[str] | None = None) -> int:
+    """`python bench/data.py ARGS...` in this process: the exit code."""
+    return CLI.run(bench, argv)
+
+
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

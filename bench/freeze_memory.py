@@ -11,19 +11,27 @@ moments whole, so that one saves the layers' moments only). Compile only: nothin
 
 from __future__ import annotations
 
-import argparse
 import json
+import sys
 
 import jax
 import numpy as np
+from absl import flags
 
-from cpt_jax import freeze, models, sharding, update
+from cpt_jax import cli, freeze, models, sharding, update
 from cpt_jax.config import base
+
+CLI = cli.Command(__doc__, label="bench error")
+flags.DEFINE_string("size", "small", "A name of cpt_jax.models.SIZES.", flag_values=CLI.flags)
+flags.DEFINE_integer("vocab_size", 32000, "Vocabulary size.", flag_values=CLI.flags)
+flags.DEFINE_integer("old_vocab", 24000, "Rows before extend-vocab, for old_vocab.", flag_values=CLI.flags)
+flags.DEFINE_integer("batch_size", 8, "Rows per step.", flag_values=CLI.flags)
+flags.DEFINE_integer("seq_len", 128, "Tokens per row.", flag_values=CLI.flags)
 
 MIB = 2**20
 
 
-def measure(mcfg, patterns: tuple[str, ...], a: argparse.Namespace, mesh) -> dict:
+def measure(mcfg, patterns: tuple[str, ...], a: flags.FlagValues, mesh) -> dict:
     spec = models.spec(mcfg)
     mask = freeze.resolve(patterns, spec.abstract_params, a.old_vocab)
     opt = base().optimizer
@@ -38,14 +46,8 @@ def measure(mcfg, patterns: tuple[str, ...], a: argparse.Namespace, mesh) -> dic
             "compiled_temp_bytes": mem.temp_size_in_bytes}
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--size", default="small")
-    p.add_argument("--vocab_size", type=int, default=32000)
-    p.add_argument("--old_vocab", type=int, default=24000, help="rows before extend-vocab, for old_vocab")
-    p.add_argument("--batch_size", type=int, default=8)
-    p.add_argument("--seq_len", type=int, default=128)
-    a = p.parse_args()
+def bench() -> None:
+    a = CLI.flags
     mcfg = models.model_config(a.size, a.vocab_size, dtype="float32").with_kernel(a.seq_len)
     mesh = sharding.make_mesh((-1, 1, 1))
     half = f"layers/0-{mcfg.layers // 2 - 1}"
@@ -60,5 +62,10 @@ def main() -> None:
         print(json.dumps(row), flush=True)
 
 
+def main(argv: list[str] | None = None) -> int:
+    """`python bench/freeze_memory.py ARGS...` in this process: the exit code."""
+    return CLI.run(bench, argv)
+
+
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

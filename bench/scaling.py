@@ -6,15 +6,19 @@ Points come from the paper's constants with 0.2% noise: 10 sizes x 10 token coun
 """
 
 import json
+import sys
 import time
 
 import numpy as np
 
+from cpt_jax import cli
 from cpt_jax import scaling as sc
 from cpt_jax.scaling import fit
 
+CLI = cli.Command(__doc__, label="bench error")
 
-def main() -> None:
+
+def bench() -> None:
     N = np.repeat(np.geomspace(5e7, 5e9, 10), 10)
     D = np.tile(np.geomspace(1e9, 1e11, 10), 10)
     rng = np.random.default_rng(0)
@@ -34,5 +38,10 @@ def main() -> None:
     }, indent=2))
 
 
+def main(argv: list[str] | None = None) -> int:
+    """`python bench/scaling.py` in this process: the exit code."""
+    return CLI.run(bench, argv)
+
+
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

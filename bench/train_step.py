@@ -14,28 +14,52 @@ tokens: this measures the compiled step, not the input pipeline (bench/data.py d
 `--packing documents` the rows hold documents of `--doc_len` tokens (an EOS ends each) and the step
 masks attention, positions and the loss by document, as `data.packing="documents"` does.
 
-MFU = tokens/s x (6 x non-embedding params + 12 x layers x hidden x seq) / (peak FLOP/s x devices),
-with the device's bf16 dense peak from cpt_jax.metrics.PEAK_FLOPS or --peak_flops.
+MFU = tokens/s x (6 x non-embedding params + 12 x layers x heads*head_dim x keys) / (peak FLOP/s x
+devices), keys = seq (min(window, seq) for a sliding-window layer, averaged over the layers; see
+cpt_jax.models.flops_per_token), with the device's bf16 dense peak from cpt_jax.metrics.PEAK_FLOPS or
+--peak_flops.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
+import sys
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import flags
 
-from cpt_jax import models, sharding, update
+from cpt_jax import cli, models, sharding, update
 from cpt_jax.config import base
 from cpt_jax.metrics import mfu, peak_flops
 
 PAPER_ONE_GPU = [n for n, s in models.SIZES.items() if s.paper_m is not None and s.paper_m <= 1393]
 
+CLI = cli.Command(__doc__, label="bench error")
+flags.DEFINE_list("sizes", ["tiny"], "Comma-separated names of cpt_jax.models.SIZES, or 'paper': the rows that fit "
+                    f"one GPU ({PAPER_ONE_GPU[0]}..{PAPER_ONE_GPU[-1]}).", flag_values=CLI.flags)
+flags.DEFINE_integer("vocab_size", 32000, "Vocabulary size.", flag_values=CLI.flags)
+flags.DEFINE_integer("seq_len", 2048, "Tokens per row.", flag_values=CLI.flags)
+flags.DEFINE_integer("batch_size", 16, "Rows per step.", flag_values=CLI.flags)
+flags.DEFINE_integer("grad_accum", 1, "Micro-batches per step.", flag_values=CLI.flags)
+flags.DEFINE_string("dtype", "auto", "auto: bfloat16 on GPU/TPU, float32 on CPU.", flag_values=CLI.flags)
+flags.DEFINE_enum("attention", "auto", models.attention.IMPLEMENTATIONS, "The attention kernel.", flag_values=CLI.flags)
+flags.DEFINE_enum("remat", "none", list(models.llama.REMAT_POLICIES), "What the backward pass recomputes.",
+                  flag_values=CLI.flags)
+flags.DEFINE_integer("loss_chunk", 256, "Positions per cross-entropy chunk; 0: plain.", flag_values=CLI.flags)
+flags.DEFINE_bool("unrolled", False, "A Python loop over layers instead of scan.", flag_values=CLI.flags)
+flags.DEFINE_enum("packing", "concat", ["concat", "documents"], "How rows hold documents.", flag_values=CLI.flags)
+flags.DEFINE_integer("doc_len", 1000, "--packing documents: tokens per document (with EOS).", flag_values=CLI.flags)
+flags.DEFINE_list("mesh", ["-1", "1", "1"], "data,fsdp,tensor", flag_values=CLI.flags)
+flags.DEFINE_integer("steps", 10, "Timed steps.", flag_values=CLI.flags)
+flags.DEFINE_integer("warmup", 2, "Untimed steps after compilation.", flag_values=CLI.flags)
+flags.DEFINE_float("peak_flops", 0.0, "Per device; default: the known peak of the device.", flag_values=CLI.flags)
+flags.DEFINE_bool("compile_only", False, "Report compile time and memory, run nothing.", flag_values=CLI.flags)
 
-def bench(size: str, a: argparse.Namespace, mesh) -> dict:
+
+def bench(size: str, a: flags.FlagValues, mesh) -> dict:
     mcfg = models.model_config(size, a.vocab_size, dtype=a.dtype, attention=a.attention, remat=a.remat,
                                loss_chunk=a.loss_chunk, scan_layers=not a.unrolled).with_kernel(a.seq_len)
     opt = base().optimizer
@@ -91,33 +115,18 @@ def bench(size: str, a: argparse.Namespace, mesh) -> dict:
     return out
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--sizes", default="tiny", help=f"comma-separated names of cpt_jax.models.SIZES, or 'paper': the "
-                   f"rows that fit one GPU ({PAPER_ONE_GPU[0]}..{PAPER_ONE_GPU[-1]})")
-    p.add_argument("--vocab_size", type=int, default=32000)
-    p.add_argument("--seq_len", type=int, default=2048)
-    p.add_argument("--batch_size", type=int, default=16)
-    p.add_argument("--grad_accum", type=int, default=1)
-    p.add_argument("--dtype", default="auto", help="auto: bfloat16 on GPU/TPU, float32 on CPU")
-    p.add_argument("--attention", default="auto", choices=models.attention.IMPLEMENTATIONS)
-    p.add_argument("--remat", default="none", choices=list(models.llama.REMAT_POLICIES))
-    p.add_argument("--loss_chunk", type=int, default=256, help="positions per cross-entropy chunk; 0: plain")
-    p.add_argument("--unrolled", action="store_true", help="a Python loop over layers instead of scan")
-    p.add_argument("--packing", default="concat", choices=["concat", "documents"])
-    p.add_argument("--doc_len", type=int, default=1000, help="--packing documents: tokens per document (with EOS)")
-    p.add_argument("--mesh", default="-1,1,1", help="data,fsdp,tensor")
-    p.add_argument("--steps", type=int, default=10, help="timed steps")
-    p.add_argument("--warmup", type=int, default=2, help="untimed steps after compilation")
-    p.add_argument("--peak_flops", type=float, default=0.0, help="per device; default: the known peak of the device")
-    p.add_argument("--compile_only", action="store_true", help="report compile time and memory, run nothing")
-    a = p.parse_args()
-
-    sizes = PAPER_ONE_GPU if a.sizes == "paper" else a.sizes.split(",")
-    mesh = sharding.make_mesh([int(x) for x in a.mesh.split(",")])
+def bench_sizes() -> None:
+    a = CLI.flags
+    sizes = PAPER_ONE_GPU if a.sizes == ["paper"] else a.sizes
+    mesh = sharding.make_mesh([int(x) for x in a.mesh])
     for size in sizes:
         print(json.dumps(bench(size, a, mesh)), flush=True)
 
 
+def main(argv: list[str] | None = None) -> int:
+    """`python bench/train_step.py ARGS...` in this process: the exit code."""
+    return CLI.run(bench_sizes, argv)
+
+
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -9,20 +9,59 @@ intermediate checkpoints are data points for scaling-law fits.
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import logging
 from collections.abc import Callable
 
 import jax
+import jax.numpy as jnp
 import optax
 import orbax.checkpoint as ocp
 from etils import epath
 from orbax.checkpoint.checkpoint_managers import preservation_policy as pp
 
-from cpt_jax import distributed, storage
+from cpt_jax import distributed, freeze, storage
 
 # Stored in `meta`; bump when the stored tree changes shape, so old checkpoints are refused clearly.
 LAYOUT = "stacked-layers-v1"
+# The version of `Meta`; bump when a field changes meaning. Checkpoints from before it existed are 0.
+META_VERSION = 1
 log = logging.getLogger("cpt_jax")
+
+
+@dataclasses.dataclass(frozen=True)
+class Meta:
+    """What a checkpoint stores beside its arrays (its JSON `meta` item). Model-agnostic: the
+    model is the dict of its config (`models.ModelConfig.from_dict` reads it back)."""
+
+    model: dict
+    tokenizer: str | None = None  # the fingerprint of the tokenizer the model speaks
+    config: dict | None = None  # the config of the run that saved it; None for a converted model
+    sources: tuple[str, ...] = ()  # the run's data sources, in the mixture's order
+    framing: dict | None = None  # {"bos_id", "eos_id", "packing"} of the run's rows
+    vocab_extension: dict | None = None  # extend-vocab's report ("old_vocab_size": the rows it did not add)
+    hf_config: dict | None = None  # an imported model's HF config.json (export writes it back)
+    converted_from: str | None = None  # an imported model's source path
+    step: int = 0
+    layout: str = LAYOUT
+    version: int = META_VERSION
+
+    @classmethod
+    def from_json(cls, d: dict, where: str) -> Meta:
+        """A checkpoint's stored meta; a field added since it was written takes its default."""
+        if d.get("layout") != LAYOUT:
+            raise ValueError(f"checkpoint {where} has layout {d.get('layout')!r}, this cpt_jax reads {LAYOUT!r}")
+        version = d.get("version", 0)
+        if version > META_VERSION:
+            raise ValueError(f"checkpoint {where} has metadata version {version}; this cpt_jax reads up to "
+                             f"{META_VERSION}: update cpt_jax")
+        known = {f.name for f in dataclasses.fields(cls)}
+        d = {k: v for k, v in d.items() if k in known}
+        return cls(**{**d, "sources": tuple(d.get("sources", ())), "version": version})
+
+    def to_json(self, step: int) -> dict:
+        return {**dataclasses.asdict(self), "step": int(step), "layout": LAYOUT, "version": META_VERSION}
 
 
 def latest_step(directory: str) -> int | None:
@@ -62,79 +101,114 @@ class Checkpointer:
     def all_steps(self) -> list[int]:
         return sorted(self.manager.all_steps())
 
-    def save(self, step: int, params, opt_state, meta: dict) -> None:
+    def save(self, step: int, params, opt_state, meta: Meta) -> None:
         """Starts an async save; `wait()` (or the next save) finishes it. `opt_state=None` saves
         params and meta only (converted models; numpy arrays are written without a device copy)."""
-        items = {"params": ocp.args.StandardSave(params),
-                 "meta": ocp.args.JsonSave({**meta, "step": int(step), "layout": LAYOUT})}
+        items = {"params": ocp.args.StandardSave(params), "meta": ocp.args.JsonSave(meta.to_json(step))}
         if opt_state is not None:
             items["opt_state"] = ocp.args.StandardSave(opt_state)
         self.manager.save(step, args=ocp.args.Composite(**items))
 
-    def meta(self, step: int | None = None) -> dict:
+    def meta(self, step: int | None = None) -> Meta:
         step = self.latest_step() if step is None else step
-        return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+        stored = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+        return Meta.from_json(stored, f"{self.directory}/{step}")
 
-    def restore(self, step: int, abstract_params, abstract_opt_state=None) -> tuple[dict, object, dict]:
+    def restore(self, step: int, abstract_params, abstract_opt_state=None) -> tuple[dict, object, Meta]:
         """Restores onto the shardings carried by the abstract trees (jax.ShapeDtypeStruct with
-        `sharding`); `abstract_opt_state=None` restores params and meta only."""
+        `sharding`); `abstract_opt_state=None` restores params and meta only. An optimizer state
+        saved with one Adam count for all its moments (before update.scale_by_adam's per-row
+        counts) comes back with that count in every row, which is what it meant."""
         meta = self.meta(step)
-        if meta.get("layout") != LAYOUT:
-            raise ValueError(f"checkpoint {self.manager.directory}/{step} has layout {meta.get('layout')!r}, "
-                             f"this cpt_jax reads {LAYOUT!r}")
         items = {"params": ocp.args.StandardRestore(abstract_params)}
+        one_count = abstract_opt_state is not None and _one_count(self._saved_opt_state(step))
         if abstract_opt_state is not None:
-            items["opt_state"] = ocp.args.StandardRestore(abstract_opt_state)
+            items["opt_state"] = ocp.args.StandardRestore(
+                _with_counts(abstract_opt_state, _one_of) if one_count else abstract_opt_state)
         out = self.manager.restore(step, args=ocp.args.Composite(**items))
-        return out["params"], out.get("opt_state") if abstract_opt_state is not None else None, meta
+        opt_state = out.get("opt_state") if abstract_opt_state is not None else None
+        if one_count:
+            counts = _adam(abstract_opt_state).count
+            spread = jax.jit(lambda c: jax.tree.map(lambda a: jnp.full(a.shape, c, a.dtype), counts),
+                             out_shardings=jax.tree.map(lambda a: a.sharding, counts))
+            opt_state = _with_counts(opt_state, spread)
+        return out["params"], opt_state, meta
 
     def has_opt_state(self, step: int) -> bool:
         """Whether step `step` holds an optimizer state (a converted model holds params only)."""
         return (epath.Path(self.directory) / str(step) / "opt_state").is_dir()
 
+    def _saved_opt_state(self, step: int):
+        """The tree of step `step`'s optimizer state as saved (metadata: shapes, no values)."""
+        with ocp.PyTreeCheckpointer() as reader:
+            return reader.metadata(epath.Path(self.directory) / str(step) / "opt_state").item_metadata.tree
+
     def restore_moments(self, step: int, abstract_opt_state, opt_state) -> tuple[object, list[str]]:
         """`opt_state` (this run's, fresh) with the AdamW moments (mu, nu) of step `step` for each
-        parameter whose path and shape match there, and with their Adam count (its bias correction
-        belongs to those moments). Found by path, not by the state's layout, so the two runs may
-        freeze different parameters. Returns (the state, the moments left fresh, with why)."""
-        item = epath.Path(self.directory) / str(step) / "opt_state"
-        with ocp.PyTreeCheckpointer() as reader:
-            saved = reader.metadata(item).item_metadata.tree
+        parameter whose path and shape match there, with their Adam counts (their bias correction
+        belongs to them). Found by path, not by the state's layout, so the two runs may freeze
+        different parameters. The moments that start at zero keep a count of 0, so that their bias
+        correction starts afresh (update.scale_by_adam): those of parameters with no match there,
+        and the rows (freeze.row_axis: vocabulary rows, layers) whose moments are all zero there,
+        frozen there or never given a gradient. Returns (the state, the fresh moments, with why)."""
+        saved = self._saved_opt_state(step)
         where = _find_adam(saved)
         if where is None:
             raise ValueError(f"checkpoint {self.directory}/{step} holds no AdamW moments")
         ours = [x for x in jax.tree.leaves(abstract_opt_state, is_leaf=_is_adam) if _is_adam(x)]
         if len(ours) != 1:
             raise ValueError(f"this run's optimizer state has {len(ours)} AdamW states, not one")
-        theirs, wanted, fresh = _at(saved, where), {("count",): ours[0].count}, []
-        for field in ("mu", "nu"):
-            for keypath, x in jax.tree_util.tree_leaves_with_path(getattr(ours[0], field)):
-                path = tuple(str(k.key) for k in keypath)
-                there = _at(theirs, (field, *path))
-                if there is not None and tuple(there.shape) == x.shape:
-                    wanted[(field, *path)] = x
-                elif field == "mu":  # one line per parameter, not per moment
-                    why = f"{tuple(there.shape)} there" if there is not None else "none there"
-                    fresh.append(f"{'/'.join(path)} ({why}, {x.shape} here)")
+        theirs, one_count = _at(saved, where), _one_count(saved)
+        wanted, fresh, matched = {}, [], {}
+        for (keypath, x), count in zip(jax.tree_util.tree_leaves_with_path(ours[0].mu), jax.tree.leaves(ours[0].count)):
+            path = tuple(str(k.key) for k in keypath)
+            there = _at(theirs, ("mu", *path))
+            if there is None or tuple(there.shape) != x.shape:
+                why = f"{tuple(there.shape)} there" if there is not None else "none there"
+                fresh.append(f"{'/'.join(path)} ({why}, {x.shape} here)")
+                continue
+            matched[path] = keypath, count
+            wanted[("mu", *path)] = wanted[("nu", *path)] = x
+            wanted[("count",) if one_count else ("count", *path)] = _one_of(count) if one_count else count
         request = _prune(saved, (), lambda p: wanted.get(p[len(where):]) if p[:len(where)] == where else None)
         restore_args = jax.tree.map(lambda x: ocp.ArrayRestoreArgs(sharding=x.sharding, dtype=x.dtype), request)
         with ocp.PyTreeCheckpointer() as reader:
-            out = _at(reader.restore(item, args=ocp.args.PyTreeRestore(item=request, restore_args=restore_args,
-                                                                        partial_restore=True)), where)
+            out = _at(reader.restore(epath.Path(self.directory) / str(step) / "opt_state", args=ocp.args.PyTreeRestore(
+                item=request, restore_args=restore_args, partial_restore=True)), where)
+
+        @functools.partial(jax.jit, out_shardings={p: (c.sharding, c.sharding) for p, (_, c) in matched.items()})
+        def live_counts(nu: dict, counts: dict) -> dict:
+            """Per matched leaf: (its counts there, 0 in the rows whose moments are all zero; how many those are)."""
+            def one(keypath, v, c):
+                axis = freeze.row_axis(keypath)
+                live = jnp.any(v != 0, axis=tuple(i for i in range(v.ndim) if i != axis), keepdims=axis is not None)
+                return jnp.where(live, c, 0), live.size - live.sum()
+            return {p: one(kp, nu[p], counts[p]) for p, (kp, _) in matched.items()}
+
+        counted = live_counts({p: _at(out, ("nu", *p)) for p in matched},
+                              {p: _at(out, ("count",) if one_count else ("count", *p)) for p in matched})
+        for path, (count, dead) in counted.items():
+            if int(dead):
+                rows = ("layers" if path[0] == "layers" else "rows") if count.size > 1 else ""
+                fresh.append(f"{'/'.join(path)} ({f'{int(dead)} of {count.size} {rows} with ' if rows else ''}"
+                             f"zero moments there)")
 
         def moments(field: str, tree):
             def one(keypath, x):
-                key = (field, *(str(k.key) for k in keypath))
-                return _at(out, key) if key in wanted else x
+                path = tuple(str(k.key) for k in keypath)
+                if path not in matched:
+                    return x
+                return counted[path][0] if field == "count" else _at(out, (field, *path))
             return jax.tree_util.tree_map_with_path(one, tree)
 
         def swap(node):
             if not _is_adam(node):
                 return node
-            return node._replace(count=out["count"], mu=moments("mu", node.mu), nu=moments("nu", node.nu))
+            return node._replace(count=moments("count", node.count), mu=moments("mu", node.mu),
+                                 nu=moments("nu", node.nu))
         return jax.tree.map(swap, opt_state, is_leaf=_is_adam), fresh
 
-    def restore_latest(self, abstract_params, abstract_opt_state, check: Callable[[dict, str], None]
+    def restore_latest(self, abstract_params, abstract_opt_state, check: Callable[[Meta, str], None]
                        ) -> tuple[int, dict, object] | None:
         """(step, params, opt_state) of the latest step that restores; None where none does.
         `check(meta, where)` raises ValueError where a readable checkpoint holds another model.
@@ -145,13 +219,11 @@ class Checkpointer:
         steps = sorted(self.all_steps(), reverse=True)
         for i, step in enumerate(steps):
             try:
-                meta = self.meta(step)
+                stored = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
             except Exception as e:  # noqa: BLE001  (any failure to read makes the step unusable)
-                meta, error = None, e
-            if meta is not None:  # readable: a checkpoint of another kind is an error, not corruption
-                if meta.get("layout") != LAYOUT:
-                    raise ValueError(f"checkpoint {self.directory}/{step} has layout {meta.get('layout')!r}, "
-                                     f"this cpt_jax reads {LAYOUT!r}")
+                stored, error = None, e
+            if stored is not None:  # readable: a checkpoint of another kind is an error, not corruption
+                meta = Meta.from_json(stored, f"{self.directory}/{step}")
                 check(meta, f"checkpoint {self.directory}/{step}")
                 try:
                     params, opt_state, _ = self.restore(step, abstract_params, abstract_opt_state)
@@ -185,6 +257,27 @@ class Checkpointer:
 
 def _is_adam(x) -> bool:
     return isinstance(x, optax.ScaleByAdamState)
+
+
+def _adam(opt_state) -> optax.ScaleByAdamState:
+    return next(x for x in jax.tree.leaves(opt_state, is_leaf=_is_adam) if _is_adam(x))
+
+
+def _with_counts(opt_state, f):
+    """`opt_state` with the counts of its AdamW state replaced by f(counts)."""
+    return jax.tree.map(lambda x: x._replace(count=f(x.count)) if _is_adam(x) else x, opt_state, is_leaf=_is_adam)
+
+
+def _one_of(counts) -> jax.ShapeDtypeStruct:
+    """One int32 count, placed as (the first of) `counts` are."""
+    return jax.ShapeDtypeStruct((), jnp.int32, sharding=jax.tree.leaves(counts)[0].sharding)
+
+
+def _one_count(saved) -> bool:
+    """Whether a saved optimizer state (`_saved_opt_state`) has one Adam count for all its
+    moments, as written before update.scale_by_adam's per-row counts."""
+    where = _find_adam(saved)
+    return where is not None and not isinstance(_at(saved, (*where, "count")), dict)
 
 
 def _find_adam(tree, path: tuple = ()) -> tuple | None:

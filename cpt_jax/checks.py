@@ -61,8 +61,6 @@ def check_config(config: ml_collections.ConfigDict, devices=None) -> jax.shardin
         raise ConfigError(str(e)) from None
     if config.data.tokenizer.path and not epath.Path(config.data.tokenizer.path).exists():
         raise ConfigError(f"data.tokenizer.path={config.data.tokenizer.path!r} does not exist")
-    if config.model.dtype not in ("auto", "float32", "bfloat16", "float16"):
-        raise ConfigError(f"model.dtype={config.model.dtype!r} must be auto, float32, bfloat16 or float16")
     chunk = config.model.loss_chunk
     if chunk and config.seq_len % min(chunk, config.seq_len):
         raise ConfigError(f"model.loss_chunk={chunk} does not divide seq_len={config.seq_len}")
@@ -114,6 +112,7 @@ def check_start(config: ml_collections.ConfigDict) -> None:
             raise ConfigError(f"branch_from={config.branch_from!r} has no checkpoint at branch_step="
                               f"{config.branch_step} (it has {kept or 'none'}; keep_steps makes a run keep its "
                               f"branch points)")
+        check_branch(config)
 
 
 def _check_schedule(config: ml_collections.ConfigDict) -> None:

@@ -100,7 +100,8 @@ def _declared() -> SimpleNamespace:
     c.model = SimpleNamespace()
     c.model.size = field("tiny")  # a key of cpt_jax.models.SIZES, or "init_from": init_from's architecture
     c.model.vocab_size = field(0)  # 0: the tokenizer's vocabulary size
-    # compute dtype; auto: bfloat16 on GPU/TPU, float32 on CPU. Params stay float32.
+    # Compute dtype: auto (bfloat16 on GPU/TPU, float32 on CPU) | float32 | bfloat16; not float16, which would need
+    # loss scaling. Params stay float32.
     c.model.dtype = field("auto", NUMERICS)
     c.model.scan_layers = field(True, RESUME, NUMERICS)
     c.model.remat = field("none", RESUME, NUMERICS)  # none | full | dots | dots_no_batch
@@ -125,7 +126,11 @@ def _declared() -> SimpleNamespace:
     c.optimizer.b1 = field(0.9)
     c.optimizer.b2 = field(0.95)
     c.optimizer.eps = field(1e-8)
+    # Decoupled (AdamW) weight decay on the weight matrices only, not on norm scales or biases (Megatron-LM, HF
+    # Trainer); the output head always, the input embedding if decay_embeddings (Megatron-LM and HF Trainer: yes;
+    # OLMo 2: no). cpt_jax.update.decayed says which leaves.
     c.optimizer.weight_decay = field(0.1)
+    c.optimizer.decay_embeddings = field(True)
     c.optimizer.clip_norm = field(1.0)
     c.optimizer.grad_accum = field(1)  # microbatches per update
     # Parameters not trained (cpt_jax/freeze.py): paths like "embed", "layers/q", "layers/0-3"; "old_vocab": the

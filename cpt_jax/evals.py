@@ -7,11 +7,8 @@ from collections.abc import Sequence
 
 import jax
 import numpy as np
-from flax import nnx
 
-from cpt_jax import evaluate as harness
-from cpt_jax import sharding, update
-from cpt_jax.data.tokenizer import TokenizerLike
+from cpt_jax import harness, sharding, update
 
 
 def heldout_losses(steps: update.Steps, params: dict, eval_sets: dict[str, np.ndarray], batch_size: int,
@@ -38,12 +35,10 @@ def heldout_losses(steps: update.Steps, params: dict, eval_sets: dict[str, np.nd
     return out
 
 
-def task_metrics(steps: update.Steps, params: dict, tokenizer: TokenizerLike, tasks: Sequence[str], limit: int,
-                 batch_size: int, max_length: int, mesh: jax.sharding.Mesh) -> dict[str, float]:
-    """The harness's metrics of `tasks` on these (sharded) params, as eval/<task>/<metric>: every
+def task_metrics(scorer: harness.Scorer, params: dict, tasks: Sequence[str], limit: int) -> dict[str, float]:
+    """The harness's metrics of `tasks` (at most `limit` documents each; 0: all) on these (sharded)
+    params, as eval/<task>/<metric>. The run's one `scorer` compiles its length buckets once; every
     process scores every request (the model is one SPMD program)."""
-    model = nnx.merge(steps.spec.graphdef, params)
-    results = harness.evaluate(model, tokenizer, tasks, limit or None, batch_size=batch_size, max_length=max_length,
-                               mesh=mesh)
+    results = scorer.evaluate(params, tasks, limit or None)
     return {f"eval/{task}/{name}": value for task, metrics in results["results"].items()
             for name, value in harness.metric_values(metrics).items()}

@@ -99,6 +99,14 @@ def _path(keypath) -> tuple[str, ...]:
     return tuple(str(k.key) for k in keypath)
 
 
+def row_axis(keypath) -> int | None:
+    """The axis along which the leaf at `keypath` can be frozen in part (and so have some of its
+    moments fresh): the vocabulary rows of the embedding and head, the stacked layers of a
+    per-layer leaf; None for any other leaf, frozen only whole."""
+    path = _path(keypath)
+    return _VOCAB_AXIS.get(path, 0 if path[0] == "layers" else None)
+
+
 def resolve(patterns, abstract_params: dict, old_vocab: int | None = None, where: str = "the model") -> Mask | None:
     """The Mask of `patterns` over `abstract_params` (anything with .shape); None where nothing
     is frozen, so that such a run's optimizer is exactly the unfrozen one. `old_vocab`: rows the
@@ -139,7 +147,7 @@ def resolve(patterns, abstract_params: dict, old_vocab: int | None = None, where
             return False
         if path not in rows:
             return True
-        axis = _VOCAB_AXIS.get(path, 0)  # a vocab leaf's rows, else the stacked layers axis
+        axis = row_axis(keypath)
         r = Rows(axis, x.shape[axis], _merge(rows[path]))
         return False if r.count() == r.size else r
     mask = jax.tree_util.tree_map_with_path(leaf, abstract_params)

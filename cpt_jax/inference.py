@@ -30,7 +30,7 @@ def load(path: str, step: int | None = None, dtype: str | None = None) -> tuple[
     step = latest if step is None else step
     meta = ckpt.meta(step)
     # The kernel the run compiled may not exist here (cuDNN in a CPU notebook): chosen anew.
-    cfg = ModelConfig.from_dict({**meta["model"], "dtype": dtype or meta["model"]["dtype"], "attention": "auto"})
+    cfg = ModelConfig.from_dict({**meta.model, "dtype": dtype or meta.model["dtype"], "attention": "auto"})
     graphdef, abstract, _ = spec(cfg)
     device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device), abstract)
@@ -38,9 +38,9 @@ def load(path: str, step: int | None = None, dtype: str | None = None) -> tuple[
     model = nnx.merge(graphdef, params)
 
     tokenizer = load_tokenizer(run.tokenizer) if epath.Path(run.tokenizer).is_dir() else None
-    if tokenizer is not None and meta.get("tokenizer") not in (None, tokenizer.fingerprint):
+    if tokenizer is not None and meta.tokenizer not in (None, tokenizer.fingerprint):
         raise ValueError(f"{run.tokenizer} holds tokenizer {tokenizer.fingerprint}, but the checkpoint was "
-                         f"trained with {meta['tokenizer']}")
+                         f"trained with {meta.tokenizer}")
     return model, tokenizer
 
 

@@ -10,22 +10,28 @@ cpt_jax/cli.py.
 
 from __future__ import annotations
 
-from absl import app, flags
+import sys
+from collections.abc import Sequence
+
+from absl import flags
 
 from cpt_jax import cli, trainer
 
-_WORKDIR = flags.DEFINE_string("workdir", None, "Where checkpoints, metrics and logs go.")
+CLI = cli.Command(__doc__, config=cli.CONFIG_HELP, processes=True, required=("config", "workdir"))
+_WORKDIR = flags.DEFINE_string("workdir", None, "Where checkpoints, metrics and logs go.", flag_values=CLI.flags)
 _ALLOW_CONFIG_CHANGE = flags.DEFINE_bool("allow_config_change", False, "Resume a workdir whose config.json "
-                                         "differs from this config in fields that change the result.")
+                                         "differs from this config in fields that change the result.",
+                                         flag_values=CLI.flags)
 
 
-def main(args: list[str]) -> None:
-    if args:
-        raise app.UsageError(f"unexpected arguments: {args}")
-    if cli.CONFIG.value is None or not _WORKDIR.value:
-        raise app.UsageError("--config and --workdir are required")
-    trainer.run_all(cli.CONFIG.value, _WORKDIR.value, _ALLOW_CONFIG_CHANGE.value)
+def train() -> None:
+    trainer.run_all(CLI.config.value, _WORKDIR.value, _ALLOW_CONFIG_CHANGE.value)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """`python -m cpt_jax.main ARGS...` in this process (argv without the program name): the exit code."""
+    return CLI.run(train, argv)
 
 
 if __name__ == "__main__":
-    cli.main(main)
+    sys.exit(main())

@@ -21,7 +21,7 @@ from etils import epath
 from cpt_jax import checkpoint, storage
 
 # The entries of a run dir: attribute name -> name on disk.
-LAYOUT = {"checkpoints": "checkpoints", "tokenizer": "tokenizer", "config": "config.json",
+ENTRIES = {"checkpoints": "checkpoints", "tokenizer": "tokenizer", "config": "config.json",
           "metrics": "metrics.jsonl", "tensorboard": "tensorboard"}
 
 
@@ -35,14 +35,14 @@ class RunDir:
     tensorboard: str = dataclasses.field(init=False)
 
     def __post_init__(self):
-        for attr, name in LAYOUT.items():
+        for attr, name in ENTRIES.items():
             object.__setattr__(self, attr, os.path.join(self.path, name))
 
     @classmethod
     def of(cls, path: str) -> RunDir:
         """A run's dir from itself or from its checkpoints dir (users pass either)."""
         path = storage.absolute(str(path)).rstrip("/")
-        leaf = LAYOUT["checkpoints"]
+        leaf = ENTRIES["checkpoints"]
         if os.path.basename(path) == leaf and not epath.Path(path, leaf).is_dir():
             path = os.path.dirname(path)
         return cls(path)
@@ -59,6 +59,6 @@ class RunDir:
     def read_metrics(self) -> list[dict]:
         return storage.read_jsonl(self.metrics)
 
-    def meta(self, step: int | None = None) -> dict:
+    def meta(self, step: int | None = None) -> checkpoint.Meta:
         """The metadata of a checkpoint (the latest by default): config, model, tokenizer."""
         return checkpoint.Checkpointer(self.checkpoints, read_only=True).meta(step)

@@ -29,20 +29,30 @@ import os
 import shlex
 import subprocess
 import sys
+from collections.abc import Sequence
 
 import jax
 import ml_collections
-from absl import app, flags
+from absl import flags
 
 from cpt_jax import cli, models, trainer, update
+from cpt_jax.data.tokenizer import load_tokenizer
 from cpt_jax.errors import ConfigError, Preempted, RunError
 from cpt_jax.rundir import RunDir
 from cpt_jax.scaling.report import write_report
 
-_SWEEP_DIR = flags.DEFINE_string("sweep_dir", None, "Where the sweep's runs, plan and report go.")
-_BACKEND = flags.DEFINE_enum("backend", "local", ["local", "slurm", "print"], "How the runs are launched.")
-_ONLY = flags.DEFINE_list("only", [], "Sizes to run, comma-separated (default: all of the config's).")
-_RUN = flags.DEFINE_string("run", None, "With `run`: the run to train, e.g. tiny/cpt_r0.05.")
+CLI = cli.Command(__doc__, config="The sweep config, e.g. configs/sweeps/mini.py[:arg]; any field can be overridden: "
+                  "--config.base.seq_len=64.", processes=True, default_command="launch",
+                  commands={"launch": ("config", "sweep_dir", "backend", "only"),
+                            "run": ("config", "sweep_dir", "only", "run"),
+                            "report": ("sweep_dir",), "cost": ("config", "only", "sweep_dir")})
+_SWEEP_DIR = flags.DEFINE_string("sweep_dir", None, "Where the sweep's runs, plan and report go.",
+                                 flag_values=CLI.flags)
+_BACKEND = flags.DEFINE_enum("backend", "local", ["local", "slurm", "print"], "How the runs are launched.",
+                             flag_values=CLI.flags)
+_ONLY = flags.DEFINE_list("only", [], "Sizes to run, comma-separated (default: all of the config's).",
+                          flag_values=CLI.flags)
+_RUN = flags.DEFINE_string("run", None, "With `run`: the run to train, e.g. tiny/cpt_r0.05.", flag_values=CLI.flags)
 
 KINDS = ("source", "scratch", "cpt")
 
@@ -67,6 +77,20 @@ def paper_batch_tokens(params: int) -> int:
     return 1 << 20 if params <= 1e9 else 2 << 20 if params <= 2.5e9 else 4 << 20
 
 
+def vocab_size(base: ml_collections.ConfigDict) -> int:
+    """The vocabulary of the runs' models, as the trainer sizes it: `model.vocab_size`, else the
+    tokenizer's, read from the file at `data.tokenizer.path` (a trained one has
+    `data.tokenizer.vocab_size` pieces). Raises ValueError naming the field the runs would fail on."""
+    path = base.data.tokenizer.path
+    try:
+        tokens = load_tokenizer(path).vocab_size if path else base.data.tokenizer.vocab_size
+    except (ValueError, OSError) as e:
+        raise ValueError(f"base.data.tokenizer.path: {e}") from None
+    if base.model.vocab_size and base.model.vocab_size < tokens:
+        raise ValueError(f"base.model.vocab_size={base.model.vocab_size} is smaller than the tokenizer's {tokens}")
+    return base.model.vocab_size or tokens
+
+
 def ratios(sweep: ml_collections.ConfigDict, size: str) -> tuple[float, ...]:
     """The replay ratios of a size's CPT runs: the sweep's, plus the replay study's at its size."""
     study = sweep.get("replay_study")
@@ -87,7 +111,7 @@ def expand(sweep: ml_collections.ConfigDict, sweep_dir: str, only: tuple[str, ..
         raise ValueError(f"sizes: {unknown[0]!r} is not a known size; known: {', '.join(models.SIZES)}")
     if study and study.size and study.size not in sweep.sizes:
         raise ValueError(f"replay_study.size={study.size!r} is not one of sizes {tuple(sweep.sizes)}")
-    vocab = sweep.base.model.vocab_size or sweep.base.data.tokenizer.vocab_size
+    vocab = vocab_size(sweep.base)
     branched, seq = sweep.get("branches", False), sweep.base.seq_len
     budgets = sorted(sweep.tokens_per_param)
     runs = []
@@ -385,21 +409,18 @@ def launch_slurm(runs: list[Run], sweep_dir: str, config_args: list[str], slurm:
     return commands
 
 
-def main(args: list[str]) -> None:
-    command = args[0] if args else "launch"
-    if args[1:] or command not in ("launch", "run", "report", "cost"):
-        raise app.UsageError(f"unexpected arguments: {args}; commands: run, report, cost (default: launch the sweep)")
+def sweep_command(command: str) -> None:
     if not _SWEEP_DIR.value and command != "cost":
-        raise app.UsageError("--sweep_dir is required")
+        raise ConfigError("--sweep_dir is required")
     sweep_dir = os.path.abspath(_SWEEP_DIR.value or "SWEEP_DIR")
     if command == "report":
         print(write_report(sweep_dir))
         return
-    if cli.CONFIG.value is None:
-        raise app.UsageError("--config is required")
-    sweep = cli.CONFIG.value
+    if CLI.config.value is None:
+        raise ConfigError("--config is required")
+    config = CLI.config.value
     try:
-        runs = expand(sweep, sweep_dir, tuple(_ONLY.value))
+        runs = expand(config, sweep_dir, tuple(_ONLY.value))
     except ValueError as e:
         raise ConfigError(str(e)) from None
     if command == "cost":  # the plan's arithmetic, nothing run
@@ -412,21 +433,26 @@ def main(args: list[str]) -> None:
         trainer.run_all(run.config, os.path.join(sweep_dir, run.name))
         return
     # The runs are launched with this command's config file and overrides.
-    config_args = cli.config_args(sys.argv)
-    write_plan(runs, sweep_dir, config_args, sweep)
+    config_args = CLI.config_args()
+    write_plan(runs, sweep_dir, config_args, config)
     if _BACKEND.value == "print":
         for line in print_commands(runs, sweep_dir, config_args):
             print(line)
     elif _BACKEND.value == "slurm":
-        launch_slurm(runs, sweep_dir, config_args, sweep.slurm)
+        launch_slurm(runs, sweep_dir, config_args, config.slurm)
     else:
         failed = launch_local(runs, sweep_dir)
         if failed:
             print(f"[sweep] {len(failed)} run(s) failed or skipped: {', '.join(failed)}", flush=True)
             raise RunError(f"{len(failed)} run(s) of the sweep failed or were skipped; re-running resumes them")
-        if sweep.report:
+        if config.report:
             print(write_report(sweep_dir))
 
 
+def main(argv: Sequence[str] | None = None) -> int:
+    """`python -m cpt_jax.sweep [COMMAND] ARGS...` in this process (argv without the program name): the exit code."""
+    return CLI.run(sweep_command, argv)
+
+
 if __name__ == "__main__":
-    cli.main(main)
+    sys.exit(main())

@@ -26,7 +26,8 @@ import ml_collections
 import numpy as np
 from etils import epath
 
-from cpt_jax import checkpoint, checks, convert, distributed, evals, freeze, loop, models, storage, summary, update
+from cpt_jax import (checkpoint, checks, convert, distributed, evals, freeze, harness, loop, models, storage, summary,
+                     update)
 from cpt_jax.config import expand_runs
 from cpt_jax.data import pipeline
 from cpt_jax.data.mixture import Mixture
@@ -49,7 +50,7 @@ class RunSetup:
     data: pipeline.Data
     mixture: Mixture
     parent: RunDir | None  # init_from's or branch_from's run
-    meta: dict  # stored with every checkpoint
+    meta: checkpoint.Meta  # stored with every checkpoint
     frozen: freeze.Mask | None = None  # optimizer.freeze resolved over the model; None: all trains
 
 
@@ -80,7 +81,7 @@ def setup(config: ml_collections.ConfigDict, workdir: str, mesh: jax.sharding.Me
     # The model, and the one compatibility check against what it starts from.
     init_meta = init.meta(config.branch_step or None) if init else None
     if config.model.size == "init_from":
-        vocab = init_meta["model"]["vocab_size"]
+        vocab = init_meta.model["vocab_size"]
         if config.model.vocab_size not in (0, vocab):
             raise ConfigError(f"model.vocab_size={config.model.vocab_size}, but {where} has {vocab}")
     else:
@@ -88,10 +89,10 @@ def setup(config: ml_collections.ConfigDict, workdir: str, mesh: jax.sharding.Me
     if vocab < data.tokenizer.vocab_size:
         what = f"{where} has vocab_size={vocab}" if config.model.size == "init_from" else f"model.vocab_size={vocab} is"
         raise ConfigError(f"{what} smaller than the tokenizer's {data.tokenizer.vocab_size}")
-    mcfg = checks.model_config(config, vocab, init_meta and init_meta["model"], seq_len=config.seq_len)
+    mcfg = checks.model_config(config, vocab, init_meta and init_meta.model, seq_len=config.seq_len)
     if init:
-        if init_meta.get("tokenizer") != data.tokenizer.fingerprint:
-            raise ConfigError(f"{where} was trained with tokenizer {init_meta.get('tokenizer')}, this run uses "
+        if init_meta.tokenizer != data.tokenizer.fingerprint:
+            raise ConfigError(f"{where} was trained with tokenizer {init_meta.tokenizer}, this run uses "
                               f"{data.tokenizer.fingerprint}")
         _check_model(mcfg, init_meta, where)
     if done is not None:
@@ -101,12 +102,12 @@ def setup(config: ml_collections.ConfigDict, workdir: str, mesh: jax.sharding.Me
             own = None
         if own is not None:
             _check_model(mcfg, own, f"checkpoint {rundir.checkpoints}/{done}")
-    meta = {"config": json.loads(config.to_json()), "model": dataclasses.asdict(mcfg),
-            "tokenizer": data.tokenizer.fingerprint, "sources": mixture.source_names,
-            "framing": {"bos_id": data.framing.bos_id, "eos_id": data.framing.eos_id, "packing": config.data.packing}}
-    if init_meta and "vocab_extension" in init_meta:  # a later stage can still freeze "old_vocab"
-        meta["vocab_extension"] = init_meta["vocab_extension"]
-    frozen = _frozen(config, mcfg, meta.get("vocab_extension"), where if init else "this run's model")
+    meta = checkpoint.Meta(
+        model=dataclasses.asdict(mcfg), tokenizer=data.tokenizer.fingerprint, config=json.loads(config.to_json()),
+        sources=tuple(mixture.source_names),
+        framing={"bos_id": data.framing.bos_id, "eos_id": data.framing.eos_id, "packing": config.data.packing},
+        vocab_extension=init_meta and init_meta.vocab_extension)  # a later stage can still freeze "old_vocab"
+    frozen = _frozen(config, mcfg, meta.vocab_extension, where if init else "this run's model")
     return RunSetup(config, rundir, mesh, mcfg, data, mixture, init, meta, frozen)
 
 
@@ -123,9 +124,9 @@ def _frozen(config: ml_collections.ConfigDict, mcfg: models.ModelConfig, extensi
     return freeze.resolve(patterns, models.spec(mcfg).abstract_params, old_vocab, where)
 
 
-def _check_model(mcfg: models.ModelConfig, meta: dict, where: str) -> None:
+def _check_model(mcfg: models.ModelConfig, meta: checkpoint.Meta, where: str) -> None:
     try:
-        mcfg.check_restores(meta.get("model", {}), where)
+        mcfg.check_restores(meta.model, where)
     except ValueError as e:
         raise ConfigError(str(e)) from None
 
@@ -193,7 +194,7 @@ def restore_or_init(run: RunSetup, steps: update.Steps, ckpt: checkpoint.Checkpo
     abstract = steps.abstract_state
     try:
         restored = ckpt.restore_latest(abstract.params, abstract.opt_state,
-                                       lambda meta, where: run.model.check_restores(meta.get("model", {}), where))
+                                       lambda meta, where: run.model.check_restores(meta.model, where))
     except ValueError as e:
         raise ConfigError(str(e)) from None
     if restored:
@@ -268,9 +269,10 @@ def train_checked(config: ml_collections.ConfigDict, workdir: str, mesh: jax.sha
                                 check_nonfinite=check_nonfinite)
             heldout = functools.partial(evals.heldout_losses, steps, eval_sets=run.data.eval, batch_size=c.batch_size,
                                         max_batches=c.data.eval_batches)
-            tasks = functools.partial(evals.task_metrics, steps, tokenizer=run.data.tokenizer, tasks=c.eval_tasks,
-                                      limit=c.eval_tasks_limit, batch_size=c.batch_size, max_length=c.seq_len,
-                                      mesh=run.mesh) if c.eval_tasks else None
+            tasks = None
+            if c.eval_tasks:
+                scorer = harness.Scorer(steps.spec, run.data.tokenizer, c.batch_size, c.seq_len, run.mesh)
+                tasks = functools.partial(evals.task_metrics, scorer, tasks=c.eval_tasks, limit=c.eval_tasks_limit)
             if start is None:
                 progress.start(heldout(state.params) | (tasks(state.params) if tasks else {}))
             with loop.HostBatches(run.mixture, c.batch_size, c.total_steps, steps.batch_sharding,

@@ -18,7 +18,7 @@ import optax
 from flax import nnx
 
 from cpt_jax import freeze, models, sharding
-from cpt_jax.models.cross_entropy import cross_entropy
+from cpt_jax.models.cross_entropy import cross_entropy, positions_counted
 
 
 @flax.struct.dataclass
@@ -82,16 +82,60 @@ def schedule(opt, total_steps: int) -> optax.Schedule:
     return lambda step: learning_rate(step, args)
 
 
+def decayed(params: dict, embeddings: bool = True) -> dict:
+    """Per leaf, whether weight decay applies: to the weight matrices, not to norm scales or
+    biases (as Megatron-LM and HF Trainer do). Decided by what a leaf is, not by its rank: the
+    per-layer leaves are stacked [layers, ...], so every norm scale and bias has rank >= 2. The
+    output head is a matrix like the others; the input embedding decays where `embeddings`, a
+    choice because the families' reference trainers differ there (Megatron-LM and HF Trainer
+    decay it, OLMo 2's OLMo-core does not). A tied table is both and follows `embeddings`."""
+    def one(keypath, _) -> bool:
+        path = tuple(str(k.key) for k in keypath)
+        return embeddings if path == ("embed",) else not path[-1].endswith(("norm", "_bias"))
+    return jax.tree_util.tree_map_with_path(one, params)
+
+
+def scale_by_adam(b1: float, b2: float, eps: float) -> optax.GradientTransformation:
+    """optax.scale_by_adam, but with an Adam count per row of each leaf (freeze.row_axis: per
+    vocabulary row of the embedding and head, per layer of a stacked leaf, one for any other
+    leaf) in place of one count for the whole state. A run that starts from another run's
+    moments (init_from_optimizer, checkpoint.restore_moments) keeps their count for them, while
+    the moments that start at zero there (no match in the source, or frozen in it) start their own
+    bias correction from 0, as a fresh AdamW would; under one mature count their first updates
+    would be 0.45x-6.5x the proper size. In a run of its own every count is the same."""
+    def counts(params):
+        def one(keypath, p):
+            axis = freeze.row_axis(keypath)
+            return jnp.zeros(() if axis is None else [p.shape[axis] if i == axis else 1 for i in range(p.ndim)],
+                             jnp.int32)
+        return jax.tree_util.tree_map_with_path(one, params)
+
+    def init(params):
+        zeros = lambda: jax.tree.map(jnp.zeros_like, params)  # noqa: E731
+        return optax.ScaleByAdamState(count=counts(params), mu=zeros(), nu=zeros())
+
+    def update(updates, state, params=None):
+        mu = optax.tree.update_moment(updates, state.mu, b1, 1)
+        nu = optax.tree.update_moment_per_elem_norm(updates, state.nu, b2, 2)
+        count = jax.tree.map(optax.safe_increment, state.count)
+        # optax's bias correction, with each row's own count
+        scaled = lambda m, v, c: (m / (1 - b1 ** c).astype(m.dtype)) / (  # noqa: E731
+            jnp.sqrt(v / (1 - b2 ** c).astype(v.dtype)) + eps)
+        return jax.tree.map(scaled, mu, nu, count), optax.ScaleByAdamState(count=count, mu=mu, nu=nu)
+    return optax.GradientTransformation(init, update)
+
+
 def optimizer(opt, args: dict, lr: jax.Array | None = None, frozen: freeze.Mask | None = None
               ) -> optax.GradientTransformation:
-    """AdamW with global-norm clipping; weight decay on matrices only (not norms or biases); the
-    learning rate of `schedule_args`. The state has one layout whatever the schedule, so a
-    branch restores its stable run's state.
+    """AdamW with global-norm clipping; weight decay on the leaves `decayed` names (matrices,
+    the input embedding as `opt.decay_embeddings` says); the learning rate of `schedule_args`.
+    The state has one layout whatever the schedule, so a branch restores its stable run's state.
 
     `lr`: this step's learning rate (train_step passes the one of its TrainState.step), in place
     of optax's own count: a run that starts with another run's moments (init_from_optimizer)
-    keeps their Adam count for the bias correction but warms up from its own step 0. The
-    schedule's count stays in the state, unused, so that the state's layout is unchanged.
+    keeps their Adam counts for the bias correction (`scale_by_adam`) but warms up from its own
+    step 0. The schedule's count stays in the state, unused, so that the state's layout is
+    optax.adamw's but for the Adam counts.
 
     `frozen` (freeze.resolve): wholly frozen leaves go through set_to_zero and keep no moments;
     frozen slices of the others get zero gradients in and zero updates out. The global norm is
@@ -101,8 +145,9 @@ def optimizer(opt, args: dict, lr: jax.Array | None = None, frozen: freeze.Mask 
     schedule_fn = (lambda count: learning_rate(count, args)) if lr is None else (lambda _count: lr)
     tx = optax.chain(
         optax.clip_by_global_norm(opt.clip_norm),
-        optax.adamw(schedule_fn, b1=opt.b1, b2=opt.b2, eps=opt.eps,
-                    weight_decay=opt.weight_decay, mask=lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)),
+        optax.chain(scale_by_adam(opt.b1, opt.b2, opt.eps),  # optax.adamw's chain
+                    optax.add_decayed_weights(opt.weight_decay, lambda params: decayed(params, opt.decay_embeddings)),
+                    optax.scale_by_learning_rate(schedule_fn)),
     )
     if frozen is None:
         return tx
@@ -126,16 +171,17 @@ def document_layout(inputs: jax.Array, eos_id: int) -> tuple[jax.Array, jax.Arra
     return segments, positions, (~is_eos).astype(jnp.float32)
 
 
-def token_losses(graphdef, params: dict, tokens: jax.Array, document_end: int | None = None
-                 ) -> tuple[jax.Array, jax.Array, jax.Array | None]:
+def token_losses(graphdef, params: dict, tokens: jax.Array, document_end: int | None = None,
+                 count: jax.Array | None = None) -> tuple[jax.Array, jax.Array, jax.Array | None]:
     """Next-token cross-entropy of tokens [b, seq+1]: (the mean, differentiable; per position
     [b, seq] float32, for reporting; the weights of the positions that count, or None where all
     do), with the logits chunked as `model.loss_chunk` says. `document_end`: the EOS id of rows
-    packed as documents (`document_layout`); None: attention runs across the whole row."""
+    packed as documents (`document_layout`); None: attention runs across the whole row.
+    `count`: the mean's divisor in place of these rows' counted positions (`counted`)."""
     model = nnx.merge(graphdef, params)
     inputs = tokens[:, :-1]
     loss = lambda x, weights: cross_entropy(x, model.head_weight(), tokens[:, 1:], model.cfg.loss_chunk,  # noqa: E731
-                                            weights, model.cfg.final_softcap)
+                                            weights, model.cfg.final_softcap, count)
     if document_end is None:
         x, _ = model.hidden_states(inputs)
         return *loss(x, None), None
@@ -144,12 +190,20 @@ def token_losses(graphdef, params: dict, tokens: jax.Array, document_end: int | 
     return *loss(x, weights), weights
 
 
-def _loss_and_stats(params, graphdef, tokens, source, num_sources, document_end):
-    loss, per_token, weights = token_losses(graphdef, params, tokens, document_end)
-    row = per_token.mean(axis=1) if weights is None else (
-        (per_token * weights).sum(axis=1) / jnp.maximum(weights.sum(axis=1), 1.0))
+def counted(tokens: jax.Array, document_end: int | None = None) -> jax.Array:
+    """How many positions of tokens [b, seq+1] the loss counts (at least 1): all b x seq, or,
+    packed as documents, those whose input is not EOS."""
+    weights = None if document_end is None else document_layout(tokens[:, :-1], document_end)[2]
+    return positions_counted(weights, tokens[:, 1:].shape)
+
+
+def _loss_and_stats(params, graphdef, tokens, source, num_sources, document_end, count):
+    """(loss: the sum of these rows' counted token losses / `count`, (per source: the sum of its
+    counted token losses, their number)): sums, so that they add up over microbatches."""
+    loss, per_token, weights = token_losses(graphdef, params, tokens, document_end, count)
+    weights = jnp.ones_like(per_token) if weights is None else weights
     onehot = jax.nn.one_hot(source, num_sources, dtype=jnp.float32)  # [b, sources]
-    return loss, (onehot.T @ row, onehot.sum(axis=0))
+    return loss, (onehot.T @ (per_token * weights).sum(axis=1), onehot.T @ weights.sum(axis=1))
 
 
 def train_step(state: TrainState, batch: dict, schedule: dict, *, graphdef, opt, num_sources: int,
@@ -159,10 +213,13 @@ def train_step(state: TrainState, batch: dict, schedule: dict, *, graphdef, opt,
     the learning rate of `schedule` (`schedule_args`) and `opt`'s AdamW settings; `document_end`
     as in `token_losses`.
 
-    With `grad_accum` > 1 the batch is split into that many microbatches whose gradients are
-    averaged before the single update (same result as the whole batch, less activation memory;
-    packed as documents, each microbatch's mean is over its own counted positions, so the average
-    weighs them as equal where their EOS counts differ).
+    The loss is the mean over the batch's counted positions (`counted`). With `grad_accum` > 1 the
+    batch is split into that many microbatches, each contributing the sum of its token losses
+    over the whole batch's count (HF Trainer's num_items_in_batch): their losses and gradients
+    add up to the whole batch's, whatever each counts (packed as documents, rows count different
+    numbers of positions), with less activation memory.
+    `source_loss_sum` / `source_count`: per source, the sum of its counted token losses and their
+    number (a token-weighted mean once divided).
     A step whose loss or gradient norm is not finite changes nothing but the step counter and
     reports `nonfinite` = 1; what then happens is the caller's choice (stop or go on).
     `nan_steps`: fault injection for tests, steps (counted from 1) whose gradients become NaN.
@@ -171,13 +228,14 @@ def train_step(state: TrainState, batch: dict, schedule: dict, *, graphdef, opt,
     lr = learning_rate(state.step, schedule)
     tx = optimizer(opt, schedule, lr, frozen)
     grad_fn = jax.value_and_grad(_loss_and_stats, has_aux=True)
+    tokens, source = batch["tokens"], batch["source"]
+    count = counted(tokens, document_end)
 
     def micro(tokens, source):
         (loss, (src_sum, src_cnt)), grads = grad_fn(state.params, graphdef, tokens, source, num_sources,
-                                                    document_end)
+                                                    document_end, count)
         return loss, src_sum, src_cnt, grads
 
-    tokens, source = batch["tokens"], batch["source"]
     if grad_accum == 1:
         loss, src_sum, src_cnt, grads = micro(tokens, source)
     else:
@@ -189,8 +247,6 @@ def train_step(state: TrainState, batch: dict, schedule: dict, *, graphdef, opt,
         zeros = jax.tree.map(jnp.zeros_like, jax.eval_shape(micro, split(tokens)[0], split(source)[0]))
         total, _ = jax.lax.scan(body, zeros, (split(tokens), split(source)))
         loss, src_sum, src_cnt, grads = total
-        loss = loss / grad_accum
-        grads = jax.tree.map(lambda g: g / grad_accum, grads)
 
     if nan_steps:
         inject = jnp.isin(state.step + 1, jnp.asarray(nan_steps))
@@ -220,8 +276,8 @@ def eval_step(params: dict, tokens: jax.Array, valid: jax.Array, *, graphdef, do
     _, losses, weights = token_losses(graphdef, params, tokens, document_end)
     if weights is None:
         return (losses * valid[:, None]).sum(), valid.sum() * losses.shape[1]
-    counted = valid[:, None] * weights
-    return (losses * counted).sum(), counted.sum()
+    kept = valid[:, None] * weights
+    return (losses * kept).sum(), kept.sum()
 
 
 class Steps(NamedTuple):
@@ -254,10 +310,7 @@ def compile_steps(mcfg: models.ModelConfig, opt, total_steps: int, mesh, batch_s
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
     p_sh = sharding.param_shardings(spec.abstract_params, spec.axes, mesh)
     abstract_opt = jax.eval_shape(tx.init, spec.abstract_params)
-    if frozen is None:
-        o_sh = optax.tree_map_params(tx, lambda _, s: s, abstract_opt, p_sh, transform_non_params=lambda _: replicated)
-    else:  # tree_map_params cannot see through multi_transform: a moment is sharded as its param
-        o_sh = freeze.state_shardings(abstract_opt, spec.abstract_params, p_sh, replicated)
+    o_sh = freeze.state_shardings(abstract_opt, spec.abstract_params, p_sh, replicated)  # moments as their params
     state_sh = TrainState(step=replicated, params=p_sh, opt_state=o_sh)
     batch_sh = {"tokens": sharding.batch_sharding(mesh, 2), "source": sharding.batch_sharding(mesh, 1),
                 "valid": sharding.batch_sharding(mesh, 1)}

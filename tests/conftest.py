@@ -36,26 +36,9 @@ if JAX_CACHE and "JAX_COMPILATION_CACHE_DIR" not in os.environ:
     os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "-1"  # every entry, however small
     os.environ["JAX_COMPILATION_CACHE_MAX_SIZE"] = str(4 << 30)
 
-import logging  # noqa: E402
-
 import jax  # noqa: E402  (after the environment above)
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
-
-
-@pytest.fixture(autouse=True)
-def _logging_as_before():
-    """A command line run in process (`main(argv)`) sets logging up as for a terminal
-    (basicConfig(force=True): a handler on the stream that is stderr at that moment, which may be
-    a test's capture); afterwards logging is as it was, for the next test."""
-    levels = {name: logging.getLogger(name).level for name in ("", "cpt_jax", "absl")}
-    yield
-    root = logging.getLogger()
-    for handler in root.handlers[:]:
-        if type(handler) is logging.StreamHandler:  # basicConfig's (pytest's own are subclasses)
-            root.removeHandler(handler)
-    for name, level in levels.items():
-        logging.getLogger(name).setLevel(level)
 
 
 @pytest.fixture(scope="session")
@@ -79,5 +62,5 @@ def english_model(bible, tmp_path_factory):
     tok = train_tokenizer([v for d in train[::4] for v in d.verses], root / "sp.model", vocab_size=600)
     cfg = models.model_config("test", tok.vocab_size)
     params = jax.tree.map(np.asarray, models.init_params(cfg, jax.random.key(0)))
-    convert.save_model(root / "model", cfg, params, tok, {})
+    convert.save_model(root / "model", cfg, params, tok)
     return str(root / "model")

@@ -56,13 +56,11 @@ def setup(config, workdir: str):
 
 
 def run_main(workdir, *args) -> int:
-    """`python -m cpt_jax.main --workdir W ARGS` in this process: the run(s) of that command line,
-    ended as the command ends them (cpt_jax.cli.run: its exit code returned, the one line of a
-    bad input printed to stderr). The flags' parsing is tested once, in test_main."""
-    from cpt_jax import cli, trainer
+    """`python -m cpt_jax.main --workdir W ARGS` in this process (cpt_jax.main.main): its exit
+    code; its log and the one line of a bad input go to this process's stderr."""
+    from cpt_jax.main import main
 
-    config = config_of(list(args))
-    return cli.run(lambda: trainer.run_all(config, str(workdir)), join_processes=False)
+    return main(["--workdir", str(workdir), *args])
 
 
 def comparable(records: list[dict]) -> list[dict]:

@@ -1,21 +1,23 @@
-"""Downstream evaluation: cpt_jax's harness backend against the harness's own HF backend (an
-independent implementation, on CPU torch) on the same checkpoint exported to HF; batching;
+"""Downstream evaluation: cpt_jax's harness backend (cpt_jax/harness.py) against the harness's own
+HF backend (an independent implementation, on CPU torch) on the same checkpoint exported to HF;
+batching; a scorer compiled once for any params; the `python -m cpt_jax.evaluate` command and its
 bad input before any model is loaded."""
 
 import json
 import os
 
+import jax
 import numpy as np
 import pytest
 import tokenizers
 import transformers
 from tokenizers import Tokenizer, pre_tokenizers, processors
 
-from cpt_jax import convert, inference
+from cpt_jax import convert, harness, inference
 from cpt_jax import models as cpt_models
 from cpt_jax import tasks as task_lib
 from cpt_jax.evaluate import main as evaluate_main
-from cpt_jax.evaluate import make_lm
+from cpt_jax.harness import make_lm
 
 from helpers import COMMON, randomised
 
@@ -95,6 +97,36 @@ def test_batching_and_padding_change_no_loglikelihood(exported):
     batched = make_lm(model, tok, batch_size=16).loglikelihood(reqs, disable_tqdm=True)
     alone = [make_lm(model, tok, batch_size=8).loglikelihood([r], disable_tqdm=True)[0] for r in reqs[::5]]
     np.testing.assert_allclose([b[0] for b in batched[::5]], [a[0] for a in alone], atol=1e-5, rtol=0)
+
+
+def test_scorer_compiles_once_for_any_params(exported):
+    """The in-loop use: one Scorer per run, a second evaluation with other params compiles nothing
+    (no trace, no XLA compile) and scores as a fresh scorer does."""
+    model, tok = inference.load(exported[0])
+    spec, params = cpt_models.spec(model.cfg), cpt_models.params_of(model)
+    other = jax.tree.map(lambda p: p * 0.9, params)
+    scorer = harness.Scorer(spec, tok, batch_size=8, max_length=512)
+    compiles = []
+
+    def listen(event: str, *args, **kwargs) -> None:
+        if event.startswith("/jax/core/compile/"):
+            compiles.append(event)
+
+    def evaluate(s: harness.Scorer, p: dict) -> list:
+        results = s.evaluate(p, ["bible_next_verse_en"], limit=4, log_samples=True)
+        return [sample["resps"] for sample in results["samples"]["bible_next_verse_en"]]
+
+    jax.monitoring.register_event_duration_secs_listener(listen)
+    try:
+        first = evaluate(scorer, params)
+        n_first = len(compiles)
+        second = evaluate(scorer, other)
+        n_second = len(compiles) - n_first
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listen)
+    assert n_first > 0 and n_second == 0, compiles
+    assert second != first  # the new params were used
+    assert second == evaluate(harness.Scorer(spec, tok, batch_size=8, max_length=512), other)
 
 
 def generate_task(directory) -> str:

@@ -22,8 +22,7 @@ import time
 import numpy as np
 import pytest
 
-from cpt_jax import cli, inference, models, sweep, trainer
-from cpt_jax.config import load_file
+from cpt_jax import inference, models, sweep
 from cpt_jax.storage import read_jsonl
 
 from helpers import MINI, ROOT, comparable, run_main
@@ -264,9 +263,8 @@ def sweep_config(tmp_path) -> str:
 
 
 def sweep_run_here(tmp_path, sweep_dir) -> int:
-    """`sweep run --run test/source` in this process: that run of the sweep, ended as a command."""
-    [run] = [r for r in sweep.expand(load_file(sweep_config(tmp_path)), str(sweep_dir)) if r.name == "test/source"]
-    return cli.run(lambda: trainer.run_all(run.config, os.path.join(str(sweep_dir), run.name)), join_processes=False)
+    """`python -m cpt_jax.sweep run ... --run test/source` in this process (cpt_jax.sweep.main)."""
+    return sweep.main(["run", "--config", sweep_config(tmp_path), "--sweep_dir", str(sweep_dir), "--run", "test/source"])
 
 
 def sweep_run(tmp_path, sweep_dir, *extra, wait=True, devices=8):

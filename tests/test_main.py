@@ -1,4 +1,6 @@
-"""The entry point as users run it: `python -m cpt_jax.main` in a subprocess, on the real corpus."""
+"""The entry point as users run it, on the real corpus: `cpt_jax.main.main(argv)` in this process,
+and `python -m cpt_jax.main` in a subprocess where the process itself is what is tested (its exit
+code and stderr as a user sees them). SIGKILL, SIGTERM and several processes: test_faults.py."""
 
 import json
 import os
@@ -6,6 +8,8 @@ import subprocess
 import sys
 
 import pytest
+
+from cpt_jax.main import main
 
 from helpers import ROOT, SMALL
 
@@ -33,28 +37,34 @@ def _snapshot(path):
     (["--config.data.tokenizer.path=/nonexistent/tokenizer.json"], "data.tokenizer.path"),
     (["--config.model.vocab_size=100"], "model.vocab_size"),
 ])
-def test_bad_input_fails_early_with_one_line_and_keeps_workdir(tmp_path, args, field):
+def test_bad_input_fails_early_with_one_line_and_keeps_workdir(tmp_path, capsys, args, field):
     workdir = tmp_path / "run"
     (workdir / "checkpoints").mkdir(parents=True)
     (workdir / "metrics.jsonl").write_text('{"step": 7, "train/loss": 1.0}\n')
     before = _snapshot(workdir)
-    r = cli(workdir, *SMALL, *args)
-    assert r.returncode == 2
-    lines = [line for line in r.stderr.splitlines() if line.strip()]
-    errors = [line for line in lines if line.startswith("config error:")]
-    assert len(errors) == 1 and field in errors[0], r.stderr
-    assert "Traceback" not in r.stderr and "compiled train step" not in r.stderr
+    assert main(["--workdir", str(workdir), *SMALL, *args]) == 2
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("config error:")]
+    assert len(errors) == 1 and field in errors[0], err
+    assert "compiled train step" not in err
     assert _snapshot(workdir) == before
 
 
-def test_demo_prints_its_table_from_the_runs(tmp_path):
-    args = ["--config", "configs/demo.py", "--config.runs.english.total_steps=8", "--config.runs.cpt.total_steps=4",
-            "--config.runs.scratch.total_steps=4", "--config.eval_every=2", "--config.log_every=2",
-            "--config.data.eval_batches=1", "--config.batch_size=8", "--config.seq_len=32",
+def test_bad_input_as_a_user_sees_it(tmp_path):
+    """The process: exit code 2 and one line on stderr, no traceback, nothing written."""
+    r = cli(tmp_path / "run", *SMALL, "--config.no_such_field=1")
+    assert r.returncode == 2
+    assert r.stderr.strip().splitlines() == ["config error: config.no_such_field: no such config field"], r.stderr
+    assert not (tmp_path / "run").exists()
+
+
+def test_demo_prints_its_table_from_the_runs(tmp_path, capsys):
+    args = ["--workdir", str(tmp_path), "--config", "configs/demo.py", "--config.runs.english.total_steps=8",
+            "--config.runs.cpt.total_steps=4", "--config.runs.scratch.total_steps=4", "--config.eval_every=2",
+            "--config.log_every=2", "--config.data.eval_batches=1", "--config.batch_size=8", "--config.seq_len=32",
             "--config.model.size=test", "--config.eval_tasks_limit=4"]
-    r = cli(tmp_path, *args)
-    assert r.returncode == 0, r.stdout + r.stderr
-    out = r.stdout
+    assert main(args) == 0
+    out = capsys.readouterr().out
     cpt, scratch, english = (records(tmp_path / n) for n in ("cpt", "scratch", "english"))
     # The table is the runs' own numbers: CPT starts from the English model's final eval.
     assert cpt[0]["eval/en/loss"] == english[-1]["eval/en/loss"]
@@ -65,6 +75,7 @@ def test_demo_prints_its_table_from_the_runs(tmp_path):
     assert "forgetting" in out and (tmp_path / "summary.png").stat().st_size > 10_000
     assert cpt[-1]["train/tokens"] == scratch[-1]["train/tokens"]  # equal tokens
     # Re-running the finished demo trains nothing and prints the same table.
-    again = cli(tmp_path, *args)
-    assert again.returncode == 0 and "compiled train step" not in again.stderr
-    assert again.stdout.split("wall time")[0] == out.split("wall time")[0]
+    assert main(args) == 0
+    again = capsys.readouterr()
+    assert "compiled train step" not in again.err
+    assert again.out.split("wall time")[0] == out.split("wall time")[0]

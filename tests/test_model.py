@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from cpt_jax.models import SIZES, ModelConfig, init_params, model_config, spec
+from cpt_jax.models import SIZES, ModelConfig, flops_per_token, init_params, model_config, spec
 from cpt_jax.models.llama import apply_rope, rope_tables
 
 VOCAB = 97  # odd and not a multiple of anything in the 'test' size
@@ -483,3 +483,40 @@ def test_odd_head_dim_and_unknown_attention():
         ModelConfig(vocab_size=10, hidden=60, intermediate=128, layers=1, heads=4, kv_heads=4)
     with pytest.raises(ValueError, match="attention"):
         model_config("test", VOCAB, attention="flash")
+
+
+def test_float16_compute_is_refused_naming_the_field():
+    """float16 has no loss scaling here: refused with one error naming model.dtype (the trainer
+    makes it a ConfigError); the supported compute dtypes still build."""
+    stored = dataclasses.asdict(model_config("test", VOCAB))
+    for make in (lambda: model_config("test", VOCAB, dtype="float16"),
+                 lambda: ModelConfig.from_dict({**stored, "dtype": "float16"})):
+        with pytest.raises(ValueError, match=r"^model.dtype='float16' is not a supported compute dtype: auto, float32, "
+                                             r"bfloat16 \(float16 would need loss scaling"):
+            make()
+    assert [model_config("test", VOCAB, dtype=d).dtype for d in ("float32", "bfloat16")] == ["float32", "bfloat16"]
+
+
+# ---------------------------------------------------------------- FLOPs per token
+
+
+def test_flops_per_token_counts_heads_times_head_dim_and_the_window():
+    """By hand: 6 x non-embedding params + 12 x heads*head_dim x the keys of every layer."""
+    # Qwen3-0.6B-like: hidden 1024 but 16 heads of 128; 28 layers, all full attention.
+    qwen3 = ModelConfig(vocab_size=151936, hidden=1024, intermediate=3072, layers=28, heads=16, kv_heads=8,
+                        head_dim=128, qk_norm="head", tie_embeddings=True)
+    # q, o: 1024 x 2048; k, v: 1024 x 1024; q/k norms 2 x 128; MLP 3 x 1024 x 3072; norms 2 x 1024
+    per_layer = 2 * 2_097_152 + 2 * 1_048_576 + 256 + 9_437_184 + 2048
+    n = 28 * per_layer + 1024 + 151936 * 1024  # + final norm + the (tied) head's matmul
+    assert n == 596_049_920 and qwen3.non_embedding_params() == n
+    assert flops_per_token(qwen3, 4096) == 6 * n + 12 * 2048 * 28 * 4096
+    assert (6 * n + 12 * 1024 * 28 * 4096) / flops_per_token(qwen3, 4096) == pytest.approx(0.78, abs=0.005)
+    # Gemma-3-1B-like: 4 heads of 256 on hidden 1152; 26 layers, window 512 but in layers 5, 11, 17, 23.
+    gemma3 = ModelConfig(vocab_size=262144, hidden=1152, intermediate=6912, layers=26, heads=4, kv_heads=1,
+                         head_dim=256, qk_norm="head", norms="sandwich", sliding_window=512,
+                         full_attention_layers=(5, 11, 17, 23), tie_embeddings=True)
+    per_layer = 2 * 1_179_648 + 2 * 294_912 + 512 + 23_887_872 + 4 * 1152
+    n = 26 * per_layer + 1152 + 262144 * 1152
+    assert n == 999_885_952 and gemma3.non_embedding_params() == n
+    assert flops_per_token(gemma3, 8192) == 6 * n + 12 * 1024 * (4 * 8192 + 22 * 512)
+    assert flops_per_token(gemma3, 256) == 6 * n + 12 * 1024 * 26 * 256  # a window past the sequence is all of it

@@ -4,14 +4,15 @@ default cache ($CPT_JAX_CACHE or ~/.cache/cpt_jax) and reused."""
 
 from __future__ import annotations
 
+import hashlib
 import json
-import math
 import signal
 import subprocess
 import sys
 from pathlib import Path
 
 import ml_collections
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -19,11 +20,11 @@ import tensorflow_datasets as tfds
 
 from cpt_jax.data import split_documents
 from cpt_jax.data.builders.text_files import TextFiles
+from cpt_jax.data.holdout import Positions
 from cpt_jax.data.sources import (
     SourceSpec,
     TextSplit,
     _digest,
-    _IndexHoldout,
     bad_documents,
     fingerprint,
     open_split,
@@ -500,14 +501,43 @@ def test_tfds_source_reads_a_prepared_dataset(tmp_path):
     prepare(with_eval, tmp_path / "unused")
     assert read_all(with_eval, tmp_path / "unused") == expected
 
-    # Without one: a fixed, disjoint share of the train split, chosen by index hash.
+    # Without one: the documents of the train split whose content hashes below a quarter, in order.
     held = source_spec("t", {**fields, "eval_fraction": 0.25})
+    with pytest.raises(ValueError, match=r"data\.sources\.t: its held-out records are not chosen .*call prepare"):
+        open_split(held, "train", tmp_path / "unused")
+    prepare(held, tmp_path / "unused")
     got = read_all(held, tmp_path / "unused")
-    assert len(got["eval"]) == math.ceil(len(expected["train"]) / 4)
-    assert sorted(got["train"] + got["eval"]) == sorted(expected["train"])
-    assert not set(got["train"]) & set(got["eval"])
+    low = [content_hash_by_hand(d) < 2**62 for d in expected["train"]]
+    assert 0 < sum(low) < len(low)
+    assert got == {"train": [d for d, e in zip(expected["train"], low) if not e],
+                   "eval": [d for d, e in zip(expected["train"], low) if e]}
     assert read_all(held, tmp_path / "unused") == got
     assert fingerprint(held) == fingerprint(held) != fingerprint(with_eval)
+
+
+def content_hash_by_hand(text: str) -> int:
+    return int.from_bytes(hashlib.blake2b(text.encode("utf-8"), digest_size=8).digest(), "big")
+
+
+def test_tfds_source_holds_out_every_copy_of_a_document(tmp_path):
+    """200 documents 3 times over in a real TFDS dataset: each document is in train or in eval with
+    all its copies. The stores prepared under the old rule (by record index) are not reused."""
+    docs = [f"Document {i}: {'the quick brown fox ' * (1 + i % 3)}" for i in range(200)]
+    (tmp_path / "src").mkdir()
+    write_jsonl(tmp_path / "src" / "a.jsonl", docs * 3)
+    files = files_spec(str(tmp_path / "src" / "a.jsonl"))
+    prepare(files, tmp_path / "data")
+    records = read_all(files, tmp_path / "data")["train"]  # the copies of 99% of the documents, in order
+    (config,) = [p.name for p in (tmp_path / "data" / "tfds" / "text_files").iterdir()]
+    spec = source_spec("t", {"kind": "tfds", "tfds_name": f"text_files/{config}", "eval_fraction": 0.05,
+                             "data_dir": str(tmp_path / "data" / "tfds")})
+    prepare(spec, tmp_path / "data")
+    got = read_all(spec, tmp_path / "data")
+    assert got["eval"] == [d for d in records if content_hash_by_hand(d) < 0.05 * 2**64]
+    assert got["train"] == [d for d in records if d not in got["eval"]]
+    assert 3 * 5 <= len(got["eval"]) and all(got["eval"].count(d) == 3 for d in got["eval"])
+    old_rule = _digest(["tfds", f"text_files/{config}/1.0.0", "train", "hash:0.05", "text"])
+    assert fingerprint(spec) != old_rule  # the store dir's name (pipeline.store_dir) changes
 
 
 def test_tfds_source_errors_name_dataset_and_dir(tmp_path):
@@ -526,11 +556,13 @@ def test_tfds_source_errors_name_dataset_and_dir(tmp_path):
         open_split(source_spec("t", {**fields, "text_feature": "content"}), "train", tmp_path / "data")
 
 
-@pytest.mark.parametrize("fraction", [0.01, 0.03, 0.3, 0.5])
-def test_index_holdout_partitions_every_record(fraction):
-    for n in range(1, 250):
-        train, held = (_IndexHoldout(n, fraction, held_out) for held_out in (False, True))
-        train_ids, held_ids = [train[k] for k in range(len(train))], [held[k] for k in range(len(held))]
-        assert sorted(train_ids + held_ids) == list(range(n))
-        assert train_ids == sorted(train_ids) and held_ids == sorted(held_ids)
-        assert len(held_ids) == math.ceil(n / round(1 / fraction))
+@pytest.mark.parametrize("n", [1, 2, 7, 250])
+def test_held_out_positions_and_the_others_partition_the_records(n):
+    rng = np.random.default_rng(n)
+    for share in (0.0, 0.05, 0.5, 1.0):
+        held = np.flatnonzero(rng.random(n) < share)
+        train, held_out = (Positions(n, held, h) for h in (False, True))
+        assert [held_out[k] for k in range(len(held_out))] == held.tolist()
+        assert [train[k] for k in range(len(train))] == [i for i in range(n) if i not in held]
+        with pytest.raises(IndexError):
+            train[len(train)]

@@ -3,6 +3,8 @@ body), and every config field declares its kinds beside its default."""
 
 import ast
 import pathlib
+import subprocess
+import sys
 
 from cpt_jax import config
 
@@ -121,3 +123,11 @@ def test_every_config_field_declares_its_kinds():
     assert [k for k in flat if not covered(k)] == []
     # A field may change on resume or in a branch, not both kinds at once (RESUME already allows a branch).
     assert not set(config.fields(config.RESUME)) & set(config.fields(config.BRANCH))
+
+
+def test_the_loader_and_its_old_name_in_a_fresh_notebook():
+    """`import cpt_jax` then `cpt_jax.load`, and the old `cpt_jax.models.load`, as a fresh
+    interpreter sees them (the package imports nothing heavy until asked)."""
+    code = ("import sys, cpt_jax; assert 'jax' not in sys.modules; "
+            "assert cpt_jax.models.load is cpt_jax.load; from cpt_jax.inference import load; assert load is cpt_jax.load")
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=PACKAGE.parent, timeout=120)

@@ -11,6 +11,7 @@ import sys
 import jax
 import ml_collections
 import pytest
+import tokenizers
 
 from cpt_jax import models, sweep
 from cpt_jax.config import load_file
@@ -54,6 +55,27 @@ def test_mini_expands_into_stable_phases_and_their_cooldown_branches(tmp_path):
     assert [r.size for r in sweep.expand(load_file(MINI), str(tmp_path), only=("nano",))] == ["nano"] * 9
     with pytest.raises(ValueError, match="'huge' is not a known size"):
         sweep.expand(load_file(MINI), str(tmp_path), only=("huge",))
+
+
+def test_sizes_count_the_vocabulary_the_runs_use(tmp_path):
+    """N (and so every budget) counts the output head of the tokenizer the runs load, not the
+    config's default; a vocabulary the runs would refuse is refused here, naming the field."""
+    tok = tokenizers.Tokenizer(tokenizers.models.WordLevel({f"w{i}": i for i in range(10_000)}, unk_token="w0"))
+    tok.add_special_tokens(["</s>"])  # 10,001 tokens
+    tok.save(str(tmp_path / "tokenizer.json"))
+    c = load_file(MINI)
+    c.base.data.tokenizer.path = str(tmp_path / "tokenizer.json")  # data.tokenizer.vocab_size stays 4000
+    source = {r.name: r for r in sweep.expand(c, str(tmp_path))}["test/source"]
+    assert source.params == 330_048 + 64 * (10_001 - 4000)  # at 4000 pieces, plus the head's hidden x new rows
+    assert 2 * source.params <= source.tokens < 2 * source.params + 8 * 128
+    c.base.model.vocab_size = 12_000  # the model may have more rows than the tokenizer has tokens
+    assert {r.name: r for r in sweep.expand(c, str(tmp_path))}["test/source"].params == 330_048 + 64 * 8000
+    c.base.model.vocab_size = 5000
+    with pytest.raises(ValueError, match=r"base\.model\.vocab_size=5000 is smaller than the tokenizer's 10001"):
+        sweep.expand(c, str(tmp_path))
+    c.base.data.tokenizer.path = str(tmp_path / "missing.model")
+    with pytest.raises(ValueError, match=r"base\.data\.tokenizer\.path: .*missing\.model does not exist"):
+        sweep.expand(c, str(tmp_path))
 
 
 def test_branched_sweep_costs_less_than_a_run_per_point(tmp_path):

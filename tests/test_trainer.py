@@ -3,14 +3,18 @@ alike) before anything is compiled or written, the workdir check, the kernel tha
 one compiled."""
 
 import dataclasses
+import json
 import logging
 import os
+import time
 
 import jax
 import pytest
 
 from cpt_jax import checks, models, trainer
-from cpt_jax.errors import ConfigError
+from cpt_jax.errors import ConfigError, RunError
+from cpt_jax.metrics import Progress
+from cpt_jax.rundir import RunDir
 from cpt_jax.convert import save_model
 
 from helpers import SMALL, run_main, setup, small_config
@@ -27,7 +31,7 @@ def source_variants(tmp_path_factory):
     out = {}
     for field, change in variants.items():
         cfg = dataclasses.replace(plan.model, **change)
-        save_model(root / field, cfg, models.init_params(cfg, jax.random.key(0)), plan.data.tokenizer, {})
+        save_model(root / field, cfg, models.init_params(cfg, jax.random.key(0)), plan.data.tokenizer)
         out[field] = (str(root / field), plan.model.architecture()[field], getattr(cfg, field))
     return out
 
@@ -72,7 +76,7 @@ def test_logged_kernel_is_the_compiled_one(tmp_path, caplog):
         steps = trainer.compile_run(plan)
     assert "float32 compute, splash attention" in caplog.text
     assert "splash" in steps.program.as_text()  # the Pallas kernel is in the compiled step
-    assert plan.meta["model"]["attention"] == "splash"
+    assert plan.meta.model["attention"] == "splash"
 
 
 def test_cli_init_from_of_another_model_exits_2_and_writes_nothing(source_variants, tmp_path, capsys):
@@ -97,10 +101,6 @@ def test_cli_workdir_that_is_a_file_exits_2(tmp_path, capsys):
 def test_a_workdir_from_before_a_field_existed_resumes_when_the_field_is_at_its_default(tmp_path):
     """Fields added to cpt_jax since a workdir was made read as their defaults there; another value
     is still a different config."""
-    import json
-
-    from cpt_jax.rundir import RunDir
-
     config = small_config()
     saved = json.loads(config.to_json())
     del saved["optimizer"]["schedule"], saved["branch_from"]  # as written before they existed
@@ -109,3 +109,38 @@ def test_a_workdir_from_before_a_field_existed_resumes_when_the_field_is_at_its_
     checks.check_resume(config, RunDir.of(str(tmp_path / "run")))
     with pytest.raises(ConfigError, match=r"optimizer.schedule: 'cosine' -> 'wsd'"):
         checks.check_resume(small_config("--config.optimizer.schedule=wsd"), RunDir.of(str(tmp_path / "run")))
+
+
+def test_a_good_steps_record_is_written_before_a_later_nonfinite_step_stops_the_run(tmp_path):
+    """Step 3 is logged and checkpointed, step 4 is not finite: step 3's record is kept, and the
+    resumed run's metrics hold every step once."""
+    args = ("--config.total_steps=6", "--config.log_every=1", "--config.checkpoint_every=3", "--config.eval_every=3")
+    workdir = str(tmp_path / "run")
+    with pytest.raises(RunError, match="by step 4"):
+        trainer.train_run(small_config(*args, "--config.inject_nan_at=(4,)"), workdir)
+    assert [r["step"] for r in RunDir.of(workdir).read_metrics()] == [0, 1, 2, 3]
+    trainer.train_run(small_config(*args), workdir)
+    assert [r["step"] for r in RunDir.of(workdir).read_metrics()] == [0, 1, 2, 3, 4, 5, 6]
+
+
+def test_the_speed_clock_starts_after_the_evals_before_step_1():
+    """The first record's step time counts training only, not the (slow, compiling) initial evals."""
+    class Writer:
+        def write(self, step, scalars):
+            self.last = scalars
+
+    class Mixture:
+        source_names = ["zh"]
+        cumulative_counts = lambda self, step, b: {"zh": step * b}  # noqa: E731
+        epochs = lambda self, step, b: {"zh": 0.0}  # noqa: E731
+
+    writer = Writer()
+    progress = Progress(writer, Mixture(), start_step=0, total_steps=2, batch_size=1, seq_len=1, flops_per_token=1.0,
+                        check_nonfinite=lambda step, n: None)
+    time.sleep(0.5)  # the initial evals
+    progress.start({"eval/zh/loss": 1.0})
+    m = {"loss": 1.0, "grad_norm": 1.0, "lr": 0.0, "nonfinite": 0, "source_loss_sum": [1.0], "source_count": [1.0]}
+    progress.dispatched(m)
+    progress.log(1, m, {})
+    progress.flush()
+    assert writer.last["perf/step_time_s"] < 0.25

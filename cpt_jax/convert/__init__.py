@@ -26,7 +26,7 @@ import jax
 import numpy as np
 import sentencepiece as spm
 
-from cpt_jax import checkpoint, rundir
+from cpt_jax import checkpoint, dtypes, rundir
 from cpt_jax.convert import hf, safetensors
 from cpt_jax.convert.gguf import GGUFFile
 from cpt_jax.data.corpora import default_cache_dir
@@ -137,9 +137,10 @@ def staging(dst: str | os.PathLike) -> Iterator[Path]:
     tmp.rename(dst)
 
 
-def save_model(dst: str | os.PathLike, cfg: ModelConfig, params: dict, tokenizer, extra_meta: dict) -> None:
-    """Writes a converted-model dir (params as step 0, no optimizer state) through `staging`."""
-    meta = {"model": dataclasses.asdict(cfg), "tokenizer": tokenizer.fingerprint, **extra_meta}
+def save_model(dst: str | os.PathLike, cfg: ModelConfig, params: dict, tokenizer, **meta) -> None:
+    """Writes a converted-model dir (params as step 0, no optimizer state) through `staging`;
+    `meta`: further checkpoint.Meta fields."""
+    meta = checkpoint.Meta(model=dataclasses.asdict(cfg), tokenizer=tokenizer.fingerprint, **meta)
     with staging(dst) as tmp:
         layout = rundir.RunDir(str(tmp))
         ckpt = checkpoint.Checkpointer(layout.checkpoints, async_save=False)
@@ -176,7 +177,7 @@ def import_model(src: str, dst: str) -> ModelConfig:
                          f"{cfg.vocab_size}")
     # Each array goes to the device as it is finished: one float32 copy of the model in memory.
     params = hf.params_from_hf(cfg, get, list(names), src, place=jax.device_put)
-    save_model(dst, cfg, params, tokenizer, {"hf_config": hf_config, "converted_from": os.path.abspath(src)})
+    save_model(dst, cfg, params, tokenizer, hf_config=hf_config, converted_from=os.path.abspath(src))
     log.info("imported %s -> %s: %s params, vocab %d", src, dst, f"{cfg.param_count():,}", cfg.vocab_size)
     return cfg
 
@@ -185,14 +186,14 @@ def export_model(src: str, dst: str, dtype: str = "float32", step: int | None = 
     """A run's workdir or a converted model -> an HF dir (safetensors, config.json, tokenizer
     files) that transformers loads as it is. Returns the files written."""
     check_destination(dst)
-    if dtype not in ("float32", "bfloat16", "float16"):
-        raise ValueError(f"--dtype {dtype!r} must be float32, bfloat16 or float16")
-    np_dtype = safetensors.DTYPES[{"float32": "F32", "bfloat16": "BF16", "float16": "F16"}[dtype]]
+    if dtype not in dtypes.FLOATS:
+        raise ValueError(f"--dtype {dtype!r} must be one of {', '.join(dtypes.FLOATS)}")
+    np_dtype = dtypes.FLOATS[dtype]
     model, tokenizer = load(src, step)
     cfg = model.cfg
     meta = rundir.RunDir.of(src).meta(step)
     params = jax.tree.map(np.asarray, params_of(model))
-    config = hf.config_to_hf(cfg, meta.get("hf_config"))
+    config = hf.config_to_hf(cfg, meta.hf_config)
     config["dtype"] = dtype
     if tokenizer is not None:
         config.update(bos_token_id=tokenizer.bos_id, eos_token_id=tokenizer.eos_id, pad_token_id=tokenizer.pad_id)

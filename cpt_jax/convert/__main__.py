@@ -10,48 +10,53 @@ Bad input prints one `convert error:` line and exits with status 2; nothing is w
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
+from collections.abc import Sequence
 
-from cpt_jax import cli, convert
-from cpt_jax.config import base, load_file
-from cpt_jax.errors import ConfigError
+from absl import flags
+
+from cpt_jax import cli, convert, dtypes
+from cpt_jax.config import base
 from cpt_jax.convert.vocab import extend_vocab
+from cpt_jax.errors import ConfigError
+
+CLI = cli.Command(__doc__, label="convert error",
+                  config="extend-vocab: the config file whose data.sources to train pieces on (default: the base "
+                         "config); its fields can be overridden: --config.data.dir=/data.",
+                  required=("src", "dst"),
+                  commands={"import": ("src", "dst"), "export": ("src", "dst", "dtype", "step"),
+                            "extend-vocab": ("src", "dst", "source", "vocab_size", "config")})
+_SRC = flags.DEFINE_string("src", None, "import: an HF model dir, a .gguf file, or one of: "
+                           f"{', '.join(convert.BUNDLED)}; export, extend-vocab: a run's workdir or a converted model.",
+                           flag_values=CLI.flags)
+_DST = flags.DEFINE_string("dst", None, "The dir to write (it must not exist).", flag_values=CLI.flags)
+_DTYPE = flags.DEFINE_enum("dtype", "float32", list(dtypes.FLOATS), "export: the weights' dtype.",
+                           flag_values=CLI.flags)
+_STEP = flags.DEFINE_integer("step", None, "export: the checkpoint step (default: the latest).", flag_values=CLI.flags)
+_SOURCE = flags.DEFINE_string("source", "zh", "extend-vocab: the data source (config's data.sources) to train "
+                              "pieces on.", flag_values=CLI.flags)
+_VOCAB_SIZE = flags.DEFINE_integer("vocab_size", 8000, "extend-vocab: pieces of the target-language tokenizer.",
+                                   flag_values=CLI.flags)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m cpt_jax.convert", description=__doc__.split("\n")[0])
-    sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("import", help="HF dir, .gguf file or bundled model -> a cpt_jax model dir")
-    p.add_argument("--src", required=True, help=f"HF model dir, .gguf file, or one of: {', '.join(convert.BUNDLED)}")
-    p.add_argument("--dst", required=True)
-    p = sub.add_parser("export", help="a run's workdir or a converted model -> an HF model dir")
-    p.add_argument("--src", required=True)
-    p.add_argument("--dst", required=True)
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    p.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
-    p = sub.add_parser("extend-vocab", help="add a target-language tokenizer's pieces and grow the embeddings")
-    p.add_argument("--src", required=True)
-    p.add_argument("--dst", required=True)
-    p.add_argument("--source", default="zh", help="the data source (config's data.sources) to train pieces on")
-    p.add_argument("--vocab_size", type=int, default=8000, help="pieces of the target-language tokenizer")
-    p.add_argument("--config", default=None, help="config file whose data.sources to use (default: the base config)")
-    args = parser.parse_args(argv)
+def convert_command(command: str) -> None:
+    try:
+        if command == "import":
+            convert.import_model(_SRC.value, _DST.value)
+        elif command == "export":
+            convert.export_model(_SRC.value, _DST.value, _DTYPE.value, _STEP.value)
+        else:
+            data = (CLI.config.value or base()).data
+            print(json.dumps(extend_vocab(_SRC.value, _DST.value, data, _SOURCE.value, _VOCAB_SIZE.value), indent=2))
+    except (ValueError, FileNotFoundError, FileExistsError) as e:
+        raise ConfigError(str(e)) from None
 
-    def job() -> None:
-        try:
-            if args.command == "import":
-                convert.import_model(args.src, args.dst)
-            elif args.command == "export":
-                convert.export_model(args.src, args.dst, args.dtype, args.step)
-            else:
-                data = (load_file(args.config) if args.config else base()).data
-                print(json.dumps(extend_vocab(args.src, args.dst, data, args.source, args.vocab_size), indent=2))
-        except (ValueError, FileNotFoundError, FileExistsError) as e:
-            raise ConfigError(str(e)) from None
 
-    return cli.run(job, label="convert error", join_processes=False)
+def main(argv: Sequence[str] | None = None) -> int:
+    """`python -m cpt_jax.convert COMMAND ARGS...` in this process (argv without the program name): the exit code."""
+    return CLI.run(convert_command, argv)
+
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -5,8 +5,9 @@ Pieces join a sentencepiece tokenizer through its model proto (appended after ev
 scored below them, so old text segments as before), and an HF tokenizer as added tokens. Added
 tokens match anywhere in the text, so only pieces written wholly in non-ASCII characters (the
 target script) are added there: an added "the" would cut "other" apart. Each new embedding row
-(and output column) starts as the mean of the old rows of the piece's old tokenization, so a
-new token begins close to the text it replaces.
+(and output column) starts as the mean of the old rows of the piece's old tokenization (as
+inside a text: a sentencepiece word-start piece "▁us" from those of "▁us", without the
+old model's dummy prefix), so a new token begins close to the text it replaces.
 """
 
 from __future__ import annotations
@@ -23,7 +24,14 @@ from cpt_jax.rundir import RunDir
 from cpt_jax.convert import check_destination, save_model
 from cpt_jax.data import pipeline
 from cpt_jax.data import sources as src_lib
-from cpt_jax.data.tokenizer import HF_CONFIG_FILE, HF_FILE, SP_FILE, HFTokenizer, SentencePieceTokenizer
+from cpt_jax.data.tokenizer import (
+    HF_CONFIG_FILE,
+    HF_FILE,
+    SP_FILE,
+    HFTokenizer,
+    SentencePieceTokenizer,
+    TokenizerLike,
+)
 from cpt_jax.models import load, params_of
 
 log = logging.getLogger(__name__)
@@ -62,20 +70,27 @@ def merge(old, pieces: list[str]):
     return new, [(tok.token_to_id(p), p) for p in added]
 
 
-def old_ids(old, text: str) -> list[int]:
-    """`text` in the old tokenizer, without the word-start piece sentencepiece puts before a
-    text that does not start one (its dummy prefix)."""
-    ids = old.encode(text)
-    if SP_FILE in old.files and ids and not text.startswith(" ") and old.decode(ids[:1]) == "":
-        ids = ids[1:]
-    return ids
+def in_text(old: TokenizerLike) -> TokenizerLike:
+    """`old` as it segments a piece of text inside a document. A sentencepiece model loses its
+    dummy prefix (the "▁" it puts before a whole text): a new word-start piece "▁us" (the
+    text " us") is then read as the pieces of "▁us", not of "▁▁us", and an inner piece "us"
+    as those of "us", not of the word-start "▁us"."""
+    if SP_FILE not in old.files:
+        return old
+    from sentencepiece import sentencepiece_model_pb2 as pb
+
+    m = pb.ModelProto.FromString(old.files[SP_FILE])
+    m.normalizer_spec.add_dummy_prefix = False
+    m.normalizer_spec.remove_extra_whitespaces = False  # a piece's leading space is its own
+    return SentencePieceTokenizer(m.SerializeToString())
 
 
 def grow(params: dict, old, added: list[tuple[int, str]], vocab_size: int) -> dict:
     """Params with `vocab_size` rows; every old row kept, each added token's row (and output
     column) the mean of its old tokenization's rows (the mean of all rows if it has none)."""
     params = dict(params)
-    rows = {new_id: old_ids(old, text) for new_id, text in added}
+    segment = in_text(old)
+    rows = {new_id: segment.encode(text) for new_id, text in added}
 
     def extend(table: np.ndarray) -> np.ndarray:  # [vocab, hidden]
         out = np.zeros((vocab_size, table.shape[1]), np.float32)
@@ -124,8 +139,8 @@ def extend_vocab(src: str, dst: str, dcfg: ml_collections.ConfigDict, source: st
     report = {"source": source, "added": len(added), "vocab_size": cfg.vocab_size, "old_vocab_size": old_vocab,
               "tokens_per_char_before": tokens_per_char(old, docs), "tokens_per_char_after": tokens_per_char(new, docs)}
     meta = RunDir.of(src).meta()
-    extra = {k: v for k, v in meta.items() if k in ("hf_config", "converted_from")}
-    save_model(dst, cfg, params, new, {**extra, "vocab_extension": report})
+    save_model(dst, cfg, params, new, hf_config=meta.hf_config, converted_from=meta.converted_from,
+               vocab_extension=report)
     log.info("extended %s -> %s: %d pieces added; %s eval tokens/char %.3f -> %.3f", src, dst, len(added), source,
              report["tokens_per_char_before"], report["tokens_per_char_after"])
     return report

@@ -5,6 +5,7 @@ Everything lands under one data dir (`data.dir`, default $CPT_JAX_CACHE/data or
 something built for other inputs:
 
     tfds/                                       sources prepared as TFDS array_record datasets
+    holdout/<source fp>-<records>.npy           the records a tfds source without eval_split holds out
     tokenizers/<hash of sources + options>/     a sentencepiece model trained on the train splits
     stores/<source>-<source fp>/<tokenizer fp>-seq<L>[-bos<id>][-eos<id>]/{train,eval}/
                                                 packed rows + manifest (suffixes: a framing other

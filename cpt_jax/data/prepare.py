@@ -12,13 +12,15 @@ others wait for it. Exit codes are the main job's (cpt_jax.cli).
 from __future__ import annotations
 
 import json
-
-from absl import app
+import sys
+from collections.abc import Sequence
 
 from cpt_jax import cli
 from cpt_jax.config import expand_runs
 from cpt_jax.errors import ConfigError
 from cpt_jax.data import pipeline
+
+CLI = cli.Command(__doc__, config=cli.CONFIG_HELP, required=("config",))
 
 
 def prepare(config) -> list[dict]:
@@ -43,14 +45,15 @@ def prepare(config) -> list[dict]:
     return out
 
 
-def main(args: list[str]) -> None:
-    if args:
-        raise app.UsageError(f"unexpected arguments: {args}")
-    if cli.CONFIG.value is None:
-        raise app.UsageError("--config is required")
-    for summary in prepare(cli.CONFIG.value):
+def prepare_config() -> None:
+    for summary in prepare(CLI.config.value):
         print(json.dumps(summary, indent=2))
 
 
+def main(argv: Sequence[str] | None = None) -> int:
+    """`python -m cpt_jax.data.prepare ARGS...` in this process (argv without the program name): the exit code."""
+    return CLI.run(prepare_config, argv)
+
+
 if __name__ == "__main__":
-    cli.main(main, join_processes=False)
+    sys.exit(main())

@@ -18,10 +18,12 @@ A source is configured as `data.sources.<name> = {"kind": ..., ...}`:
          log and in `bad_documents(spec, data_dir)` (kept in the prepared dataset's metadata,
          and by pipeline.build in each store's manifest). A broken file still fails.
   tfds   tfds_name: e.g. "wikipedia/20230601.en" or "c4/en:3.1.0"; split (default
-         "train"); eval_split (default "": hold out eval_fraction of `split` by index
-         hash, see `_IndexHoldout`); text_feature (default "text"); data_dir (default:
-         TFDS's, $TFDS_DATA_DIR or ~/tensorflow_datasets). It must already be prepared
-         with `tfds build --file_format=array_record`; it is never downloaded here. A record
+         "train"); eval_split (default "": hold out about eval_fraction of `split` by
+         content hash, as files sources do; `prepare` finds those records in one pass over
+         the split and keeps their positions in `<data_dir>/holdout`); text_feature (default
+         "text"); data_dir (default: TFDS's, $TFDS_DATA_DIR or ~/tensorflow_datasets). It
+         must already be prepared with `tfds build --file_format=array_record`; it is never
+         downloaded here. A record
          that is not valid UTF-8 fails, naming the source, split and record index (TFDS wrote
          it from a str, so it is not expected; data.bad_documents does not apply).
 
@@ -47,6 +49,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import tensorflow_datasets as tfds
 
 from cpt_jax.data.builders.bible import EVAL_FRACTION as BIBLE_EVAL_FRACTION
@@ -57,11 +60,11 @@ from cpt_jax.data.builders.text_files import (
     Skipped,
     TextFiles,
     TextFilesConfig,
-    eval_cutoff,
     good_documents,
     read_documents,
 )
-from cpt_jax.storage import exclusive
+from cpt_jax.data.holdout import Positions, content_hash, eval_cutoff
+from cpt_jax.storage import atomic_path, exclusive
 
 log = logging.getLogger("cpt_jax")
 
@@ -92,7 +95,7 @@ class SourceSpec:
     eval_fraction: float = 0.01  # files; tfds without eval_split; bible: fixed at 0.03
     tfds_name: str = ""  # tfds: "name[/config][:version]"
     split: str = "train"  # tfds
-    eval_split: str = ""  # tfds; "": hold out eval_fraction of `split`
+    eval_split: str = ""  # tfds; "": hold out eval_fraction of `split` by content
     text_feature: str = "text"  # tfds
     data_dir: str = ""  # tfds; "": TFDS's default
     bad_documents: str = "error"  # files: error | skip, from data.bad_documents (see the module docstring)
@@ -219,13 +222,14 @@ def _files_config(spec: SourceSpec) -> TextFilesConfig:
 def fingerprint(spec: SourceSpec) -> str:
     """16 hex chars that change when the source's content identity changes: for files
     their paths, sizes and mtimes; for tfds the prepared dataset's name/config/version
-    and the splits read; for bible the language and builder version."""
+    and the splits read (and how eval is held out); for bible the language and builder version."""
     if spec.kind == "files":
         return _files_identity(spec)[2]
     if spec.kind == "bible":
         return _digest(["bible", spec.lang, str(Bible.VERSION)])
     info = _prepared_tfds(spec).info
-    holdout = spec.eval_split or f"hash:{spec.eval_fraction}"
+    # "content:": held out by content hash; sources held out by index ("hash:") get fresh stores.
+    holdout = spec.eval_split or f"content:{spec.eval_fraction}"
     return _digest(["tfds", info.full_name, spec.split, holdout, spec.text_feature])
 
 
@@ -282,8 +286,9 @@ def _files_eval_cutoff(spec: SourceSpec, config: TextFilesConfig) -> tuple[int, 
     the bad documents skipped (the builder skips the same ones)."""
     docs = (d for path in config.files for d in read_documents(path, config.format, config.text_field))
     skipped = Skipped()
+    hashes = (content_hash(d.encode("utf-8")) for d in good_documents(docs, config.bad_documents, skipped))
     try:
-        return eval_cutoff(good_documents(docs, config.bad_documents, skipped), spec.eval_fraction), skipped
+        return eval_cutoff(hashes, spec.eval_fraction), skipped
     except ValueError as e:
         also = f" ({skipped_line(spec.name, skipped.record())})" if skipped.count else ""
         raise ValueError(f"data.sources.{spec.name} (paths {list(spec.paths)}): {e}{also}") from None
@@ -310,10 +315,12 @@ def bad_documents(spec: SourceSpec, data_dir: str | os.PathLike) -> dict | None:
 def prepare(spec: SourceSpec, data_dir: str | os.PathLike) -> None:
     """Build a bible or files source into `<data_dir>/tfds` unless already built (then
     it is reused as is), or wait for another process building it; check that a tfds source is
-    prepared. Bad input raises a ValueError naming the source and the file or field, before
-    anything is written."""
+    prepared, and without an eval split choose its held-out records (`_hold_out`). Bad input
+    raises a ValueError naming the source and the file or field, before anything is written."""
     if spec.kind == "tfds":
-        _prepared_tfds(spec)
+        builder = _prepared_tfds(spec)
+        if not spec.eval_split:
+            _hold_out(spec, builder, data_dir)
         return
     builder = _own_builder(spec, data_dir)
     if builder.is_prepared():
@@ -338,32 +345,36 @@ def prepare(spec: SourceSpec, data_dir: str | os.PathLike) -> None:
             builder.download_and_prepare(download_config=tfds.download.DownloadConfig(try_download_gcs=False))
 
 
+def _held_out_path(spec: SourceSpec, records: Any, data_dir: str | os.PathLike) -> Path:
+    """The held-out positions of a tfds source without an eval split, by its identity and record count."""
+    return Path(data_dir) / "holdout" / f"{fingerprint(spec)}-{len(records)}.npy"
+
+
+def _hold_out(spec: SourceSpec, builder: tfds.core.DatasetBuilder, data_dir: str | os.PathLike) -> None:
+    """The positions of the records of `spec.split` held out by content, found in one pass over
+    the split (unless found already, or by another process meanwhile) and kept in `data_dir`."""
+    records = builder.as_data_source(spec.split)
+    path = _held_out_path(spec, records, data_dir)
+    if path.exists():  # written atomically: present means complete
+        return
+    with exclusive(path):
+        if path.exists():
+            return
+        n, chunk = len(records), 1024
+        log.info("holding out about %g of the %d records of source %s by content", spec.eval_fraction, n, spec.name)
+        hashes = np.empty(n, np.uint64)
+        for start in range(0, n, chunk):
+            rows = records.__getitems__(list(range(start, min(n, start + chunk))))
+            hashes[start:start + len(rows)] = [content_hash(row[spec.text_feature]) for row in rows]
+        try:
+            cutoff = eval_cutoff(map(int, hashes), spec.eval_fraction)
+        except ValueError as e:
+            raise ValueError(f"data.sources.{spec.name}: {builder.info.full_name} split {spec.split!r}: {e}") from None
+        with atomic_path(path) as tmp, open(tmp, "wb") as f:
+            np.save(f, np.flatnonzero(hashes < np.uint64(cutoff)))
+
+
 # ---------------------------------------------------------------- reading
-
-
-class _IndexHoldout:
-    """Positions of a split held out from (or kept in) `n` records by index: one record
-    in every block of round(1 / eval_fraction), at a position chosen by a hash of the
-    block number. Deterministic, disjoint, and O(1) per lookup, so no index list is
-    built even for splits of hundreds of millions of records."""
-
-    def __init__(self, n: int, eval_fraction: float, held_out: bool):
-        self.n, self.block, self.held_out = n, round(1 / eval_fraction), held_out
-
-    def __len__(self) -> int:
-        n_eval = -(-self.n // self.block)  # every block, the last partial one included, holds out one
-        return n_eval if self.held_out else self.n - n_eval
-
-    def __getitem__(self, k: int) -> int:
-        if self.held_out:
-            return k * self.block + self._eval_offset(k)
-        block, offset = divmod(k, self.block - 1)  # all blocks but the last keep block - 1 records
-        return block * self.block + offset + (offset >= self._eval_offset(block))
-
-    def _eval_offset(self, block: int) -> int:
-        size = min(self.block, self.n - block * self.block)
-        digest = hashlib.blake2b(block.to_bytes(8, "big"), digest_size=8).digest()
-        return int.from_bytes(digest, "big") % size
 
 
 class TextSplit:
@@ -398,8 +409,9 @@ class TextSplit:
 
 
 def open_split(spec: SourceSpec, split: str, data_dir: str | os.PathLike) -> TextSplit:
-    """The `train` or `eval` documents of a source; bible and files sources must have been
-    prepared into `data_dir` (with their current files) by `prepare`."""
+    """The `train` or `eval` documents of a source; bible and files sources, and tfds sources
+    without an eval split, must have been prepared into `data_dir` (with their current files) by
+    `prepare`."""
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
     if spec.kind == "tfds":
@@ -409,7 +421,11 @@ def open_split(spec: SourceSpec, split: str, data_dir: str | os.PathLike) -> Tex
             return TextSplit(builder.as_data_source(tfds_split), spec.text_feature,
                              where=f"data.sources.{spec.name}: {builder.info.full_name} split {tfds_split!r}")
         records = builder.as_data_source(spec.split)
-        return TextSplit(records, spec.text_feature, _IndexHoldout(len(records), spec.eval_fraction, split == "eval"),
+        path = _held_out_path(spec, records, data_dir)
+        if not path.exists():
+            raise ValueError(f"data.sources.{spec.name}: its held-out records are not chosen in {path.parent}; "
+                             f"call prepare() first")
+        return TextSplit(records, spec.text_feature, Positions(len(records), np.load(path), split == "eval"),
                          where=f"data.sources.{spec.name}: {builder.info.full_name} split {spec.split!r}")
     builder = _own_builder(spec, data_dir)
     if not builder.is_prepared():

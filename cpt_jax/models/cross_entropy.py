@@ -13,6 +13,7 @@ the logits are cap * tanh(logits / cap), and the gradient through the cap is app
 from __future__ import annotations
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -21,28 +22,34 @@ from cpt_jax import sharding
 
 
 def cross_entropy(x: jax.Array, w: jax.Array, labels: jax.Array, chunk: int = 0, weights: jax.Array | None = None,
-                  softcap: float = 0.0) -> tuple[jax.Array, jax.Array]:
+                  softcap: float = 0.0, count: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
     """Final hidden states x [b, t, d] (compute dtype), head w [d, vocab] (float32), labels [b, t]
     -> (mean token loss, per-token losses [b, t]), float32. The mean is differentiable; the
     per-token losses are reported values and carry no gradient. `weights` [b, t] (1 counted, 0
-    not): the mean is over the counted positions only."""
+    not): the mean is over the counted positions only. `count`: what the sum of the counted
+    losses is divided by, in place of their number here (a microbatch's loss is its sum over
+    the whole batch's count, so that the microbatches' losses and gradients add up to the batch's)."""
+    if count is None:
+        count = positions_counted(weights, labels.shape)
     if chunk <= 0:
         losses = _chunk_losses(x, w, labels, softcap)
-        return _mean(losses, weights), jax.lax.stop_gradient(losses)
+        return _mean(losses, weights, count), jax.lax.stop_gradient(losses)
     t = x.shape[1]
     chunk = min(chunk, t)
     if t % chunk:
         raise ValueError(f"model.loss_chunk={chunk} does not divide the sequence length {t}")
-    mean, losses = _fused(x, w, labels, weights, chunk, softcap)
+    mean, losses = _fused(x, w, labels, weights, count, chunk, softcap)
     return mean, jax.lax.stop_gradient(losses)
 
 
-def _mean(losses: jax.Array, weights: jax.Array | None) -> jax.Array:
-    return losses.mean() if weights is None else (losses * weights).sum() / _count(weights)
+def positions_counted(weights: jax.Array | None, shape: tuple[int, ...]) -> jax.Array:
+    """The number of positions of a [b, t] `shape` that `weights` count (None: all), at least 1:
+    a batch with nothing to predict has loss 0, not NaN."""
+    return jnp.maximum(math.prod(shape) if weights is None else weights.sum(), 1.0)
 
 
-def _count(weights: jax.Array) -> jax.Array:
-    return jnp.maximum(weights.sum(), 1.0)  # a batch with nothing to predict has loss 0, not NaN
+def _mean(losses: jax.Array, weights: jax.Array | None, count: jax.Array) -> jax.Array:
+    return (losses if weights is None else losses * weights).sum() / count
 
 
 def logits(x: jax.Array, w: jax.Array, softcap: float = 0.0) -> jax.Array:
@@ -69,16 +76,16 @@ def _unchunk(a: jax.Array) -> jax.Array:
     return a.reshape(a.shape[0], a.shape[1] * a.shape[2], *a.shape[3:])
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
-def _fused(x, w, labels, weights, chunk, softcap):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
+def _fused(x, w, labels, weights, count, chunk, softcap):
     xs = (_chunks(x, chunk), _chunks(labels, chunk))
     losses = _unchunk(jax.lax.map(lambda xs: _chunk_losses(xs[0], w, xs[1], softcap), xs))
-    return _mean(losses, weights), losses
+    return _mean(losses, weights, count), losses
 
 
-def _fused_fwd(x, w, labels, weights, chunk, softcap):
+def _fused_fwd(x, w, labels, weights, count, chunk, softcap):
     # d mean / d token loss: one number, or per position where weights say which count.
-    scale = 1.0 / (x.shape[0] * x.shape[1]) if weights is None else _chunks(weights / _count(weights), chunk)
+    scale = 1.0 / count if weights is None else _chunks(weights / count, chunk)
 
     def step(dw, xs):
         x_c, y_c, s_c = xs
@@ -97,13 +104,13 @@ def _fused_fwd(x, w, labels, weights, chunk, softcap):
     xs = (_chunks(x, chunk), _chunks(labels, chunk), None if weights is None else scale)
     dw, (losses, dx) = jax.lax.scan(step, jnp.zeros(w.shape, jnp.float32), xs)
     losses = _unchunk(losses)
-    return (_mean(losses, weights), losses), (_unchunk(dx), dw.astype(w.dtype))
+    return (_mean(losses, weights, count), losses), (_unchunk(dx), dw.astype(w.dtype))
 
 
 def _fused_bwd(chunk, softcap, res, cotangents):
     dx, dw = res
     g = cotangents[0]  # the per-token losses leave through stop_gradient: their cotangent is zero
-    return (dx * g.astype(dx.dtype), dw * g.astype(dw.dtype), None, None)  # weights: data, not learned
+    return (dx * g.astype(dx.dtype), dw * g.astype(dw.dtype), None, None, None)  # weights, count: data
 
 
 _fused.defvjp(_fused_fwd, _fused_bwd)

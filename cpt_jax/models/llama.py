@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from cpt_jax import sharding
+from cpt_jax import dtypes, sharding
 from cpt_jax.models import attention, cross_entropy
 
 QK_NORMS = ("", "head", "proj")
@@ -68,7 +68,7 @@ class ModelConfig:
     full_attention_layers: tuple = ()  # with a window: the layers that still see all positions (Gemma's global)
     local_rope_theta: float = 0.0  # > 0: the windowed layers' own RoPE theta, unscaled (Gemma 3); 0: shared
     init_std: float = 0.02
-    dtype: str = "float32"  # compute dtype; parameters stay float32. auto: bfloat16 on GPU/TPU, else float32
+    dtype: str = "float32"  # compute dtype, dtypes.COMPUTE or auto (bfloat16 on GPU/TPU, else float32); params float32
     scan_layers: bool = True
     remat: str = "none"  # a key of REMAT_POLICIES
     attention: str = "auto"  # a kernel of models.attention: auto | xla | cudnn | splash
@@ -170,10 +170,15 @@ class ModelConfig:
 
 
 def compute_dtype(name: str) -> str:
-    """`name`, with "auto" made bfloat16 on accelerators and float32 on CPU."""
-    if name != "auto":
-        return name
-    return "float32" if jax.default_backend() == "cpu" else "bfloat16"
+    """`name`, with "auto" made bfloat16 on accelerators and float32 on CPU; a ValueError naming
+    `model.dtype` where it is not auto or one of dtypes.COMPUTE."""
+    if name == "auto":
+        return "float32" if jax.default_backend() == "cpu" else "bfloat16"
+    if name not in dtypes.COMPUTE:
+        why = " (float16 would need loss scaling, which cpt_jax does not do)" if name == "float16" else ""
+        raise ValueError(f"model.dtype={name!r} is not a supported compute dtype: auto, "
+                         f"{', '.join(dtypes.COMPUTE)}{why}")
+    return name
 
 
 def _param(rngs: nnx.Rngs, shape: tuple[int, ...], axes: tuple[str, ...], std: float) -> nnx.Param:
@@ -367,7 +372,9 @@ class Llama(nnx.Module):
             positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
         rope = rope_tables(positions, cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
         local_rope = rope_tables(positions, cfg.head_dim, cfg.local_rope_theta) if cfg.local_rope_theta else rope
-        x = self.embed[...].astype(cfg.dtype)[tokens]
+        # Gather, then cast: the backward pass then sums a token's occurrences into its float32 row
+        # (cast first, a frequent token's row would be a long sum in the compute dtype).
+        x = self.embed[...][tokens].astype(cfg.dtype)
         if cfg.embed_scale:  # sqrt(hidden) rounded to the compute dtype first, as Gemma does
             x = x * jnp.asarray(cfg.hidden ** 0.5, cfg.dtype)
         x = sharding.constrain(x, ("batch", "length", "embed"))
@@ -409,6 +416,13 @@ class Llama(nnx.Module):
 
 
 def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
-    """Training FLOPs per token: 6 x non-embedding params + 12 x layers x hidden x seq."""
-    return 6.0 * cfg.non_embedding_params() + 12.0 * cfg.layers * cfg.hidden * seq_len
+    """Training FLOPs per token: 6 x non-embedding params + 12 x layers x heads*head_dim x keys,
+    the project's MFU numerator (6N + 12 x layers x hidden x seq where heads*head_dim = hidden
+    and every layer attends to all seq keys, as in the PaLM paper's convention, which counts the
+    whole score matrix, not its causal half). `keys` is the mean over layers of the keys a query
+    is scored against: seq for a full-attention layer, min(sliding_window, seq) for a windowed one
+    (Gemma 3: 5 windowed layers to 1 full), so the second term is 12 x heads*head_dim x the sum of
+    the layers' keys."""
+    keys = sum(min(cfg.sliding_window, seq_len) if w else seq_len for w in cfg.windowed())
+    return 6.0 * cfg.non_embedding_params() + 12.0 * cfg.heads * cfg.head_dim * keys
 

@@ -1,11 +1,16 @@
 """The paper's four findings, each judged from a sweep's own numbers: a verdict computed by a
-stated rule, never written by hand. Each function takes plain numbers (so a test can hand it
-data where the finding is false) and returns a `Verdict` with the numbers it was judged on.
+stated rule, never written by hand. Each function takes plain numbers and laws (so a test can
+hand it data where the finding is false) and returns a `Verdict` with the numbers it was judged
+on. A verdict holds, does not hold, or is undetermined: an interval straddles the rule's
+threshold, or more than MAX_FAILED of the bootstrap's resamples failed (no converged refit, or
+no compute-optimal allocation), so the intervals cannot be trusted.
 
   1. transfer       CPT reaches scratch's final target loss with fewer tokens, at every size
-  2. cpt_law        the CPT law's gamma > 0 on CPT runs (its 95% interval), above scratch's gamma
-                    (intervals apart), and the CPT law fits the CPT runs better than Chinchilla
-  3. allocation     a_cpt < a_scratch: CPT's compute-optimal N grows faster (interval of the gap > 0)
+  2. cpt_law        gamma > 0 on CPT runs (its 95% interval above 0), gamma ~ 0 on scratch runs (its
+                    interval contains 0), and the CPT law predicts left-out CPT runs better than
+                    Chinchilla (the interval over runs of the ratio of their errors below 1)
+  3. allocation     CPT's compute-optimal N is larger than scratch's: the interval of
+                    N_opt,cpt / N_opt,scratch lies above 1 over the sweep's compute range
   4. replay         replay bounds forgetting (the most replay rises less than none, rho's interval
                     > 0), and at equal target tokens every ratio reaches the same target loss
                     (relative spread within a tolerance)
@@ -14,15 +19,22 @@ data where the finding is false) and returns a `Verdict` with the numbers it was
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 
 import numpy as np
 
 from cpt_jax import summary
+from cpt_jax.scaling import laws
+
+HOLDS, FAILS, UNDETERMINED = "holds", "does not hold", "undetermined"
+MAX_FAILED = 0.1  # past this share of failed resamples a bootstrap verdict is undetermined
+# C = 6 N D of the paper's runs: 49M to 5.5B parameters at 20 tokens per parameter.
+PAPER_COMPUTE = (6 * 20 * 49e6 ** 2, 6 * 20 * 5534e6 ** 2)
 
 CLAIMS = {
     "transfer": "CPT reaches a target-language loss with fewer tokens than training from scratch, at every size",
     "cpt_law": "the CPT law fits CPT runs better than Chinchilla, with gamma > 0; on scratch runs gamma is ~0",
-    "allocation": "CPT's compute-optimal allocation favours larger models (a_cpt < a_scratch)",
+    "allocation": "CPT's compute-optimal allocation favours larger models (N_opt,cpt > N_opt,scratch)",
     "replay": "replay bounds forgetting, and at equal target-language compute every replay ratio reaches about "
               "the same target loss",
 }
@@ -31,7 +43,7 @@ CLAIMS = {
 @dataclasses.dataclass(frozen=True)
 class Verdict:
     name: str
-    holds: bool
+    status: str  # HOLDS, FAILS or UNDETERMINED
     evidence: tuple[str, ...]  # the numbers and the rule, one line each
     numbers: dict = dataclasses.field(default_factory=dict)
 
@@ -39,9 +51,33 @@ class Verdict:
     def claim(self) -> str:
         return CLAIMS[self.name]
 
+    @property
+    def holds(self) -> bool:
+        return self.status == HOLDS
+
+
+def combine(*statuses: str) -> str:
+    """All parts hold: holds; any part does not: does not hold; else undetermined."""
+    return FAILS if FAILS in statuses else UNDETERMINED if UNDETERMINED in statuses else HOLDS
+
 
 def _interval(ci) -> str:
     return f"[{ci[0]:.3g}, {ci[1]:.3g}]"
+
+
+def percentile_interval(samples, level: float = 0.95) -> tuple[tuple[float, float], int]:
+    """(interval, failed) of bootstrap samples [n, ...] along the first axis: nan rows are
+    failed resamples, left out of the interval and counted."""
+    samples = np.asarray(samples, float)
+    ok = np.isfinite(samples).all(axis=tuple(range(1, samples.ndim)))
+    q = [(1 - level) / 2 * 100, (1 + level) / 2 * 100]
+    ci = np.percentile(samples[ok], q, axis=0) if ok.any() else np.full((2, *samples.shape[1:]), np.nan)
+    return (ci[0], ci[1]) if samples.ndim > 1 else (float(ci[0]), float(ci[1])), int((~ok).sum())
+
+
+def _failed_line(failed: int, n: int) -> str:
+    return (f"{failed} of {n} resamples failed (no converged refit or no optimum); past {MAX_FAILED:.0%} "
+            f"the verdict is undetermined")
 
 
 def tokens_to_reach(tokens: np.ndarray, loss: np.ndarray, target: float) -> tuple[float, str]:
@@ -77,66 +113,123 @@ def transfer(scratch: dict[int, tuple], cpt: dict[int, tuple]) -> Verdict:
         saved = f" ({1 - d_cpt / d_scratch:.0%} fewer)" if np.isfinite(d_cpt) else ""
         lines.append(f"N={n:,}: scratch reaches {target:.4f} at {d_scratch:,.0f} tokens; CPT {reach}{saved}")
     lines.append("Rule: holds if at every size CPT reaches scratch's final loss with fewer tokens.")
-    return Verdict("transfer", bool(holds and rows), tuple(lines), rows)
+    return Verdict("transfer", HOLDS if holds and rows else FAILS, tuple(lines), rows)
 
 
-def cpt_law(gamma_cpt: float, gamma_cpt_ci, gamma_scratch: float, gamma_scratch_ci,
-            error_chinchilla: float, error_cpt_law: float) -> Verdict:
-    """gamma of the CPT law fitted to CPT points and to scratch points (each with its bootstrap
-    interval), and both laws' fit errors on the CPT points."""
-    positive = gamma_cpt_ci[0] > 0
-    apart = gamma_cpt_ci[0] > gamma_scratch_ci[1]
-    better = error_cpt_law < error_chinchilla
-    lines = (f"gamma on CPT runs {gamma_cpt:+.3f}, 95% interval {_interval(gamma_cpt_ci)} (> 0: {positive})",
-             f"gamma on scratch runs {gamma_scratch:+.3f}, 95% interval {_interval(gamma_scratch_ci)} "
-             f"(below CPT's interval: {apart})",
-             f"fit error on CPT runs (sum of Huber): CPT law {error_cpt_law:.3g}, Chinchilla {error_chinchilla:.3g} "
-             f"(CPT law better: {better})",
-             "Rule: holds if all three.")
-    return Verdict("cpt_law", bool(positive and apart and better), lines,
-                   {"gamma_cpt": gamma_cpt, "gamma_cpt_interval": tuple(gamma_cpt_ci), "gamma_scratch": gamma_scratch,
-                    "gamma_scratch_interval": tuple(gamma_scratch_ci), "error_chinchilla": error_chinchilla,
-                    "error_cpt_law": error_cpt_law})
-
-
-def allocation_exponent(alpha, beta, gamma) -> np.ndarray:
-    """a of N_opt ~ C^a: beta / (alpha + beta - gamma); nan where no optimum exists."""
-    alpha, beta, gamma = (np.asarray(x, float) for x in (alpha, beta, gamma))
+def error_ratio(errors, reference, level: float = 0.95, n: int = 2000) -> tuple[float, tuple[float, float]]:
+    """sum(errors) / sum(reference) over paired runs, and its percentile interval over n
+    resamples of the runs (a fixed seed: the same numbers give the same verdict)."""
+    errors, reference = np.asarray(errors, float), np.asarray(reference, float)
+    idx = np.random.default_rng(0).integers(0, len(errors), (n, len(errors)))
     with np.errstate(invalid="ignore", divide="ignore"):
-        a = beta / (alpha + beta - gamma)
-    return np.where((beta > gamma) & (alpha > gamma), a, np.nan)
+        ci, _ = percentile_interval(errors[idx].sum(1) / reference[idx].sum(1), level)
+        return float(errors.sum() / reference.sum()), ci
 
 
-def allocation(a_scratch: float, a_cpt: float, gap_samples, level: float = 0.95) -> Verdict:
-    """`gap_samples`: bootstrap samples of a_scratch - a_cpt (nan: a resample with no optimum)."""
-    gap = np.asarray(gap_samples, float)
-    gap = gap[np.isfinite(gap)]
-    q = [(1 - level) / 2 * 100, (1 + level) / 2 * 100]
-    ci = tuple(float(x) for x in np.percentile(gap, q)) if gap.size else (float("nan"),) * 2
-    holds = bool(np.isfinite(a_scratch) and np.isfinite(a_cpt) and gap.size and ci[0] > 0)
-    lines = (f"a_scratch {a_scratch:.3f}, a_cpt {a_cpt:.3f}; a_scratch - a_cpt {a_scratch - a_cpt:+.3f}, "
-             f"95% interval {_interval(ci)} over {gap.size} resamples",
-             "Rule: holds if the interval of a_scratch - a_cpt lies above 0.")
-    return Verdict("allocation", holds, lines, {"a_scratch": a_scratch, "a_cpt": a_cpt, "gap_interval": ci})
+def cpt_law(gamma_cpt: float, gamma_cpt_samples, gamma_scratch: float, gamma_scratch_samples,
+            held_out_chinchilla, held_out_cpt_law, held_out_failed: int = 0, level: float = 0.95) -> Verdict:
+    """gamma of the CPT law fitted to CPT points and to scratch points, with their bootstrap
+    samples (nan: a failed resample), and both laws' errors on each left-out CPT run (and how
+    many of those refits did not converge)."""
+    ci_cpt, failed = percentile_interval(gamma_cpt_samples, level)
+    ci_scratch, _ = percentile_interval(gamma_scratch_samples, level)
+    n = len(gamma_cpt_samples)
+    trusted = n > 0 and failed <= MAX_FAILED * n
+    positive = (HOLDS if ci_cpt[0] > 0 else FAILS if ci_cpt[1] < 0 else UNDETERMINED) if trusted else UNDETERMINED
+    near_zero = (HOLDS if ci_scratch[0] <= 0 <= ci_scratch[1] else FAILS) if trusted else UNDETERMINED
+    ratio, ci_ratio = error_ratio(held_out_cpt_law, held_out_chinchilla, level)
+    better = (UNDETERMINED if held_out_failed else HOLDS if ci_ratio[1] < 1 else FAILS if ci_ratio[0] > 1
+              else UNDETERMINED)
+    lines = (f"gamma on CPT runs {gamma_cpt:+.3f}, 95% interval {_interval(ci_cpt)} (above 0: {positive})",
+             f"gamma on scratch runs {gamma_scratch:+.3f}, 95% interval {_interval(ci_scratch)} "
+             f"(contains 0: {near_zero})",
+             f"error on left-out CPT runs, CPT law / Chinchilla: {ratio:.3g}, 95% interval {_interval(ci_ratio)} over "
+             f"{len(np.ravel(held_out_cpt_law))} runs (below 1: {better}"
+             + (f"; {held_out_failed} left-out refits did not converge" if held_out_failed else "") + ")",
+             _failed_line(failed, n),
+             "Rule: holds if all three hold; does not hold if any does not; else undetermined.")
+    return Verdict("cpt_law", combine(positive, near_zero, better), lines,
+                   {"gamma_cpt": gamma_cpt, "gamma_cpt_interval": ci_cpt, "gamma_scratch": gamma_scratch,
+                    "gamma_scratch_interval": ci_scratch, "held_out_ratio": ratio, "held_out_ratio_interval": ci_ratio,
+                    "held_out_failed": held_out_failed, "failed_resamples": failed, "resamples": n})
 
 
-def replay(rise: dict[float, float], rho: float, rho_ci, relative_spread, tolerance: float) -> Verdict:
+def _allocation_numbers(scratch: laws.Fit, cpt: laws.Fit, C: np.ndarray) -> np.ndarray:
+    """[N_opt,cpt / N_opt,scratch at each C..., a_scratch, a_cpt]; all nan where either law has
+    no compute-optimal allocation."""
+    try:
+        (_, a_s, _), (_, a_c, _) = laws.allocation(scratch), laws.allocation(cpt)
+    except ValueError:
+        return np.full(len(C) + 2, np.nan)
+    return np.append(laws.compute_optimal(cpt, C)[0] / laws.compute_optimal(scratch, C)[0], [a_s, a_c])
+
+
+def crossing(scratch: laws.Fit, cpt: laws.Fit) -> float:
+    """The C where N_opt,cpt = N_opt,scratch, i.e. G_c (C/6)^a_c = G_s (C/6)^a_s; nan if never."""
+    (g_s, a_s, _), (g_c, a_c, _) = laws.allocation(scratch), laws.allocation(cpt)
+    with np.errstate(divide="ignore", over="ignore"):
+        return float(6 * (g_s / g_c) ** (1 / (a_c - a_s))) if a_c != a_s else float("nan")
+
+
+def allocation(scratch: laws.Fit, cpt: laws.Fit, resamples: Sequence[tuple[laws.Fit, laws.Fit] | None],
+               compute: tuple[float, float], level: float = 0.95, points: int = 9) -> Verdict:
+    """Judged on N_opt,cpt / N_opt,scratch at `points` log-spaced C over `compute` (the sweep's
+    span), with intervals over the bootstrap's (scratch, cpt) laws (None: a failed resample);
+    the paper's span is reported beside it, not judged (a sweep's laws extrapolated that far)."""
+    C = np.geomspace(*compute, points)
+    shown = {"sweep's least": compute[0], "sweep's middle": float(np.sqrt(compute[0] * compute[1])),
+             "sweep's most": compute[1], "paper's least": PAPER_COMPUTE[0], "paper's most": PAPER_COMPUTE[1]}
+    at = np.concatenate([C, list(shown.values())])
+    rule = (f"Rule: holds if the interval of N_opt,cpt / N_opt,scratch lies above 1 at {points} compute values "
+            "over the sweep's range; does not hold if it lies below 1 at any; else undetermined.")
+    full = _allocation_numbers(scratch, cpt, at)
+    if not np.isfinite(full).all():
+        return Verdict("allocation", UNDETERMINED, ("the full fits have no compute-optimal allocation", rule))
+    boot = np.array([_allocation_numbers(*r, at) if r else np.full(len(at) + 2, np.nan) for r in resamples])
+    (lo, hi), failed = percentile_interval(boot.reshape(len(resamples), len(at) + 2), level)
+    n = len(resamples)
+    status = (UNDETERMINED if not n or failed > MAX_FAILED * n else HOLDS if (lo[:points] > 1).all()
+              else FAILS if (hi[:points] < 1).any() else UNDETERMINED)
+    cross = crossing(scratch, cpt)
+    where = ("never crosses 1" if not np.isfinite(cross) else f"crosses 1 at C = {cross:.3g} "
+             f"({'inside' if compute[0] <= cross <= compute[1] else 'outside'} the sweep's range)")
+    a = [f"{name} {full[i]:.3f} {_interval((lo[i], hi[i]))}" for i, name in ((-2, "a_scratch"), (-1, "a_cpt"))]
+    lines = (f"N_opt = G (C/6)^a: {', '.join(a)}; the ratio {where}",
+             *(f"N_opt,cpt / N_opt,scratch at C = {c:.3g} ({what}): {full[points + i]:.3g}, 95% interval "
+               f"{_interval((lo[points + i], hi[points + i]))}" for i, (what, c) in enumerate(shown.items())),
+             _failed_line(failed, n), rule)
+    return Verdict("allocation", status, lines,
+                   {"compute": C.tolist(), "ratio": full[:points].tolist(),
+                    "ratio_interval": [lo[:points].tolist(), hi[:points].tolist()],
+                    "a_scratch": float(full[-2]), "a_cpt": float(full[-1]), "a_scratch_interval": (lo[-2], hi[-2]),
+                    "a_cpt_interval": (lo[-1], hi[-1]), "crossing": cross, "failed_resamples": failed,
+                    "resamples": n})
+
+
+def replay(rise: dict[float, float], rho: float, rho_ci, relative_spread, tolerance: float,
+           failed: int = 0, resamples: int = 0) -> Verdict:
     """`rise`: replay ratio -> the source-loss rise at the end of the largest budget; `rho`: the
-    replay law's exponent and interval; `relative_spread`: of target loss across ratios at each
-    common target-token count (cpt_jax.scaling.replay.equal_compute)."""
+    replay law's exponent and interval (over `resamples`, of which `failed` could not be refitted);
+    `relative_spread`: of target loss across ratios at each common target-token count
+    (cpt_jax.scaling.replay.equal_compute)."""
     ratios = sorted(rise)
     least, most = ratios[0], ratios[-1]
-    bounded = rise[most] < rise[least] and rho_ci[0] > 0
+    less = rise[most] < rise[least]
+    damped = (UNDETERMINED if failed > MAX_FAILED * resamples else HOLDS if rho_ci[0] > 0
+              else FAILS if rho_ci[1] <= 0 else UNDETERMINED)
+    bounded = combine(HOLDS if less else FAILS, damped)
     spread = np.asarray(relative_spread, float)
-    same = bool(spread.size and np.all(spread <= tolerance))
+    same = HOLDS if spread.size and np.all(spread <= tolerance) else FAILS
     lines = ("source-loss rise at the largest budget: "
              + ", ".join(f"r={r:g}: {rise[r]:+.3f}" for r in ratios),
              f"replay law rho {rho:.3g}, 95% interval {_interval(rho_ci)}; the most replay (r={most:g}) rises "
-             f"{'less' if rise[most] < rise[least] else 'no less'} than r={least:g} (bounded: {bounded})",
+             f"{'less' if less else 'no less'} than r={least:g} (bounded: {bounded})",
              "relative spread of target loss across ratios at equal target tokens: "
              + (", ".join(f"{s:.1%}" for s in spread) if spread.size else "no common token counts")
              + f" (within {tolerance:.0%}: {same})",
-             "Rule: holds if forgetting is bounded and the spread is within the tolerance everywhere.")
-    return Verdict("replay", bool(bounded and same), lines,
+             *([_failed_line(failed, resamples)] if resamples else []),
+             "Rule: holds if forgetting is bounded (rho's interval above 0) and the spread is within the "
+             "tolerance everywhere.")
+    return Verdict("replay", combine(bounded, same), lines,
                    {"rise": {str(r): v for r, v in rise.items()}, "rho": rho, "rho_interval": tuple(rho_ci),
-                    "relative_spread": spread.tolist(), "tolerance": tolerance})
+                    "relative_spread": spread.tolist(), "tolerance": tolerance, "failed_resamples": failed})

@@ -1,10 +1,14 @@
 """Fitting the laws as the paper (after Hoffmann et al.) does: minimise
 
-    sum_i Huber_delta( LSE(a - alpha log N_i, b - beta log D_i - gamma log N_i, e) - log L_i ),  delta = 1e-3
+    mean_i Huber_delta( LSE(a - alpha log N_i, b - beta log D_i - gamma log N_i, e) - log L_i ),  delta = 1e-3
 
 with L-BFGS from every point of a grid of initialisations and keep the best; A = e^a, B = e^b,
-E = e^e. All starts run at once (vmap over a jitted L-BFGS loop), in float64: the 4,500-start
-grid takes seconds where a scipy loop over the starts takes minutes.
+E = e^e. (The paper writes a sum; the mean has the same minimum and is comparable across point
+sets of different sizes.) All starts run at once (vmap over a jitted L-BFGS loop), in float64:
+the 4,500-start grid takes seconds where a scipy loop over the starts takes minutes.
+
+Every start runs until a step lowers the objective by less than FTOL of it (scipy's L-BFGS-B
+rule, relative), or MAX_STEPS; a fit whose best start hit MAX_STEPS is reported as not converged.
 
 Parameter vector order: (a, alpha, b, beta, gamma, e). Chinchilla fixes gamma = 0; the CPT law
 as the paper fits it freezes a, alpha, e at the scratch fit and fits b', beta', gamma.
@@ -12,7 +16,7 @@ as the paper fits it freezes a, alpha, e at the scratch fit and fits b', beta', 
 
 from __future__ import annotations
 
-import functools
+import dataclasses
 import itertools
 
 import jax
@@ -23,8 +27,12 @@ import optax
 from cpt_jax.scaling.laws import ChinchillaFit, CPTFit
 
 DELTA = 1e-3
-SCREEN_STEPS, STEPS = 10, 100  # L-BFGS steps for every start, then for the kept ones
+SCREEN_STEPS = 10  # L-BFGS steps for every start of the grid before the best are kept
+MAX_STEPS = 1000  # a start still improving after this many steps has not converged (most take < 200)
+FTOL = 1e-10  # converged: a step lowered the objective by less than this fraction of it
 KEEP_FRACTION, KEEP_MIN = 0.05, 32
+CHUNK = 32  # starts per compiled call: a chunk runs until its slowest start stops
+REFIT_STARTS = 4  # a refit (bootstrap resample, left-out run) starts from the best few of the full fit's ends
 NAMES = ("a", "alpha", "b", "beta", "gamma", "e")
 CHINCHILLA_FREE = (0, 1, 2, 3, 5)
 CPT_FREE = (2, 3, 4)
@@ -44,37 +52,62 @@ def grid(free: tuple[int, ...], base: np.ndarray) -> np.ndarray:
     return starts
 
 
-def _objective(theta, logN, logD, logL, weights):
+def _residuals(theta, logN, logD, logL):
     a, alpha, b, beta, gamma, e = theta
     pred = jax.nn.logsumexp(jnp.stack([a - alpha * logN, b - beta * logD - gamma * logN,
                                        jnp.broadcast_to(e, logN.shape)]), axis=0)
-    return jnp.sum(weights * optax.losses.huber_loss(pred, logL, delta=DELTA))
+    return pred - logL
 
 
-@functools.partial(jax.jit, static_argnames=("free",))
-def _minimise(starts, base, logN, logD, logL, weights, free, steps):
-    """L-BFGS from every row of `starts` (free parameters only); returns (final params, objective)."""
-    idx = jnp.array(free)
+def _objective(theta, logN, logD, logL, weights):
+    """The weighted mean Huber loss of log L (weights: a bootstrap's counts, or 0 to leave out)."""
+    huber = optax.losses.huber_loss(_residuals(theta, logN, logD, logL), delta=DELTA)
+    return jnp.sum(weights * huber) / jnp.sum(weights)
 
-    def f(x, w):
-        return _objective(base.at[idx].set(x), logN, logD, logL, w)
 
+def huber(theta: np.ndarray, N, D, L) -> np.ndarray:
+    """Each point's Huber loss of log L under parameter vector `theta` (their mean is a fit's error)."""
+    with jax.enable_x64(True):
+        return np.asarray(optax.losses.huber_loss(_residuals(jnp.asarray(theta), *_prepare(N, D, L)), delta=DELTA))
+
+
+@jax.jit
+def _minimise(starts, mask, logN, logD, logL, weights, max_steps):
+    """L-BFGS from every row of `starts` [rows, 6] with its row of point weights, until converged
+    or `max_steps`; only entries where `mask` is 1 move (their gradient alone is kept, so L-BFGS's
+    steps stay in that subspace). Returns (params, objective, steps)."""
     def run(x0, w):
-        fx = functools.partial(f, w=w)
+        def f(x):
+            return _objective(mask * x + (1 - mask) * jax.lax.stop_gradient(x), logN, logD, logL, w)
+
         opt = optax.lbfgs()
-        value_and_grad = optax.value_and_grad_from_state(fx)
+        value_and_grad = optax.value_and_grad_from_state(f)
 
-        def step(_, carry):
-            x, state = carry
+        def improving(carry):
+            _, _, prev, value, k = carry
+            return (k < max_steps) & ((k == 0) | (prev - value > FTOL * jnp.abs(value)))
+
+        def step(carry):
+            x, state, _, _, k = carry
             value, grad = value_and_grad(x, state=state)
-            updates, state = opt.update(grad, state, x, value=value, grad=grad, value_fn=fx)
-            return optax.apply_updates(x, updates), state
+            updates, state = opt.update(grad, state, x, value=value, grad=grad, value_fn=f)
+            x = optax.apply_updates(x, updates)
+            return x, state, value, f(x), k + 1
 
-        x, _ = jax.lax.fori_loop(0, steps, step, (x0, opt.init(x0)))  # traced bound: one compile
-        return x, fx(x)
+        x, _, _, value, k = jax.lax.while_loop(improving, step, (x0, opt.init(x0), jnp.inf, f(x0), 0))
+        return x, value, k
 
-    xs, values = jax.vmap(run, in_axes=(0, 0))(starts, weights)
-    return xs, jnp.where(jnp.isfinite(values), values, jnp.inf)
+    full, values, steps = jax.vmap(run)(starts, weights)
+    return full, jnp.where(jnp.isfinite(values), values, jnp.inf), steps
+
+
+@dataclasses.dataclass(frozen=True)
+class Result:
+    """The best of a multi-start fit, and every start's end (the starts of later refits)."""
+    theta: np.ndarray  # [6]
+    value: float  # the objective: mean Huber of log L
+    converged: bool
+    ends: np.ndarray  # [k, 6] the kept starts' ends, best first
 
 
 def _prepare(N, D, L):
@@ -86,48 +119,87 @@ def _prepare(N, D, L):
     return np.log(N), np.log(D), np.log(L)
 
 
-def _run(N, D, L, free: tuple[int, ...], starts: np.ndarray, weights: np.ndarray, steps: int
-         ) -> tuple[np.ndarray, np.ndarray]:
-    """L-BFGS from each full parameter row of `starts` (only `free` entries move), each with its
-    row of point `weights`; returns (params [k, 6], objective [k])."""
+def _bucket(k: int, least: int) -> int:
+    """k rounded up to a power of two (at least `least`): few distinct shapes, few compilations."""
+    return max(least, 1 << (k - 1).bit_length())
+
+
+def run_starts(N, D, L, free: tuple[int, ...], starts: np.ndarray, weights: np.ndarray | None = None,
+               max_steps: int = MAX_STEPS) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """L-BFGS from each full parameter row of `starts` (only `free` entries move; the others stay
+    as that row has them), each with its row of point `weights` (default all 1). Returns
+    (params [k, 6], objective [k], converged [k]). Points are padded (weight 0) to a power of two
+    and rows run in chunks of CHUNK, so one compilation serves every law and most data sets."""
+    starts = np.asarray(starts, np.float64)
+    logs = _prepare(N, D, L)
+    k, p = len(starts), len(logs[0])
+    padded = _bucket(p, 16)
+    logN, logD, logL = (np.pad(x, (0, padded - p)) for x in logs)
+    w = np.zeros((k, padded))
+    w[:, :p] = 1.0 if weights is None else weights
+    mask = np.isin(np.arange(6), free).astype(np.float64)
+    out = []
     with jax.enable_x64(True):
-        logN, logD, logL = _prepare(N, D, L)
-        xs, values = _minimise(jnp.asarray(starts[:, list(free)]), jnp.asarray(starts[0]), logN, logD, logL,
-                               jnp.asarray(weights, jnp.float64), free, steps)
-        full = np.array(starts, np.float64)
-        full[:, list(free)] = np.asarray(xs)
-        return full, np.asarray(values)
+        for i in range(0, k, CHUNK):
+            rows = np.arange(i, i + CHUNK) % k  # the last chunk wraps round: its extra rows are dropped
+            out.append([np.asarray(v)[:min(CHUNK, k - i)] for v in _minimise(
+                starts[rows], mask, logN, logD, logL, w[rows], max_steps)])
+    full, values, steps = (np.concatenate(v) for v in zip(*out))
+    return full, values, (steps < max_steps) & np.isfinite(values)
 
 
-def fit_params(N, D, L, free: tuple[int, ...], base: np.ndarray | None = None) -> tuple[np.ndarray, float]:
-    """The best parameter vector over the grid of starts, and its objective (sum of Hubers).
-    Every start takes SCREEN_STEPS L-BFGS steps; the best KEEP of them go on to STEPS (starts
-    that are behind after the screen end far from the best: this keeps the full grid at a tenth
-    of the cost)."""
+def fit_params(N, D, L, free: tuple[int, ...], base: np.ndarray | None = None) -> Result:
+    """The best parameter vector over the grid of starts. Every start takes SCREEN_STEPS L-BFGS
+    steps; the best KEEP of them go on until converged (starts that are behind after the screen
+    end far from the best: this keeps the full grid at a fraction of the cost)."""
     starts = grid(free, np.zeros(6) if base is None else np.asarray(base, np.float64))
-    ones = np.ones((len(starts), len(np.ravel(N))))
-    full, values = _run(N, D, L, free, starts, ones, SCREEN_STEPS)
+    screened, values, _ = run_starts(N, D, L, free, starts, max_steps=SCREEN_STEPS)
     keep = np.argsort(values)[:max(KEEP_MIN, int(KEEP_FRACTION * len(starts)))]
-    full, values = _run(N, D, L, free, full[keep], ones[keep], STEPS)
-    best = int(np.argmin(values))
-    return full[best], float(values[best])
+    full, values, converged = run_starts(N, D, L, free, screened[keep])
+    order = np.argsort(values)
+    return Result(full[order[0]], float(values[order[0]]), bool(converged[order[0]]), full[order])
 
 
-def bootstrap_params(N, D, L, free: tuple[int, ...], theta: np.ndarray, n: int = 200, seed: int = 0) -> np.ndarray:
-    """[n, 6]: refits on n resamples of the points (with replacement), each started at `theta`."""
-    points = len(np.ravel(N))
-    weights = np.random.default_rng(seed).multinomial(points, np.full(points, 1 / points), size=n)
-    return _run(N, D, L, free, np.tile(theta, (n, 1)), weights, STEPS)[0]
+def refit_starts(result: Result, frozen: np.ndarray | None = None, free: tuple[int, ...] = ()) -> np.ndarray:
+    """The starts of a refit: the best REFIT_STARTS distinct ends of `result`; with `frozen` [6],
+    every parameter outside `free` taken from it (a CPT refit on a refitted scratch law)."""
+    ends = np.unique(np.round(result.ends, 6), axis=0, return_index=True)[1]
+    starts = result.ends[np.sort(ends)[:REFIT_STARTS]].copy()
+    if frozen is not None:
+        fixed = [i for i in range(6) if i not in free]
+        starts[:, fixed] = np.asarray(frozen)[fixed]
+    return starts
 
 
-def _chinchilla(theta: np.ndarray, value: float) -> ChinchillaFit:
+def refit(N, D, L, free: tuple[int, ...], starts: np.ndarray, weights: np.ndarray
+          ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """One refit per row of `weights` [m, points], each from every row of `starts` [s, 6] or of
+    `starts` [m, s, 6] (its own starts); the best of each. Returns (params [m, 6], objective [m],
+    converged [m])."""
+    m = len(weights)
+    starts = np.broadcast_to(starts, (m, *np.shape(starts)[-2:]))
+    s = starts.shape[1]
+    full, values, converged = run_starts(N, D, L, free, starts.reshape(m * s, 6), np.repeat(weights, s, axis=0))
+    best = np.argmin(values.reshape(m, s), axis=1)
+    pick = np.arange(m) * s + best
+    return full[pick], values[pick], converged[pick]
+
+
+def _chinchilla(theta: np.ndarray, value: float, converged: bool = True) -> ChinchillaFit:
     a, alpha, b, beta, _, e = (float(x) for x in theta)
-    return ChinchillaFit(E=np.exp(e), A=np.exp(a), B=np.exp(b), alpha=alpha, beta=beta, huber=value)
+    return ChinchillaFit(E=np.exp(e), A=np.exp(a), B=np.exp(b), alpha=alpha, beta=beta, huber=value,
+                         converged=converged)
 
 
-def _cpt(theta: np.ndarray, value: float) -> CPTFit:
+def _cpt(theta: np.ndarray, value: float, converged: bool = True) -> CPTFit:
     a, alpha, b, beta, gamma, e = (float(x) for x in theta)
-    return CPTFit(E=np.exp(e), A=np.exp(a), B_prime=np.exp(b), alpha=alpha, beta_prime=beta, gamma=gamma, huber=value)
+    return CPTFit(E=np.exp(e), A=np.exp(a), B_prime=np.exp(b), alpha=alpha, beta_prime=beta, gamma=gamma,
+                  huber=value, converged=converged)
+
+
+def as_fit(theta: np.ndarray, cpt: bool, value: float = float("nan"), converged: bool = True):
+    """The law of a parameter vector: a CPTFit if `cpt`, else a ChinchillaFit."""
+    return (_cpt if cpt else _chinchilla)(theta, value, converged)
 
 
 def theta(fit) -> np.ndarray:
@@ -137,29 +209,37 @@ def theta(fit) -> np.ndarray:
 
 def fit_chinchilla(N, D, L) -> ChinchillaFit:
     """L = E + A / N^alpha + B / D^beta fitted to points (N params, D tokens, L loss)."""
-    return _chinchilla(*fit_params(N, D, L, CHINCHILLA_FREE))
+    r = fit_params(N, D, L, CHINCHILLA_FREE)
+    return _chinchilla(r.theta, r.value, r.converged)
 
 
 def fit_cpt(N, D, L, base: ChinchillaFit | None = None) -> CPTFit:
     """L = E + A / N^alpha + B' / (D^beta' N^gamma). With `base` (the scratch fit) as the paper:
     E, A, alpha frozen, B', beta', gamma fitted; without, all six fitted jointly."""
-    if base is None:
-        return _cpt(*fit_params(N, D, L, JOINT_FREE))
-    return _cpt(*fit_params(N, D, L, CPT_FREE, theta(base)))
+    r = fit_params(N, D, L, JOINT_FREE) if base is None else fit_params(N, D, L, CPT_FREE, theta(base))
+    return _cpt(r.theta, r.value, r.converged)
 
 
 def intervals(fit, N, D, L, n: int = 200, level: float = 0.95, seed: int = 0) -> dict[str, tuple[float, float]]:
-    """Bootstrap intervals of every constant of `fit`, each resample refitted from `fit`: all five
-    Chinchilla constants, or for a CPT fit B', beta', gamma with E, A, alpha held as the paper
-    fits them (so those three show no spread)."""
-    free = CPT_FREE if isinstance(fit, CPTFit) else CHINCHILLA_FREE
-    return summarise(fit, bootstrap_params(N, D, L, free, theta(fit), n, seed), level)
+    """Bootstrap intervals of a Chinchilla fit's constants: n refits on resamples of the points
+    (with replacement), each from the fit's own starts. Points here are independent; a sweep's
+    points are not (cpt_jax.scaling.analysis resamples runs, and refits the CPT law nested)."""
+    if not isinstance(fit, ChinchillaFit):
+        raise TypeError("intervals() takes a Chinchilla fit; the CPT law's intervals are nested "
+                        "(cpt_jax.scaling.analysis)")
+    result = fit_params(N, D, L, CHINCHILLA_FREE)
+    points = len(np.ravel(N))
+    weights = np.random.default_rng(seed).multinomial(points, np.full(points, 1 / points), size=n)
+    thetas, _, converged = refit(N, D, L, CHINCHILLA_FREE, refit_starts(result), weights)
+    return summarise(fit, np.where(converged[:, None], thetas, np.nan), level)
 
 
 def summarise(fit, thetas: np.ndarray, level: float = 0.95) -> dict[str, tuple[float, float]]:
-    """Percentile intervals of `fit`'s constants over bootstrap parameter vectors [n, 6]."""
+    """Percentile intervals of `fit`'s constants over bootstrap parameter vectors [n, 6]; rows
+    with a nan (failed refits, counted where they are made) are left out."""
     cpt = isinstance(fit, CPTFit)
-    fits = [(_cpt if cpt else _chinchilla)(t, np.nan) for t in thetas]
-    q = [(1 - level) / 2 * 100, (1 + level) / 2 * 100]
     names = ("E", "A", "B_prime", "alpha", "beta_prime", "gamma") if cpt else ("E", "A", "B", "alpha", "beta")
-    return {k: tuple(float(v) for v in np.nanpercentile([getattr(f, k) for f in fits], q)) for k in names}
+    fits = [as_fit(t, cpt) for t in np.asarray(thetas) if np.isfinite(t).all()]
+    q = [(1 - level) / 2 * 100, (1 + level) / 2 * 100]
+    return {k: tuple(float(v) for v in np.percentile([getattr(f, k) for f in fits], q)) if fits
+            else (float("nan"), float("nan")) for k in names}

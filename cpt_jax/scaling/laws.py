@@ -22,6 +22,7 @@ class ChinchillaFit:
     alpha: float
     beta: float
     huber: float = float("nan")  # the fit's mean Huber loss on log L (the paper's "fit error")
+    converged: bool = True  # False: the fit's best start stopped at fit.MAX_STEPS, still improving
 
     @property
     def gamma(self) -> float:
@@ -45,6 +46,7 @@ class CPTFit:
     beta_prime: float
     gamma: float
     huber: float = float("nan")
+    converged: bool = True
 
     @property
     def data_coef(self) -> float:
@@ -101,12 +103,16 @@ def tokens_for_loss(fit: Fit, N, loss) -> np.ndarray:
     return np.where(gap > 0, D, np.inf)
 
 
+LOG_C_RANGE = (-10.0, 80.0)  # compute_for_loss searches C from 1e-10 to 1e80 FLOPs
+
+
 def compute_for_loss(fit: Fit, loss) -> np.ndarray:
-    """The least compute reaching `loss` on the compute-optimal frontier (bisection in log C;
-    inf below the law's floor E)."""
+    """The least compute reaching `loss` on the compute-optimal frontier (bisection in log C over
+    LOG_C_RANGE, where the frontier's loss falls monotonically); inf where it needs more than
+    1e80 FLOPs or lies at or below the law's floor E."""
     loss = np.atleast_1d(np.asarray(loss, np.float64))
-    lo, hi = np.full(loss.shape, 10.0), np.full(loss.shape, 40.0)  # log10 C from 1e10 to 1e40
-    for _ in range(100):
+    lo, hi = np.full(loss.shape, LOG_C_RANGE[0]), np.full(loss.shape, LOG_C_RANGE[1])
+    for _ in range(200):
         mid = (lo + hi) / 2
         above = optimal_loss(fit, 10 ** mid) > loss
         lo, hi = np.where(above, mid, lo), np.where(above, hi, mid)

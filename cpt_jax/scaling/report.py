@@ -13,7 +13,6 @@ law (cpt_jax.scaling.replay).
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 
@@ -27,6 +26,7 @@ from cpt_jax.rundir import RunDir  # noqa: E402
 from cpt_jax.scaling import findings  # noqa: E402
 from cpt_jax.scaling import fit as fitting  # noqa: E402
 from cpt_jax.scaling import laws  # noqa: E402
+from cpt_jax.scaling.analysis import Fits, Points  # noqa: E402
 from cpt_jax.scaling import replay as replay_law  # noqa: E402
 from cpt_jax.summary import eval_curve  # noqa: E402
 
@@ -55,19 +55,19 @@ def final(run: dict, curves: dict, lang: str) -> float | None:
 
 
 def points(plan: dict, curves: dict, kind: str, lang: str, ratio: float | None = None) -> np.ndarray:
-    """[k, 3] (N, D, L) of the runs of `kind` (at replay `ratio`): a branched sweep's branch ends,
-    or every eval after the start of each whole run."""
+    """[k, 4] (N, D, L, run index in the plan) of the runs of `kind` (at replay `ratio`): a
+    branched sweep's branch ends, or every eval after the start of each whole run."""
     out = []
-    for run in plan["runs"]:
+    for i, run in enumerate(plan["runs"]):
         if run["kind"] != kind or run["role"] == "stable" or (ratio is not None and run["replay_ratio"] != ratio):
             continue
         if run["role"] == "branch":
             loss = final(run, curves, lang)
-            out += [(run["params"], run["tokens"], loss)] if loss is not None else []
+            out += [(run["params"], run["tokens"], loss, i)] if loss is not None else []
         else:
             tokens, loss = curves[run["name"]][lang]
-            out += [(run["params"], d, v) for d, v in zip(tokens, loss) if d > 0]
-    return np.array(out, dtype=float).reshape(-1, 3)
+            out += [(run["params"], d, v, i) for d, v in zip(tokens, loss) if d > 0]
+    return np.array(out, dtype=float).reshape(-1, 4)
 
 
 def by_size(pts: np.ndarray) -> dict[int, tuple[np.ndarray, np.ndarray]]:
@@ -95,37 +95,6 @@ def _save(fig, sweep_dir: str, name: str) -> str:
     return f"![]({name})"
 
 
-@dataclasses.dataclass
-class Fits:
-    """Both laws fitted to both point sets, with bootstrap parameter vectors of each."""
-    scratch: laws.ChinchillaFit
-    cpt: laws.CPTFit
-    cpt_on_scratch: laws.CPTFit  # the CPT law fitted to the scratch points: its gamma should be ~0
-    chinchilla_on_cpt: laws.ChinchillaFit
-    boot: dict[str, np.ndarray]  # "scratch", "cpt", "cpt_on_scratch" -> [n, 6]
-
-    @classmethod
-    def of(cls, scratch_pts: np.ndarray, cpt_pts: np.ndarray, n: int) -> Fits:
-        scratch = fitting.fit_chinchilla(*scratch_pts.T)
-        cpt = fitting.fit_cpt(*cpt_pts.T, base=scratch)
-        on_scratch = fitting.fit_cpt(*scratch_pts.T, base=scratch)
-        boot = {"scratch": fitting.bootstrap_params(*scratch_pts.T, fitting.CHINCHILLA_FREE, fitting.theta(scratch), n),
-                "cpt": fitting.bootstrap_params(*cpt_pts.T, fitting.CPT_FREE, fitting.theta(cpt), n),
-                "cpt_on_scratch": fitting.bootstrap_params(*scratch_pts.T, fitting.CPT_FREE,
-                                                           fitting.theta(on_scratch), n)}
-        return cls(scratch, cpt, on_scratch, fitting.fit_chinchilla(*cpt_pts.T), boot)
-
-    def interval(self, name: str) -> dict:
-        fit = {"scratch": self.scratch, "cpt": self.cpt, "cpt_on_scratch": self.cpt_on_scratch}[name]
-        return fitting.summarise(fit, self.boot[name])
-
-    def allocation_gap(self) -> np.ndarray:
-        """Bootstrap samples of a_scratch - a_cpt (resamples of each point set, paired in order)."""
-        s, c = self.boot["scratch"], self.boot["cpt"]
-        return (findings.allocation_exponent(s[:, 1], s[:, 3], 0.0)
-                - findings.allocation_exponent(c[:, 1], c[:, 3], c[:, 4]))
-
-
 def write_report(sweep_dir: str, bootstrap: int = 100) -> str:
     """Writes DIR/report.md, report.json and the plots; returns the path of report.md."""
     plan, curves = collect(sweep_dir)
@@ -133,20 +102,22 @@ def write_report(sweep_dir: str, bootstrap: int = 100) -> str:
     scratch_pts = points(plan, curves, "scratch", tgt)
     cpt_pts = points(plan, curves, "cpt", tgt, plan["fit_replay_ratio"])
     out: dict = {"sweep_dir": sweep_dir, "target": tgt, "source": src, "n_definition": N_DEFINITION}
-    fits = Fits.of(scratch_pts, cpt_pts, bootstrap) if len(scratch_pts) >= 5 and len(cpt_pts) >= 5 else None
+    fits = (Fits.of(Points.of(scratch_pts), Points.of(cpt_pts), bootstrap)
+            if len(scratch_pts) >= 5 and len(cpt_pts) >= 5 else None)
     study = replay_study(plan, curves)
     verdicts = judge(plan, scratch_pts, cpt_pts, fits, study)
-    out["findings"] = {v.name: {"claim": v.claim, "holds": v.holds, "evidence": list(v.evidence),
-                                "numbers": v.numbers} for v in verdicts}
+    out["findings"] = {v.name: {"claim": v.claim, "status": v.status, "holds": v.holds,
+                                "evidence": list(v.evidence), "numbers": v.numbers} for v in verdicts}
 
     md = [f"# Sweep report: {sweep_dir}", "",
           f"Target `{tgt}`, source `{src}`; {len(plan['runs'])} runs"
           + (", WSD stable phases with cooldown branches" if plan["branches"] else ", one run per point") + ".",
           "", N_DEFINITION, "", "## Findings", "",
-          "The paper's findings, each judged by the stated rule on this sweep's numbers (95% bootstrap intervals "
-          "from the fits). \"Does not hold\" is at this scale.", ""]
+          "The paper's findings, each judged by the stated rule on this sweep's numbers (95% intervals from a "
+          "bootstrap over runs). \"Does not hold\" is at this scale; \"undetermined\": the intervals straddle "
+          "the rule's threshold or too many resamples failed.", ""]
     for i, v in enumerate(verdicts, 1):
-        md += [f"{i}. **{v.claim}**: **{'holds' if v.holds else 'does not hold'}**", "",
+        md += [f"{i}. **{v.claim}**: **{v.status}**", "",
                *(f"   - {line}" for line in v.evidence), ""]
     md += runs_section(plan, curves)
     md += curves_section(plan, curves, sweep_dir)
@@ -169,9 +140,9 @@ def write_report(sweep_dir: str, bootstrap: int = 100) -> str:
 # ----------------------------------------------------------------------------------------------
 def judge(plan: dict, scratch_pts: np.ndarray, cpt_pts: np.ndarray, fits: Fits | None, study: dict | None
           ) -> list[findings.Verdict]:
-    """The four verdicts; a finding without the runs to judge it does not hold, saying why."""
+    """The four verdicts; a finding without the runs to judge it is undetermined, saying why."""
     def missing(name: str, why: str) -> findings.Verdict:
-        return findings.Verdict(name, False, (f"not judged: {why}",))
+        return findings.Verdict(name, findings.UNDETERMINED, (f"not judged: {why}",))
 
     verdicts = [findings.transfer(by_size(scratch_pts), by_size(cpt_pts)) if len(scratch_pts) and len(cpt_pts)
                 else missing("transfer", "no scratch or CPT points")]
@@ -179,17 +150,17 @@ def judge(plan: dict, scratch_pts: np.ndarray, cpt_pts: np.ndarray, fits: Fits |
         verdicts += [missing("cpt_law", "too few points to fit (5 of each needed)"),
                      missing("allocation", "too few points to fit")]
     else:
-        g_cpt, g_scratch = fits.interval("cpt")["gamma"], fits.interval("cpt_on_scratch")["gamma"]
-        verdicts.append(findings.cpt_law(fits.cpt.gamma, g_cpt, fits.cpt_on_scratch.gamma, g_scratch,
-                                         fits.chinchilla_on_cpt.huber, fits.cpt.huber))
-        a_s = float(findings.allocation_exponent(fits.scratch.alpha, fits.scratch.beta, 0.0))
-        a_c = float(findings.allocation_exponent(fits.cpt.alpha, fits.cpt.beta_prime, fits.cpt.gamma))
-        verdicts.append(findings.allocation(a_s, a_c, fits.allocation_gap()))
+        verdicts.append(findings.cpt_law(fits.cpt.gamma, fits.boot["cpt"][:, 4], fits.cpt_on_scratch.gamma,
+                                         fits.boot["cpt_on_scratch"][:, 4], fits.held_out["chinchilla"],
+                                         fits.held_out["cpt_law"], fits.held_out_failed))
+        pairs = [s and c and (s, c) for s, c in zip(fits.resamples("scratch"), fits.resamples("cpt"))]
+        verdicts.append(findings.allocation(fits.scratch, fits.cpt, pairs, fits.compute))
     if study is None or "error" in study:
         verdicts.append(missing("replay", study["error"] if study else "no replay study in the sweep"))
     else:
         verdicts.append(findings.replay(study["rise_at_largest"], study["fit"].rho, study["rho_interval"],
-                                        study["equal"]["relative_spread"], plan["findings"]["equal_loss_tolerance"]))
+                                        study["equal"]["relative_spread"], plan["findings"]["equal_loss_tolerance"],
+                                        study["n"] - study["n_used"], study["n"]))
     return verdicts
 
 
@@ -249,10 +220,19 @@ def fits_section(fits: Fits | None, scratch_pts: np.ndarray, cpt_pts: np.ndarray
     ci_s, ci_c = fits.interval("scratch"), fits.interval("cpt")
     out["scratch_fit"], out["cpt_fit"] = vars(fits.scratch), vars(fits.cpt)
     out["scratch_intervals"], out["cpt_intervals"] = ci_s, ci_c
+    n = len(fits.boot["scratch"])
+    failed = int(np.isnan(fits.boot["scratch"]).any(axis=1).sum())
+    unconverged = fits.unconverged()
+    out["bootstrap"] = {"resamples": n, "failed": failed, "unconverged_fits": unconverged}
     md = ["## Fitted laws", "", f"Scratch (Chinchilla, {len(scratch_pts)} points): L = E + A/N^alpha + B/D^beta", "",
           *_constants(fits.scratch, ci_s), "",
           f"CPT ({len(cpt_pts)} points, E, A, alpha from scratch): L = E + A/N^alpha + B'/(D^beta' N^gamma)", "",
-          *_constants(fits.cpt, ci_c), "", _paper_constants(), ""]
+          *_constants(fits.cpt, ci_c), "", _paper_constants(), "",
+          f"Intervals: {n} resamples of the runs (within each size), each refitting Chinchilla and then the CPT law "
+          f"on that refit; {failed} failed (a refit that did not converge) and are left out.", ""]
+    if unconverged:
+        md += [f"**Not converged** (stopped at {fitting.MAX_STEPS} L-BFGS steps, still improving): "
+               f"{', '.join(unconverged)}.", ""]
     fig, ax = plt.subplots(figsize=(5, 5))
     for pts, f, name in ((scratch_pts, fits.scratch, "scratch"), (cpt_pts, fits.cpt, "CPT")):
         ax.scatter(pts[:, 2], laws.predict(f, pts[:, 0], pts[:, 1]), s=10, label=name)
@@ -267,8 +247,9 @@ def fits_section(fits: Fits | None, scratch_pts: np.ndarray, cpt_pts: np.ndarray
               "cpt": {"chinchilla": fits.chinchilla_on_cpt.huber, "cpt_law": fits.cpt.huber,
                       "cpt_law_gamma": fits.cpt.gamma}}
     out["fit_errors"] = errors
-    md += ["## Fit errors", "", "Sum of Huber losses (delta 1e-3) on log L at the best fit of each law to each data "
-           "set (the CPT law with E, A, alpha from the scratch fit).", "",
+    md += ["## Fit errors", "", "Mean Huber loss (delta 1e-3) of log L per point at the best fit of each law to each "
+           "data set (the CPT law with E, A, alpha from the scratch fit); in sample, so the law with more free "
+           "parameters is favoured (finding 2 compares them on left-out runs).", "",
            *_table(("data", "Chinchilla law", "CPT law", "CPT law's gamma"),
                    [(k, f"{v['chinchilla']:.3g}", f"{v['cpt_law']:.3g}", f"{v['cpt_law_gamma']:+.3f}")
                     for k, v in errors.items()]), ""]
@@ -405,7 +386,7 @@ def replay_study(plan: dict, curves: dict, bootstrap: int = 200) -> dict | None:
         b = replay_law.bootstrap(r, d, rise, epsilon, at_tokens, n=bootstrap)
     except ValueError as e:
         return {**result, "error": f"the forgetting law cannot be fitted: {e}"}
-    return {**result, **b, "epsilon": epsilon, "at_tokens": at_tokens}
+    return {**result, **b, "n": bootstrap, "epsilon": epsilon, "at_tokens": at_tokens}
 
 
 def replay_section(study: dict | None, plan: dict, out: dict) -> list[str]:

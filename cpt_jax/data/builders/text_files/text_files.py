@@ -8,7 +8,7 @@ Documents by format (whitespace-only documents are skipped):
   parquet  one row per document; the document is its `text_field` string column
 
 Splits `train` and `eval`: a document is held out iff a 64-bit hash of its content is
-below the config's `eval_cutoff` (see `eval_cutoff`), so copies of one document never
+below the config's `eval_cutoff` (cpt_jax.data.holdout), so copies of one document never
 straddle the two splits. Documents keep their file order.
 
 A bad document is one that cannot be read as text: invalid UTF-8 in a txt block (the whole
@@ -23,7 +23,6 @@ missing or non-string column) is no document: it always fails.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 from collections.abc import Iterable, Iterator
 
@@ -33,6 +32,7 @@ import tensorflow_datasets as tfds
 from etils import epath
 
 from cpt_jax.data.builders import text_info
+from cpt_jax.data.holdout import content_hash
 
 FORMATS = ("txt", "jsonl", "parquet")
 BAD_DOCUMENTS = ("error", "skip")  # what `good_documents` does with a bad document
@@ -173,34 +173,6 @@ def good_documents(docs: Iterable[str | BadDocument], mode: str, skipped: Skippe
             raise ValueError(doc.error)
 
 
-def _content_hash(text: str) -> int:
-    return int.from_bytes(hashlib.blake2b(text.encode("utf-8"), digest_size=8).digest(), "big")
-
-
-def eval_cutoff(documents: Iterable[str], eval_fraction: float) -> int:
-    """The hash cutoff that holds out about `eval_fraction` of `documents`, at least one
-    and never all of them. Reads every document, so it is also the validation pass."""
-    target = int(eval_fraction * 2**64)
-    n = below = 0
-    lowest, highest = 2**64, -1
-    for text in documents:
-        h = _content_hash(text)
-        n += 1
-        below += h < target
-        lowest, highest = min(lowest, h), max(highest, h)
-    if n == 0:
-        raise ValueError("no non-empty documents")
-    if n == 1:
-        raise ValueError("only 1 document; need at least 2, since one is held out for eval")
-    if lowest == highest:
-        raise ValueError(f"all {n} documents are identical; need 2 different ones to hold one out")
-    if below == 0:
-        return lowest + 1  # hold out the document(s) with the lowest hash
-    if below == n:
-        return highest  # keep the document(s) with the highest hash for training
-    return target
-
-
 @dataclasses.dataclass
 class TextFilesConfig(tfds.core.BuilderConfig):
     """One source's files. A prepared config is reused as is, so its name must change
@@ -209,7 +181,7 @@ class TextFilesConfig(tfds.core.BuilderConfig):
     files: tuple[str, ...] = dataclasses.field(default=(), repr=False)  # TFDS logs the repr
     format: str = "txt"
     text_field: str = "text"
-    eval_cutoff: int = 0  # from `eval_cutoff`; documents hashing below it are held out
+    eval_cutoff: int = 0  # from holdout.eval_cutoff; documents hashing below it are held out
     bad_documents: str = "error"  # error | skip (see `good_documents`)
 
 
@@ -238,7 +210,7 @@ class TextFiles(tfds.core.GeneratorBasedBuilder):
         for path in config.files:
             for text in good_documents(read_documents(path, config.format, config.text_field),
                                        config.bad_documents, skipped):
-                if (_content_hash(text) < config.eval_cutoff) == held_out:
+                if (content_hash(text.encode("utf-8")) < config.eval_cutoff) == held_out:
                     yield key, {"text": text}
                     key += 1
         if config.bad_documents == "skip":  # of the source: a bad document is in neither split
