@@ -114,3 +114,20 @@ def test_the_sweep_replaces_planted_links(tmp_path, outside):
     sweep.write_prepare_config(str(root), ["--config", "cfg.py"])
     assert outside.read_text() == "untouched\n" and not (root / "sweep.json").is_symlink()
 
+
+def test_a_gguf_declaring_a_huge_array_fails_fast(tmp_path):
+    """182 bytes declaring a 2^40-element array: one ValueError naming the file and the field,
+    within bounded time and memory (the plain reader grew to gigabytes)."""
+    import struct
+    import time
+
+    from cpt_jax.convert.gguf import GGUFFile
+    key = b"general.architecture"
+    head = (b"GGUF" + struct.pack("<IQQ", 3, 0, 1) + struct.pack("<Q", len(key)) + key
+            + struct.pack("<IIQ", 9, 0, 1 << 40))  # ARRAY of UINT8, 2^40 items
+    path = tmp_path / "bad.gguf"
+    path.write_bytes(head.ljust(182, b"\0"))
+    start = time.monotonic()
+    with pytest.raises(ValueError, match=r"bad\.gguf: malformed GGUF header: .*field GGUF\.kv_count"):
+        GGUFFile(str(path))
+    assert time.monotonic() - start < 5
