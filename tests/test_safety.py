@@ -131,3 +131,44 @@ def test_a_gguf_declaring_a_huge_array_fails_fast(tmp_path):
     with pytest.raises(ValueError, match=r"bad\.gguf: malformed GGUF header: .*field GGUF\.kv_count"):
         GGUFFile(str(path))
     assert time.monotonic() - start < 5
+
+
+def _safetensors(path, header: dict, data: bytes = b"") -> None:
+    import struct
+    raw = json.dumps(header).encode()
+    path.write_bytes(struct.pack("<Q", len(raw)) + raw + data)
+
+
+@pytest.mark.parametrize("shard", ["../elsewhere/x.safetensors", "/abs/x.safetensors"])
+def test_a_safetensors_index_pointing_outside_is_refused(tmp_path, shard):
+    from cpt_jax.convert.safetensors import SafetensorsReader
+    model, elsewhere = tmp_path / "model", tmp_path / "elsewhere"
+    model.mkdir(), elsewhere.mkdir()
+    _safetensors(elsewhere / "x.safetensors", {"w": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}, b"\0" * 4)
+    shard = shard.replace("/abs", str(elsewhere))
+    (model / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"w": shard}}))
+    with pytest.raises(ValueError, match=r"index\.json: weight_map\['w'\].*not a file name"):
+        SafetensorsReader(model)
+
+
+@pytest.mark.parametrize("header, field", [
+    ({"w": {"dtype": "F32", "shape": [1], "data_offsets": [-4, 0]}}, "data_offsets"),
+    ({"w": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]},
+      "v": {"dtype": "F32", "shape": [1], "data_offsets": [2, 6]}}, "overlap"),
+    ({"w": {"dtype": "F32", "shape": [1 << 62], "data_offsets": [0, 8]}}, "shape"),
+    ({"w": "not a tensor"}, "data_offsets"),
+])
+def test_malformed_safetensors_headers_end_in_one_value_error(tmp_path, header, field):
+    from cpt_jax.convert.safetensors import SafetensorsReader
+    _safetensors(tmp_path / "model.safetensors", header, b"\0" * 8)
+    with pytest.raises(ValueError, match=rf"model\.safetensors: .*{field}"):
+        SafetensorsReader(tmp_path)
+
+
+def test_a_deeply_nested_json_header_is_refused(tmp_path):
+    from cpt_jax.convert.safetensors import SafetensorsReader
+    raw = b"[" * 100_000 + b"]" * 100_000
+    import struct
+    (tmp_path / "model.safetensors").write_bytes(struct.pack("<Q", len(raw)) + raw)
+    with pytest.raises(ValueError, match=r"model\.safetensors: malformed JSON: RecursionError"):
+        SafetensorsReader(tmp_path)
