@@ -176,7 +176,8 @@ def config_diff(saved: dict, config: ml_collections.ConfigDict, allowed: tuple[s
     # the older code computed.
     old, new = {**flatten(base().to_dict()), **flatten(saved)}, flatten(json.loads(config.to_json()))
     for flat in (old, new):  # "auto" and what it means on this platform are the same dtype
-        flat["model.dtype"] = models.llama.compute_dtype(flat.get("model.dtype", "auto"))
+        if flat.get("model.dtype", "auto") == "auto":
+            flat["model.dtype"] = models.llama.compute_dtype("auto")
     ok = lambda k: any(k == f or k.startswith(f + ".") for f in allowed)  # noqa: E731
     diff = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k) and not ok(k))
     return "; ".join(f"{k}: {old.get(k, '(absent)')!r} -> {new.get(k, '(absent)')!r}" for k in diff)

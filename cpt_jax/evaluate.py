@@ -19,7 +19,7 @@ from collections.abc import Sequence
 
 from absl import flags
 
-from cpt_jax import cli, harness, inference, models
+from cpt_jax import cli, harness, inference, models, storage
 from cpt_jax import tasks as task_lib
 from cpt_jax.errors import ConfigError
 from cpt_jax.rundir import RunDir
@@ -57,14 +57,21 @@ def evaluate_checkpoint() -> None:
     except (ValueError, FileNotFoundError, ImportError) as e:
         raise ConfigError(str(e)) from None
     results = scorer.evaluate(models.params_of(model), names, _LIMIT.value, _INCLUDE_PATH.value)
-    out = _OUTPUT.value or os.path.join(run.path, "eval", f"step_{step}")
-    os.makedirs(out, exist_ok=True)
-    with open(os.path.join(out, "results.json"), "w") as f:
-        json.dump({k: results[k] for k in ("results", "groups", "configs", "versions", "n-shot", "higher_is_better")
-                   if k in results}, f, indent=2, default=str)
+    path = write_results(results, _OUTPUT.value or os.path.join(run.path, "eval", f"step_{step}"),
+                         within=_OUTPUT.value or run.path)
     for line in summary_lines(results):
         print(line)
-    log.info("results in %s", os.path.join(out, "results.json"))
+    log.info("results in %s", path)
+
+
+def write_results(results: dict, out: str, within: str) -> str:
+    """OUT/results.json; returns its path. The workdir may be downloaded or shared, so no link
+    in it below `within` may carry the results elsewhere."""
+    path = os.path.join(out, "results.json")
+    keep = ("results", "groups", "configs", "versions", "n-shot", "higher_is_better")
+    storage.write_atomic(path, json.dumps({k: results[k] for k in keep if k in results}, indent=2, default=str),
+                         within=within)
+    return path
 
 
 def main(argv: Sequence[str] | None = None) -> int:

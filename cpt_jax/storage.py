@@ -13,7 +13,7 @@ import hashlib
 import json
 import logging
 import os
-import tempfile
+import secrets
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -31,31 +31,55 @@ def absolute(path: str) -> str:
     return path if is_remote(path) else os.path.abspath(path)
 
 
+def refuse_links(folder: str | os.PathLike, within: str | os.PathLike) -> None:
+    """Raise ValueError unless `folder` lies in `within` through no link: a link planted in a
+    downloaded or shared directory would send a write anywhere the user can write. `within`
+    itself (the directory the user named) may be a link."""
+    rel = os.path.relpath(folder, within)
+    if rel == os.pardir or rel.startswith(os.pardir + os.sep):
+        raise ValueError(f"{folder}: outside {within}; refusing to write there")
+    p = Path(within)
+    for part in Path(rel).parts:
+        p = p / part
+        if p.is_symlink():
+            raise ValueError(f"{p}: a symbolic link; refusing to write through it")
+
+
 @contextlib.contextmanager
-def atomic_path(dest: Path) -> Iterator[Path]:
-    """Yield a temp path in dest's (local) folder; move it onto dest only on success,
-    so a crash never leaves a partial file under the final name."""
+def atomic_path(dest: Path, within: str | os.PathLike | None = None) -> Iterator[Path]:
+    """Yield a temp path in dest's (local) folder; move it onto dest only on success, so a crash
+    never leaves a partial file under the final name. The move replaces a link at dest instead of
+    writing through it; with `within`, a folder below it that is a link is refused
+    (`refuse_links`). The file gets 0666 less the umask, as open() would give it."""
+    dest = Path(dest)
+    if within is not None:
+        refuse_links(dest.parent, within)
     dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".tmp")
-    os.close(fd)
+    while True:  # tempfile.mkstemp would make it 0600 whatever the umask
+        tmp = dest.parent / f".{dest.name}.{secrets.token_hex(6)}.tmp"
+        try:
+            os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o666))
+            break
+        except FileExistsError:
+            continue
     try:
-        yield Path(tmp)
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600; cache files may be shared
+        yield tmp
         os.replace(tmp, dest)
     finally:
-        if os.path.exists(tmp):
+        if os.path.lexists(tmp):
             os.unlink(tmp)
 
 
-def write_atomic(path: str | os.PathLike, data: str | bytes) -> None:
-    """`path` (local or remote) holds `data` afterwards, never a part of it."""
+def write_atomic(path: str | os.PathLike, data: str | bytes, within: str | os.PathLike | None = None) -> None:
+    """`path` (local or remote) holds `data` afterwards, never a part of it; the one writer of
+    the project's files (see `atomic_path` for links and `within`)."""
     data = data.encode() if isinstance(data, str) else data
     if is_remote(path):
         dest = epath.Path(path)
         dest.parent.mkdir(parents=True, exist_ok=True)
         dest.write_bytes(data)
         return
-    with atomic_path(Path(path)) as tmp:
+    with atomic_path(Path(path), within) as tmp:
         tmp.write_bytes(data)
 
 
@@ -73,7 +97,8 @@ def exclusive(target: str | os.PathLike) -> Iterator[None]:
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     # Opened for writing: NFS emulates flock with byte-range locks, which need a writable file.
-    fd = os.open(target.parent / f".{target.name}.lock", os.O_RDWR | os.O_CREAT, 0o666)
+    # O_NOFOLLOW: a lock file planted as a link fails here instead of creating its target.
+    fd = os.open(target.parent / f".{target.name}.lock", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o666)
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

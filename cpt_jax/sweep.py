@@ -26,6 +26,7 @@ import dataclasses
 import json
 import math
 import os
+import re
 import shlex
 import subprocess
 import sys
@@ -35,7 +36,7 @@ import jax
 import ml_collections
 from absl import flags
 
-from cpt_jax import cli, models, trainer, update
+from cpt_jax import cli, models, storage, trainer, update
 from cpt_jax.data.tokenizer import load_tokenizer
 from cpt_jax.errors import ConfigError, Preempted, RunError
 from cpt_jax.rundir import RunDir
@@ -199,8 +200,7 @@ def write_plan(runs: list[Run], sweep_dir: str, config_args: list[str], sweep: m
             "findings": sweep.findings.to_dict() if "findings" in sweep else {},
             "flops": flops(runs),
             "runs": [{k: v for k, v in dataclasses.asdict(r).items() if k != "config"} for r in runs]}
-    with open(os.path.join(sweep_dir, "sweep.json"), "w") as f:
-        json.dump(plan, f, indent=2)
+    storage.write_atomic(os.path.join(sweep_dir, "sweep.json"), json.dumps(plan, indent=2), within=sweep_dir)
 
 
 def cost_table(runs: list[Run]) -> str:
@@ -268,19 +268,27 @@ def _sbatch_lines(options: dict) -> list[str]:
     return out
 
 
+def _sbatch_path(path: str) -> str:
+    """`path` as one argument of an #SBATCH line, which sbatch splits itself (double quotes group,
+    a backslash escapes, an unescaped # ends the line); refused if it would end the line: the
+    sweep directory may come from anywhere, and a line break would start a shell command."""
+    if any(c in path for c in "\n\r\0"):
+        raise ConfigError(f"--sweep_dir {path!r}: a line break in the path")
+    return '"' + re.sub(r'([\\"#])', r"\\\1", path) + '"'
+
+
 def write_prepare_config(sweep_dir: str, config_args: list[str]) -> str:
     """SWEEP_DIR/prepare_data.py: a run config for `python -m cpt_jax.data.prepare`, the sweep's
     base config. The runs differ from it only in model size, steps, batch and mixture weights
     (`expand`), none of which changes what is prepared (sources, tokenizer, token stores of every
     source at base.seq_len), so preparing it prepares the data of every run."""
-    os.makedirs(sweep_dir, exist_ok=True)
     path = os.path.join(sweep_dir, PREPARE_CONFIG)
-    with open(path, "w") as f:
-        f.write('"""Written by `python -m cpt_jax.sweep`: the data every run of the sweep reads, for\n'
-                f'`python -m cpt_jax.data.prepare --config {path}`."""\n\n'
-                "from cpt_jax.config import load_file\n\n\n"
-                "def get_config():\n"
-                f"    return load_file({config_args[1]!r}).base\n")
+    # Names enter the code only as repr() literals: a directory name cannot close a string here.
+    storage.write_atomic(path, '"""Written by `python -m cpt_jax.sweep`: the data every run of the sweep reads, for\n'
+                         '`python -m cpt_jax.data.prepare --config` this file."""\n\n'
+                         "from cpt_jax.config import load_file\n\n\n"
+                         "def get_config():\n"
+                         f"    return load_file({config_args[1]!r}).base\n", within=sweep_dir)
     return path
 
 
@@ -308,7 +316,7 @@ def slurm_script(runs: list[Run], sweep_dir: str, config_args: list[str], slurm:
     finishes the step in flight and saves; the task is then requeued (unless the job is being
     cancelled), whatever the run's exit code, and its next start resumes the run."""
     options = {**SLURM_DEFAULTS, **{k: v for k, v in slurm.items() if k != "prepare"}}
-    lines = ["#!/bin/bash", "#SBATCH --job-name=cpt_sweep", f"#SBATCH --output={sweep_dir}/slurm-%A_%a.out",
+    lines = ["#!/bin/bash", "#SBATCH --job-name=cpt_sweep", "#SBATCH --output=" + _sbatch_path(f"{sweep_dir}/slurm-%A_%a.out"),
              *_sbatch_lines(options),
              "# Written by `python -m cpt_jax.sweep --backend slurm`, which submits it as array jobs: task i",
              "# runs RUNS[i]. SIGTERM (before the time limit, or scancel --batch --signal=TERM) is passed on",
@@ -349,7 +357,7 @@ def prepare_script(sweep_dir: str, config_args: list[str], slurm: ml_collections
     options = {k: v for k, v in slurm.items() if k != "prepare" and k not in SLURM_DEFAULTS}
     options.update(slurm.get("prepare", {}))
     lines = ["#!/bin/bash", "#SBATCH --job-name=cpt_sweep_prepare",
-             f"#SBATCH --output={sweep_dir}/slurm-prepare-%j.out", *_sbatch_lines(options),
+             "#SBATCH --output=" + _sbatch_path(f"{sweep_dir}/slurm-prepare-%j.out"), *_sbatch_lines(options),
              "# Written by `python -m cpt_jax.sweep --backend slurm`: the data every run of the sweep reads;",
              "# the sweep's array jobs start once it succeeds.",
              "set -euo pipefail",
@@ -371,10 +379,8 @@ def launch_slurm(runs: list[Run], sweep_dir: str, config_args: list[str], slurm:
     os.makedirs(sweep_dir, exist_ok=True)
     write_prepare_config(sweep_dir, config_args)
     prepare, script = os.path.join(sweep_dir, "sweep_prepare.sbatch"), os.path.join(sweep_dir, "sweep.sbatch")
-    with open(prepare, "w") as f:
-        f.write(prepare_script(sweep_dir, config_args, slurm))
-    with open(script, "w") as f:
-        f.write(slurm_script(todo, sweep_dir, config_args, slurm))
+    storage.write_atomic(prepare, prepare_script(sweep_dir, config_args, slurm), within=sweep_dir)
+    storage.write_atomic(script, slurm_script(todo, sweep_dir, config_args, slurm), within=sweep_dir)
     index = {r.name: i for i, r in enumerate(todo)}
     groups: dict[str | None, list[int]] = {}  # the unfinished run waited for -> the tasks that wait
     for i, r in enumerate(todo):  # in `expand` order, a run comes after the one it starts from

@@ -51,7 +51,8 @@ def schedule_args(opt, total_steps: int) -> dict[str, np.ndarray]:
     f32 = np.float32
     return {"kind": np.int32(SCHEDULES.index(opt.schedule)), "sqrt_decay": np.bool_(opt.decay_shape == "1-sqrt"),
             "peak": f32(opt.peak_lr), "floor": f32(opt.peak_lr * opt.min_lr_frac), "warmup": f32(warmup),
-            "cosine_end": f32(max(total_steps, warmup + 1)), "decay_start": f32(total_steps - decay), "decay": f32(decay)}
+            "cosine_end": f32(max(total_steps, warmup + 1)), "decay_start": f32(total_steps - decay),
+            "decay": f32(decay)}
 
 
 def learning_rate(step, args: dict) -> jax.Array:

@@ -14,8 +14,11 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from cpt_jax import checks
+from cpt_jax.errors import ConfigError
 from cpt_jax.models import SIZES, ModelConfig, flops_per_token, init_params, model_config, spec
 from cpt_jax.models.llama import apply_rope, rope_tables
+from test_trainer import small_config
 
 VOCAB = 97  # odd and not a multiple of anything in the 'test' size
 BATCH, SEQ = 2, 9
@@ -520,3 +523,8 @@ def test_flops_per_token_counts_heads_times_head_dim_and_the_window():
     assert n == 999_885_952 and gemma3.non_embedding_params() == n
     assert flops_per_token(gemma3, 8192) == 6 * n + 12 * 1024 * (4 * 8192 + 22 * 512)
     assert flops_per_token(gemma3, 256) == 6 * n + 12 * 1024 * 26 * 256  # a window past the sequence is all of it
+
+
+def test_a_float16_run_is_refused_by_the_config_check():
+    with pytest.raises(ConfigError, match=r"^model.dtype='float16' is not a supported compute dtype"):
+        checks.check_config(small_config("--config.model.dtype=float16"))

@@ -42,7 +42,8 @@ def _imports(module: str, path: pathlib.Path, modules: dict) -> list[tuple[str, 
             elif isinstance(child, ast.ImportFrom):
                 base = child.module or ""
                 if child.level:
-                    base = ".".join(package.split(".")[:len(package.split(".")) - child.level + 1] + ([base] if base else []))
+                    parts = package.split(".")[:len(package.split(".")) - child.level + 1]
+                    base = ".".join(parts + ([base] if base else []))
                 names = [f"{base}.{a.name}" if f"{base}.{a.name}" in modules else base for a in child.names]
             for name in names:
                 target = _resolve(name, modules) if name.startswith("cpt_jax") else None
@@ -128,6 +129,6 @@ def test_every_config_field_declares_its_kinds():
 def test_the_loader_and_its_old_name_in_a_fresh_notebook():
     """`import cpt_jax` then `cpt_jax.load`, and the old `cpt_jax.models.load`, as a fresh
     interpreter sees them (the package imports nothing heavy until asked)."""
-    code = ("import sys, cpt_jax; assert 'jax' not in sys.modules; "
-            "assert cpt_jax.models.load is cpt_jax.load; from cpt_jax.inference import load; assert load is cpt_jax.load")
+    code = ("import sys, cpt_jax; assert 'jax' not in sys.modules; assert cpt_jax.models.load is cpt_jax.load; "
+            "from cpt_jax.inference import load; assert load is cpt_jax.load")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=PACKAGE.parent, timeout=120)

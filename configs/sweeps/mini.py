@@ -7,11 +7,13 @@ replay at every size and a replay study at one size, then the report with its Fi
 Expected: 43 runs (per size a source run at 2 x N tokens, and for scratch and each CPT ratio a
 stable phase with a cooldown branch at 0.25, 0.5 and 1 x N; N the non-embedding parameters, 153k,
 330k and 689k), then /tmp/mini_sweep/report.md with the Findings, fits, replay law and plots.
-Measured (README, Size sweep): CPT reaches scratch's final Chinese loss with 31%, 58% and 25%
+Measured (README, Size sweep): CPT reaches scratch's final Chinese loss with 31%, 57% and 23%
 fewer tokens (finding 1 holds); the fits are not determined by 3 sizes over 4.5x in N (findings 2
-and 3 do not hold at this scale); replay bounds forgetting (+17.0 nats of English loss without
+and 3 undetermined at this scale); replay bounds forgetting (+15.1 nats of English loss without
 replay, +0.71 at 5%, +0.03 at 50%) but 50% replay reaches a lower Chinese loss at equal Chinese
-tokens than none (finding 4 does not hold). Time: 19 minutes on 2 CPU cores, the report included.
+tokens than none (finding 4 does not hold). Time: 24.5 minutes on 2 CPU cores shared with other
+work (19 alone before the issue-28 fixes), the report included. This is the reduced, CI-sized
+sweep: its sizes and budgets are far outside the paper's regime.
 """
 
 import ml_collections

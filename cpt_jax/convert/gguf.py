@@ -95,10 +95,28 @@ PRE_TOKENIZERS = {
 }
 
 
+class _BoundedReader(gguf.GGUFReader):
+    """A GGUFReader that refuses to read past the end of the file. The header's counts and sizes
+    come from the file, and every item read advances through it, so a malformed header now ends
+    within a file's length of reads: the plain reader walks a declared 2^40-element array to the
+    end, growing memory without bound."""
+
+    def _get(self, offset: int, dtype, count: int = 1, override_order=None) -> np.ndarray:
+        end = int(offset) + np.dtype(dtype).itemsize * int(count)
+        if end > self.data.size:
+            last = next(reversed(getattr(self, "fields", {})), "the magic")
+            raise ValueError(f"{int(count)} x {np.dtype(dtype)} at byte {int(offset)} run past the end of the file "
+                             f"({self.data.size} bytes), in or after field {last}")
+        return super()._get(offset, dtype, count, override_order)
+
+
 class GGUFFile:
     def __init__(self, path: str):
         self.path = path
-        self.reader = gguf.GGUFReader(path)
+        try:
+            self.reader = _BoundedReader(path)
+        except (ValueError, KeyError, IndexError) as e:  # the gguf package's own errors for bad headers
+            raise ValueError(f"{path}: malformed GGUF header: {e}") from None
         self.tensors = {t.name: t for t in self.reader.tensors}
         self.arch = self.field("general.architecture")
         if self.arch not in ARCHITECTURES:

@@ -33,9 +33,48 @@ def _header(path: Path) -> tuple[dict, int]:
         (n,) = struct.unpack("<Q", raw)
         if n > os.path.getsize(path) - 8:
             raise ValueError(f"{path} is not a safetensors file (header length {n} past the end)")
-        header = json.loads(f.read(n))
+        header = _json(path, f.read(n))
+    if not isinstance(header, dict):
+        raise ValueError(f"{path}: the header is not a JSON object")
     header.pop("__metadata__", None)
     return header, 8 + n
+
+
+def _json(path: Path, text: str | bytes):
+    """Parsed JSON, or one ValueError naming the file (a deeply nested document would raise
+    RecursionError)."""
+    try:
+        return json.loads(text)
+    except (ValueError, RecursionError) as e:
+        raise ValueError(f"{path}: malformed JSON: {type(e).__name__}: {str(e)[:200]}") from None
+
+
+def _check_tensors(path: Path, header: dict, start: int, size: int) -> None:
+    """Every tensor's dtype, shape and byte range well formed, inside the file, none overlapping."""
+    spans = []
+    for name, info in header.items():
+        info = info if isinstance(info, dict) else {}
+        offsets, shape = info.get("data_offsets"), info.get("shape")
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(type(o) is int and o >= 0 for o in offsets)
+                and offsets[0] <= offsets[1]):
+            raise ValueError(f"{path}: tensor {name}: data_offsets {offsets!r} are not 0 <= begin <= end")
+        if not (isinstance(shape, list) and all(type(d) is int and d >= 0 for d in shape)):
+            raise ValueError(f"{path}: tensor {name}: shape {shape!r} is not a list of sizes")
+        if info.get("dtype") not in DTYPES:
+            raise ValueError(f"tensor {name} in {path} has dtype {info.get('dtype')}, not one of {sorted(DTYPES)}")
+        begin, end = (start + o for o in offsets)
+        if end > size:
+            raise ValueError(f"{path}: tensor {name} needs bytes [{begin}, {end}) but the file has {size} "
+                             f"(truncated?)")
+        want = int(np.prod(shape, dtype=object)) * np.dtype(DTYPES[info["dtype"]]).itemsize
+        if end - begin != want:
+            raise ValueError(f"{path}: tensor {name} has {end - begin} bytes [{begin}, {end}) for shape "
+                             f"{shape} of {info['dtype']}, which takes {want}")
+        spans.append((begin, end, name))
+    spans.sort()
+    for (_, end, a), (begin, _, b) in zip(spans, spans[1:]):
+        if begin < end:
+            raise ValueError(f"{path}: tensors {a} and {b}: data_offsets overlap")
 
 
 class SafetensorsReader:
@@ -44,9 +83,16 @@ class SafetensorsReader:
     def __init__(self, directory: str | os.PathLike):
         directory = Path(directory)
         if (directory / INDEX).is_file():
-            weight_map = json.loads((directory / INDEX).read_text())["weight_map"]
+            weight_map = _json(directory / INDEX, (directory / INDEX).read_bytes())
+            weight_map = weight_map.get("weight_map") if isinstance(weight_map, dict) else None
+            if not isinstance(weight_map, dict):
+                raise ValueError(f"{directory / INDEX}: no weight_map object")
             files = {}
             for name, shard in weight_map.items():
+                # A shard is a file of the model dir: a path could read a file from anywhere.
+                if not isinstance(shard, str) or shard in ("", ".", "..") or Path(shard).name != shard:
+                    raise ValueError(f"{directory / INDEX}: weight_map[{name!r}] = {shard!r} is not a file name "
+                                     f"in {directory}")
                 files.setdefault(shard, name)
             for shard, name in files.items():
                 if not (directory / shard).is_file():
@@ -59,18 +105,8 @@ class SafetensorsReader:
         self._where: dict[str, tuple[Path, dict, int]] = {}
         for path in paths:
             header, start = _header(path)
-            size = os.path.getsize(path)
+            _check_tensors(path, header, start, os.path.getsize(path))
             for name, info in header.items():
-                if info["dtype"] not in DTYPES:
-                    raise ValueError(f"tensor {name} in {path} has dtype {info['dtype']}, not one of {sorted(DTYPES)}")
-                begin, end = (start + o for o in info["data_offsets"])
-                if end > size:
-                    raise ValueError(f"{path}: tensor {name} needs bytes [{begin}, {end}) but the file has {size} "
-                                     f"(truncated?)")
-                want = int(np.prod(info["shape"])) * np.dtype(DTYPES[info["dtype"]]).itemsize
-                if end - begin != want:
-                    raise ValueError(f"{path}: tensor {name} has {end - begin} bytes [{begin}, {end}) for shape "
-                                     f"{info['shape']} of {info['dtype']}, which takes {want}")
                 self._where[name] = (path, info, start)
         self._maps: dict[Path, np.memmap] = {}
 

@@ -13,8 +13,10 @@ law (cpt_jax.scaling.replay).
 
 from __future__ import annotations
 
+import io
 import json
 import os
+import re
 
 import matplotlib
 
@@ -22,6 +24,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from cpt_jax import storage  # noqa: E402
 from cpt_jax.rundir import RunDir  # noqa: E402
 from cpt_jax.scaling import findings  # noqa: E402
 from cpt_jax.scaling import fit as fitting  # noqa: E402
@@ -74,9 +77,15 @@ def by_size(pts: np.ndarray) -> dict[int, tuple[np.ndarray, np.ndarray]]:
     return {int(n): (pts[pts[:, 0] == n, 1], pts[pts[:, 0] == n, 2]) for n in np.unique(pts[:, 0])}
 
 
+def md_text(value: object) -> str:
+    """`value` as literal Markdown text on one line: names come from sweep.json and the run
+    directories, which may be shared or downloaded, so none may add lines, links or HTML."""
+    return re.sub(r"([\\`*_{}\[\]<>()#+!|~])", r"\\\1", " ".join(str(value).split()))
+
+
 def _table(header: tuple[str, ...], rows: list[tuple]) -> list[str]:
     return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header),
-            *("| " + " | ".join(str(c) for c in row) + " |" for row in rows)]
+            *("| " + " | ".join(md_text(c) for c in row) + " |" for row in rows)]
 
 
 def _constants(fit, ci: dict) -> list[str]:
@@ -90,8 +99,10 @@ def _constants(fit, ci: dict) -> list[str]:
 
 def _save(fig, sweep_dir: str, name: str) -> str:
     fig.tight_layout()
-    fig.savefig(os.path.join(sweep_dir, name), dpi=120)
+    png = io.BytesIO()
+    fig.savefig(png, format="png", dpi=120)
     plt.close(fig)
+    storage.write_atomic(os.path.join(sweep_dir, name), png.getvalue(), within=sweep_dir)
     return f"![]({name})"
 
 
@@ -109,8 +120,8 @@ def write_report(sweep_dir: str, bootstrap: int = 100) -> str:
     out["findings"] = {v.name: {"claim": v.claim, "status": v.status, "holds": v.holds,
                                 "evidence": list(v.evidence), "numbers": v.numbers} for v in verdicts}
 
-    md = [f"# Sweep report: {sweep_dir}", "",
-          f"Target `{tgt}`, source `{src}`; {len(plan['runs'])} runs"
+    md = [f"# Sweep report: {md_text(sweep_dir)}", "",
+          f"Target {md_text(tgt)}, source {md_text(src)}; {len(plan['runs'])} runs"
           + (", WSD stable phases with cooldown branches" if plan["branches"] else ", one run per point") + ".",
           "", N_DEFINITION, "", "## Findings", "",
           "The paper's findings, each judged by the stated rule on this sweep's numbers (95% intervals from a "
@@ -128,10 +139,9 @@ def write_report(sweep_dir: str, bootstrap: int = 100) -> str:
     md += downstream_section(plan, sweep_dir, out)
 
     path = os.path.join(sweep_dir, "report.md")
-    with open(path, "w") as f:
-        f.write("\n".join(md))
-    with open(os.path.join(sweep_dir, "report.json"), "w") as f:
-        json.dump(out, f, indent=2, default=float)
+    storage.write_atomic(path, "\n".join(md), within=sweep_dir)
+    storage.write_atomic(os.path.join(sweep_dir, "report.json"), json.dumps(out, indent=2, default=float),
+                         within=sweep_dir)
     return path
 
 
