@@ -20,6 +20,7 @@ ENTRY_POINTS = {  # module or bench script -> exactly the flags its --help lists
     "cpt_jax.evaluate": {"workdir", "step", "tasks", "limit", "batch_size", "max_length", "dtype", "include_path",
                          "output"},
     "cpt_jax.data.prepare": {"config"},
+    "cpt_jax.scaling.plan": {"compute", "fits", "json"},
     "bench/data.py": {"rows", "steps"},
     "bench/freeze_memory.py": {"size", "vocab_size", "old_vocab", "batch_size", "seq_len"},
     "bench/harness.py": {"src", "requests", "batch_size"},

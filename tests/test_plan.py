@@ -8,7 +8,6 @@ import sys
 
 import pytest
 
-from cpt_jax import cli
 from cpt_jax.scaling import laws, plan
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -49,14 +48,14 @@ def test_plan_with_a_sweeps_fits(tmp_path):
     assert p["saved"] > 0  # this CPT law is below scratch's
 
 
-@pytest.mark.parametrize("job, message", [
-    (lambda _: plan.budgets(["1e18", "abc"]), "plan error: --compute: 'abc' is not a positive number of FLOPs"),
-    (lambda _: plan.budgets(["0"]), "plan error: --compute: '0' is not a positive number of FLOPs"),
-    (lambda path: plan.load_fits(path), "plan error: --fits {path}: no fitted laws in it"),
+@pytest.mark.parametrize("args, message", [
+    (["--compute", "1e18,abc"], "plan error: --compute: 'abc' is not a positive number of FLOPs"),
+    (["--compute", "0"], "plan error: --compute: '0' is not a positive number of FLOPs"),
+    (["--compute", "1e18", "--fits", "{path}"], "plan error: --fits {path}: no fitted laws in it"),
 ])
-def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys, job, message):
+def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys, args, message):
     path = tmp_path / "report.json"
     path.write_text(json.dumps({"findings": {}}))  # a report of a sweep with too few points to fit
-    assert cli.run(lambda: job(str(path)), join_processes=False, label="plan error") == 2
+    assert plan.main([a.format(path=path) for a in args]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith(message.format(path=path)) and "\n" not in err

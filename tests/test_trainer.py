@@ -137,10 +137,10 @@ def test_the_speed_clock_starts_after_the_evals_before_step_1():
     writer = Writer()
     progress = Progress(writer, Mixture(), start_step=0, total_steps=2, batch_size=1, seq_len=1, flops_per_token=1.0,
                         check_nonfinite=lambda step, n: None)
-    time.sleep(0.5)  # the initial evals
+    time.sleep(3.0)  # the initial evals
     progress.start({"eval/zh/loss": 1.0})
     m = {"loss": 1.0, "grad_norm": 1.0, "lr": 0.0, "nonfinite": 0, "source_loss_sum": [1.0], "source_count": [1.0]}
     progress.dispatched(m)
     progress.log(1, m, {})
     progress.flush()
-    assert writer.last["perf/step_time_s"] < 0.25
+    assert writer.last["perf/step_time_s"] < 1.5  # a step of no work, even on a loaded machine

@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import json
 import math
+import sys
+from collections.abc import Sequence
 
 import numpy as np
 from absl import flags
@@ -26,9 +28,11 @@ from cpt_jax.errors import ConfigError
 from cpt_jax.models import sizes
 from cpt_jax.scaling import laws
 
-COMPUTE = flags.DEFINE_list("compute", None, "FLOPs budgets, comma-separated: 1e18,1e20.")
-FITS = flags.DEFINE_string("fits", "", "A sweep's report.json: plan with its fitted laws (default: the paper's).")
-JSON = flags.DEFINE_bool("json", False, "Print a JSON list, one object per budget.")
+CLI = cli.Command(__doc__, label="plan error")
+COMPUTE = flags.DEFINE_list("compute", None, "FLOPs budgets, comma-separated: 1e18,1e20.", flag_values=CLI.flags)
+FITS = flags.DEFINE_string("fits", "", "A sweep's report.json: plan with its fitted laws (default: the paper's).",
+                           flag_values=CLI.flags)
+JSON = flags.DEFINE_bool("json", False, "Print a JSON list, one object per budget.", flag_values=CLI.flags)
 
 
 def budgets(values: list[str] | None) -> list[float]:
@@ -103,9 +107,7 @@ def text(p: dict) -> list[str]:
     return lines
 
 
-def main(argv: list[str]) -> None:
-    if argv:
-        raise ConfigError(f"unexpected arguments: {' '.join(argv)}")
+def print_plans() -> None:
     C = budgets(COMPUTE.value)
     scratch, cpt = load_fits(FITS.value) if FITS.value else (laws.PAPER_SCRATCH, laws.PAPER_CPT)
     rows = size_rows(paper_n=not FITS.value)
@@ -123,5 +125,10 @@ def main(argv: list[str]) -> None:
         print("\n".join(text(p)))
 
 
+def main(argv: Sequence[str] | None = None) -> int:
+    """`python -m cpt_jax.scaling.plan ARGS...` in this process (argv without the program name): the exit code."""
+    return CLI.run(print_plans, argv)
+
+
 if __name__ == "__main__":
-    cli.main(main, join_processes=False, label="plan error")
+    sys.exit(main())
