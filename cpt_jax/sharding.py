@@ -13,6 +13,7 @@ from collections.abc import Sequence
 
 import jax
 import numpy as np
+from jax.experimental import mesh_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 MESH_AXES = ("data", "fsdp", "tensor")
@@ -49,10 +50,21 @@ def mesh_shape(shape: Sequence[int], num_devices: int) -> tuple[int, ...]:
 
 
 def make_mesh(shape: Sequence[int], devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """The mesh of `mesh.shape` over `devices` (default: all). Over several TPU slices the data
+    axis is the one that crosses them (DCN); fsdp and tensor stay within a slice (ICI)."""
     devices = list(jax.devices() if devices is None else devices)
     shape = mesh_shape(shape, len(devices))
     # Auto axes: Flax layers with sharded params fail under the Explicit default of make_mesh.
-    return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES), devices=devices)
+    auto = (AxisType.Auto,) * len(MESH_AXES)
+    slices = len({getattr(d, "slice_index", 0) for d in devices})
+    if slices == 1:
+        return jax.make_mesh(shape, MESH_AXES, axis_types=auto, devices=devices)
+    if shape[0] % slices:
+        raise ValueError(f"mesh.shape={shape}: the data axis crosses the {slices} slices, so it must be a multiple "
+                         f"of {slices}, e.g. ({slices}, -1, 1)")
+    grid = mesh_utils.create_hybrid_device_mesh((shape[0] // slices, *shape[1:]), (slices, 1, 1), devices,
+                                                allow_split_physical_axes=True)
+    return Mesh(grid, MESH_AXES, axis_types=auto)
 
 
 def logical_spec(axes: Sequence[str | None], shape: Sequence[int] | None = None, mesh=None) -> P:

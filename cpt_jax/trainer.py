@@ -266,8 +266,10 @@ def train_checked(config: ml_collections.ConfigDict, workdir: str, mesh: jax.sha
                                 batch_size=c.batch_size, seq_len=c.seq_len,
                                 flops_per_token=models.flops_per_token(run.model, c.seq_len),
                                 check_nonfinite=check_nonfinite)
-            heldout = functools.partial(evals.heldout_losses, steps, eval_sets=run.data.eval, batch_size=c.batch_size,
-                                        max_batches=c.data.eval_batches)
+            # Held-out batches of the train step's microbatch size: what fits its memory fits theirs.
+            accum = c.optimizer.grad_accum
+            heldout = functools.partial(evals.heldout_losses, steps, eval_sets=run.data.eval,
+                                        batch_size=c.batch_size // accum, max_batches=c.data.eval_batches * accum)
             tasks = functools.partial(evals.task_metrics, steps, tokenizer=run.data.tokenizer, tasks=c.eval_tasks,
                                       limit=c.eval_tasks_limit, batch_size=c.batch_size, max_length=c.seq_len,
                                       mesh=run.mesh) if c.eval_tasks else None
