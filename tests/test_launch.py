@@ -42,14 +42,18 @@ def test_shellcheck():
 
 def test_tpu_vm_commands(tmp_path):
     stand_in(tmp_path, "gcloud")
+    stand_in(tmp_path, "python")  # the check before `run`: python -m cpt_jax.aot, here a stand-in that passes
     env = {**os.environ, "PATH": f"{tmp_path}:{os.environ['PATH']}", "TPU_NAME": "cpt", "ZONE": "us-east5-a",
-           "ACCELERATOR": "v5p-32", "PROJECT": "proj", "SPOT": "1"}
+           "ACCELERATOR": "v5p-32", "PROJECT": "proj", "SPOT": "1", "PYTHON": "python"}
     script = os.path.join(LAUNCH, "tpu_vm.sh")
-    for args in (["create"], ["setup"], ["run", "configs/bible.py:1393m", "gs://b/ckpt run", "--config.seq_len=2048"],
-                 ["logs"], ["delete"]):
+    for args in (["create"], ["setup"], ["run", "configs/bible.py:1393m", "gs://b/ckpt run", "--config.seq_len=2048",
+                                         "--allow_config_change"], ["logs"], ["delete"]):
         r = subprocess.run([script, *args], env=env, capture_output=True, text=True, cwd=tmp_path)
         assert r.returncode == 0, r.stderr
-    create, scp, install, run, logs, delete = calls(tmp_path)
+    create, scp, install, check, run, logs, delete = calls(tmp_path)
+    # the run compiled for its slice's topology first, with the run's config overrides only
+    assert check == ["python", "-m", "cpt_jax.aot", "--config", "configs/bible.py:1393m", "--topology", "v5p-32",
+                     "--config.seq_len=2048"]
     assert create[:6] == ["gcloud", "compute", "tpus", "tpu-vm", "create", "cpt"]
     assert {"--zone=us-east5-a", "--project=proj", "--accelerator-type=v5p-32", "--spot"} <= set(create)
     assert scp[4] == "scp" and "--worker=all" in scp
@@ -57,10 +61,28 @@ def test_tpu_vm_commands(tmp_path):
     assert "--worker=all" in run
     remote = run[-1].split("nohup", 1)[1].split(">")[0]
     assert shlex.split(remote) == ["python", "-m", "cpt_jax.main", "--config", "configs/bible.py:1393m",
-                                   "--workdir", "gs://b/ckpt run", "--config.seq_len=2048"]  # quoting survives
+                                   "--workdir", "gs://b/ckpt run", "--config.seq_len=2048",
+                                   "--allow_config_change"]  # quoting survives
     assert "--worker=0" in logs and delete[4] == "delete"
     bad = subprocess.run([script, "run"], env=env, capture_output=True, text=True)
     assert bad.returncode == 2 and "usage" in bad.stderr
+
+
+def test_tpu_vm_run_starts_nothing_when_the_check_fails(tmp_path):
+    stand_in(tmp_path, "gcloud")
+    stand_in(tmp_path, "python", "echo 'config error: the run needs 40.00 GiB per chip' >&2; exit 2")
+    env = {**os.environ, "PATH": f"{tmp_path}:{os.environ['PATH']}", "TPU_NAME": "cpt", "ZONE": "z",
+           "ACCELERATOR": "v5litepod-4", "PYTHON": "python"}
+    script = os.path.join(LAUNCH, "tpu_vm.sh")
+    r = subprocess.run([script, "run", "configs/bible.py:5534m", "gs://b/x"], env=env, capture_output=True, text=True)
+    assert r.returncode == 2 and "needs 40.00 GiB" in r.stderr
+    assert [c[0] for c in calls(tmp_path)] == ["python"]  # no gcloud: nothing started on the slice
+    r = subprocess.run([script, "check", "configs/bible.py:5534m"], env={**env, "TOPOLOGY": "v5e:2x2"},
+                       capture_output=True, text=True)
+    assert r.returncode == 2 and calls(tmp_path)[-1][-2:] == ["--topology", "v5e:2x2"]
+    r = subprocess.run([script, "run", "--no-check", "configs/bible.py:5534m", "gs://b/x"], env=env,
+                       capture_output=True, text=True)
+    assert r.returncode == 0 and [c[0] for c in calls(tmp_path)][-1] == "gcloud"  # the flag skips the check
 
 
 @pytest.mark.parametrize("state", ["RUNNING", "CANCELLED"])
