@@ -80,8 +80,6 @@ def check_config(config: ml_collections.ConfigDict, devices=None) -> jax.shardin
         raise ConfigError(
             f"batch_size={config.batch_size} is not divisible by data-parallel size {dp} "
             f"(mesh data x fsdp) x optimizer.grad_accum={accum}")
-    if config.batch_size % jax.process_count():
-        raise ConfigError(f"batch_size={config.batch_size} is not divisible by {jax.process_count()} processes")
     return mesh
 
 

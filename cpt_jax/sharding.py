@@ -115,16 +115,22 @@ def data_parallel_size(mesh: Mesh) -> int:
 
 __all__ = [
     "MESH_AXES", "RULES", "batch_sharding", "constrain", "data_parallel_size", "logical_spec",
-    "make_mesh", "mesh_shape", "param_shardings",
+    "make_mesh", "mesh_shape", "param_shardings", "process_rows", "to_device",
 ]
 
 
-def process_rows(batch_size: int) -> slice:
-    """This process's rows of a global batch."""
-    per = batch_size // jax.process_count()
-    return slice(jax.process_index() * per, (jax.process_index() + 1) * per)
+def process_rows(batch: NamedSharding, batch_size: int) -> np.ndarray:
+    """The rows of a global batch (dim 0 under the `batch` sharding) that this process's devices
+    hold, ascending: the rows it builds. Under any mesh: where the batch is split over fewer mesh
+    positions than there are processes (tensor parallelism across hosts), several hold the same rows."""
+    shape = (batch_size, *[1] * (len(batch.spec) - 1))
+    rows = set()
+    for index in batch.addressable_devices_indices_map(shape).values():
+        rows.update(range(*index[0].indices(batch_size)))
+    return np.array(sorted(rows))
 
 
-def to_device(host: dict, shardings: dict) -> dict:
-    """Each process's rows (`process_rows`) of every array of a batch, as global arrays."""
-    return {k: jax.make_array_from_process_local_data(shardings[k], v) for k, v in host.items()}
+def to_device(host: dict, shardings: dict, batch_size: int) -> dict:
+    """Each array of a batch, given as this process's rows of it (`process_rows`), as a global array."""
+    return {k: jax.make_array_from_process_local_data(shardings[k], v, (batch_size, *v.shape[1:]))
+            for k, v in host.items()}

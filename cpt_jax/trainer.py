@@ -75,6 +75,9 @@ def setup(config: ml_collections.ConfigDict, workdir: str, mesh: jax.sharding.Me
         data = distributed.main_first("data", lambda: pipeline.build(dcfg, config.seq_len))
     except ValueError as e:
         raise ConfigError(str(e)) from None
+    # Hosts that prepared their own (local) copies must have made the same ones.
+    distributed.check_same("the tokenizer", data.tokenizer.fingerprint)
+    distributed.check_same("the data stores", json.dumps(data.manifests, sort_keys=True))
     mixture = pipeline.mixture(dcfg, data, config.total_steps, config.seed)
 
     # The model, and the one compatibility check against what it starts from.
