@@ -86,25 +86,41 @@ def test_tpu_vm_run_starts_nothing_when_the_check_fails(tmp_path):
 
 
 @pytest.mark.parametrize("state", ["RUNNING", "CANCELLED"])
-def test_slurm_passes_sigterm_on_and_requeues_unless_cancelled(tmp_path, state):
-    # srun stand-in: runs until SIGTERM, then records it and exits 0 (as cpt_jax does after saving).
-    stand_in(tmp_path, "srun",
-             f'trap \'echo TERM >> "{tmp_path}/calls"; exit 0\' TERM; while true; do sleep 0.05; done')
+def test_slurm_passes_sigterm_to_the_step_and_requeues_unless_cancelled(tmp_path, state):
+    # srun stand-in: runs until its tasks get SIGTERM (from scancel's stand-in), then exits 0 as cpt_jax does
+    # after saving; SIGTERM to srun itself (which on SLURM would kill the tasks) is recorded as a failure.
+    stand_in(tmp_path, "srun", f'echo $$ > "{tmp_path}/srun.pid"; trap \'echo SRUN-GOT-TERM >> "{tmp_path}/calls"; '
+             f'exit 1\' TERM; trap \'exit 0\' USR1; while true; do sleep 0.05; done')
+    stand_in(tmp_path, "scancel", f'kill -USR1 "$(cat "{tmp_path}/srun.pid")"')
     # scontrol stand-in: the job's state, as `scontrol show job -o` prints it (scancel sends TERM too).
     stand_in(tmp_path, "scontrol", f'if [ "$1" = show ]; then echo "JobId=42 JobName=cpt_jax JobState={state} Reason=None"; fi')
-    env = {**os.environ, "PATH": f"{tmp_path}:{os.environ['PATH']}", "SLURM_JOB_ID": "42"}
+    env = {**os.environ, "PATH": f"{tmp_path}:{os.environ['PATH']}", "SLURM_JOB_ID": "42", "SLURM_CPUS_PER_TASK": "12",
+           "SLURM_NTASKS_PER_NODE": "1", "SLURM_GPUS_ON_NODE": "8"}
     proc = subprocess.Popen(["bash", os.path.join(LAUNCH, "slurm.sbatch"), "configs/bible.py:137m", "/ckpt/137m",
                              "--config.seq_len=2048"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True)
     deadline = time.time() + 30
-    while not os.path.exists(tmp_path / "calls"):
+    while not os.path.exists(tmp_path / "srun.pid"):
         assert time.time() < deadline and proc.poll() is None
         time.sleep(0.05)
     proc.send_signal(signal.SIGTERM)  # what SLURM sends the batch shell before the time limit
     proc.communicate(timeout=30)
     assert proc.returncode == 0
-    srun, term, show, *requeue = calls(tmp_path)
+    srun, scancel, show, *requeue = calls(tmp_path)
     assert srun == ["srun", "--kill-on-bad-exit=1", "python", "-m", "cpt_jax.main", "--config", "configs/bible.py:137m",
                     "--workdir", "/ckpt/137m", "--config.seq_len=2048"]
-    assert term == ["TERM"] and show == ["scontrol", "show", "job", "-o", "42"]
+    assert scancel == ["scancel", "--signal=TERM", "42.0"]  # the step's tasks, not srun
+    assert show == ["scontrol", "show", "job", "-o", "42"]
     assert requeue == ([["scontrol", "requeue", "42"]] if state == "RUNNING" else [])
+
+
+def test_slurm_gives_one_process_per_node_all_its_gpus_and_srun_the_cpus(tmp_path):
+    stand_in(tmp_path, "srun", 'echo "JAX_LOCAL_DEVICE_IDS=${JAX_LOCAL_DEVICE_IDS:-} SRUN_CPUS_PER_TASK=${SRUN_CPUS_PER_TASK:-}"')
+    base = {**os.environ, "PATH": f"{tmp_path}:{os.environ['PATH']}", "SLURM_JOB_ID": "42", "SLURM_CPUS_PER_TASK": "12",
+            "SLURM_GPUS_ON_NODE": "8"}
+    base.pop("JAX_LOCAL_DEVICE_IDS", None)
+    for per_node, ids in (("1", "0,1,2,3,4,5,6,7"), ("8", "")):  # one process per GPU: JAX's SLURM detection's one
+        r = subprocess.run(["bash", os.path.join(LAUNCH, "slurm.sbatch"), "c.py", "/w"],
+                           env={**base, "SLURM_NTASKS_PER_NODE": per_node}, capture_output=True, text=True, timeout=30)
+        assert r.returncode == 0, r.stderr
+        assert f"JAX_LOCAL_DEVICE_IDS={ids} SRUN_CPUS_PER_TASK=12" in r.stdout
