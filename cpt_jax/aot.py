@@ -124,6 +124,9 @@ def topology_devices(topo: Topology, num_slices: int = 1) -> list:
     # What a TPU VM's environment says; off one, libtpu prints warnings without them.
     os.environ.setdefault("TPU_ACCELERATOR_TYPE", topo.accelerator_type)
     os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
+    # Compiling only: several compiles at once (tests, a table's) may each load libtpu, which
+    # otherwise takes a machine-wide lock (/tmp/libtpu_lockfile) and refuses the second.
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
     try:
         desc = topologies.get_topology_desc(
             platform="tpu", topology_name=topo.name, chip_config_name="megacore" if len(topo.shape) == 3 else "default",
