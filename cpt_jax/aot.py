@@ -14,7 +14,8 @@ training: the vocabulary is `model.vocab_size`, else the tokenizer file's (`data
 else the size a trained tokenizer gets (`data.tokenizer.vocab_size`). Several slices: the mesh's
 data axis is the one that crosses them (over DCN); the others stay within a slice.
 
-Printed per chip, for the train step and the eval step: arguments (the state and the batch),
+Printed per chip, for the train step and the eval step (at the trainer's held-out batch size, one
+microbatch: batch_size / grad_accum rows): arguments (the state and the batch),
 temporaries, and the total (with the outputs not aliased to donated arguments and the program
 code) against the chip's HBM; whether the run fits; the compile time; the number of each
 collective op in the compiled train step. `--json`: one object (keys `topology`, `chips`,
