@@ -78,8 +78,6 @@ def check_config(config: ml_collections.ConfigDict, devices=None) -> jax.shardin
         raise ConfigError(
             f"batch_size={config.batch_size} is not divisible by data-parallel size {dp} "
             f"(mesh data x fsdp) x optimizer.grad_accum={accum}")
-    if config.batch_size % jax.process_count():
-        raise ConfigError(f"batch_size={config.batch_size} is not divisible by {jax.process_count()} processes")
     return mesh
 
 
@@ -223,12 +221,14 @@ def _check_eval_tasks(config: ml_collections.ConfigDict) -> None:
 
 
 def model_config(config: ml_collections.ConfigDict, vocab_size: int, source: dict | None = None,
-                 seq_len: int | None = None) -> models.ModelConfig:
+                 seq_len: int | None = None, platform: str | None = None) -> models.ModelConfig:
     """The run's architecture: a named size, or (model.size="init_from") the architecture of the
     init_from checkpoint, `source` (its metadata's model), with this run's numerics. With
-    `seq_len`, the attention kernel is resolved for this platform and length: the one compiled."""
+    `seq_len`, the attention kernel is resolved for `platform` (default: this process's) and
+    length: the one compiled."""
     m = config.model
     numerics = {name.removeprefix("model."): m[name.removeprefix("model.")] for name in fields(NUMERICS)}
+    numerics["dtype"] = models.llama.compute_dtype(numerics["dtype"], platform)
     try:
         if m.size == "init_from":
             mcfg = models.ModelConfig.from_dict({**source, **numerics})
@@ -237,4 +237,4 @@ def model_config(config: ml_collections.ConfigDict, vocab_size: int, source: dic
                                        qkv_bias=m.qkv_bias, **numerics)
     except ValueError as e:
         raise ConfigError(str(e)) from None
-    return mcfg if seq_len is None else mcfg.with_kernel(seq_len)
+    return mcfg if seq_len is None else mcfg.with_kernel(seq_len, platform)

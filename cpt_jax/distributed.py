@@ -2,27 +2,35 @@
 
 One process (a laptop, one GPU host) runs as is. A run over several processes calls
 `jax.distributed.initialize` before any device is touched: explicitly (`--coordinator_address`,
-`--num_processes`, `--process_id`, e.g. several processes on 127.0.0.1), or detected from the
-environment on TPU pod slices and under SLURM, where JAX finds the coordinator itself.
+`--num_processes`, `--process_id`, e.g. several processes on 127.0.0.1), or detected: on any Cloud
+TPU VM (JAX finds the slice's other workers from the VM's metadata server, as MaxText and Levanter
+let it) and under SLURM, where JAX finds the coordinator itself.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import signal
 from typing import Callable, TypeVar
 
 import jax
+import numpy as np
+from jax._src import hardware_utils  # JAX's own TPU detection (what its Cloud TPU start-up uses)
 from jax.experimental import multihost_utils
+
+from cpt_jax.errors import ConfigError
 
 log = logging.getLogger("cpt_jax")
 T = TypeVar("T")
 
 
 def detected_cluster() -> str | None:
-    """"tpu" or "slurm" when the environment says this process is one of several, else None."""
-    if "," in os.environ.get("TPU_WORKER_HOSTNAMES", ""):
+    """"tpu" on a Cloud TPU VM (this host has TPU chips, or GKE names several workers), "slurm" in
+    a SLURM job step of several tasks, else None."""
+    chips, _ = hardware_utils.num_available_tpu_chips_and_device_id()
+    if chips or "," in os.environ.get("TPU_WORKER_HOSTNAMES", ""):
         return "tpu"
     if os.environ.get("SLURM_JOB_ID") and int(os.environ.get("SLURM_NTASKS", "1")) > 1:
         return "slurm"
@@ -54,6 +62,21 @@ def is_main() -> bool:
 def barrier(name: str) -> None:
     if jax.process_count() > 1:
         multihost_utils.sync_global_devices(name)
+
+
+def check_same(what: str, value: str) -> None:
+    """Every process has the same `value` (e.g. the fingerprints of its tokenizer and data stores,
+    which each TPU VM prepares in its own local cache); else ConfigError naming those that differ
+    from process 0."""
+    if jax.process_count() == 1:
+        return
+    digest = np.frombuffer(hashlib.sha256(value.encode()).digest()[:8], np.int64)
+    digests = np.asarray(multihost_utils.process_allgather(digest)).reshape(-1)
+    differ = [i for i, d in enumerate(digests) if d != digests[0]]
+    if differ:
+        mine = f" (this one's: {value})" if len(value) <= 80 else ""
+        raise ConfigError(f"{what} differs between processes: process(es) {differ} have another than process 0{mine}; "
+                          f"each host prepared its own, from other sources or settings")
 
 
 def main_first(name: str, fn: Callable[[], T]) -> T:

@@ -16,7 +16,7 @@ def heldout_losses(steps: update.Steps, params: dict, eval_sets: dict[str, np.nd
     """Mean token loss over every held-out row of each source (rows [n, seq+1]; up to `max_batches`
     batches, 0: all), as eval/<source>/loss; the last batch is padded with masked rows so nothing
     is dropped."""
-    b, rows = batch_size, sharding.process_rows(batch_size)
+    b, rows = batch_size, sharding.process_rows(steps.batch_sharding["tokens"], batch_size)
     out = {}
     for name, eval_rows in eval_sets.items():
         n = -(-len(eval_rows) // b)
@@ -28,7 +28,7 @@ def heldout_losses(steps: update.Steps, params: dict, eval_sets: dict[str, np.nd
             valid = np.zeros(b, np.float32)
             valid[:len(chunk)] = 1.0
             chunk = np.concatenate([chunk, np.zeros((b - len(chunk), eval_rows.shape[1]), np.int32)])
-            batch = sharding.to_device({"tokens": chunk[rows], "valid": valid[rows]}, steps.batch_sharding)
+            batch = sharding.to_device({"tokens": chunk[rows], "valid": valid[rows]}, steps.batch_sharding, b)
             sums.append(steps.eval(params, batch["tokens"], batch["valid"]))
         total, count = np.sum(jax.device_get(sums), axis=0)
         out[f"eval/{name}/loss"] = total / count

@@ -60,7 +60,7 @@ class HostBatches:
 
     def __init__(self, mixture: Mixture, batch_size: int, total_steps: int, shardings: dict, step: int):
         self.mixture, self.b, self.total, self.shardings = mixture, batch_size, total_steps, shardings
-        self.rows = sharding.process_rows(batch_size)
+        self.rows = sharding.process_rows(shardings["tokens"], batch_size)
         self.pool = concurrent.futures.ThreadPoolExecutor(1)
         self.step, self.ahead = step, self.pool.submit(self._host, step)
 
@@ -69,7 +69,7 @@ class HostBatches:
         return {"tokens": tokens, "source": source}
 
     def next(self) -> dict:
-        batch = sharding.to_device(self.ahead.result(), self.shardings)
+        batch = sharding.to_device(self.ahead.result(), self.shardings, self.b)
         self.step += 1
         if self.step < self.total:
             self.ahead = self.pool.submit(self._host, self.step)

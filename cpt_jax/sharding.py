@@ -13,6 +13,7 @@ from collections.abc import Sequence
 
 import jax
 import numpy as np
+from jax.experimental import mesh_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 MESH_AXES = ("data", "fsdp", "tensor")
@@ -49,10 +50,21 @@ def mesh_shape(shape: Sequence[int], num_devices: int) -> tuple[int, ...]:
 
 
 def make_mesh(shape: Sequence[int], devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """The mesh of `mesh.shape` over `devices` (default: all). Over several TPU slices the data
+    axis is the one that crosses them (DCN); fsdp and tensor stay within a slice (ICI)."""
     devices = list(jax.devices() if devices is None else devices)
     shape = mesh_shape(shape, len(devices))
     # Auto axes: Flax layers with sharded params fail under the Explicit default of make_mesh.
-    return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES), devices=devices)
+    auto = (AxisType.Auto,) * len(MESH_AXES)
+    slices = len({getattr(d, "slice_index", 0) for d in devices})
+    if slices == 1:
+        return jax.make_mesh(shape, MESH_AXES, axis_types=auto, devices=devices)
+    if shape[0] % slices:
+        raise ValueError(f"mesh.shape={shape}: the data axis crosses the {slices} slices, so it must be a multiple "
+                         f"of {slices}, e.g. ({slices}, -1, 1)")
+    grid = mesh_utils.create_hybrid_device_mesh((shape[0] // slices, *shape[1:]), (slices, 1, 1), devices,
+                                                allow_split_physical_axes=True)
+    return Mesh(grid, MESH_AXES, axis_types=auto)
 
 
 def logical_spec(axes: Sequence[str | None], shape: Sequence[int] | None = None, mesh=None) -> P:
@@ -103,16 +115,22 @@ def data_parallel_size(mesh: Mesh) -> int:
 
 __all__ = [
     "MESH_AXES", "RULES", "batch_sharding", "constrain", "data_parallel_size", "logical_spec",
-    "make_mesh", "mesh_shape", "param_shardings",
+    "make_mesh", "mesh_shape", "param_shardings", "process_rows", "to_device",
 ]
 
 
-def process_rows(batch_size: int) -> slice:
-    """This process's rows of a global batch."""
-    per = batch_size // jax.process_count()
-    return slice(jax.process_index() * per, (jax.process_index() + 1) * per)
+def process_rows(batch: NamedSharding, batch_size: int) -> np.ndarray:
+    """The rows of a global batch (dim 0 under the `batch` sharding) that this process's devices
+    hold, ascending: the rows it builds. Under any mesh: where the batch is split over fewer mesh
+    positions than there are processes (tensor parallelism across hosts), several hold the same rows."""
+    shape = (batch_size, *[1] * (len(batch.spec) - 1))
+    rows = set()
+    for index in batch.addressable_devices_indices_map(shape).values():
+        rows.update(range(*index[0].indices(batch_size)))
+    return np.array(sorted(rows))
 
 
-def to_device(host: dict, shardings: dict) -> dict:
-    """Each process's rows (`process_rows`) of every array of a batch, as global arrays."""
-    return {k: jax.make_array_from_process_local_data(shardings[k], v) for k, v in host.items()}
+def to_device(host: dict, shardings: dict, batch_size: int) -> dict:
+    """Each array of a batch, given as this process's rows of it (`process_rows`), as a global array."""
+    return {k: jax.make_array_from_process_local_data(shardings[k], v, (batch_size, *v.shape[1:]))
+            for k, v in host.items()}

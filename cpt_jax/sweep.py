@@ -311,10 +311,11 @@ def print_commands(runs: list[Run], sweep_dir: str, config_args: list[str]) -> l
 
 
 def slurm_script(runs: list[Run], sweep_dir: str, config_args: list[str], slurm: ml_collections.ConfigDict) -> str:
-    """The sbatch script of the sweep's array jobs: task i runs RUNS[i]. SIGTERM to the script
-    (SLURM sends it `--signal` seconds before the time limit) is passed on to the run, which
-    finishes the step in flight and saves; the task is then requeued (unless the job is being
-    cancelled), whatever the run's exit code, and its next start resumes the run."""
+    """The sbatch script of the sweep's array jobs: task i runs RUNS[i], through srun (one process
+    per SLURM task, however many the options ask for). SIGTERM to the script (SLURM sends it
+    `--signal` seconds before the time limit) is passed on to the run's tasks, which finish the
+    step in flight and save; the task is then requeued (unless the job is being cancelled),
+    whatever the run's exit code, and its next start resumes the run."""
     options = {**SLURM_DEFAULTS, **{k: v for k, v in slurm.items() if k != "prepare"}}
     lines = ["#!/bin/bash", "#SBATCH --job-name=cpt_sweep", "#SBATCH --output=" + _sbatch_path(f"{sweep_dir}/slurm-%A_%a.out"),
              *_sbatch_lines(options),
@@ -326,12 +327,15 @@ def slurm_script(runs: list[Run], sweep_dir: str, config_args: list[str], slurm:
              'run=${RUNS[$SLURM_ARRAY_TASK_ID]}',
              'task=${SLURM_ARRAY_JOB_ID}_${SLURM_ARRAY_TASK_ID}  # this task alone (the array job id is all of them)',
              'echo "[sweep] $run: task $task on $(hostname), restart ${SLURM_RESTART_COUNT:-0}"',
+             "# srun does not take --cpus-per-task from the job (Slurm 22.05 on): pass it on.",
+             'if [ -n "${SLURM_CPUS_PER_TASK:-}" ]; then export SRUN_CPUS_PER_TASK=$SLURM_CPUS_PER_TASK; fi',
              'pid=""',
              "on_term() {",
              "  trap '' TERM",
-             '  echo "[sweep] $run: SIGTERM: passing it on to the run"',
+             '  echo "[sweep] $run: SIGTERM: passing it on to the run (the tasks of job step $SLURM_JOB_ID.0)"',
              "  rc=0",
-             '  if [ -n "$pid" ]; then kill -TERM "$pid" 2>/dev/null; wait "$pid" || rc=$?; fi',
+             "  # To the tasks, not to srun: srun would end the step, killing them before they save.",
+             '  if [ -n "$pid" ]; then scancel --signal=TERM "$SLURM_JOB_ID.0"; wait "$pid" || rc=$?; fi',
              "  # A running job is requeued; one being cancelled (scancel also sends TERM) is left to end.",
              '  state=$(scontrol show job -o "$task")',
              '  if [[ "$state" == *" JobState=RUNNING "* ]]; then',
@@ -343,8 +347,8 @@ def slurm_script(runs: list[Run], sweep_dir: str, config_args: list[str], slurm:
              "  exit 0",
              "}",
              "trap on_term TERM",
-             " ".join(shlex.quote(a) for a in _run_command(config_args, sweep_dir, "",
-                                                              python="python")[:-1]) + ' "$run" &',
+             "srun --kill-on-bad-exit=1 " + " ".join(  # one process per task of the job, however many
+                 shlex.quote(a) for a in _run_command(config_args, sweep_dir, "", python="python")[:-1]) + ' "$run" &',
              "pid=$!",
              'wait "$pid"']
     return "\n".join(lines) + "\n"

@@ -76,6 +76,9 @@ def setup(config: ml_collections.ConfigDict, workdir: str, mesh: jax.sharding.Me
         data = distributed.main_first("data", lambda: pipeline.build(dcfg, config.seq_len))
     except ValueError as e:
         raise ConfigError(str(e)) from None
+    # Hosts that prepared their own (local) copies must have made the same ones.
+    distributed.check_same("the tokenizer", data.tokenizer.fingerprint)
+    distributed.check_same("the data stores", json.dumps(data.manifests, sort_keys=True))
     mixture = pipeline.mixture(dcfg, data, config.total_steps, config.seed)
 
     # The model, and the one compatibility check against what it starts from.
@@ -267,8 +270,10 @@ def train_checked(config: ml_collections.ConfigDict, workdir: str, mesh: jax.sha
                                 batch_size=c.batch_size, seq_len=c.seq_len,
                                 flops_per_token=models.flops_per_token(run.model, c.seq_len),
                                 check_nonfinite=check_nonfinite)
-            heldout = functools.partial(evals.heldout_losses, steps, eval_sets=run.data.eval, batch_size=c.batch_size,
-                                        max_batches=c.data.eval_batches)
+            # Held-out batches of the train step's microbatch size: what fits its memory fits theirs.
+            accum = c.optimizer.grad_accum
+            heldout = functools.partial(evals.heldout_losses, steps, eval_sets=run.data.eval,
+                                        batch_size=c.batch_size // accum, max_batches=c.data.eval_batches * accum)
             tasks = None
             if c.eval_tasks:
                 scorer = harness.Scorer(steps.spec, run.data.tokenizer, c.batch_size, c.seq_len, run.mesh)

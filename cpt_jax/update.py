@@ -331,14 +331,17 @@ def compile_steps(mcfg: models.ModelConfig, opt, total_steps: int, mesh, batch_s
         "tokens": jax.ShapeDtypeStruct((batch_size, seq_len + 1), jnp.int32, sharding=batch_sh["tokens"]),
         "source": jax.ShapeDtypeStruct((batch_size,), jnp.int32, sharding=batch_sh["source"]),
     }
-    schedule = jax.device_put(args, replicated)
     with jax.set_mesh(mesh):
-        compiled = train_jit.lower(abstract_state, abstract_batch, schedule).compile()
+        compiled = train_jit.lower(abstract_state, abstract_batch, jax.tree.map(
+            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated), args)).compile()
+    # On the devices at the first step, not here: a mesh of a TPU topology compiled for on another
+    # machine (cpt_jax.aot) takes no arrays.
+    schedule = functools.cache(lambda: jax.device_put(args, replicated))
     return Steps(
         spec=spec, state_sharding=state_sh, batch_sharding=batch_sh, abstract_state=abstract_state,
         init_params=jax.jit(functools.partial(models.init_params, mcfg), out_shardings=p_sh),
         init_opt_state=jax.jit(tx.init, out_shardings=o_sh),
-        train=lambda state, batch: compiled(state, batch, schedule), program=compiled,
+        train=lambda state, batch: compiled(state, batch, schedule()), program=compiled,
         eval=jax.jit(functools.partial(eval_step, graphdef=spec.graphdef, document_end=document_end),
                      in_shardings=(p_sh, batch_sh["tokens"], batch_sh["valid"])),
         memory=compiled.memory_analysis(),

@@ -215,3 +215,33 @@ def test_slurm_task_sent_sigterm_is_requeued_resumes_and_finishes(slurm_cluster,
                                            capture_output=True, text=True).stdout
     # The CPT run waited for the requeued task, and started from its last step.
     assert f"initialised params from {workdir} (step {total})" in s.log("test/cpt_r0.05")
+
+
+def test_launch_script_at_its_time_limit_saves_the_step_reached_requeues_and_resumes(slurm_cluster, job_env,
+                                                                                       tmp_path):
+    """launch/slurm.sbatch under a real time limit: 2 minutes, the batch script signalled 70 s
+    before it. The script passes SIGTERM to the tasks of its job step (srun's step), which save the
+    step they reached and exit 0; the job is requeued, and the requeued job resumes at that step."""
+    workdir, out = tmp_path / "run", tmp_path / "slurm-%j.out"
+    r = subprocess.run(["sbatch", "--parsable", "--time=2", "--signal=B:TERM@70", "--ntasks-per-node=1",
+                        "--cpus-per-task=1", "--mem=3G", "--gpus-per-node=0", f"--output={out}",
+                        os.path.join(ROOT, "launch", "slurm.sbatch"), "configs/bible.py:test", str(workdir),
+                        "--config.total_steps=1000000", "--config.checkpoint_every=1000000", "--config.batch_size=8",
+                        "--config.seq_len=32", "--config.eval_every=1000000", "--config.log_every=20"],
+                       cwd=ROOT, env=job_env, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    job = r.stdout.strip().split(";")[0]
+    log_path = tmp_path / f"slurm-{job}.out"
+    log = lambda: log_path.read_text() if log_path.exists() else ""  # noqa: E731
+    try:
+        deadline = time.time() + 420
+        while "resumed " not in log():
+            assert time.time() < deadline, log()
+            time.sleep(2)
+    finally:
+        subprocess.run(["scancel", job], capture_output=True)
+    text = log()
+    saved = re.search(rf"preempted \(SIGTERM\): saved {workdir}/checkpoints/(\d+)", text)
+    assert saved and int(saved.group(1)) > 0, text  # the step reached, not a step of checkpoint_every
+    assert f"SIGTERM: passing it on to the tasks of job step {job}.0" in text and f"requeueing job {job}" in text
+    assert f"resumed {workdir} at step {saved.group(1)}" in text, text

@@ -128,7 +128,9 @@ def _splash(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array | N
                          f"(and of {SPLASH_BLOCK} above it), not {q.shape[1]}")
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     q, k, v = ((x * scale if x is q else x).swapaxes(1, 2) for x in (q, k, v))  # [b, heads, t, hd]
-    interpret = jax.default_backend() != "tpu" if interpret is None else interpret
+    if interpret is None:  # Mosaic compiles it for a TPU mesh (also one of a topology compiled for here)
+        device = getattr(jax.sharding.get_abstract_mesh(), "abstract_device", None)
+        interpret = (device.platform if device is not None else jax.default_backend()) != "tpu"
 
     def local(q, k, v, segments):
         from jax.experimental.pallas.ops.tpu import splash_attention as sa

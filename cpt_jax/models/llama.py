@@ -115,15 +115,17 @@ class ModelConfig:
         d["rope_scaling"] = tuple(tuple(kv) for kv in d.get("rope_scaling", ()))
         return cls(**d)
 
-    def with_kernel(self, seq_len: int) -> ModelConfig:
-        """This config with its attention kernel chosen (once) for this platform and sequence
-        length: what a run compiles and logs. A config left at "auto" chooses at each call."""
-        return dataclasses.replace(self, attention=self.kernel(seq_len)[0])
+    def with_kernel(self, seq_len: int, platform: str | None = None) -> ModelConfig:
+        """This config with its attention kernel chosen (once) for `platform` (default: this
+        process's) and sequence length: what a run compiles and logs. A config left at "auto"
+        chooses at each call."""
+        return dataclasses.replace(self, attention=self.kernel(seq_len, platform)[0])
 
-    def kernel(self, seq_len: int) -> tuple[str, str]:
-        """(the attention kernel for this platform and length, why it is not the platform's fast one or "")."""
-        return attention.choose(self.attention, jax.default_backend(), self.dtype, self.head_dim, seq_len,
-                                self.attn_softcap)
+    def kernel(self, seq_len: int, platform: str | None = None) -> tuple[str, str]:
+        """(the attention kernel for `platform` (default: this process's) and length, why it is not
+        the platform's fast one or "")."""
+        return attention.choose(self.attention, platform or jax.default_backend(), self.dtype, self.head_dim,
+                                seq_len, self.attn_softcap)
 
     def windowed(self) -> tuple[bool, ...]:
         """Per layer: whether it attends within the sliding window."""
@@ -169,11 +171,12 @@ class ModelConfig:
         return self.layers * block + d + self.vocab_size * d
 
 
-def compute_dtype(name: str) -> str:
-    """`name`, with "auto" made bfloat16 on accelerators and float32 on CPU; a ValueError naming
+def compute_dtype(name: str, platform: str | None = None) -> str:
+    """`name`, with "auto" made bfloat16 on accelerators and float32 on CPU (`platform`, default:
+    this process's; a program compiled here for a TPU topology passes "tpu"); a ValueError naming
     `model.dtype` where it is not auto or one of dtypes.COMPUTE."""
     if name == "auto":
-        return "float32" if jax.default_backend() == "cpu" else "bfloat16"
+        return "float32" if (platform or jax.default_backend()) == "cpu" else "bfloat16"
     if name not in dtypes.COMPUTE:
         why = " (float16 would need loss scaling, which cpt_jax does not do)" if name == "float16" else ""
         raise ValueError(f"model.dtype={name!r} is not a supported compute dtype: auto, "
