@@ -181,14 +181,14 @@ def test_slurm_scripts_pass_sigterm_on_requeue_and_take_the_configs_options(tmp_
     cmds = sweep.launch_slurm(runs, str(tmp_path), MINI_ARGS, slurm, submit=False)
     script = (tmp_path / "sweep.sbatch").read_text()
     header = [line for line in script.splitlines() if line.startswith("#SBATCH")]
-    assert header == ["#SBATCH --job-name=cpt_sweep", f"#SBATCH --output={tmp_path}/slurm-%A_%a.out",
+    assert header == ["#SBATCH --job-name=cpt_sweep", f"#SBATCH --output=\"{tmp_path}/slurm-%A_%a.out\"",
                       "#SBATCH --signal=B:TERM@600", "#SBATCH --requeue", "#SBATCH --open-mode=append",
                       "#SBATCH --mem=2G", "#SBATCH --time=1:00:00"]
     assert 'scontrol requeue "$task"' in script and "task=${SLURM_ARRAY_JOB_ID}_${SLURM_ARRAY_TASK_ID}" in script
     assert "trap on_term TERM" in script and '--run "$run" &' in script
     prepare = (tmp_path / "sweep_prepare.sbatch").read_text()
     assert [line for line in prepare.splitlines() if line.startswith("#SBATCH")] == [
-        "#SBATCH --job-name=cpt_sweep_prepare", f"#SBATCH --output={tmp_path}/slurm-prepare-%j.out",
+        "#SBATCH --job-name=cpt_sweep_prepare", f"#SBATCH --output=\"{tmp_path}/slurm-prepare-%j.out\"",
         "#SBATCH --mem=8G"]
     assert prepare.rstrip().endswith(f"python -m cpt_jax.data.prepare --config {tmp_path}/prepare_data.py")
     assert len(cmds) == 3  # preparation, test/source + test/scratch, test/cpt_r0.05 after test/source
