@@ -35,7 +35,9 @@ import logging
 import math
 import os
 import re
+import sys
 import time
+from collections.abc import Sequence
 
 import jax
 import ml_collections
@@ -312,19 +314,17 @@ def largest_arrays(hlo: str, n: int = 5) -> list[str]:
     return [f"{dtype}[{shape}] {size / 2**30:.2f} GiB ({label})" for (dtype, shape, label), size in top]
 
 
+CLI = cli.Command(__doc__, config=cli.CONFIG_HELP, required=("config", "topology"))
 _TOPOLOGY = flags.DEFINE_string("topology", None, "TPU topology to compile for: GENERATION:SHAPE (v5p:4x4x4, "
-                                "v5e:2x4) or an accelerator type (v5p-32, v6e-8).")
-_NUM_SLICES = flags.DEFINE_integer("num_slices", 1, "Slices (multi-slice over DCN); the mesh's data axis crosses them.")
-_JSON = flags.DEFINE_bool("json", False, "Print one JSON object instead of the text report.")
-_RUN = flags.DEFINE_string("config_run", "", "For a config with `runs`: the run to compile.")
+                                "v5e:2x4) or an accelerator type (v5p-32, v6e-8).", flag_values=CLI.flags)
+_NUM_SLICES = flags.DEFINE_integer("num_slices", 1, "Slices (multi-slice over DCN); the mesh's data axis crosses them.",
+                                   flag_values=CLI.flags)
+_JSON = flags.DEFINE_bool("json", False, "Print one JSON object instead of the text report.", flag_values=CLI.flags)
+_RUN = flags.DEFINE_string("config_run", "", "For a config with `runs`: the run to compile.", flag_values=CLI.flags)
 
 
-def main(args: list[str]) -> None:
-    if args:
-        raise ConfigError(f"unexpected arguments: {args}")
-    if cli.CONFIG.value is None or not _TOPOLOGY.value:
-        raise ConfigError("--config and --topology are required")
-    config = _the_run(cli.CONFIG.value, _RUN.value)
+def compile_command() -> None:
+    config = _the_run(CLI.config.value, _RUN.value)
     report = compile_run(config, _TOPOLOGY.value, _NUM_SLICES.value)
     print(json.dumps(dataclasses.asdict(report)) if _JSON.value else report.text(), flush=True)
     if not report.fits:
@@ -345,5 +345,10 @@ def _the_run(config: ml_collections.ConfigDict, name: str) -> ml_collections.Con
     return runs[name]
 
 
+def main(argv: Sequence[str] | None = None) -> int:
+    """`python -m cpt_jax.aot ARGS...` in this process (argv without the program name): the exit code."""
+    return CLI.run(compile_command, argv)
+
+
 if __name__ == "__main__":
-    cli.main(main, join_processes=False)
+    sys.exit(main())

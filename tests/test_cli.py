@@ -21,6 +21,7 @@ ENTRY_POINTS = {  # module or bench script -> exactly the flags its --help lists
                          "output"},
     "cpt_jax.data.prepare": {"config"},
     "cpt_jax.scaling.plan": {"compute", "fits", "json"},
+    "cpt_jax.aot": {"config", "topology", "num_slices", "json", "config_run"},
     "bench/data.py": {"rows", "steps"},
     "bench/freeze_memory.py": {"size", "vocab_size", "old_vocab", "batch_size", "seq_len"},
     "bench/harness.py": {"src", "requests", "batch_size"},
