@@ -17,13 +17,15 @@ chips) exceeds HBM is not compiled.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import subprocess
 import sys
+from collections.abc import Sequence
 
-from cpt_jax import aot, models
+from absl import flags
+
+from cpt_jax import aot, cli, models
 from cpt_jax.sweep import paper_batch_tokens
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -113,22 +115,30 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", required=True, help="JSON lines, appended; compiles already there are not repeated")
-    p.add_argument("--sizes", default=",".join(SIZES))
-    p.add_argument("--generations", default=",".join(SLICES))
-    p.add_argument("--table", action="store_true", help="only print the table of --out")
-    a = p.parse_args()
-    rows = [json.loads(line) for line in open(a.out)] if os.path.exists(a.out) else []
-    if not a.table:
+CLI = cli.Command(__doc__, label="bench error", required=("out",))
+_OUT = flags.DEFINE_string("out", None, "JSON lines, appended; compiles already there are not repeated.",
+                           flag_values=CLI.flags)
+_SIZES = flags.DEFINE_list("sizes", list(SIZES), "Paper sizes to place.", flag_values=CLI.flags)
+_GENERATIONS = flags.DEFINE_list("generations", list(SLICES), "TPU generations to try.", flag_values=CLI.flags)
+_TABLE = flags.DEFINE_bool("table", False, "Only print the table of --out.", flag_values=CLI.flags)
+
+
+def bench() -> None:
+    out = _OUT.value
+    rows = [json.loads(line) for line in open(out)] if os.path.exists(out) else []
+    if not _TABLE.value:
         done = {(r["model"]["size"], r["topology"], r["model"]["grad_accum"]): r for r in rows}
-        for size in a.sizes.split(","):
-            for gen in a.generations.split(","):
-                search(size, gen, a.out, done)
-        rows = [json.loads(line) for line in open(a.out)]
+        for size in _SIZES.value:
+            for gen in _GENERATIONS.value:
+                search(size, gen, out, done)
+        rows = [json.loads(line) for line in open(out)]
     print(table(rows))
 
 
+def main(argv: Sequence[str] | None = None) -> int:
+    """`python bench/tpu_slices.py ARGS...` in this process: the exit code."""
+    return CLI.run(bench, argv)
+
+
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -26,6 +26,7 @@ ENTRY_POINTS = {  # module or bench script -> exactly the flags its --help lists
     "bench/freeze_memory.py": {"size", "vocab_size", "old_vocab", "batch_size", "seq_len"},
     "bench/harness.py": {"src", "requests", "batch_size"},
     "bench/scaling.py": set(),
+    "bench/tpu_slices.py": {"out", "sizes", "generations", "table"},
     "bench/train_step.py": {"sizes", "vocab_size", "seq_len", "batch_size", "grad_accum", "dtype", "attention",
                             "remat", "loss_chunk", "unrolled", "packing", "doc_len", "mesh", "steps", "warmup",
                             "peak_flops", "compile_only"},
