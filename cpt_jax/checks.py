@@ -228,8 +228,8 @@ def model_config(config: ml_collections.ConfigDict, vocab_size: int, source: dic
     length: the one compiled."""
     m = config.model
     numerics = {name.removeprefix("model."): m[name.removeprefix("model.")] for name in fields(NUMERICS)}
-    numerics["dtype"] = models.llama.compute_dtype(numerics["dtype"], platform)
     try:
+        numerics["dtype"] = models.llama.compute_dtype(numerics["dtype"], platform)
         if m.size == "init_from":
             mcfg = models.ModelConfig.from_dict({**source, **numerics})
         else:
