@@ -11,7 +11,6 @@ from __future__ import annotations
 import concurrent.futures
 from collections.abc import Callable
 
-import jax
 import ml_collections
 
 from cpt_jax import checkpoint, distributed, sharding, update
