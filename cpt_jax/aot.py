@@ -44,7 +44,7 @@ import ml_collections
 from absl import flags
 from jax.experimental import topologies
 
-from cpt_jax import checks, cli, models, trainer, update
+from cpt_jax import checks, cli, models, update
 from cpt_jax.config import expand_runs
 from cpt_jax.data import pipeline
 from cpt_jax.data.tokenizer import EOS_ID, load_tokenizer
@@ -249,7 +249,7 @@ def _frozen(config: ml_collections.ConfigDict, mcfg: models.ModelConfig):
     """optimizer.freeze resolved as the trainer resolves it (with init_from's vocabulary extension)."""
     parent = config.branch_from or config.init_from
     extension = RunDir.of(parent).meta(config.branch_step or None).vocab_extension if parent else None
-    return trainer._frozen(config, mcfg, extension, repr(parent) if parent else "this run's model")
+    return checks.frozen_mask(config, mcfg, extension, repr(parent) if parent else "this run's model")
 
 
 def _memory(mem) -> dict[str, int]:

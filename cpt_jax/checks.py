@@ -220,6 +220,19 @@ def _check_eval_tasks(config: ml_collections.ConfigDict) -> None:
             raise ConfigError(f"eval_tasks={tuple(config.eval_tasks)}: {e}") from None
 
 
+def frozen_mask(config: ml_collections.ConfigDict, mcfg: models.ModelConfig, extension: dict | None,
+                where: str) -> freeze.Mask | None:
+    """optimizer.freeze over this model: its errors before anything is compiled."""
+    patterns = tuple(config.optimizer.freeze)
+    if not patterns:
+        return None
+    old_vocab = extension.get("old_vocab_size") if extension else None
+    if extension and old_vocab is None and freeze.OLD_VOCAB in patterns:
+        raise ConfigError(f"optimizer.freeze: {freeze.OLD_VOCAB!r}: {where} was extended by an older cpt_jax that "
+                          f"did not record its old vocabulary size; run extend-vocab again")
+    return freeze.resolve(patterns, models.spec(mcfg).abstract_params, old_vocab, where)
+
+
 def model_config(config: ml_collections.ConfigDict, vocab_size: int, source: dict | None = None,
                  seq_len: int | None = None, platform: str | None = None) -> models.ModelConfig:
     """The run's architecture: a named size, or (model.size="init_from") the architecture of the

@@ -22,7 +22,7 @@ Evals = Callable[[dict], dict]  # params -> {"eval/<name>/<metric>": value}
 
 
 def train_loop(config: ml_collections.ConfigDict, steps: update.Steps, state: update.TrainState, step: int,
-               batches: HostBatches, ckpt: checkpoint.Checkpointer, meta: dict, progress: Progress,
+               batches: HostBatches, ckpt: checkpoint.Checkpointer, meta: checkpoint.Meta, progress: Progress,
                heldout: Evals, tasks: Evals | None) -> None:
     """Trains from `step` to config.total_steps: held-out losses every eval_every steps and at the
     end, the harness's `tasks` as eval_tasks_every says, a record every log_every steps, a

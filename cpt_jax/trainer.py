@@ -110,21 +110,8 @@ def setup(config: ml_collections.ConfigDict, workdir: str, mesh: jax.sharding.Me
         sources=tuple(mixture.source_names),
         framing={"bos_id": data.framing.bos_id, "eos_id": data.framing.eos_id, "packing": config.data.packing},
         vocab_extension=init_meta and init_meta.vocab_extension)  # a later stage can still freeze "old_vocab"
-    frozen = _frozen(config, mcfg, meta.vocab_extension, where if init else "this run's model")
+    frozen = checks.frozen_mask(config, mcfg, meta.vocab_extension, where if init else "this run's model")
     return RunSetup(config, rundir, mesh, mcfg, data, mixture, init, meta, frozen)
-
-
-def _frozen(config: ml_collections.ConfigDict, mcfg: models.ModelConfig, extension: dict | None,
-            where: str) -> freeze.Mask | None:
-    """optimizer.freeze over this model: its errors before anything is compiled."""
-    patterns = tuple(config.optimizer.freeze)
-    if not patterns:
-        return None
-    old_vocab = extension.get("old_vocab_size") if extension else None
-    if extension and old_vocab is None and freeze.OLD_VOCAB in patterns:
-        raise ConfigError(f"optimizer.freeze: {freeze.OLD_VOCAB!r}: {where} was extended by an older cpt_jax that "
-                          f"did not record its old vocabulary size; run extend-vocab again")
-    return freeze.resolve(patterns, models.spec(mcfg).abstract_params, old_vocab, where)
 
 
 def _check_model(mcfg: models.ModelConfig, meta: checkpoint.Meta, where: str) -> None:
