@@ -47,7 +47,7 @@ from jax.experimental import topologies
 from cpt_jax import checks, cli, models, update
 from cpt_jax.config import expand_runs
 from cpt_jax.data import pipeline
-from cpt_jax.data.tokenizer import EOS_ID, load_tokenizer
+from cpt_jax.data.tokenizer import EOS_ID, load_tokenizer, made_vocab_size
 from cpt_jax.errors import ConfigError
 from cpt_jax.rundir import RunDir
 
@@ -221,9 +221,10 @@ def compile_run(config: ml_collections.ConfigDict, topology: str, num_slices: in
 
 def _vocabulary(config: ml_collections.ConfigDict) -> tuple[int, int]:
     """(the model's vocabulary as the trainer sizes it, the EOS id documents end with)."""
-    path = config.data.tokenizer.path
-    if not path:  # a sentencepiece tokenizer trained here: data.tokenizer.vocab_size pieces, EOS_ID
-        return config.model.vocab_size or config.data.tokenizer.vocab_size, EOS_ID
+    t = config.data.tokenizer
+    path = t.path
+    if not path:  # a tokenizer made here: its special ids are the fixed ones
+        return config.model.vocab_size or made_vocab_size(t.model_type, t.vocab_size), EOS_ID
     tok = load_tokenizer(path)
     try:
         eos = pipeline.framing(config.data, tok).eos_id

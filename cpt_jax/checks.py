@@ -24,6 +24,7 @@ from cpt_jax import checkpoint, freeze, models, sharding, storage, tasks, update
 from cpt_jax.config import BRANCH, NUMERICS, RESUME, base, fields, flatten
 from cpt_jax.data import pipeline
 from cpt_jax.data.packing import BOS_CHOICES, PACKINGS
+from cpt_jax.data.tokenizer import MODEL_TYPES
 from cpt_jax.errors import ConfigError
 from cpt_jax.rundir import RunDir
 
@@ -59,6 +60,8 @@ def check_config(config: ml_collections.ConfigDict, devices=None) -> jax.shardin
         pipeline.mixture_stages(config.data, config.total_steps)
     except ValueError as e:
         raise ConfigError(str(e)) from None
+    if config.data.tokenizer.model_type not in MODEL_TYPES:
+        raise ConfigError(f"data.tokenizer.model_type={config.data.tokenizer.model_type!r}: must be one of {MODEL_TYPES}")
     if config.data.tokenizer.path and not epath.Path(config.data.tokenizer.path).exists():
         raise ConfigError(f"data.tokenizer.path={config.data.tokenizer.path!r} does not exist")
     chunk = config.model.loss_chunk
@@ -134,9 +137,10 @@ def _check_schedule(config: ml_collections.ConfigDict) -> None:
         raise ConfigError(f"branch_step={config.branch_step!r} must be a step in (0, total_steps={total})")
     if config.branch_step and not config.branch_from:
         raise ConfigError(f"branch_step={config.branch_step} is set without branch_from")
-    bad = [s for s in config.keep_steps if not (isinstance(s, int) and 0 < s <= total)]
-    if bad:
-        raise ConfigError(f"keep_steps: {bad[0]!r} is not a step in (0, total_steps={total}]")
+    for name in ("keep_steps", "eval_steps"):
+        bad = [s for s in config[name] if not (isinstance(s, int) and 0 < s <= total)]
+        if bad:
+            raise ConfigError(f"{name}: {bad[0]!r} is not a step in (0, total_steps={total}]")
 
 
 def check_workdir(workdir: str) -> None:

@@ -159,7 +159,7 @@ def _declared() -> SimpleNamespace:
     c.data.tokenizer = SimpleNamespace()
     c.data.tokenizer.path = field("")  # a sentencepiece .model or HF tokenizer.json (or a dir); "": train one
     c.data.tokenizer.vocab_size = field(8000)  # of the trained sentencepiece tokenizer
-    c.data.tokenizer.model_type = field("bpe")  # bpe | unigram
+    c.data.tokenizer.model_type = field("bpe")  # bpe | unigram | bytes: UTF-8 bytes, 260 ids, nothing trained
     c.data.tokenizer.character_coverage = field(0.9995)  # CJK needs nearly all characters as pieces
     c.data.tokenizer.byte_fallback = field(True)  # anything else becomes UTF-8 bytes, never <unk>
     c.data.tokenizer.train_on = field(())  # source names; (): all sources
@@ -181,6 +181,7 @@ def _declared() -> SimpleNamespace:
 
     c.log_every = field(10, RESUME)
     c.eval_every = field(100, RESUME)
+    c.eval_steps = field((), RESUME)  # plus held-out losses at these steps (e.g. dense over a CPT run's start)
     # Downstream tasks of lm-evaluation-harness (the [eval] extra) run in the loop: names or groups
     # (cpt_jax.tasks: bible_next_verse, cpt_paper; or any harness task), logged as
     # eval/<task>/<metric>, before the first step, every eval_tasks_every steps (0: none between)

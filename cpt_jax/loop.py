@@ -24,8 +24,8 @@ Evals = Callable[[dict], dict]  # params -> {"eval/<name>/<metric>": value}
 def train_loop(config: ml_collections.ConfigDict, steps: update.Steps, state: update.TrainState, step: int,
                batches: HostBatches, ckpt: checkpoint.Checkpointer, meta: checkpoint.Meta, progress: Progress,
                heldout: Evals, tasks: Evals | None) -> None:
-    """Trains from `step` to config.total_steps: held-out losses every eval_every steps and at the
-    end, the harness's `tasks` as eval_tasks_every says, a record every log_every steps, a
+    """Trains from `step` to config.total_steps: held-out losses every eval_every steps, at
+    eval_steps and at the end, the harness's `tasks` as eval_tasks_every says, a record every log_every steps, a
     checkpoint (with `meta`) every checkpoint_every steps, at keep_steps and at the end. Raises
     Preempted after saving on SIGTERM."""
     c = config
@@ -36,7 +36,7 @@ def train_loop(config: ml_collections.ConfigDict, steps: update.Steps, state: up
             progress.dispatched(m)
             last = step == c.total_steps
             evals = {}
-            if step % c.eval_every == 0 or last:
+            if step % c.eval_every == 0 or step in c.eval_steps or last:
                 evals = progress.timed(heldout, state.params)
             if tasks and (last or (c.eval_tasks_every and step % c.eval_tasks_every == 0)):
                 evals |= progress.timed(tasks, state.params)

@@ -34,10 +34,12 @@ from collections.abc import Sequence
 
 import jax
 import ml_collections
+import numpy as np
 from absl import flags
 
 from cpt_jax import cli, models, storage, trainer, update
-from cpt_jax.data.tokenizer import load_tokenizer
+from cpt_jax.data import pipeline
+from cpt_jax.data.tokenizer import load_tokenizer, made_vocab_size
 from cpt_jax.errors import ConfigError, Preempted, RunError
 from cpt_jax.rundir import RunDir
 from cpt_jax.scaling.report import write_report
@@ -70,6 +72,7 @@ class Run:
     role: str  # run (its own schedule) | stable (a WSD stable phase: no point of its own) | branch (a cooldown)
     budget: float  # tokens per parameter of the point it gives (a stable run: of its last branch)
     depends_on: str | None  # the run whose checkpoint this one starts from
+    seed: int  # 0: the base config's seed; k: the k-th repeat of seed_study (base seed + k)
     config: ml_collections.ConfigDict = dataclasses.field(compare=False, repr=False)
 
 
@@ -80,11 +83,11 @@ def paper_batch_tokens(params: int) -> int:
 
 def vocab_size(base: ml_collections.ConfigDict) -> int:
     """The vocabulary of the runs' models, as the trainer sizes it: `model.vocab_size`, else the
-    tokenizer's, read from the file at `data.tokenizer.path` (a trained one has
-    `data.tokenizer.vocab_size` pieces). Raises ValueError naming the field the runs would fail on."""
-    path = base.data.tokenizer.path
+    tokenizer's, read from the file at `data.tokenizer.path` (else the one the runs make). Raises
+    ValueError naming the field the runs would fail on."""
+    t = base.data.tokenizer
     try:
-        tokens = load_tokenizer(path).vocab_size if path else base.data.tokenizer.vocab_size
+        tokens = load_tokenizer(t.path).vocab_size if t.path else made_vocab_size(t.model_type, t.vocab_size)
     except (ValueError, OSError) as e:
         raise ValueError(f"base.data.tokenizer.path: {e}") from None
     if base.model.vocab_size and base.model.vocab_size < tokens:
@@ -99,6 +102,28 @@ def ratios(sweep: ml_collections.ConfigDict, size: str) -> tuple[float, ...]:
     return tuple(dict.fromkeys((*sweep.replay_ratios, *extra)))
 
 
+def fit_ratio(sweep: ml_collections.ConfigDict) -> float:
+    """The replay ratio of the CPT runs the laws are fitted to (and seeds repeat)."""
+    return sweep.get("fit_replay_ratio", sweep.replay_ratios[0])
+
+
+def seeds(sweep: ml_collections.ConfigDict, size: str) -> range:
+    """0 (the base seed), plus 1..count-1 at seed_study's size: its scratch and fitted CPT runs
+    repeated with other seeds (init and data order for scratch, data order for CPT, which starts
+    from the one source model), so the report can measure seed noise."""
+    study = sweep.get("seed_study")
+    return range(study.count if study and study.size == size else 1)
+
+
+def dense_steps(dense: ml_collections.ConfigDict | None, steps: int) -> tuple[int, ...]:
+    """`dense.count` eval steps log-spaced over the first `dense.fraction` of a run's steps: a CPT
+    run's target loss may rise before it falls (the stability gap), within its first few steps."""
+    if not dense:
+        return ()
+    last = max(1, int(dense.fraction * steps))
+    return tuple(sorted({int(round(s)) for s in np.geomspace(1, last, dense.count)}))
+
+
 def expand(sweep: ml_collections.ConfigDict, sweep_dir: str, only: tuple[str, ...] = ()) -> list[Run]:
     """Every run of the sweep, each after the run it starts from, with its full `cpt_jax.main`
     config. Per size: a source run, then for scratch and for CPT at each replay ratio either a
@@ -110,8 +135,9 @@ def expand(sweep: ml_collections.ConfigDict, sweep_dir: str, only: tuple[str, ..
     unknown = [s for s in named if s not in models.SIZES]
     if unknown:
         raise ValueError(f"sizes: {unknown[0]!r} is not a known size; known: {', '.join(models.SIZES)}")
-    if study and study.size and study.size not in sweep.sizes:
-        raise ValueError(f"replay_study.size={study.size!r} is not one of sizes {tuple(sweep.sizes)}")
+    for name in ("replay_study", "seed_study"):
+        if sweep.get(name) and sweep[name].size and sweep[name].size not in sweep.sizes:
+            raise ValueError(f"{name}.size={sweep[name].size!r} is not one of sizes {tuple(sweep.sizes)}")
     vocab = vocab_size(sweep.base)
     branched, seq = sweep.get("branches", False), sweep.base.seq_len
     budgets = sorted(sweep.tokens_per_param)
@@ -124,9 +150,10 @@ def expand(sweep: ml_collections.ConfigDict, sweep_dir: str, only: tuple[str, ..
         steps_of = lambda tpp: max(sweep.eval_points, math.ceil(tpp * n / (batch * seq)))  # noqa: E731
 
         def run(name: str, kind: str, tpp: float, ratio: float, role: str, steps: int, depends_on: str | None,
-                start: int = 0, evals: int = sweep.eval_points, **fields) -> Run:
+                start: int = 0, evals: int = sweep.eval_points, seed: int = 0, **fields) -> Run:
             c = copy.deepcopy(sweep.base)
             c.model.size, c.batch_size, c.total_steps = size, batch, steps
+            c.seed += seed
             c.data.target = sweep.source if kind == "source" else sweep.target
             c.data.replay, c.data.replay_ratio = sweep.source, ratio
             if depends_on:
@@ -134,22 +161,26 @@ def expand(sweep: ml_collections.ConfigDict, sweep_dir: str, only: tuple[str, ..
             c.eval_every = max(1, (steps - start) // evals)
             c.log_every = max(1, min(c.log_every, c.eval_every))
             c.checkpoint_every = c.eval_every * max(1, evals // 4)
+            if kind == "cpt" and role != "branch":
+                c.eval_steps = dense_steps(sweep.get("dense_evals"), steps)
             c.update_from_flattened_dict(fields)
             r = Run(f"{size}/{name}", kind, size, n, steps * batch * seq, (steps - start) * batch * seq, ratio,
-                    role, tpp, depends_on, c)
+                    role, tpp, depends_on, seed, c)
             runs.append(r)
             return r
 
         source = run("source", "source", sweep.source_tokens_per_param, 0.0, "run",
                      steps_of(sweep.source_tokens_per_param), None,
                      **({"optimizer.schedule": "wsd"} if branched else {}))
-        for kind, ratio in [("scratch", 0.0)] + [("cpt", r) for r in ratios(sweep, size)]:
-            label = "scratch" if kind == "scratch" else f"cpt_r{ratio:g}"
+        for kind, ratio, seed in [(kind, ratio, seed) for seed in seeds(sweep, size)
+                                  for kind, ratio in [("scratch", 0.0)] + [("cpt", r) for r in ratios(sweep, size)]
+                                  if not seed or kind == "scratch" or ratio == fit_ratio(sweep)]:
+            label = ("scratch" if kind == "scratch" else f"cpt_r{ratio:g}") + (f"_seed{seed}" if seed else "")
             init = source.name if kind == "cpt" else None
             if not branched:
                 for tpp in budgets:
                     suffix = "" if len(budgets) == 1 else f"_{tpp:g}x"
-                    run(label + suffix, kind, tpp, ratio, "run", steps_of(tpp), init)
+                    run(label + suffix, kind, tpp, ratio, "run", steps_of(tpp), init, seed=seed)
                 continue
             # One warmup for the stable run and all its branches: 5% (warmup_frac) of the shortest.
             warmup = sweep.base.optimizer.warmup_steps or max(
@@ -160,15 +191,46 @@ def expand(sweep: ml_collections.ConfigDict, sweep_dir: str, only: tuple[str, ..
             if points[budgets[0]] <= warmup:
                 raise ValueError(f"tokens_per_param={budgets[0]:g} at size {size}: {steps_of(budgets[0])} steps "
                                  f"leave no stable phase after a {warmup}-step warmup")
-            stable = run(f"{label}_stable", kind, budgets[-1], ratio, "stable", max(points.values()), init,
+            stable = run(f"{label}_stable", kind, budgets[-1], ratio, "stable", max(points.values()), init, seed=seed,
                          **{"optimizer.schedule": "constant", "optimizer.warmup_steps": warmup,
                             "keep_steps": tuple(sorted(points.values()))})
             for tpp in budgets:  # a branch is a point: it evaluates (and saves) at its end
                 steps = steps_of(tpp)
                 run(f"{label}_{tpp:g}x", kind, tpp, ratio, "branch", steps, stable.name, start=points[tpp],
-                    branch_step=points[tpp], eval_every=steps, checkpoint_every=steps,
+                    seed=seed, branch_step=points[tpp], eval_every=steps, checkpoint_every=steps,
                     **{"optimizer.schedule": "wsd", "optimizer.warmup_steps": warmup})
     return runs
+
+
+def train_tokens(base: ml_collections.ConfigDict) -> dict[str, int]:
+    """Tokens of each source's training split, from its token store (prepared here if missing,
+    as the first run would)."""
+    try:
+        data = pipeline.build(base.data, base.seq_len)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    return {k.split("/")[0]: int(m["n_tokens"]) for k, m in data.manifests.items() if k.endswith("/train")}
+
+
+def epochs(run: Run, train: dict[str, int]) -> dict[str, float]:
+    """How many times a run reads each language's training split, from its first step (a branch
+    with the stable phase it continues; a CPT run without its source model's)."""
+    d = run.config.data
+    read = {d.target: (1 - d.replay_ratio) * run.tokens}
+    if d.replay_ratio:
+        read[d.replay] = read.get(d.replay, 0.0) + d.replay_ratio * run.tokens
+    return {lang: tokens / train[lang] for lang, tokens in read.items()}
+
+
+def check_epochs(runs: list[Run], train: dict[str, int], most: float) -> None:
+    """ConfigError naming the first run that would read a training split more than `most` times."""
+    for run in runs:
+        over = {lang: e for lang, e in epochs(run, train).items() if e > most}
+        if over:
+            lang, e = next(iter(over.items()))
+            raise ConfigError(f"max_epochs={most:g}: {run.name} reads the {lang} training split {e:.2f} times "
+                              f"({run.tokens:,} tokens, {train[lang]:,} in the split); fewer tokens per parameter, "
+                              "smaller sizes or a larger corpus")
 
 
 def flops(runs: list[Run]) -> dict[str, float]:
@@ -189,29 +251,42 @@ def _run_command(config_args: list[str], sweep_dir: str, name: str, python: str 
     return [python, "-m", "cpt_jax.sweep", "run", *config_args, "--sweep_dir", sweep_dir, "--run", name]
 
 
-def write_plan(runs: list[Run], sweep_dir: str, config_args: list[str], sweep: ml_collections.ConfigDict) -> None:
-    """sweep.json: what the report needs to know about the sweep and every run."""
+def write_plan(runs: list[Run], sweep_dir: str, config_args: list[str], sweep: ml_collections.ConfigDict,
+               train: dict[str, int] | None = None) -> None:
+    """sweep.json: what the report needs to know about the sweep and every run (with `train`,
+    the tokens of each training split, each run's epochs)."""
     os.makedirs(sweep_dir, exist_ok=True)
     study = sweep.get("replay_study")
     plan = {"config": config_args, "target": sweep.target, "source": sweep.source,
             "branches": bool(sweep.get("branches", False)),
-            "fit_replay_ratio": sweep.get("fit_replay_ratio", sweep.replay_ratios[0]),
-            "replay_study": study.to_dict() if study else None,
+            "fit_replay_ratio": fit_ratio(sweep), "replay_study": study.to_dict() if study else None,
+            "seed_study": sweep.seed_study.to_dict() if sweep.get("seed_study") else None,
             "findings": sweep.findings.to_dict() if "findings" in sweep else {},
-            "flops": flops(runs),
-            "runs": [{k: v for k, v in dataclasses.asdict(r).items() if k != "config"} for r in runs]}
+            "flops": flops(runs), "train_tokens": train,
+            "runs": [{**{k: v for k, v in dataclasses.asdict(r).items() if k != "config"},
+                      **({"epochs": epochs(r, train)} if train else {})} for r in runs]}
     storage.write_atomic(os.path.join(sweep_dir, "sweep.json"), json.dumps(plan, indent=2), within=sweep_dir)
 
 
-def cost_table(runs: list[Run]) -> str:
-    """The runs of a plan and its FLOPs, against the one-run-per-point protocol."""
+def cost_table(runs: list[Run], train: dict[str, int] | None = None) -> str:
+    """The runs of a plan and its FLOPs, against the one-run-per-point protocol; with `train`, the
+    most epochs of each language's training split any run reads."""
     f = flops(runs)
+    most: dict[str, tuple[float, str]] = {}
+    for r in runs if train else ():
+        for lang, e in epochs(r, train).items():
+            most[lang] = max(most.get(lang, (0.0, "")), (e, r.name))
+    reads = "".join(f"\nepochs of the {lang} training split ({train[lang]:,} tokens): at most {e:.2f} ({name})"
+                    for lang, (e, name) in sorted(most.items()))
+    sizes = dict.fromkeys((r.size, r.params) for r in runs)
+    span = max(n for _, n in sizes) / min(n for _, n in sizes)
     roles = {role: sum(r.role == role for r in runs) for role in ("run", "stable", "branch")}
     ends = sum(r.role != "stable" and r.kind != "source" for r in runs)
     return (f"{len(runs)} runs ({roles['run']} whole runs, {roles['stable']} stable phases, {roles['branch']} "
             f"cooldown branches): {ends} scratch and CPT runs that end decayed, besides the sources\n"
             f"FLOPs (C = 6 N D): this plan {f['spent']:.3g}; a whole run for each of those ends "
-            f"{f['one_run_per_point']:.3g} ({f['saved']:.1%} less)")
+            f"{f['one_run_per_point']:.3g} ({f['saved']:.1%} less)\n"
+            f"sizes: {', '.join(f'{name} (N {n:,})' for name, n in sizes)}: {span:.1f}x in N" + reads)
 
 
 def launch_local(runs: list[Run], sweep_dir: str) -> list[str]:
@@ -433,8 +508,8 @@ def sweep_command(command: str) -> None:
         runs = expand(config, sweep_dir, tuple(_ONLY.value))
     except ValueError as e:
         raise ConfigError(str(e)) from None
-    if command == "cost":  # the plan's arithmetic, nothing run
-        print(cost_table(runs))
+    if command == "cost":  # the plan's arithmetic and its data's size, nothing trained
+        print(cost_table(runs, train_tokens(config.base)))
         return
     if command == "run":  # one run, in this process
         run = next((r for r in runs if r.name == _RUN.value), None)
@@ -444,7 +519,12 @@ def sweep_command(command: str) -> None:
         return
     # The runs are launched with this command's config file and overrides.
     config_args = CLI.config_args()
-    write_plan(runs, sweep_dir, config_args, config)
+    # Locally the data is prepared here (the first run would): a plan that reads a split too often
+    # stops before any run; SLURM and print prepare it in a job of their own.
+    train = train_tokens(config.base) if _BACKEND.value == "local" else None
+    if train and config.get("max_epochs"):
+        check_epochs(runs, train, config.max_epochs)
+    write_plan(runs, sweep_dir, config_args, config, train)
     if _BACKEND.value == "print":
         for line in print_commands(runs, sweep_dir, config_args):
             print(line)

@@ -23,6 +23,7 @@ SMALL = ["--config", "configs/bible.py:test", "--config.batch_size=8", "--config
 MINI = os.path.join(ROOT, "configs", "sweeps", "mini.py")
 MINI_ARGS = ["--config", MINI]  # as `cli.config_args` gives them
 PAPER = os.path.join(ROOT, "configs", "sweeps", "paper.py")
+LAPTOP = os.path.join(ROOT, "configs", "sweeps", "laptop.py")
 
 
 def config_of(args: list[str]):

@@ -23,11 +23,40 @@ SIZES = {1e5: ([1e5, 2e5, 4e5], [6.0, 5.6, 5.3]), 3e5: ([3e5, 6e5, 1.2e6], [5.5,
 def test_transfer_holds_only_where_cpt_reaches_scratchs_loss_sooner():
     ahead = {n: (d, [x - 0.3 for x in loss]) for n, (d, loss) in SIZES.items()}
     v = findings.transfer(SIZES, ahead)
-    assert v.holds and all(row["tokens_cpt"] < row["tokens_scratch"] for row in v.numbers.values())
+    assert v.holds and all(row["tokens_cpt"] <= row["tokens_scratch"] for rows in v.numbers.values() for row in rows)
+    assert all(rows[-1]["tokens_cpt"] < rows[-1]["tokens_scratch"] for rows in v.numbers.values())
     behind = {n: (d, [x + 0.1 for x in loss]) for n, (d, loss) in SIZES.items()}
-    assert not findings.transfer(SIZES, behind).holds  # CPT points above scratch's: it never gets there
+    v = findings.transfer(SIZES, behind)  # CPT points above scratch's: it never gets there
+    assert v.status == "does not hold" and all(r[-1]["how"] == "never" for r in v.numbers.values())
     mixed = {1e5: ahead[1e5], 3e5: behind[3e5]}
-    assert not findings.transfer(SIZES, mixed).holds  # "at every size"
+    assert findings.transfer(SIZES, mixed).status == "does not hold"  # "at every size"
+    # every scratch budget gets its saving: at 1e5 tokens scratch is at 6.0, which CPT (5.7 at 1e5) passed already
+    assert [r["how"] for r in findings.transfer(SIZES, ahead).numbers[1e5]] == ["below", "at", "at"]
+
+
+@pytest.mark.parametrize("shift, sigma, status", [
+    (-0.3, 0.005, "holds"),  # far ahead of the seed noise: the saving's interval lies above 0
+    (-0.002, 0.02, "undetermined"),  # a shade ahead, within the seed noise: the interval straddles 0
+    (+0.3, 0.005, "does not hold"),  # behind: CPT never reaches scratch's final loss
+])
+def test_transfer_interval_comes_from_the_seed_noise(shift, sigma, status):
+    cpt = {n: (d, [x + shift for x in loss]) for n, (d, loss) in SIZES.items()}
+    v = findings.transfer(SIZES, cpt, {"scratch": sigma, "cpt": sigma}, n=400)
+    assert v.status == status
+    lo, hi = v.numbers[3e5][-1]["interval"]
+    assert lo <= v.numbers[3e5][-1]["saved"] <= hi and (hi - lo > 0 or status == "does not hold")
+    if status == "undetermined":
+        assert lo <= 0 < hi and "seed_study" in v.decide  # a draw where CPT never gets there saves <= 0
+    assert v.paper and v.ours
+
+
+def test_stability_gap_is_a_rise_above_the_source_models_loss():
+    start = {1e5: 9.0, 3e5: 8.0}
+    rises = {1e5: ([1e3, 4e3, 1.6e4], [9.4, 8.5, 7.0]), 3e5: ([1e3, 4e3, 1.6e4], [8.2, 8.1, 6.0])}
+    v = findings.stability_gap(start, rises)
+    assert v.holds and v.numbers[1e5]["rise"] == pytest.approx(0.4) and v.numbers[1e5]["tokens_above"] == 1e3
+    falls = {**rises, 3e5: ([1e3, 4e3], [7.9, 7.0])}
+    assert findings.stability_gap(start, falls).status == "does not hold"  # "at every size"
     # log-linear interpolation between points: 5.6 -> 5.3 from 2e5 to 4e5 reaches 5.45 at 2e5 * sqrt(2)
     assert findings.tokens_to_reach(np.array([1e5, 2e5, 4e5]), np.array([6.0, 5.6, 5.3]), 5.45) == (
         pytest.approx(2e5 * 2 ** 0.5), "at")
@@ -187,11 +216,14 @@ def generated_sweep(root, cpt_law, noise=0.0003):
 
 
 @pytest.mark.parametrize("cpt_law, expected", [
-    (CPT, {"transfer": "holds", "cpt_law": "holds", "allocation": "holds", "replay": "holds"}),
+    # no evals over CPT's first steps in these metrics: finding 5 is undetermined, saying so
+    (CPT, {"transfer": "holds", "cpt_law": "holds", "allocation": "holds", "replay": "holds",
+           "stability_gap": "undetermined"}),
     # CPT points above scratch's (gamma 0 and a larger data term): finding 1 false; gamma's interval
     # straddles 0 (undetermined); CPT's N_opt is smaller (false); 4 untouched
     (dataclasses.replace(CPT, B_prime=450.0, beta_prime=0.33, gamma=0.0),
-     {"transfer": "does not hold", "cpt_law": "undetermined", "allocation": "does not hold", "replay": "holds"}),
+     {"transfer": "does not hold", "cpt_law": "undetermined", "allocation": "does not hold", "replay": "holds",
+      "stability_gap": "undetermined"}),
 ])
 def test_report_verdicts_follow_the_data(tmp_path, cpt_law, expected):
     root = generated_sweep(tmp_path, cpt_law)

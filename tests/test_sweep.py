@@ -15,9 +15,10 @@ import tokenizers
 
 from cpt_jax import models, sweep
 from cpt_jax.config import load_file
+from cpt_jax.errors import ConfigError
 from cpt_jax.scaling.report import SECTIONS
 
-from helpers import MINI, MINI_ARGS, PAPER, ROOT
+from helpers import LAPTOP, MINI, MINI_ARGS, PAPER, ROOT
 
 
 def test_mini_expands_into_stable_phases_and_their_cooldown_branches(tmp_path):
@@ -232,6 +233,45 @@ def test_print_backend_prints_the_preparation_then_the_runs_with_the_overrides(t
                             "--run", r.name] for r in runs]
     plan = json.loads((tmp_path / "sweep.json").read_text())
     assert plan["config"] == ["--config", MINI, *over]
+
+
+def test_laptop_plan_is_in_the_papers_regime(bible, tmp_path):
+    """configs/sweeps/laptop.py, planned and not run: sizes, budgets, seeds, dense evals, replay
+    ratios, held-out tokens, and epochs from the corpus's own bytes (one token per byte + EOS)."""
+    from cpt_jax.data.corpora import split_documents
+
+    config = load_file(LAPTOP)
+    runs = sweep.expand(config, str(tmp_path))
+    n = {r.size: r.params for r in runs}
+    assert len(n) >= 5 and max(n.values()) / min(n.values()) >= 16
+    for size, params in n.items():
+        mine = [r for r in runs if r.size == size]
+        assert [r.tokens >= 20 * params for r in mine if r.kind == "source"] == [True]
+        for kind in ("scratch", "cpt"):
+            points = [r for r in mine if r.kind == kind and r.role == "branch" and not r.seed
+                      and r.replay_ratio == (sweep.fit_ratio(config) if kind == "cpt" else 0.0)]
+            budgets = sorted(r.budget for r in points)  # tokens per parameter; each run's whole steps reach it
+            assert len(budgets) == 4 and budgets[-1] >= 20 and budgets[-1] / budgets[0] >= 8, (size, kind, budgets)
+            assert all(r.budget * params <= r.tokens < r.budget * params + r.config.batch_size * 128 for r in points)
+        for r in mine:
+            if r.kind == "cpt" and r.role == "stable":  # dense evals: within the first 5%, log-spaced
+                steps = r.config.eval_steps
+                assert len(steps) >= 5 and max(steps) <= 0.05 * r.config.total_steps and steps[0] == 1
+    seeded = {(r.kind, r.seed) for r in runs if r.size == "lap3" and r.role == "branch" and r.replay_ratio in (0, .05)}
+    assert all(r.config.seed == r.seed for r in runs)  # the base seed is 0
+    assert seeded == {(k, s) for k in ("scratch", "cpt") for s in range(3)}
+    assert {0.0, 0.2, 0.5} <= set(sweep.ratios(config, "lap3")) and any(
+        0.01 <= r <= 0.05 for r in sweep.ratios(config, "lap3"))
+    held_out = {lang: sum(len(d.text.encode()) for d in split_documents(bible[lang])[1]) for lang in ("en", "zh")}
+    eval_tokens = config.base.data.eval_batches * config.batch_size * config.base.seq_len
+    assert eval_tokens >= 50_000 and min(held_out.values()) >= eval_tokens
+    train = {lang: sum(len(d.text.encode()) + 1 for d in split_documents(bible[lang])[0]) for lang in ("en", "zh")}
+    assert sweep.train_tokens(config.base) == train
+    most = max(e for r in runs for e in sweep.epochs(r, train).values())
+    assert 1 < most <= config.max_epochs
+    # the plan's check: a sweep that would read a split more often stops before any run, naming it
+    with pytest.raises(ConfigError, match=r"max_epochs=1: lap5/\w+ reads the (en|zh) training split"):
+        sweep.check_epochs(runs, train, 1)
 
 
 def test_sweep_config_errors_are_one_line(tmp_path):

@@ -12,6 +12,7 @@ from tokenizers import decoders, models, pre_tokenizers, trainers
 
 from cpt_jax.data.tokenizer import (
     EOS_ID,
+    ByteTokenizer,
     HFTokenizer,
     SentencePieceTokenizer,
     Tokenizer,
@@ -179,6 +180,21 @@ def test_load_tokenizer_dispatch(sp_tok, hf_dir, tmp_path):
     # The original sentencepiece entry points still work.
     assert Tokenizer.load(tmp_path / "tokenizer.model").fingerprint == sp_tok.fingerprint
     assert Tokenizer(sp_tok.files["tokenizer.model"]).fingerprint == sp_tok.fingerprint
+
+
+def test_byte_tokenizer_is_utf8_bytes_and_saves(tmp_path):
+    tok = ByteTokenizer()
+    _check_round_trip(tok)
+    # Independent of the class: its ids are the text's UTF-8 bytes after the four special ids.
+    assert tok.encode(TEXT) == [b + 4 for b in TEXT.encode("utf-8")] and tok.vocab_size == 260
+    assert (tok.pad_id, tok.unk_id, tok.bos_id, tok.eos_id) == (0, 1, 2, 3)
+    assert tok.decode(tok.encode("起初") + [tok.eos_id]) == "起初"
+    assert tok.token_to_id("a") == ord("a") + 4 and tok.token_to_id("起") is None
+    again = load_tokenizer(tok.save(tmp_path))
+    assert isinstance(again, ByteTokenizer) and again.fingerprint == tok.fingerprint
+    (tmp_path / "byte_tokenizer.json").write_text('{"type": "utf8_bytes", "offset": 3}')
+    with pytest.raises(ValueError, match="byte_tokenizer.json: not this version's byte tokenizer"):
+        load_tokenizer(tmp_path)
 
 
 @pytest.mark.parametrize("make", ["missing", "empty_dir", "text_file"])

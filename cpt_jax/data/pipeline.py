@@ -32,7 +32,7 @@ from cpt_jax.data.corpora import default_cache_dir
 from cpt_jax.data.mixture import Mixture
 from cpt_jax.data.packing import Framing
 from cpt_jax.data.store import Store, build_store, open_store, store_ready
-from cpt_jax.data.tokenizer import load_tokenizer, train_tokenizer
+from cpt_jax.data.tokenizer import ByteTokenizer, load_tokenizer, train_tokenizer
 from cpt_jax.storage import exclusive, write_atomic
 
 log = logging.getLogger("cpt_jax")
@@ -103,11 +103,14 @@ def mixture_stages(dcfg, total_steps: int) -> list[tuple[int, dict[str, float]]]
 
 
 def tokenizer(dcfg, specs: dict[str, src_lib.SourceSpec], root: Path):
-    """`data.tokenizer.path`, else a sentencepiece model trained on the sources' train splits
-    (cached under the data dir by a hash of the sources and options)."""
+    """`data.tokenizer.path`, else UTF-8 bytes (model_type "bytes"), else a sentencepiece model
+    trained on the sources' train splits (cached under the data dir by a hash of the sources and
+    options)."""
     t = dcfg.tokenizer
     if t.path:
         return load_tokenizer(t.path)
+    if t.model_type == "bytes":
+        return ByteTokenizer()
     train_on = list(t.train_on) or list(specs)
     options = {"vocab_size": t.vocab_size, "character_coverage": t.character_coverage,
                "byte_fallback": t.byte_fallback, "model_type": t.model_type, "max_docs": t.max_docs,

@@ -9,7 +9,9 @@ with the same fingerprint.
 Tokenizers trained here (`train_tokenizer`) are sentencepiece with fixed special ids
 PAD_ID = 0, UNK_ID = 1, BOS_ID = 2, EOS_ID = 3. Byte fallback is on and normalization is off
 by default, so any text (rare CJK characters, fullwidth punctuation, repeated spaces)
-round-trips exactly without <unk>.
+round-trips exactly without <unk>. `ByteTokenizer` needs no training: the same four special ids,
+then one id per UTF-8 byte (260 in all), so every language is cut the same way, a token count is
+a byte count and a loss per token is a loss per byte.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
+import numpy as np
 import sentencepiece as spm
 import tokenizers
 from etils import epath
@@ -31,6 +34,7 @@ from cpt_jax.storage import atomic_path, write_atomic
 PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
 
 SP_FILE = "tokenizer.model"
+BYTES_FILE = "byte_tokenizer.json"
 HF_FILE = "tokenizer.json"
 HF_CONFIG_FILE = "tokenizer_config.json"
 
@@ -75,9 +79,12 @@ class TokenizerLike(Protocol):
 
 
 def load_tokenizer(path: str | os.PathLike) -> TokenizerLike:
-    """A sentencepiece `.model` file, a `tokenizer.json` file, or a directory holding
-    `tokenizer.json` (preferred: HF model folders often carry both) or `tokenizer.model`."""
+    """A sentencepiece `.model` file, a `tokenizer.json` file, a byte tokenizer's file, or a directory
+    holding `tokenizer.json` (preferred: HF model folders often carry both), `tokenizer.model` or
+    the byte tokenizer's file."""
     path = epath.Path(path)  # local or gs://
+    if (path.is_file() and path.name == BYTES_FILE) or (path / BYTES_FILE).is_file():
+        return ByteTokenizer.load(path if path.name == BYTES_FILE else path / BYTES_FILE)
     if path.is_file() and path.suffix == ".model":
         return SentencePieceTokenizer.load(path)
     if (path.is_file() and path.name == HF_FILE) or (path / HF_FILE).is_file():
@@ -85,8 +92,8 @@ def load_tokenizer(path: str | os.PathLike) -> TokenizerLike:
     if (path / SP_FILE).is_file():
         return SentencePieceTokenizer.load(path / SP_FILE)
     state = "is not a tokenizer" if path.exists() else "does not exist"
-    raise ValueError(f"{path} {state}: expected a sentencepiece .model file, a {HF_FILE} file, "
-                     f"or a directory containing {HF_FILE} or {SP_FILE}")
+    raise ValueError(f"{path} {state}: expected a sentencepiece .model file, a {HF_FILE} or {BYTES_FILE} file, "
+                     f"or a directory containing one of {HF_FILE}, {SP_FILE}, {BYTES_FILE}")
 
 
 def _save_files(directory: str | os.PathLike, files: Mapping[str, bytes]) -> epath.Path:
@@ -232,6 +239,55 @@ class HFTokenizer:
         return f"HFTokenizer(vocab_size={self.vocab_size}, eos_id={self.eos_id}, fingerprint={self.fingerprint})"
 
 
+class ByteTokenizer:
+    """UTF-8 bytes: PAD_ID, UNK_ID, BOS_ID, EOS_ID, then byte b as id b + OFFSET."""
+
+    OFFSET = 4
+    vocab_size = OFFSET + 256
+    pad_id, unk_id, bos_id, eos_id = PAD_ID, UNK_ID, BOS_ID, EOS_ID
+    add_bos = False
+    _DEFINITION = json.dumps({"type": "utf8_bytes", "offset": OFFSET}).encode()
+    fingerprint = hashlib.sha256(_DEFINITION).hexdigest()[:16]
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> ByteTokenizer:
+        if epath.Path(path).read_bytes() != cls._DEFINITION:
+            raise ValueError(f"{path}: not this version's byte tokenizer (expected {cls._DEFINITION.decode()})")
+        return cls()
+
+    def encode(self, text: str) -> list[int]:
+        return (np.frombuffer(text.encode("utf-8"), np.uint8).astype(np.int32) + self.OFFSET).tolist()
+
+    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        return [self.encode(t) for t in texts]
+
+    def decode(self, ids: Iterable[int]) -> str:
+        # Special ids are dropped, as the other tokenizers do; a cut character decodes as U+FFFD.
+        return bytes(i - self.OFFSET for i in map(int, ids) if i >= self.OFFSET).decode("utf-8", "replace")
+
+    def token_to_id(self, token: str) -> int | None:
+        raw = token.encode("utf-8")
+        return raw[0] + self.OFFSET if len(raw) == 1 else None
+
+    @property
+    def files(self) -> dict[str, bytes]:
+        return {BYTES_FILE: self._DEFINITION}
+
+    def save(self, directory: str | os.PathLike) -> Path:
+        return _save_files(directory, self.files)
+
+    def __repr__(self) -> str:
+        return f"ByteTokenizer(vocab_size={self.vocab_size}, fingerprint={self.fingerprint})"
+
+
+MODEL_TYPES = ("bpe", "unigram", "bytes")  # data.tokenizer.model_type: sentencepiece's two, or ByteTokenizer
+
+
+def made_vocab_size(model_type: str, vocab_size: int) -> int:
+    """The vocabulary of the tokenizer a run makes itself (no data.tokenizer.path), before it is made."""
+    return ByteTokenizer.vocab_size if model_type == "bytes" else vocab_size
+
+
 def train_tokenizer(
     texts: Iterable[str],
     path: str | os.PathLike,
@@ -248,7 +304,7 @@ def train_tokenizer(
     model is returned via model_writer, so no file name ends up inside the proto (which would
     change the fingerprint).
     """
-    if model_type not in ("bpe", "unigram"):
+    if model_type not in ("bpe", "unigram"):  # "bytes" is not trained
         raise ValueError(f"model_type must be 'bpe' or 'unigram', got {model_type!r}")
     buf = io.BytesIO()
     try:

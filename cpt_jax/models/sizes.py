@@ -55,6 +55,15 @@ SIZES.update({
     "tiny": Size(None, 128, 352, 4, 4, kv_heads=2),
     "small": Size(None, 256, 704, 8, 6, kv_heads=4),
 })
+# Not in the paper: the laptop reproduction's ladder (configs/sweeps/laptop.py): at 260 byte ids,
+# N = 17.6k, 33k, 63k, 146k, 283k non-embedding parameters, about 2x apart, 16x in all.
+SIZES.update({
+    "lap1": Size(None, 32, 64, 2, 1, kv_heads=1),
+    "lap2": Size(None, 32, 96, 2, 2, kv_heads=1),
+    "lap3": Size(None, 48, 128, 2, 2, kv_heads=1),
+    "lap4": Size(None, 64, 160, 4, 3, kv_heads=2),
+    "lap5": Size(None, 80, 192, 4, 4, kv_heads=2),
+})
 # Not in the paper: the two shapes of the PyTorch bar that bench/train_step.py is compared with.
 SIZES.update({
     "ref125m": Size(None, 768, 2048, 12, 12, note="PyTorch bar shape (bench/train_step.py)"),

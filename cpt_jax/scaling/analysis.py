@@ -7,6 +7,9 @@ judged on (cpt_jax.scaling.findings):
   alpha frozen at that resample's own scratch refit, so the CPT law's intervals carry the
   scratch fit's uncertainty too. A resample whose refits did not converge is a failed one: its
   row is nan and the judges count it.
+- seed noise: where a sweep repeats runs with other seeds (its seed study), each resample also
+  moves every run's losses by a draw of that noise (log L + sigma z, one z per run, sigma the
+  spread of log L across seeds), so the intervals carry what a rerun with another seed changes.
 - leave-one-run-out errors: each CPT run's points predicted by the CPT law and by Chinchilla
   fitted without that run (mean Huber of log L), to compare laws with different free parameters
   out of sample (findings.cpt_law puts an interval on the comparison over runs).
@@ -53,6 +56,13 @@ def resample_runs(points: Points, n: int, rng: np.random.Generator) -> np.ndarra
     return weights
 
 
+def seed_noise(points: Points, sigma: float, n: int, rng: np.random.Generator) -> np.ndarray:
+    """[n, points] losses: each run's moved by exp(sigma z), one z per (resample, run)."""
+    runs, index = np.unique(points.run, return_inverse=True)
+    z = rng.standard_normal((n, len(runs)))
+    return points.L[None, :] * np.exp(sigma * z[:, index])
+
+
 def leave_one_run_out(points: Points, free: tuple[int, ...], starts: np.ndarray) -> tuple[np.ndarray, int]:
     """[runs] each run's mean Huber of log L under the law refitted without it (from `starts`),
     and how many of those refits did not converge."""
@@ -77,7 +87,9 @@ class Fits:
     compute: tuple[float, float]  # the points' span of C = 6 N D
 
     @classmethod
-    def of(cls, scratch_pts: Points, cpt_pts: Points, n: int, seed: int = 0) -> Fits:
+    def of(cls, scratch_pts: Points, cpt_pts: Points, n: int, seed: int = 0,
+           noise: dict[str, float] | None = None) -> Fits:
+        """`noise`: "scratch", "cpt" -> sigma of log L across seeds (none: resample runs only)."""
         s = fitting.fit_params(*scratch_pts.ndl, fitting.CHINCHILLA_FREE)
         c = fitting.fit_params(*cpt_pts.ndl, fitting.CPT_FREE, s.theta)
         o = fitting.fit_params(*scratch_pts.ndl, fitting.CPT_FREE, s.theta)
@@ -85,14 +97,17 @@ class Fits:
 
         rng = np.random.default_rng(seed)
         ws, wc = resample_runs(scratch_pts, n, rng), resample_runs(cpt_pts, n, rng)
-        th_s, _, ok_s = fitting.refit(*scratch_pts.ndl, fitting.CHINCHILLA_FREE, fitting.refit_starts(s), ws)
+        noise = noise or {}
+        ls, lc = (seed_noise(p, noise.get(k, 0.0), n, rng) for k, p in (("scratch", scratch_pts), ("cpt", cpt_pts)))
+        th_s, _, ok_s = fitting.refit(scratch_pts.N, scratch_pts.D, ls, fitting.CHINCHILLA_FREE,
+                                      fitting.refit_starts(s), ws)
 
-        def nested(result: fitting.Result, pts: Points, weights: np.ndarray):
+        def nested(result: fitting.Result, pts: Points, losses: np.ndarray, weights: np.ndarray):
             starts = np.stack([fitting.refit_starts(result, t, fitting.CPT_FREE) for t in th_s])
-            return fitting.refit(*pts.ndl, fitting.CPT_FREE, starts, weights)
+            return fitting.refit(pts.N, pts.D, losses, fitting.CPT_FREE, starts, weights)
 
-        th_c, _, ok_c = nested(c, cpt_pts, wc)
-        th_o, _, ok_o = nested(o, scratch_pts, ws)
+        th_c, _, ok_c = nested(c, cpt_pts, lc, wc)
+        th_o, _, ok_o = nested(o, scratch_pts, ls, ws)
         failed = ~(ok_s & ok_c & ok_o)
         boot = {k: np.where(failed[:, None], np.nan, v) for k, v in
                 (("scratch", th_s), ("cpt", th_c), ("cpt_on_scratch", th_o))}

@@ -14,6 +14,12 @@ no compute-optimal allocation), so the intervals cannot be trusted.
   4. replay         replay bounds forgetting (the most replay rises less than none, rho's interval
                     > 0), and at equal target tokens every ratio reaches the same target loss
                     (relative spread within a tolerance)
+  5. stability_gap  (from the CPT literature, not the paper) the target loss first rises at the
+                    start of CPT before it falls, at every size
+
+Where a sweep repeats runs with other seeds, the seed noise it measures (sigma of log L across
+seeds) enters the intervals: savings are recomputed with every point's loss moved by a draw of it.
+An undetermined verdict says which runs would decide it.
 """
 
 from __future__ import annotations
@@ -37,6 +43,21 @@ CLAIMS = {
     "allocation": "CPT's compute-optimal allocation favours larger models (N_opt,cpt > N_opt,scratch)",
     "replay": "replay bounds forgetting, and at equal target-language compute every replay ratio reaches about "
               "the same target loss",
+    "stability_gap": "at the start of CPT the target-language loss first rises before it falls (the stability gap)",
+}
+PAPER = {
+    "transfer": "25-50% fewer FLOPs at equal loss, shrinking with training, growing with size",
+    "cpt_law": "gamma = 0.08 on CPT runs (~0 on scratch runs); the CPT law fits CPT runs better",
+    "allocation": "a = 0.429 from scratch, 0.385 for CPT: CPT's N_opt is larger over the paper's range",
+    "replay": "forgetting falls with replay; about the same target loss at equal target compute for any ratio",
+    "stability_gap": "not in the paper (reported by the CPT literature, e.g. Guo et al. 2024)",
+}
+DECIDE = {  # the runs that would narrow an undetermined verdict's interval
+    "transfer": "seeds at the sizes whose interval straddles 0 (seed_study), or CPT budgets past scratch's largest",
+    "cpt_law": "more sizes over a wider range of N, and seeds at more sizes",
+    "allocation": "more sizes over a wider range of N (the allocation exponents are slopes in N)",
+    "replay": "more budgets at the replay study's size, or seeds of its runs",
+    "stability_gap": "denser evals over the first steps of CPT (dense_evals), or seeds at the undetermined sizes",
 }
 
 
@@ -46,10 +67,20 @@ class Verdict:
     status: str  # HOLDS, FAILS or UNDETERMINED
     evidence: tuple[str, ...]  # the numbers and the rule, one line each
     numbers: dict = dataclasses.field(default_factory=dict)
+    ours: str = ""  # the sweep's figure with its interval, in a few words (the findings table)
 
     @property
     def claim(self) -> str:
         return CLAIMS[self.name]
+
+    @property
+    def paper(self) -> str:
+        return PAPER[self.name]
+
+    @property
+    def decide(self) -> str:
+        """Which runs would decide an undetermined verdict ("" otherwise)."""
+        return DECIDE[self.name] if self.status == UNDETERMINED else ""
 
     @property
     def holds(self) -> bool:
@@ -92,28 +123,73 @@ def tokens_to_reach(tokens: np.ndarray, loss: np.ndarray, target: float) -> tupl
     return reached, "below" if v[0] <= target else "at"
 
 
-def transfer(scratch: dict[int, tuple], cpt: dict[int, tuple]) -> Verdict:
-    """`scratch`, `cpt`: N -> (tokens, target loss) of each size's points. Per size, the target
-    is scratch's loss at its most tokens; it holds at a size if CPT reaches it with fewer."""
-    rows, lines, holds = {}, [], True
+def savings(scratch: dict[int, tuple], cpt: dict[int, tuple]) -> dict[int, list[dict]]:
+    """Per size N, per scratch point (budget): the tokens CPT needs to reach that point's loss and
+    the share of scratch's tokens it saves (the same share of FLOPs: the same N). A loss CPT does
+    not reach within its points saves at most 1 - (CPT's most tokens) / (scratch's): that bound."""
+    out = {}
     for n in sorted(scratch):
-        d_s, l_s = (np.asarray(x, float) for x in scratch[n])
-        best = int(np.argmax(d_s))
-        target, d_scratch = float(l_s[best]), float(d_s[best])
         if n not in cpt:
-            holds = False
-            lines.append(f"N={n:,}: no CPT points")
             continue
-        d_cpt, how = tokens_to_reach(*cpt[n], target)
-        ok = d_cpt < d_scratch
-        holds &= ok
-        rows[n] = {"target_loss": target, "tokens_scratch": d_scratch, "tokens_cpt": d_cpt, "how": how}
-        reach = {"at": f"{d_cpt:,.0f} tokens", "below": f"<= {d_cpt:,.0f} tokens (its first point)",
-                 "never": "not within its points"}[how]
-        saved = f" ({1 - d_cpt / d_scratch:.0%} fewer)" if np.isfinite(d_cpt) else ""
-        lines.append(f"N={n:,}: scratch reaches {target:.4f} at {d_scratch:,.0f} tokens; CPT {reach}{saved}")
-    lines.append("Rule: holds if at every size CPT reaches scratch's final loss with fewer tokens.")
-    return Verdict("transfer", HOLDS if holds and rows else FAILS, tuple(lines), rows)
+        d_cpt_all = np.asarray(cpt[n][0], float)
+        rows = []
+        for d_s, l_s in sorted(zip(*(np.asarray(x, float) for x in scratch[n]))):
+            d_c, how = tokens_to_reach(*cpt[n], l_s)
+            bound = d_c if np.isfinite(d_c) else float(d_cpt_all.max())
+            rows.append({"target_loss": float(l_s), "tokens_scratch": float(d_s), "tokens_cpt": d_c, "how": how,
+                         "saved": 1 - bound / d_s})
+        out[n] = rows
+    return out
+
+
+def saved_text(row: dict) -> str:
+    """A saving as text; a bound where CPT's points do not bracket the loss."""
+    return {"at": "", "below": ">= ", "never": "<= "}[row["how"]] + f"{row['saved']:+.0%}"
+
+
+def _moved(points: dict[int, tuple], sigma: float, rng: np.random.Generator) -> dict[int, tuple]:
+    """The points with each loss moved by exp(sigma z): one draw of the seed noise."""
+    return {n: (d, np.asarray(v, float) * np.exp(sigma * rng.standard_normal(len(v)))) for n, (d, v) in points.items()}
+
+
+def transfer(scratch: dict[int, tuple], cpt: dict[int, tuple], noise: dict[str, float] | None = None,
+             n: int = 1000, level: float = 0.95) -> Verdict:
+    """`scratch`, `cpt`: N -> (tokens, target loss) of each size's points; `noise`: "scratch",
+    "cpt" -> sigma of log L across seeds. Per size the target is scratch's loss at its most
+    tokens; the saving (1 - CPT's tokens to reach it / scratch's) gets an interval over n draws
+    of the seed noise (none without it: a point interval). It holds at a size if the interval
+    lies above 0, fails there if it lies below 0 or CPT has no points."""
+    noise = noise or {}
+    table = savings(scratch, cpt)
+    rng = np.random.default_rng(0)
+    draws = [savings(_moved(scratch, noise.get("scratch", 0.0), rng), _moved(cpt, noise.get("cpt", 0.0), rng))
+             for _ in range(n if noise else 0)]
+    lines, statuses, rows = [], [], {}
+    for size in sorted(scratch):
+        if size not in table:
+            statuses.append(FAILS)
+            lines.append(f"N={size:,}: no CPT points")
+            continue
+        for i, row in enumerate(table[size]):
+            saved = [d[size][i]["saved"] for d in draws] or [row["saved"]]
+            row["interval"] = tuple(np.percentile(saved, [(1 - level) / 2 * 100, (1 + level) / 2 * 100]))
+        last = table[size][-1]
+        lo, hi = last["interval"]
+        status = HOLDS if lo > 0 else FAILS if hi < 0 or last["how"] == "never" else UNDETERMINED
+        statuses.append(status)
+        rows[size] = table[size]
+        reach = {"at": f"{last['tokens_cpt']:,.0f} tokens", "below": f"<= {last['tokens_cpt']:,.0f} tokens (its "
+                 "first point)", "never": "not within its points"}[last["how"]]
+        lines.append(f"N={size:,}: scratch reaches {last['target_loss']:.4f} at {last['tokens_scratch']:,.0f} tokens; "
+                     f"CPT {reach}: {saved_text(last)} tokens saved, 95% interval [{lo:+.0%}, {hi:+.0%}] ({status})")
+    lines.append(f"Intervals: {n} draws of the seed noise (" + ", ".join(f"{k} sigma {v:.3g}" for k, v in noise.items())
+                 + " of log L across seeds)." if noise else "No seed repeats: the intervals are points.")
+    lines.append("Rule: holds if at every size the interval of the saving at scratch's largest budget lies above 0; "
+                 "does not hold if at any it lies below 0 (or CPT never reaches); else undetermined.")
+    ours = ("tokens (= FLOPs) saved at scratch's final loss, by size: "
+            + ", ".join(f"{saved_text(r[-1])} [{r[-1]['interval'][0]:+.0%}, {r[-1]['interval'][1]:+.0%}]"
+                        for r in rows.values()) if rows else "no points")
+    return Verdict("transfer", combine(*statuses) if statuses else FAILS, tuple(lines), rows, ours)
 
 
 def error_ratio(errors, reference, level: float = 0.95, n: int = 2000) -> tuple[float, tuple[float, float]]:
@@ -151,7 +227,9 @@ def cpt_law(gamma_cpt: float, gamma_cpt_samples, gamma_scratch: float, gamma_scr
     return Verdict("cpt_law", combine(positive, near_zero, better), lines,
                    {"gamma_cpt": gamma_cpt, "gamma_cpt_interval": ci_cpt, "gamma_scratch": gamma_scratch,
                     "gamma_scratch_interval": ci_scratch, "held_out_ratio": ratio, "held_out_ratio_interval": ci_ratio,
-                    "held_out_failed": held_out_failed, "failed_resamples": failed, "resamples": n})
+                    "held_out_failed": held_out_failed, "failed_resamples": failed, "resamples": n},
+                   f"gamma {gamma_cpt:+.3f} {_interval(ci_cpt)} on CPT runs, {gamma_scratch:+.3f} "
+                   f"{_interval(ci_scratch)} on scratch; left-out error ratio {ratio:.3g} {_interval(ci_ratio)}")
 
 
 def _allocation_numbers(scratch: laws.Fit, cpt: laws.Fit, C: np.ndarray) -> np.ndarray:
@@ -203,7 +281,10 @@ def allocation(scratch: laws.Fit, cpt: laws.Fit, resamples: Sequence[tuple[laws.
                     "ratio_interval": [lo[:points].tolist(), hi[:points].tolist()],
                     "a_scratch": float(full[-2]), "a_cpt": float(full[-1]), "a_scratch_interval": (lo[-2], hi[-2]),
                     "a_cpt_interval": (lo[-1], hi[-1]), "crossing": cross, "failed_resamples": failed,
-                    "resamples": n})
+                    "resamples": n},
+                   f"a = {full[-2]:.3f} {_interval((lo[-2], hi[-2]))} from scratch, {full[-1]:.3f} "
+                   f"{_interval((lo[-1], hi[-1]))} for CPT; N_opt ratio {full[0]:.3g} to {full[points - 1]:.3g} "
+                   "over the sweep's compute")
 
 
 def replay(rise: dict[float, float], rho: float, rho_ci, relative_spread, tolerance: float,
@@ -232,4 +313,47 @@ def replay(rise: dict[float, float], rho: float, rho_ci, relative_spread, tolera
              "tolerance everywhere.")
     return Verdict("replay", combine(bounded, same), lines,
                    {"rise": {str(r): v for r, v in rise.items()}, "rho": rho, "rho_interval": tuple(rho_ci),
-                    "relative_spread": spread.tolist(), "tolerance": tolerance, "failed_resamples": failed})
+                    "relative_spread": spread.tolist(), "tolerance": tolerance, "failed_resamples": failed},
+                   f"source-loss rise {rise[least]:+.3f} without replay, {rise[most]:+.3f} at r={most:g}; rho "
+                   f"{rho:.3g} {_interval(rho_ci)}; target-loss spread across ratios up to "
+                   + (f"{spread.max():.1%}" if spread.size else "n/a"))
+
+
+def stability_gap(start: dict[int, float], dense: dict[int, tuple], source: dict[int, tuple] | None = None
+                  ) -> Verdict:
+    """`start`: N -> the source model's target loss (CPT's step 0); `dense`: N -> (tokens, target
+    loss) of the evals over the first steps of that size's CPT run; `source`: N -> (tokens, source
+    loss) at the same evals, reported beside it (the old language's transient). It holds at a
+    size if some eval's target loss is above the start (the loss first rises), fails where every
+    eval is below it; the evals are of fixed rows, so there is no noise to straddle."""
+    lines, statuses, rows = [], [], {}
+    for n in sorted(dense):
+        d, v = (np.asarray(x, float) for x in dense[n])
+        if n not in start or not len(v):
+            lines.append(f"N={n:,}: no dense evals or no source model")
+            statuses.append(UNDETERMINED)
+            continue
+        rise = float(v.max() - start[n])
+        above = d[v > start[n]]
+        status = HOLDS if rise > 0 else FAILS
+        statuses.append(status)
+        row = {"start": start[n], "peak": float(v.max()), "rise": rise,
+               "tokens_above": float(above.max()) if len(above) else 0.0, "first_loss": float(v[0]),
+               "first_tokens": float(d[0])}
+        text = (f"N={n:,}: target loss {start[n]:.3f} at the start, {v[0]:.3f} after {d[0]:,.0f} tokens, "
+                + (f"above the start until {row['tokens_above']:,.0f} tokens (peak {v.max():.3f})" if rise > 0
+                   else f"never above it in {len(v)} evals to {d.max():,.0f} tokens"))
+        if source and n in source and len(source[n][1]):
+            sd, sv = (np.asarray(x, float) for x in source[n])
+            row |= {"source_start": float(sv[0]), "source_peak": float(sv.max()), "source_end": float(sv[-1]),
+                    "source_peak_tokens": float(sd[int(np.argmax(sv))])}
+            text += (f"; source loss peaks at {sv.max():.3f} after {row['source_peak_tokens']:,.0f} tokens and is "
+                     f"{sv[-1]:.3f} at {sd[-1]:,.0f}")
+        rows[n] = row
+        lines.append(text + f" ({status})")
+    lines.append("Rule: holds if at every size the target loss of some early eval is above its start; does not hold "
+                 "if at any size none is.")
+    rises = [r["rise"] for r in rows.values()]
+    ours = (f"target loss rises at {sum(r > 0 for r in rises)} of {len(rises)} sizes (largest rise "
+            f"{max(rises):+.3f})" if rises else "no dense evals")
+    return Verdict("stability_gap", combine(*statuses) if statuses else UNDETERMINED, tuple(lines), rows, ours)

@@ -73,10 +73,11 @@ def huber(theta: np.ndarray, N, D, L) -> np.ndarray:
 
 @jax.jit
 def _minimise(starts, mask, logN, logD, logL, weights, max_steps):
-    """L-BFGS from every row of `starts` [rows, 6] with its row of point weights, until converged
-    or `max_steps`; only entries where `mask` is 1 move (their gradient alone is kept, so L-BFGS's
-    steps stay in that subspace). Returns (params, objective, steps)."""
-    def run(x0, w):
+    """L-BFGS from every row of `starts` [rows, 6] with its row of point weights and of log L
+    (a resample's own losses), until converged or `max_steps`; only entries where `mask` is 1 move
+    (their gradient alone is kept, so L-BFGS's steps stay in that subspace). Returns (params,
+    objective, steps)."""
+    def run(x0, w, logL):
         def f(x):
             return _objective(mask * x + (1 - mask) * jax.lax.stop_gradient(x), logN, logD, logL, w)
 
@@ -97,7 +98,8 @@ def _minimise(starts, mask, logN, logD, logL, weights, max_steps):
         x, _, _, value, k = jax.lax.while_loop(improving, step, (x0, opt.init(x0), jnp.inf, f(x0), 0))
         return x, value, k
 
-    full, values, steps = jax.vmap(run)(starts, weights)
+    # One row of losses for all (unbatched: the same program as before resamples had their own), or one each.
+    full, values, steps = jax.vmap(run, in_axes=(0, 0, 0 if logL.ndim == 2 else None))(starts, weights, logL)
     return full, jnp.where(jnp.isfinite(values), values, jnp.inf), steps
 
 
@@ -111,9 +113,12 @@ class Result:
 
 
 def _prepare(N, D, L):
-    N, D, L = (np.asarray(x, np.float64).ravel() for x in (N, D, L))
-    if not (len(N) == len(D) == len(L)) or len(N) < 3:
-        raise ValueError(f"need at least 3 (N, D, L) points of equal length, got {len(N)}, {len(D)}, {len(L)}")
+    """log N, log D [points] and log L [points], or [rows, points] where each row has its own losses."""
+    N, D = (np.asarray(x, np.float64).ravel() for x in (N, D))
+    L = np.asarray(L, np.float64)
+    L = L if L.ndim == 2 else L.ravel()
+    if not (len(N) == len(D) == L.shape[-1]) or len(N) < 3:
+        raise ValueError(f"need at least 3 (N, D, L) points of equal length, got {len(N)}, {len(D)}, {L.shape[-1]}")
     if (N <= 0).any() or (D <= 0).any() or (L <= 0).any():
         raise ValueError("N, D and L must all be positive")
     return np.log(N), np.log(D), np.log(L)
@@ -127,14 +132,16 @@ def _bucket(k: int, least: int) -> int:
 def run_starts(N, D, L, free: tuple[int, ...], starts: np.ndarray, weights: np.ndarray | None = None,
                max_steps: int = MAX_STEPS) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """L-BFGS from each full parameter row of `starts` (only `free` entries move; the others stay
-    as that row has them), each with its row of point `weights` (default all 1). Returns
-    (params [k, 6], objective [k], converged [k]). Points are padded (weight 0) to a power of two
-    and rows run in chunks of CHUNK, so one compilation serves every law and most data sets."""
+    as that row has them), each with its row of point `weights` (default all 1) and of `L` where
+    it is [k, points]. Returns (params [k, 6], objective [k], converged [k]). Points are padded
+    (weight 0) to a power of two and rows run in chunks of CHUNK, so one compilation serves every
+    law and most data sets."""
     starts = np.asarray(starts, np.float64)
-    logs = _prepare(N, D, L)
-    k, p = len(starts), len(logs[0])
+    logN, logD, logL = _prepare(N, D, L)
+    k, p = len(starts), len(logN)
     padded = _bucket(p, 16)
-    logN, logD, logL = (np.pad(x, (0, padded - p)) for x in logs)
+    logN, logD = (np.pad(x, (0, padded - p)) for x in (logN, logD))
+    logL = np.pad(logL, [(0, 0)] * (logL.ndim - 1) + [(0, padded - p)])
     w = np.zeros((k, padded))
     w[:, :p] = 1.0 if weights is None else weights
     mask = np.isin(np.arange(6), free).astype(np.float64)
@@ -143,7 +150,7 @@ def run_starts(N, D, L, free: tuple[int, ...], starts: np.ndarray, weights: np.n
         for i in range(0, k, CHUNK):
             rows = np.arange(i, i + CHUNK) % k  # the last chunk wraps round: its extra rows are dropped
             out.append([np.asarray(v)[:min(CHUNK, k - i)] for v in _minimise(
-                starts[rows], mask, logN, logD, logL, w[rows], max_steps)])
+                starts[rows], mask, logN, logD, logL[rows] if logL.ndim == 2 else logL, w[rows], max_steps)])
     full, values, steps = (np.concatenate(v) for v in zip(*out))
     return full, values, (steps < max_steps) & np.isfinite(values)
 
@@ -173,12 +180,14 @@ def refit_starts(result: Result, frozen: np.ndarray | None = None, free: tuple[i
 
 def refit(N, D, L, free: tuple[int, ...], starts: np.ndarray, weights: np.ndarray
           ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """One refit per row of `weights` [m, points], each from every row of `starts` [s, 6] or of
-    `starts` [m, s, 6] (its own starts); the best of each. Returns (params [m, 6], objective [m],
-    converged [m])."""
+    """One refit per row of `weights` [m, points] (and of `L` where it is [m, points]: each
+    resample's own losses), each from every row of `starts` [s, 6] or of `starts` [m, s, 6] (its
+    own starts); the best of each. Returns (params [m, 6], objective [m], converged [m])."""
     m = len(weights)
     starts = np.broadcast_to(starts, (m, *np.shape(starts)[-2:]))
     s = starts.shape[1]
+    L = np.asarray(L, np.float64)
+    L = np.repeat(L, s, axis=0) if L.ndim == 2 else L
     full, values, converged = run_starts(N, D, L, free, starts.reshape(m * s, 6), np.repeat(weights, s, axis=0))
     best = np.argmin(values.reshape(m, s), axis=1)
     pick = np.arange(m) * s + best

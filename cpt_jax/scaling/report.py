@@ -33,21 +33,24 @@ from cpt_jax.scaling.analysis import Fits, Points  # noqa: E402
 from cpt_jax.scaling import replay as replay_law  # noqa: E402
 from cpt_jax.summary import eval_curve  # noqa: E402
 
-SECTIONS = ("Findings", "Runs", "Loss vs tokens", "Fitted laws", "Fit errors", "Compute-optimal allocation",
-            "FLOPs saved by CPT", "Sweep cost", "Forgetting", "Replay")
+SECTIONS = ("Findings", "Runs", "Loss vs tokens", "Savings at equal loss", "Seed noise", "Fitted laws", "Fit errors",
+            "Compute-optimal allocation", "FLOPs saved by CPT", "Sweep cost", "Forgetting", "Start of CPT", "Replay")
 N_DEFINITION = ("N is the non-embedding parameter count (every weight but the input embedding table; the output "
                 "head counts, as its FLOPs do); D the run's tokens of the target-language run (a CPT run's own "
                 "tokens, not its source model's); C = 6 N D.")
 
 
 def collect(sweep_dir: str) -> tuple[dict, dict[str, dict]]:
-    """The plan (sweep.json) and, per run, its eval curves of both languages."""
+    """The plan (sweep.json) and, per run, its eval curves of both languages and, under "epochs",
+    how many times it has read each language's training split (its largest data/<lang>_epoch)."""
     with open(os.path.join(sweep_dir, "sweep.json")) as f:
         plan = json.load(f)
     curves = {}
     for run in plan["runs"]:
         recs = RunDir.of(os.path.join(sweep_dir, run["name"])).read_metrics()
         curves[run["name"]] = {lang: eval_curve(recs, lang) for lang in (plan["source"], plan["target"])}
+        curves[run["name"]]["epochs"] = {lang: max(r.get(f"data/{lang}_epoch", 0.0) for r in recs)
+                                         for lang in (plan["source"], plan["target"]) if recs}
     return plan, curves
 
 
@@ -63,6 +66,8 @@ def points(plan: dict, curves: dict, kind: str, lang: str, ratio: float | None =
     out = []
     for i, run in enumerate(plan["runs"]):
         if run["kind"] != kind or run["role"] == "stable" or (ratio is not None and run["replay_ratio"] != ratio):
+            continue
+        if run.get("seed", 0):  # a seed repeat measures noise (seed_noise); the laws fit one seed's points
             continue
         if run["role"] == "branch":
             loss = final(run, curves, lang)
@@ -113,28 +118,40 @@ def write_report(sweep_dir: str, bootstrap: int = 100) -> str:
     scratch_pts = points(plan, curves, "scratch", tgt)
     cpt_pts = points(plan, curves, "cpt", tgt, plan["fit_replay_ratio"])
     out: dict = {"sweep_dir": sweep_dir, "target": tgt, "source": src, "n_definition": N_DEFINITION}
-    fits = (Fits.of(Points.of(scratch_pts), Points.of(cpt_pts), bootstrap)
+    noise = seed_noise(plan, curves)
+    sigmas = {k: noise[k]["sigma"] for k in ("scratch", "cpt") if k in noise}
+    fits = (Fits.of(Points.of(scratch_pts), Points.of(cpt_pts), bootstrap, noise=sigmas)
             if len(scratch_pts) >= 5 and len(cpt_pts) >= 5 else None)
     study = replay_study(plan, curves)
-    verdicts = judge(plan, scratch_pts, cpt_pts, fits, study)
-    out["findings"] = {v.name: {"claim": v.claim, "status": v.status, "holds": v.holds,
-                                "evidence": list(v.evidence), "numbers": v.numbers} for v in verdicts}
+    start = start_of_cpt(plan, curves, sweep_dir)
+    verdicts = judge(plan, scratch_pts, cpt_pts, fits, study, sigmas, start)
+    out["findings"] = {v.name: {"claim": v.claim, "paper": v.paper, "ours": v.ours, "status": v.status,
+                                "holds": v.holds, "evidence": list(v.evidence), "decide": v.decide,
+                                "numbers": v.numbers} for v in verdicts}
+    out["seed_noise"] = noise
 
     md = [f"# Sweep report: {md_text(sweep_dir)}", "",
           f"Target {md_text(tgt)}, source {md_text(src)}; {len(plan['runs'])} runs"
           + (", WSD stable phases with cooldown branches" if plan["branches"] else ", one run per point") + ".",
           "", N_DEFINITION, "", "## Findings", "",
           "The paper's findings, each judged by the stated rule on this sweep's numbers (95% intervals from a "
-          "bootstrap over runs). \"Does not hold\" is at this scale; \"undetermined\": the intervals straddle "
-          "the rule's threshold or too many resamples failed.", ""]
+          "bootstrap over runs" + (" and the seed noise the sweep measured" if sigmas else "") + "). \"Does not "
+          "hold\" is at this scale; \"undetermined\": the intervals straddle the rule's threshold or too many "
+          "resamples failed.", "",
+          *_table(("finding", "paper", "ours (95% interval)", "verdict"),
+                  [(f"{i}. {v.claim}", v.paper, v.ours, v.status) for i, v in enumerate(verdicts, 1)]), ""]
     for i, v in enumerate(verdicts, 1):
         md += [f"{i}. **{v.claim}**: **{v.status}**", "",
-               *(f"   - {line}" for line in v.evidence), ""]
+               *(f"   - {line}" for line in v.evidence),
+               *([f"   - Would decide it: {v.decide}."] if v.decide else []), ""]
     md += runs_section(plan, curves)
     md += curves_section(plan, curves, sweep_dir)
+    md += savings_section(verdicts[0], sweep_dir)
+    md += noise_section(noise)
     md += fits_section(fits, scratch_pts, cpt_pts, sweep_dir, out)
     md += cost_section(plan, out)
     md += forgetting_section(plan, curves, sweep_dir, out)
+    md += start_section(start, plan, sweep_dir)
     md += replay_section(study, plan, out)
     md += downstream_section(plan, sweep_dir, out)
 
@@ -148,13 +165,13 @@ def write_report(sweep_dir: str, bootstrap: int = 100) -> str:
 # ----------------------------------------------------------------------------------------------
 # The findings.
 # ----------------------------------------------------------------------------------------------
-def judge(plan: dict, scratch_pts: np.ndarray, cpt_pts: np.ndarray, fits: Fits | None, study: dict | None
-          ) -> list[findings.Verdict]:
-    """The four verdicts; a finding without the runs to judge it is undetermined, saying why."""
+def judge(plan: dict, scratch_pts: np.ndarray, cpt_pts: np.ndarray, fits: Fits | None, study: dict | None,
+          noise: dict[str, float], start: dict) -> list[findings.Verdict]:
+    """The five verdicts; a finding without the runs to judge it is undetermined, saying why."""
     def missing(name: str, why: str) -> findings.Verdict:
-        return findings.Verdict(name, findings.UNDETERMINED, (f"not judged: {why}",))
+        return findings.Verdict(name, findings.UNDETERMINED, (f"not judged: {why}",), ours="not judged")
 
-    verdicts = [findings.transfer(by_size(scratch_pts), by_size(cpt_pts)) if len(scratch_pts) and len(cpt_pts)
+    verdicts = [findings.transfer(by_size(scratch_pts), by_size(cpt_pts), noise) if len(scratch_pts) and len(cpt_pts)
                 else missing("transfer", "no scratch or CPT points")]
     if fits is None:
         verdicts += [missing("cpt_law", "too few points to fit (5 of each needed)"),
@@ -171,6 +188,8 @@ def judge(plan: dict, scratch_pts: np.ndarray, cpt_pts: np.ndarray, fits: Fits |
         verdicts.append(findings.replay(study["rise_at_largest"], study["fit"].rho, study["rho_interval"],
                                         study["equal"]["relative_spread"], plan["findings"]["equal_loss_tolerance"],
                                         study["n"] - study["n_used"], study["n"]))
+    verdicts.append(findings.stability_gap(start["start"], start["target"], start["source"]) if start["target"]
+                    else missing("stability_gap", "no CPT run has evals over its first steps (dense_evals)"))
     return verdicts
 
 
@@ -182,10 +201,78 @@ def runs_section(plan: dict, curves: dict) -> list[str]:
     for run in plan["runs"]:
         lang = plan["source"] if run["kind"] == "source" else plan["target"]
         tokens, loss = curves[run["name"]][lang]
+        epochs = ", ".join(f"{k} {v:.2f}" for k, v in sorted(curves[run["name"]]["epochs"].items()) if v) or "-"
         rows.append((run["name"], run["role"], f"{run['params']:,}", f"{run['tokens']:,}",
-                     f"{tokens[-1]:,.0f}" if len(tokens) else "-", f"{loss[-1]:.4f}" if len(loss) else "-"))
-    return ["## Runs", "", *_table(("run", "role", "N", "tokens planned", "tokens done", "final loss (its target)"),
-                                   rows), ""]
+                     f"{tokens[-1]:,.0f}" if len(tokens) else "-", f"{loss[-1]:.4f}" if len(loss) else "-", epochs))
+    most = {lang: max(c["epochs"].get(lang, 0.0) for c in curves.values()) for lang in (plan["source"], plan["target"])}
+    return ["## Runs", "", "Epochs: how many times the run has read each language's training split (measured: a "
+            "branch with the stable phase it continues, a CPT run without its source model); at most "
+            + ", ".join(f"{lang} {e:.2f}" for lang, e in most.items()) + ".", "", *_table(("run", "role", "N", "tokens planned", "tokens done", "final loss (its target)", "epochs"),
+                        rows), ""]
+
+
+def seed_noise(plan: dict, curves: dict) -> dict:
+    """The seed study's spread: per kind (scratch; CPT at the fitted ratio), the sigma of log L
+    across seeds at each budget, pooled over budgets (root mean variance); {} without repeats."""
+    study = plan.get("seed_study")
+    if not study:
+        return {}
+    out = {}
+    for kind in ("scratch", "cpt"):
+        by_budget: dict[float, list[float]] = {}
+        for run in plan["runs"]:
+            if (run["size"] != study["size"] or run["kind"] != kind or run["role"] == "stable"
+                    or (kind == "cpt" and run["replay_ratio"] != plan["fit_replay_ratio"])):
+                continue
+            loss = final(run, curves, plan["target"])
+            if loss is not None:
+                by_budget.setdefault(run["budget"], []).append(loss)
+        var = {b: float(np.var(np.log(v), ddof=1)) for b, v in by_budget.items() if len(v) > 1}
+        if var:
+            out[kind] = {"sigma": float(np.sqrt(np.mean(list(var.values())))), "seeds": max(map(len, by_budget.values())),
+                         "losses": {str(b): v for b, v in sorted(by_budget.items())}}
+    return out
+
+
+def noise_section(noise: dict) -> list[str]:
+    if not noise:
+        return ["## Seed noise", "", "No seed repeats in this sweep (`seed_study`): the intervals are over runs only.",
+                ""]
+    rows = [(kind, budget, ", ".join(f"{x:.4f}" for x in v), f"{np.std(np.log(v), ddof=1):.4f}")
+            for kind, n in noise.items() for budget, v in n["losses"].items()]
+    return ["## Seed noise", "", "The seed study's final target losses per budget (tokens per parameter), and sigma, "
+            "the spread of log L across seeds; pooled per kind: "
+            + ", ".join(f"{k} {n['sigma']:.4f} ({n['seeds']} seeds)" for k, n in noise.items())
+            + ". Every interval of the findings moves each run's losses by draws of it.", "",
+            *_table(("kind", "budget", "losses", "sigma of log L"), rows), ""]
+
+
+def savings_section(transfer: findings.Verdict, sweep_dir: str) -> list[str]:
+    """Finding 1's table: per size and scratch budget, CPT's tokens to the same loss and the saving."""
+    if not transfer.numbers:
+        return []
+    rows = [(f"{n:,}", f"{r['tokens_scratch']:,.0f}", f"{r['target_loss']:.4f}",
+             {"at": f"{r['tokens_cpt']:,.0f}", "below": f"<= {r['tokens_cpt']:,.0f}", "never": "not reached"}[r["how"]],
+             findings.saved_text(r),
+             "[{:+.0%}, {:+.0%}]".format(*r["interval"]))
+            for n, table in transfer.numbers.items() for r in table]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for i, (n, table) in enumerate(transfer.numbers.items()):
+        d = np.array([r["tokens_scratch"] for r in table])
+        saved = np.array([r["saved"] for r in table])
+        lo, hi = np.array([r["interval"] for r in table]).T
+        ax.errorbar(d / n, saved, yerr=[saved - lo, hi - saved], marker="o", capsize=3, color=f"C{i}",
+                    label=f"N={n:,}")
+    ax.axhline(0, color="k", lw=0.8)
+    ax.set(xscale="log", xlabel="scratch tokens per parameter", ylabel="tokens (= FLOPs) saved by CPT",
+           title="savings at equal target loss")
+    ax.legend(fontsize=7)
+    return ["## Savings at equal loss", "", "Per size and scratch budget: the tokens CPT needs to reach scratch's "
+            "loss (interpolated in log tokens between CPT's points) and the share saved; at equal N that is the "
+            "share of FLOPs too (the source model's pretraining not counted). A loss CPT does not reach within its "
+            "points gives a bound. The paper: 25-50%, shrinking with training, growing with size.", "",
+            *_table(("N", "scratch tokens", "scratch loss", "CPT tokens", "saved", "95% interval"), rows), "",
+            _save(fig, sweep_dir, "savings.png"), ""]
 
 
 def curves_section(plan: dict, curves: dict, sweep_dir: str) -> list[str]:
@@ -354,6 +441,49 @@ def forgetting_section(plan: dict, curves: dict, sweep_dir: str, out: dict) -> l
     ax.legend(fontsize=6)
     return md + [*_table(("run", "replay", "start", "end", "change"), rows), "",
                  _save(fig, sweep_dir, "forgetting.png"), ""]
+
+
+def start_of_cpt(plan: dict, curves: dict, sweep_dir: str) -> dict:
+    """Per size, the first CPT run at the fitted ratio with evals over its first steps (seed 0): the
+    source model's target loss (CPT's step 0), and (tokens, loss) of both languages at the evals
+    up to its dense window's end; {"start", "target", "source"} -> N -> ..."""
+    out: dict = {"start": {}, "target": {}, "source": {}}
+    for run in plan["runs"]:
+        if (run["kind"] != "cpt" or run["role"] == "branch" or run.get("seed", 0)
+                or run["replay_ratio"] != plan["fit_replay_ratio"]):
+            continue
+        src = next((r for r in plan["runs"] if r["size"] == run["size"] and r["kind"] == "source"), None)
+        start = final(src, curves, plan["target"]) if src else None
+        config = RunDir.of(os.path.join(sweep_dir, run["name"])).read_config() or {}
+        if start is None or not config.get("eval_steps"):
+            continue
+        window = max(config["eval_steps"]) * config["batch_size"] * config["seq_len"]
+        n = run["params"]
+        out["start"][n] = start
+        for lang, key in ((plan["target"], "target"), (plan["source"], "source")):
+            tokens, loss = curves[run["name"]][lang]
+            keep = (tokens > 0) & (tokens <= window)
+            out[key][n] = (tokens[keep], loss[keep])
+    return out
+
+
+def start_section(start: dict, plan: dict, sweep_dir: str) -> list[str]:
+    if not start["target"]:
+        return []
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for i, n in enumerate(start["target"]):
+        for ax, key in zip(axes, ("target", "source")):
+            tokens, loss = start[key][n]
+            ax.plot(tokens, loss, "o-", ms=3, color=f"C{i}", label=f"N={n:,}")
+        axes[0].axhline(start["start"][n], color=f"C{i}", ls=":", lw=0.8)
+    for ax, lang in zip(axes, (plan["target"], plan["source"])):
+        ax.set(xscale="log", xlabel="CPT tokens", ylabel=f"{lang} eval loss")
+        ax.legend(fontsize=7)
+    axes[0].set_title("target loss over the first steps (dotted: the source model's)")
+    axes[1].set_title("source loss over the same steps")
+    return ["## Start of CPT", "", "Evals log-spaced over the first steps of each size's CPT run (`dense_evals`): "
+            "whether the target loss first rises above the source model's (the stability gap), and how the source "
+            "loss moves meanwhile.", "", _save(fig, sweep_dir, "start_of_cpt.png"), ""]
 
 
 def source_loss(plan: dict, curves: dict, size: str) -> float | None:
