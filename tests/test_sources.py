@@ -110,7 +110,7 @@ def test_source_spec_parses_each_kind():
     ({"kind": "files", "paths": "x", "eval_fraction": 0.7}, "eval_fraction"),
     ({"kind": "files", "paths": "x", "eval_fraction": "1%"}, "eval_fraction"),
     ({"kind": "bible"}, "lang"),
-    ({"kind": "bible", "lang": "fr"}, "lang"),
+    ({"kind": "bible", "lang": "it"}, "lang"),
     ({"kind": "bible", "lang": "en", "eval_fraction": 0.1}, "eval_fraction"),
     ({"kind": "tfds", "split": "train"}, "tfds_name"),
     ({"kind": "tfds", "tfds_name": "c4/en", "eval_split": "train"}, "eval_split"),

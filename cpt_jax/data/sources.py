@@ -3,9 +3,10 @@
 
 A source is configured as `data.sources.<name> = {"kind": ..., ...}`:
 
-  bible  lang: "en" | "zh". The bundled KJV/CUV corpus, one document per chapter
-         (builders/bible). eval: the chapters `corpora.split_documents` holds out at 3%,
-         the same chapters in both languages.
+  bible  lang: one of `LANGS`: "en" (KJV), "zh" (CUV), "fr", "de", "ru", "es", "ar" (the
+         public-domain editions of parallel_bibles.py). The bundled Bible, one document per
+         chapter (builders/bible). eval: the chapters `corpora.split_documents` holds out at
+         3%, the same chapters in every language.
   files  paths: glob or list of globs; format: "txt" | "jsonl" | "parquet" (default: from
          the files' extension); text_field: jsonl key / parquet column (default "text");
          eval_fraction (default 0.01). Built by builders/text_files: a txt document is a
@@ -64,12 +65,12 @@ from cpt_jax.data.builders.text_files import (
     read_documents,
 )
 from cpt_jax.data.holdout import Positions, content_hash, eval_cutoff
+from cpt_jax.data.parallel_bibles import LANGS
 from cpt_jax.storage import atomic_path, exclusive
 
 log = logging.getLogger("cpt_jax")
 
 KINDS = ("bible", "files", "tfds")
-LANGS = ("en", "zh")
 SPLITS = ("train", "eval")
 
 # Fields each kind accepts (besides "kind") and those it requires.
@@ -226,7 +227,8 @@ def fingerprint(spec: SourceSpec) -> str:
     if spec.kind == "files":
         return _files_identity(spec)[2]
     if spec.kind == "bible":
-        return _digest(["bible", spec.lang, str(Bible.VERSION)])
+        version = Bible.builder_configs[spec.lang].version or Bible.VERSION  # editions have their own
+        return _digest(["bible", spec.lang, str(version)])
     info = _prepared_tfds(spec).info
     # "content:": held out by content hash; sources held out by index ("hash:") get fresh stores.
     holdout = spec.eval_split or f"content:{spec.eval_fraction}"
