@@ -175,8 +175,10 @@ def config_diff(saved: dict, config: ml_collections.ConfigDict, allowed: tuple[s
     """The fields (but `allowed` ones and those under them) in which `config` differs from a
     saved config, as `field: old -> new; ...`; "" where none."""
     # A field added to cpt_jax since `saved` was written reads as its default there: that is what
-    # the older code computed.
-    old, new = {**flatten(base().to_dict()), **flatten(saved)}, flatten(json.loads(config.to_json()))
+    # the older code computed. Only the fields `config` has: the entries of a named dict such as
+    # data.sources are the user's, and a default entry the user left out is not one of them.
+    new = flatten(json.loads(config.to_json()))
+    old = {**{k: v for k, v in flatten(json.loads(base().to_json())).items() if k in new}, **flatten(saved)}
     for flat in (old, new):  # "auto" and what it means on this platform are the same dtype
         if flat.get("model.dtype", "auto") == "auto":
             flat["model.dtype"] = models.llama.compute_dtype("auto")

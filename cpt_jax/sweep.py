@@ -42,6 +42,7 @@ from cpt_jax.data import pipeline
 from cpt_jax.data.tokenizer import load_tokenizer, made_vocab_size
 from cpt_jax.errors import ConfigError, Preempted, RunError
 from cpt_jax.rundir import RunDir
+from cpt_jax.scaling import languages
 from cpt_jax.scaling.report import write_report
 
 CLI = cli.Command(__doc__, config="The sweep config, e.g. configs/sweeps/mini.py[:arg]; any field can be overridden: "
@@ -73,6 +74,7 @@ class Run:
     budget: float  # tokens per parameter of the point it gives (a stable run: of its last branch)
     depends_on: str | None  # the run whose checkpoint this one starts from
     seed: int  # 0: the base config's seed; k: the k-th repeat of seed_study (base seed + k)
+    target: str  # the language it trains on (the source's, for a source run)
     config: ml_collections.ConfigDict = dataclasses.field(compare=False, repr=False)
 
 
@@ -100,6 +102,11 @@ def ratios(sweep: ml_collections.ConfigDict, size: str) -> tuple[float, ...]:
     study = sweep.get("replay_study")
     extra = tuple(study.ratios) if study and study.size == size else ()
     return tuple(dict.fromkeys((*sweep.replay_ratios, *extra)))
+
+
+def targets(sweep: ml_collections.ConfigDict) -> tuple[str, ...]:
+    """The target languages: `targets` (a languages study: scratch and CPT into each), else `target`."""
+    return tuple(sweep.get("targets") or (sweep.target,))
 
 
 def fit_ratio(sweep: ml_collections.ConfigDict) -> float:
@@ -138,6 +145,11 @@ def expand(sweep: ml_collections.ConfigDict, sweep_dir: str, only: tuple[str, ..
     for name in ("replay_study", "seed_study"):
         if sweep.get(name) and sweep[name].size and sweep[name].size not in sweep.sizes:
             raise ValueError(f"{name}.size={sweep[name].size!r} is not one of sizes {tuple(sweep.sizes)}")
+    langs = targets(sweep)
+    missing = [x for x in (sweep.source, *langs) if x not in sweep.base.data.sources]
+    if missing:
+        raise ValueError(f"source/targets: {missing[0]!r} is not one of base.data.sources "
+                         f"({', '.join(sweep.base.data.sources)})")
     vocab = vocab_size(sweep.base)
     branched, seq = sweep.get("branches", False), sweep.base.seq_len
     budgets = sorted(sweep.tokens_per_param)
@@ -150,12 +162,16 @@ def expand(sweep: ml_collections.ConfigDict, sweep_dir: str, only: tuple[str, ..
         steps_of = lambda tpp: max(sweep.eval_points, math.ceil(tpp * n / (batch * seq)))  # noqa: E731
 
         def run(name: str, kind: str, tpp: float, ratio: float, role: str, steps: int, depends_on: str | None,
-                start: int = 0, evals: int = sweep.eval_points, seed: int = 0, **fields) -> Run:
+                start: int = 0, evals: int = sweep.eval_points, seed: int = 0, target: str = sweep.target,
+                **fields) -> Run:
             c = copy.deepcopy(sweep.base)
             c.model.size, c.batch_size, c.total_steps = size, batch, steps
             c.seed += seed
-            c.data.target = sweep.source if kind == "source" else sweep.target
+            c.data.target = sweep.source if kind == "source" else target
             c.data.replay, c.data.replay_ratio = sweep.source, ratio
+            if len(langs) > 1:  # each run reads (and evaluates) only its own languages
+                keep = {sweep.source, c.data.target}
+                c.data.sources = ml_collections.ConfigDict({k: v for k, v in c.data.sources.items() if k in keep})
             if depends_on:
                 c["branch_from" if role == "branch" else "init_from"] = os.path.join(sweep_dir, depends_on)
             c.eval_every = max(1, (steps - start) // evals)
@@ -165,22 +181,24 @@ def expand(sweep: ml_collections.ConfigDict, sweep_dir: str, only: tuple[str, ..
                 c.eval_steps = dense_steps(sweep.get("dense_evals"), steps)
             c.update_from_flattened_dict(fields)
             r = Run(f"{size}/{name}", kind, size, n, steps * batch * seq, (steps - start) * batch * seq, ratio,
-                    role, tpp, depends_on, seed, c)
+                    role, tpp, depends_on, seed, c.data.target, c)
             runs.append(r)
             return r
 
         source = run("source", "source", sweep.source_tokens_per_param, 0.0, "run",
                      steps_of(sweep.source_tokens_per_param), None,
                      **({"optimizer.schedule": "wsd"} if branched else {}))
-        for kind, ratio, seed in [(kind, ratio, seed) for seed in seeds(sweep, size)
-                                  for kind, ratio in [("scratch", 0.0)] + [("cpt", r) for r in ratios(sweep, size)]
-                                  if not seed or kind == "scratch" or ratio == fit_ratio(sweep)]:
-            label = ("scratch" if kind == "scratch" else f"cpt_r{ratio:g}") + (f"_seed{seed}" if seed else "")
+        for target, kind, ratio, seed in [
+                (target, kind, ratio, seed) for target in langs for seed in seeds(sweep, size)
+                for kind, ratio in [("scratch", 0.0)] + [("cpt", r) for r in ratios(sweep, size)]
+                if not seed or kind == "scratch" or ratio == fit_ratio(sweep)]:
+            label = (("scratch" if kind == "scratch" else f"cpt_r{ratio:g}") + (f"_{target}" if len(langs) > 1 else "")
+                     + (f"_seed{seed}" if seed else ""))
             init = source.name if kind == "cpt" else None
             if not branched:
                 for tpp in budgets:
                     suffix = "" if len(budgets) == 1 else f"_{tpp:g}x"
-                    run(label + suffix, kind, tpp, ratio, "run", steps_of(tpp), init, seed=seed)
+                    run(label + suffix, kind, tpp, ratio, "run", steps_of(tpp), init, seed=seed, target=target)
                 continue
             # One warmup for the stable run and all its branches: 5% (warmup_frac) of the shortest.
             warmup = sweep.base.optimizer.warmup_steps or max(
@@ -192,12 +210,12 @@ def expand(sweep: ml_collections.ConfigDict, sweep_dir: str, only: tuple[str, ..
                 raise ValueError(f"tokens_per_param={budgets[0]:g} at size {size}: {steps_of(budgets[0])} steps "
                                  f"leave no stable phase after a {warmup}-step warmup")
             stable = run(f"{label}_stable", kind, budgets[-1], ratio, "stable", max(points.values()), init, seed=seed,
-                         **{"optimizer.schedule": "constant", "optimizer.warmup_steps": warmup,
+                         target=target, **{"optimizer.schedule": "constant", "optimizer.warmup_steps": warmup,
                             "keep_steps": tuple(sorted(points.values()))})
             for tpp in budgets:  # a branch is a point: it evaluates (and saves) at its end
                 steps = steps_of(tpp)
                 run(f"{label}_{tpp:g}x", kind, tpp, ratio, "branch", steps, stable.name, start=points[tpp],
-                    seed=seed, branch_step=points[tpp], eval_every=steps, checkpoint_every=steps,
+                    seed=seed, target=target, branch_step=points[tpp], eval_every=steps, checkpoint_every=steps,
                     **{"optimizer.schedule": "wsd", "optimizer.warmup_steps": warmup})
     return runs
 
@@ -257,12 +275,15 @@ def write_plan(runs: list[Run], sweep_dir: str, config_args: list[str], sweep: m
     the tokens of each training split, each run's epochs)."""
     os.makedirs(sweep_dir, exist_ok=True)
     study = sweep.get("replay_study")
-    plan = {"config": config_args, "target": sweep.target, "source": sweep.source,
+    plan = {"config": config_args, "target": targets(sweep)[0], "targets": list(targets(sweep)), "source": sweep.source,
             "branches": bool(sweep.get("branches", False)),
             "fit_replay_ratio": fit_ratio(sweep), "replay_study": study.to_dict() if study else None,
             "seed_study": sweep.seed_study.to_dict() if sweep.get("seed_study") else None,
             "findings": sweep.findings.to_dict() if "findings" in sweep else {},
             "flops": flops(runs), "train_tokens": train,
+            # the languages study's similarity to the source, where the data is prepared to read
+            "similarity": languages.similarities(sweep.base.data, sweep.source, targets(sweep))
+            if train and len(targets(sweep)) > 1 else None,
             "runs": [{**{k: v for k, v in dataclasses.asdict(r).items() if k != "config"},
                       **({"epochs": epochs(r, train)} if train else {})} for r in runs]}
     storage.write_atomic(os.path.join(sweep_dir, "sweep.json"), json.dumps(plan, indent=2), within=sweep_dir)

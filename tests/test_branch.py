@@ -2,11 +2,15 @@
 data; only the learning rate after the branch point differs), and a branch that could not be one
 is refused before anything is compiled or written."""
 
+import json
+
 import jax
+import ml_collections
 import numpy as np
 import pytest
 
-from cpt_jax import checkpoint, trainer
+from cpt_jax import checkpoint, checks, trainer
+from cpt_jax.config import base
 from cpt_jax.errors import ConfigError
 from cpt_jax.rundir import RunDir
 
@@ -72,3 +76,15 @@ def test_a_branch_that_would_not_continue_its_run_is_refused_before_work(stable,
     with pytest.raises(ConfigError, match=message):
         trainer.train_run(branch(stable, *change), str(workdir))
     assert not workdir.exists()
+
+
+def test_config_diff_reads_a_new_field_as_its_default_but_adds_no_default_source():
+    config = base()
+    config.data.sources = ml_collections.ConfigDict({"en": {"kind": "bible", "lang": "en"},
+                                                     "fr": {"kind": "bible", "lang": "fr"}})
+    saved = json.loads(config.to_json())
+    del saved["eval_steps"]  # written before the field existed: it reads as its default
+    assert checks.config_diff(saved, config, ()) == ""  # base()'s own "zh" source is not the run's
+    config.data.sources = ml_collections.ConfigDict({"en": {"kind": "bible", "lang": "en"}})
+    assert checks.config_diff(saved, config, ()) == ("data.sources.fr.kind: 'bible' -> '(absent)'; "
+                                                     "data.sources.fr.lang: 'fr' -> '(absent)'")

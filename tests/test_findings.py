@@ -257,3 +257,42 @@ def test_report_collects_downstream_accuracy_against_compute(tmp_path):
     run = next(r for r in plan["runs"] if r["name"] in written)
     assert data[run["name"]]["flops"] == 6.0 * run["params"] * run["tokens"]
     assert "## Downstream accuracy" in (root / "report.md").read_text() and (root / "downstream.png").exists()
+
+
+# --- The languages study ------------------------------------------------------------------------
+def _language_points(gain: dict[str, float]):
+    """Scratch at 1e5..8e5 tokens on one law for every language; CPT reaching scratch's loss at
+    (1 + gain) times its own tokens, so D_T / D_cpt = gain (up to the interpolation between
+    scratch's points, close together here)."""
+    d = np.geomspace(1e5, 8e5, 8)
+    loss = lambda tokens: 2.0 + 30.0 / tokens ** 0.3  # noqa: E731
+    scratch = {lang: {1e4: (d, loss(d))} for lang in gain}
+    cpt = {lang: {1e4: (d[:2], loss(d[:2] * (1 + g)))} for lang, g in gain.items()}
+    return scratch, cpt
+
+
+@pytest.mark.parametrize("gain, sigma, status", [
+    ({"fr": 2.0, "ru": 1.0, "zh": 0.3}, 0.002, "holds"),
+    ({"fr": 0.3, "ru": 1.0, "zh": 0.2}, 0.002, "does not hold"),  # Russian gains more than French
+    ({"fr": 1.02, "ru": 1.0, "zh": 0.3}, 0.02, "undetermined"),  # French and Russian within the seed noise
+])
+def test_language_order_from_effective_data_transferred(gain, sigma, status):
+    from cpt_jax.scaling import languages
+
+    scratch, cpt = _language_points(gain)
+    study = languages.per_language(scratch, cpt, {"scratch": sigma, "cpt": sigma}, n=300)
+    for lang, g in gain.items():  # Hernandez et al.'s D_T / D_cpt recovers the gain (log-linear between points)
+        row = study[lang][1e4]["transfer"][0]
+        assert row["how"] == "at" and row["fraction"] == pytest.approx(g, rel=0.05)
+        assert row["interval"][0] <= row["fraction"] <= row["interval"][1]
+    v = languages.order(study, ("fr", "ru", "zh"))
+    assert v.status == status, v.evidence
+    assert v.numbers["ranked"] == sorted(gain, key=lambda lang: -gain[lang])
+
+
+def test_byte_ngram_overlap_counts_the_targets_occurrences():
+    from cpt_jax.scaling import languages
+
+    assert languages.ngram_overlap(["abc"], ["abcab"], 3) == pytest.approx(1 / 3)  # abc, bca, cab: 1 of 3 seen
+    assert languages.ngram_overlap(["the"], ["тот"], 1) == 0.0  # Cyrillic shares no byte with ASCII
+    assert languages.ngram_overlap(["a b"], ["é é"], 1) == pytest.approx(1 / 5)  # the space, of 5 bytes

@@ -44,6 +44,7 @@ CLAIMS = {
     "replay": "replay bounds forgetting, and at equal target-language compute every replay ratio reaches about "
               "the same target loss",
     "stability_gap": "at the start of CPT the target-language loss first rises before it falls (the stability gap)",
+    "language_order": "transfer from English depends on the target language: French > Russian > Chinese",
 }
 PAPER = {
     "transfer": "25-50% fewer FLOPs at equal loss, shrinking with training, growing with size",
@@ -51,6 +52,7 @@ PAPER = {
     "allocation": "a = 0.429 from scratch, 0.385 for CPT: CPT's N_opt is larger over the paper's range",
     "replay": "forgetting falls with replay; about the same target loss at equal target compute for any ratio",
     "stability_gap": "not in the paper (reported by the CPT literature, e.g. Guo et al. 2024)",
+    "language_order": "French gains most from English, then Russian, then Chinese (on mC4 subsets)",
 }
 DECIDE = {  # the runs that would narrow an undetermined verdict's interval
     "transfer": "seeds at the sizes whose interval straddles 0 (seed_study), or CPT budgets past scratch's largest",
@@ -58,6 +60,7 @@ DECIDE = {  # the runs that would narrow an undetermined verdict's interval
     "allocation": "more sizes over a wider range of N (the allocation exponents are slopes in N)",
     "replay": "more budgets at the replay study's size, or seeds of its runs",
     "stability_gap": "denser evals over the first steps of CPT (dense_evals), or seeds at the undetermined sizes",
+    "language_order": "seeds at the largest size (seed_study), or a larger size where transfer is larger",
 }
 
 

@@ -28,6 +28,7 @@ from cpt_jax import storage  # noqa: E402
 from cpt_jax.rundir import RunDir  # noqa: E402
 from cpt_jax.scaling import findings  # noqa: E402
 from cpt_jax.scaling import fit as fitting  # noqa: E402
+from cpt_jax.scaling import languages  # noqa: E402
 from cpt_jax.scaling import laws  # noqa: E402
 from cpt_jax.scaling.analysis import Fits, Points  # noqa: E402
 from cpt_jax.scaling import replay as replay_law  # noqa: E402
@@ -46,11 +47,12 @@ def collect(sweep_dir: str) -> tuple[dict, dict[str, dict]]:
     with open(os.path.join(sweep_dir, "sweep.json")) as f:
         plan = json.load(f)
     curves = {}
+    langs = (plan["source"], *plan.get("targets", [plan["target"]]))
     for run in plan["runs"]:
         recs = RunDir.of(os.path.join(sweep_dir, run["name"])).read_metrics()
-        curves[run["name"]] = {lang: eval_curve(recs, lang) for lang in (plan["source"], plan["target"])}
+        curves[run["name"]] = {lang: eval_curve(recs, lang) for lang in langs}
         curves[run["name"]]["epochs"] = {lang: max(r.get(f"data/{lang}_epoch", 0.0) for r in recs)
-                                         for lang in (plan["source"], plan["target"]) if recs}
+                                         for lang in langs if recs}
     return plan, curves
 
 
@@ -67,7 +69,7 @@ def points(plan: dict, curves: dict, kind: str, lang: str, ratio: float | None =
     for i, run in enumerate(plan["runs"]):
         if run["kind"] != kind or run["role"] == "stable" or (ratio is not None and run["replay_ratio"] != ratio):
             continue
-        if run.get("seed", 0):  # a seed repeat measures noise (seed_noise); the laws fit one seed's points
+        if run.get("seed", 0) or run.get("target", lang) != lang:  # seed repeats measure noise (seed_noise)
             continue
         if run["role"] == "branch":
             loss = final(run, curves, lang)
@@ -114,6 +116,8 @@ def _save(fig, sweep_dir: str, name: str) -> str:
 def write_report(sweep_dir: str, bootstrap: int = 100) -> str:
     """Writes DIR/report.md, report.json and the plots; returns the path of report.md."""
     plan, curves = collect(sweep_dir)
+    if len(plan.get("targets", [])) > 1:
+        return write_languages_report(plan, curves, sweep_dir)
     tgt, src = plan["target"], plan["source"]
     scratch_pts = points(plan, curves, "scratch", tgt)
     cpt_pts = points(plan, curves, "cpt", tgt, plan["fit_replay_ratio"])
@@ -144,6 +148,11 @@ def write_report(sweep_dir: str, bootstrap: int = 100) -> str:
         md += [f"{i}. **{v.claim}**: **{v.status}**", "",
                *(f"   - {line}" for line in v.evidence),
                *([f"   - Would decide it: {v.decide}."] if v.decide else []), ""]
+    out["unfinished"] = missing = unfinished(plan, curves)
+    if missing:
+        md += [f"**{len(missing)} runs did not finish** (diverged, died or not yet run); the verdicts are computed "
+               "without them, and they weaken: " + "; ".join(f"{md_text(name)} ({', '.join(weakens)})"
+                                                             for name, weakens in missing.items()) + ".", ""]
     md += runs_section(plan, curves)
     md += curves_section(plan, curves, sweep_dir)
     md += savings_section(verdicts[0], sweep_dir)
@@ -160,6 +169,109 @@ def write_report(sweep_dir: str, bootstrap: int = 100) -> str:
     storage.write_atomic(os.path.join(sweep_dir, "report.json"), json.dumps(out, indent=2, default=float),
                          within=sweep_dir)
     return path
+
+
+def write_languages_report(plan: dict, curves: dict, sweep_dir: str) -> str:
+    """The languages study's report (a sweep with several targets): transfer per language."""
+    src, targets = plan["source"], plan["targets"]
+    noise = seed_noise(plan, curves)
+    sigmas = {k: noise[k]["sigma"] for k in ("scratch", "cpt") if k in noise}
+    pts = {kind: {lang: by_size(points(plan, curves, kind, lang, plan["fit_replay_ratio"] if kind == "cpt" else None))
+                  for lang in targets} for kind in ("scratch", "cpt")}
+    study = languages.per_language(pts["scratch"], pts["cpt"], sigmas)
+    expected = tuple(plan["findings"].get("paper_order", ("fr", "ru", "zh")))
+    verdict = languages.order(study, expected)
+    similarity = plan.get("similarity") or {}
+    out = {"sweep_dir": sweep_dir, "source": src, "targets": targets, "seed_noise": noise, "similarity": similarity,
+           "findings": {verdict.name: {"claim": verdict.claim, "paper": verdict.paper, "ours": verdict.ours,
+                                       "status": verdict.status, "evidence": list(verdict.evidence),
+                                       "decide": verdict.decide, "numbers": verdict.numbers}},
+           "languages": {lang: {str(n): {k: v for k, v in row.items()} for n, row in sizes.items()}
+                         for lang, sizes in study.items()}}
+    for lang in out["languages"].values():
+        for row in lang.values():
+            row["transfer"] = [{k: v for k, v in r.items() if k != "draws"} for r in row["transfer"]]
+    md = [f"# Languages report: {md_text(sweep_dir)}", "",
+          f"Source {md_text(src)}; targets {md_text(', '.join(targets))}; {len(plan['runs'])} runs. Losses are "
+          "also given in bits per UTF-8 byte (nats / ln 2: one token per byte, the EOS ending each chapter counted "
+          "as one), so languages compare. The Bibles are translations of one text, so the targets differ in "
+          "language and script, not in content.", "", "## Findings", "",
+          *_table(("finding", "paper", "ours (95% interval)", "verdict"),
+                  [(verdict.claim, verdict.paper, verdict.ours, verdict.status)]), "",
+          f"**{verdict.claim}**: **{verdict.status}**", "", *(f"- {line}" for line in verdict.evidence),
+          *([f"- Would decide it: {verdict.decide}."] if verdict.decide else []), ""]
+    md += languages_section(study, similarity, targets, sweep_dir)
+    md += noise_section(noise)
+    md += language_curves(plan, curves, sweep_dir)
+    md += runs_section(plan, curves)
+    path = os.path.join(sweep_dir, "report.md")
+    storage.write_atomic(path, "\n".join(md), within=sweep_dir)
+    storage.write_atomic(os.path.join(sweep_dir, "report.json"), json.dumps(out, indent=2, default=float),
+                         within=sweep_dir)
+    return path
+
+
+def languages_section(study: dict, similarity: dict, targets: list[str], sweep_dir: str) -> list[str]:
+    def interval(lo_hi) -> str:
+        return "[{:+.2f}, {:+.2f}]".format(*lo_hi)
+
+    rows = []
+    for lang in targets:
+        for n, row in study.get(lang, {}).items():
+            sim = similarity.get(lang, {})
+            rows.append((lang, f"{n:,}", *(f"{sim[k]:.3f}" if k in sim else "-" for k in languages.NGRAMS),
+                         "; ".join(f"{r['tokens_cpt']:,.0f}: {'>= ' if r['how'] == 'bound' else ''}"
+                                   f"{'<= ' if r['how'] == 'ahead' else ''}{r['fraction']:+.2f} {interval(r['interval'])}"
+                                   for r in row["transfer"]),
+                         f"{findings.saved_text({'how': row['saved_how'], 'saved': row['saved']})} "
+                         "[{:+.0%}, {:+.0%}]".format(*row["saved_interval"])))
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    sizes = sorted({n for lang in study.values() for n in lang})
+    for j, n in enumerate(sizes):
+        langs = [lang for lang in targets if n in study.get(lang, {})]
+        first = [study[lang][n]["transfer"][0] for lang in langs]
+        x = np.arange(len(langs)) + (j - (len(sizes) - 1) / 2) * 0.8 / len(sizes)
+        y = np.array([r["fraction"] for r in first])
+        lo, hi = np.array([r["interval"] for r in first]).T
+        axes[0].bar(x, y, 0.8 / len(sizes), yerr=[y - lo, hi - y], capsize=2, label=f"N={n:,}", color=f"C{j}")
+        if similarity:
+            axes[1].scatter([similarity[lang]["bytes"] for lang in langs], y, color=f"C{j}", label=f"N={n:,}")
+            for lang, xs, ys in zip(langs, (similarity[lang]["bytes"] for lang in langs), y):
+                axes[1].annotate(lang, (xs, ys), fontsize=7)
+    axes[0].set_xticks(range(len(targets)), targets)
+    axes[0].set(ylabel="D_T / D_cpt at CPT's smallest budget", title="effective data transferred")
+    axes[1].set(xlabel="share of the target's bytes found in English text", ylabel="D_T / D_cpt",
+                title="transfer against similarity")
+    for ax in axes:
+        ax.legend(fontsize=7)
+    return ["## Transfer per language", "", "D_T / D_cpt: the extra tokens scratch needs to reach CPT's loss, as a "
+            "fraction of CPT's tokens (Hernandez et al. 2021), at each CPT budget (its tokens given); \">=\": CPT's "
+            "loss is below every scratch point, a lower bound; \"<=\": above scratch's first point, an upper bound. "
+            "Saved: the share of scratch's tokens CPT saves reaching scratch's final loss. Shared bytes and byte "
+            "trigrams: the share of the target's training text (occurrences) also found in the source's. 95% "
+            "intervals over draws of the seed noise.", "",
+            *_table(("target", "N", *(f"shared {k}" for k in languages.NGRAMS), "D_T / D_cpt at CPT tokens",
+                     "saved at scratch's final loss"), rows), "", _save(fig, sweep_dir, "languages.png"), ""]
+
+
+def language_curves(plan: dict, curves: dict, sweep_dir: str) -> list[str]:
+    """Each target's scratch and CPT branch ends at every size, in bits per byte."""
+    targets = plan["targets"]
+    fig, axes = plt.subplots(1, len(targets), figsize=(3.2 * len(targets), 3.2), squeeze=False, sharey=True)
+    rows = []
+    for ax, lang in zip(axes[0], targets):
+        for kind, style in (("scratch", "o-"), ("cpt", "s--")):
+            pts = points(plan, curves, kind, lang, plan["fit_replay_ratio"] if kind == "cpt" else None)
+            for j, (n, (d, v)) in enumerate(by_size(pts).items()):
+                order = np.argsort(d)
+                ax.plot(d[order], v[order] / np.log(2), style, color=f"C{j}", ms=3, label=f"{kind} N={n:,}")
+                rows.append((lang, kind, f"{n:,}", f"{d.max():,.0f}", f"{v[order][-1] / np.log(2):.3f}"))
+        ax.set(xscale="log", xlabel="tokens (bytes)", title=lang)
+    axes[0][0].set_ylabel("bits per byte")
+    axes[0][0].legend(fontsize=6)
+    return ["## Loss per language", "", "Branch ends (final evals) of scratch (solid) and CPT (dashed) per size, in "
+            "bits per byte.", "", _save(fig, sweep_dir, "languages_loss.png"), "",
+            *_table(("target", "kind", "N", "tokens", "bits per byte at the most tokens"), rows), ""]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -199,16 +311,36 @@ def judge(plan: dict, scratch_pts: np.ndarray, cpt_pts: np.ndarray, fits: Fits |
 def runs_section(plan: dict, curves: dict) -> list[str]:
     rows = []
     for run in plan["runs"]:
-        lang = plan["source"] if run["kind"] == "source" else plan["target"]
+        lang = plan["source"] if run["kind"] == "source" else run.get("target", plan["target"])
         tokens, loss = curves[run["name"]][lang]
         epochs = ", ".join(f"{k} {v:.2f}" for k, v in sorted(curves[run["name"]]["epochs"].items()) if v) or "-"
         rows.append((run["name"], run["role"], f"{run['params']:,}", f"{run['tokens']:,}",
                      f"{tokens[-1]:,.0f}" if len(tokens) else "-", f"{loss[-1]:.4f}" if len(loss) else "-", epochs))
-    most = {lang: max(c["epochs"].get(lang, 0.0) for c in curves.values()) for lang in (plan["source"], plan["target"])}
+    most = {lang: max(c["epochs"].get(lang, 0.0) for c in curves.values())
+            for lang in (plan["source"], *plan.get("targets", [plan["target"]]))}
     return ["## Runs", "", "Epochs: how many times the run has read each language's training split (measured: a "
             "branch with the stable phase it continues, a CPT run without its source model); at most "
             + ", ".join(f"{lang} {e:.2f}" for lang, e in most.items()) + ".", "", *_table(("run", "role", "N", "tokens planned", "tokens done", "final loss (its target)", "epochs"),
                         rows), ""]
+
+
+def unfinished(plan: dict, curves: dict) -> dict[str, list[str]]:
+    """Runs whose last eval is short of their planned tokens -> the findings their points feed."""
+    out = {}
+    for run in plan["runs"]:
+        lang = plan["source"] if run["kind"] == "source" else run.get("target", plan["target"])
+        tokens, _ = curves[run["name"]][lang]
+        if len(tokens) and tokens[-1] >= run["tokens"]:
+            continue
+        fitted = run["kind"] == "scratch" or run["replay_ratio"] == plan["fit_replay_ratio"]
+        weakens = (["all: it is a source model"] if run["kind"] == "source" else
+                   ["seed noise"] if run.get("seed", 0) else
+                   [*(["1 transfer", "2 cpt_law", "3 allocation"] if fitted else []),
+                    *(["4 replay"] if run["kind"] == "cpt" and run["size"] == (plan.get("replay_study") or {}).get(
+                        "size") else []),
+                    *(["5 stability_gap"] if run["kind"] == "cpt" and run["role"] != "branch" and fitted else [])])
+        out[run["name"]] = weakens
+    return out
 
 
 def seed_noise(plan: dict, curves: dict) -> dict:
@@ -219,18 +351,19 @@ def seed_noise(plan: dict, curves: dict) -> dict:
         return {}
     out = {}
     for kind in ("scratch", "cpt"):
-        by_budget: dict[float, list[float]] = {}
+        by_point: dict[str, list[float]] = {}  # "<target> <budget>x" -> a loss per seed
         for run in plan["runs"]:
             if (run["size"] != study["size"] or run["kind"] != kind or run["role"] == "stable"
                     or (kind == "cpt" and run["replay_ratio"] != plan["fit_replay_ratio"])):
                 continue
-            loss = final(run, curves, plan["target"])
+            target = run.get("target", plan["target"])
+            loss = final(run, curves, target)
             if loss is not None:
-                by_budget.setdefault(run["budget"], []).append(loss)
-        var = {b: float(np.var(np.log(v), ddof=1)) for b, v in by_budget.items() if len(v) > 1}
+                by_point.setdefault(f"{target} {run['budget']:g}x", []).append(loss)
+        var = [float(np.var(np.log(v), ddof=1)) for v in by_point.values() if len(v) > 1]
         if var:
-            out[kind] = {"sigma": float(np.sqrt(np.mean(list(var.values())))), "seeds": max(map(len, by_budget.values())),
-                         "losses": {str(b): v for b, v in sorted(by_budget.items())}}
+            out[kind] = {"sigma": float(np.sqrt(np.mean(var))), "seeds": max(map(len, by_point.values())),
+                         "losses": dict(sorted(by_point.items()))}
     return out
 
 
@@ -240,11 +373,11 @@ def noise_section(noise: dict) -> list[str]:
                 ""]
     rows = [(kind, budget, ", ".join(f"{x:.4f}" for x in v), f"{np.std(np.log(v), ddof=1):.4f}")
             for kind, n in noise.items() for budget, v in n["losses"].items()]
-    return ["## Seed noise", "", "The seed study's final target losses per budget (tokens per parameter), and sigma, "
+    return ["## Seed noise", "", "The seed study's final target losses per point (target, tokens per parameter), and sigma, "
             "the spread of log L across seeds; pooled per kind: "
             + ", ".join(f"{k} {n['sigma']:.4f} ({n['seeds']} seeds)" for k, n in noise.items())
             + ". Every interval of the findings moves each run's losses by draws of it.", "",
-            *_table(("kind", "budget", "losses", "sigma of log L"), rows), ""]
+            *_table(("kind", "point", "losses", "sigma of log L"), rows), ""]
 
 
 def savings_section(transfer: findings.Verdict, sweep_dir: str) -> list[str]:
@@ -504,7 +637,7 @@ def replay_study(plan: dict, curves: dict, bootstrap: int = 200) -> dict | None:
     start = source_loss(plan, curves, study["size"])
     rows = []
     for run in plan["runs"]:
-        if run["kind"] != "cpt" or run["size"] != study["size"] or run["role"] == "stable":
+        if run["kind"] != "cpt" or run["size"] != study["size"] or run["role"] == "stable" or run.get("seed", 0):
             continue
         end, loss = final(run, curves, plan["source"]), final(run, curves, plan["target"])
         if end is not None and loss is not None and start is not None:
