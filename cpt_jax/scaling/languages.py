@@ -25,6 +25,9 @@ from cpt_jax.data import pipeline
 from cpt_jax.data import sources as src_lib
 from cpt_jax.scaling import findings
 
+BOUND = {"at": "", "bound": ">= ", "ahead": "<= "}  # how a D_T / D_cpt is known, as text
+
+
 def ngram_overlap(source: Iterable[str], target: Iterable[str], n: int = 3) -> float:
     """The share of the target texts' byte n-gram occurrences whose n-gram occurs in the source texts."""
     def grams(texts: Iterable[str]) -> collections.Counter:
@@ -97,7 +100,7 @@ def per_language(scratch: dict[str, dict[int, tuple]], cpt: dict[str, dict[int, 
                      for _ in range(n if noise else 0)]
             for i, row in enumerate(rows):
                 row["interval"] = tuple(np.percentile([d[0][i]["fraction"] for d in draws] or [row["fraction"]], q))
-                row["draws"] = [d[0][i]["fraction"] for d in draws] or [row["fraction"]]
+                row["draws"] = [(d[0][i]["fraction"], d[0][i]["how"]) for d in draws] or [(row["fraction"], row["how"])]
             out.setdefault(lang, {})[size] = {
                 "transfer": rows, "saved": saved["saved"], "saved_how": saved["how"],
                 "saved_interval": tuple(np.percentile([d[1] for d in draws] or [saved["saved"]], q))}
@@ -110,7 +113,8 @@ def order(study: dict[str, dict[int, dict]], expected: Sequence[str], level: flo
     the same draws) lies above 0, does not hold if one lies below 0, else undetermined."""
     missing = [lang for lang in expected if lang not in study]
     rule = ("Rule: at the largest size, D_T / D_cpt at CPT's smallest budget; holds if each consecutive "
-            "difference's 95% interval lies above 0, does not hold if one lies below 0, else undetermined.")
+            "difference's 95% interval lies above 0, does not hold if one lies below 0, else undetermined (also "
+            "where a bound, CPT's loss outside scratch's points, leaves the difference's side open).")
     if missing:
         return findings.Verdict("language_order", findings.UNDETERMINED, (f"not judged: no runs of {missing}", rule),
                                 ours="not judged")
@@ -118,12 +122,19 @@ def order(study: dict[str, dict[int, dict]], expected: Sequence[str], level: flo
     first = {lang: study[lang][size]["transfer"][0] for lang in expected}
     q = [(1 - level) / 2 * 100, (1 + level) / 2 * 100]
     statuses, lines = [], [f"N={size:,}, D_T / D_cpt at {first[expected[0]]['tokens_cpt']:,.0f} CPT tokens: "
-                           + ", ".join(f"{lang} {first[lang]['fraction']:+.2f} [{first[lang]['interval'][0]:+.2f}, "
-                                       f"{first[lang]['interval'][1]:+.2f}]" for lang in expected)]
+                           + ", ".join(f"{lang} {BOUND[first[lang]['how']]}{first[lang]['fraction']:+.2f} "
+                                       f"[{first[lang]['interval'][0]:+.2f}, {first[lang]['interval'][1]:+.2f}]"
+                                       for lang in expected)]
     for a, b in zip(expected, expected[1:]):
-        diff = np.asarray(first[a]["draws"]) - np.asarray(first[b]["draws"])
+        (fa, how_a), (fb, how_b) = (list(zip(*first[x]["draws"])) for x in (a, b))
+        diff = np.asarray(fa) - np.asarray(fb)
         lo, hi = np.percentile(diff, q)
-        status = findings.HOLDS if lo > 0 else findings.FAILS if hi < 0 else findings.UNDETERMINED
+        # A bound makes the difference a bound: "bound" (at least) on a or "ahead" (at most) on b
+        # keep it a lower bound, the reverse an upper bound; a verdict needs the bound it rests on.
+        lower = all(x != "ahead" for x in how_a) and all(x != "bound" for x in how_b)
+        upper = all(x != "bound" for x in how_a) and all(x != "ahead" for x in how_b)
+        status = (findings.HOLDS if lo > 0 and lower else findings.FAILS if hi < 0 and upper
+                  else findings.UNDETERMINED)
         statuses.append(status)
         lines.append(f"{a} - {b}: {first[a]['fraction'] - first[b]['fraction']:+.2f}, 95% interval "
                      f"[{lo:+.2f}, {hi:+.2f}] ({status})")

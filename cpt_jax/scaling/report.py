@@ -220,9 +220,8 @@ def languages_section(study: dict, similarity: dict, targets: list[str], sweep_d
         for n, row in study.get(lang, {}).items():
             sim = similarity.get(lang, {})
             rows.append((lang, f"{n:,}", *(f"{sim[k]:.3f}" if k in sim else "-" for k in languages.NGRAMS),
-                         "; ".join(f"{r['tokens_cpt']:,.0f}: {'>= ' if r['how'] == 'bound' else ''}"
-                                   f"{'<= ' if r['how'] == 'ahead' else ''}{r['fraction']:+.2f} {interval(r['interval'])}"
-                                   for r in row["transfer"]),
+                         "; ".join(f"{r['tokens_cpt']:,.0f}: {languages.BOUND[r['how']]}{r['fraction']:+.2f} "
+                                   f"{interval(r['interval'])}" for r in row["transfer"]),
                          f"{findings.saved_text({'how': row['saved_how'], 'saved': row['saved']})} "
                          "[{:+.0%}, {:+.0%}]".format(*row["saved_interval"])))
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
