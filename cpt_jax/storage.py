@@ -17,6 +17,7 @@ import secrets
 import stat
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 from etils import epath
 
@@ -140,6 +141,15 @@ def sha256(path: str | os.PathLike) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
+
+
+def parse_json(text: str | bytes, where: str | os.PathLike) -> Any:
+    """JSON from a file that may be malformed: one ValueError naming `where` (a deeply nested
+    document raises RecursionError in the parser)."""
+    try:
+        return json.loads(text)
+    except (ValueError, RecursionError) as e:
+        raise ValueError(f"{where}: malformed JSON: {type(e).__name__}: {str(e)[:200]}") from None
 
 
 def read_jsonl(path: str | os.PathLike) -> list[dict]:

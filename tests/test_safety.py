@@ -283,3 +283,134 @@ def test_tfds_class_names_are_found_in_each_form_tfds_reads():
         "legacy": {"type": "b.B", "content": {"type": "not a class"}}, "json": {"jsonFeature": {"json": inner}}}}}
     assert list(tfds_features.class_names(doc)) == ["a.A", "b.B", "c.C"]
     assert "tensorflow_datasets.core.features.text_feature.Text" in tfds_features.ALLOWED
+
+
+def _tiny_gguf(path, skip: tuple[str, ...] = (), **metadata) -> None:
+    """A float32 llama GGUF of one layer (hidden 8, 2 heads, 8 tokens); `skip`: metadata keys
+    left out, `metadata`: keys (after "llama.", dots as "__") written as strings or ints instead."""
+    import gguf
+    import numpy as np
+    w = gguf.GGUFWriter(str(path), "llama")
+    for key, value in {"block_count": 1, "context_length": 16, "embedding_length": 8, "feed_forward_length": 16,
+                       "attention.head_count": 2, "attention.layer_norm_rms_epsilon": 1e-5}.items():
+        value = metadata.pop(key.replace(".", "__"), value)
+        if key not in skip:
+            add = {float: w.add_float32, str: w.add_string}.get(type(value), w.add_uint32)
+            add(f"llama.{key}", value)
+    w.add_tokenizer_model("gpt2")
+    w.add_token_list([*"abcdefg", "ab"])
+    w.add_token_merges(["a b"])
+    w.add_bos_token_id(metadata.pop("bos", 0))
+    w.add_eos_token_id(1)
+    rng = np.random.default_rng(0)
+    for name, shape in {"token_embd.weight": (8, 8), "output_norm.weight": (8,), "blk.0.attn_norm.weight": (8,),
+                        "blk.0.attn_q.weight": (8, 8), "blk.0.attn_k.weight": (8, 8), "blk.0.attn_v.weight": (8, 8),
+                        "blk.0.attn_output.weight": (8, 8), "blk.0.ffn_norm.weight": (8,),
+                        "blk.0.ffn_gate.weight": (16, 8), "blk.0.ffn_up.weight": (16, 8),
+                        "blk.0.ffn_down.weight": (8, 16)}.items():
+        w.add_tensor(name, rng.standard_normal(shape).astype(np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+def _patch_tensor(path, name: str, part: int, value: int) -> None:
+    """Set part `part` of tensor `name`'s info in place (4: its GGML type, 5: its data offset)."""
+    import gguf
+    reader = gguf.GGUFReader(str(path), "r+")
+    (t,) = [t for t in reader.tensors if t.name == name]
+    t.field.parts[part][0] = value
+    reader.data.flush()
+
+
+def _convert_error(capsys, src) -> str:
+    from cpt_jax.convert.__main__ import main
+    capsys.readouterr()
+    code = main(["import", "--src", str(src), "--dst", str(src) + ".out"])
+    err = capsys.readouterr().err
+    assert code == 2 and len(err.strip().splitlines()) == 1 and not os.path.exists(str(src) + ".out"), (code, err)
+    return err.strip()
+
+
+def test_a_well_formed_tiny_gguf_imports(tmp_path):
+    from cpt_jax.convert.__main__ import main
+    _tiny_gguf(tmp_path / "m.gguf")
+    assert main(["import", "--src", str(tmp_path / "m.gguf"), "--dst", str(tmp_path / "out")]) == 0
+
+
+@pytest.mark.parametrize("damage, message", [
+    ("offset past the end", r"malformed GGUF header: tensor blk\.0\.ffn_down\.weight: data \[\d+, \d+\) runs past "
+                            r"the end of the file \(\d+ bytes\)"),
+    ("unknown type", r"malformed GGUF header: tensor blk\.0\.ffn_down\.weight: type 999 is not a GGML type"),
+    ("truncated", r"malformed GGUF header: tensor blk\.0\.ffn_down\.weight: data \[\d+, \d+\) runs past the end "
+                  r"of the file \(\d+ bytes\)"),
+    ("head count a string", r"metadata llama\.attention\.head_count='two' is not a positive integer"),
+    ("head count 0", r"metadata llama\.attention\.head_count=0 is not a positive integer"),
+    ("no rms epsilon", r"metadata llama\.attention\.layer_norm_rms_epsilon is missing"),
+    ("bos past the vocabulary", r"metadata tokenizer\.ggml\.bos_token_id=99 is not a token of the 8 in "
+                                r"tokenizer\.ggml\.tokens"),
+])
+def test_a_malformed_gguf_ends_in_one_convert_error_line(tmp_path, capsys, damage, message):
+    path = tmp_path / "m.gguf"
+    _tiny_gguf(path, **{"attention__head_count": "two"} if damage == "head count a string" else
+               {"attention__head_count": 0} if damage == "head count 0" else {"bos": 99} if "bos" in damage else {},
+               skip=("attention.layer_norm_rms_epsilon",) if damage == "no rms epsilon" else ())
+    if damage == "offset past the end":
+        _patch_tensor(path, "blk.0.ffn_down.weight", 5, 1 << 40)
+    elif damage == "unknown type":
+        _patch_tensor(path, "blk.0.ffn_down.weight", 4, 999)
+    elif damage == "truncated":
+        with open(path, "r+b") as f:
+            f.truncate(path.stat().st_size - 100)
+    import re
+    assert re.fullmatch(rf"convert error: {re.escape(str(path))}: {message}", _convert_error(capsys, path))
+
+
+@pytest.mark.parametrize("damage, message", [
+    ("not JSON", r"config\.json: malformed JSON: JSONDecodeError: .*"),
+    ("a list", r"config\.json: not a JSON object"),
+    ("layers a string", r"config\.json: num_hidden_layers='2' is not a positive integer"),
+    ("heads missing", r"config\.json: num_attention_heads is missing"),
+    ("rope factor a string", r"config\.json: rope_scaling\.factor='x' is not a number"),
+])
+def test_a_malformed_config_json_ends_in_one_convert_error_line(tmp_path, capsys, damage, message):
+    import re
+    model = tmp_path / "hf"
+    model.mkdir()
+    config = {"architectures": ["LlamaForCausalLM"], "vocab_size": 8, "hidden_size": 8, "intermediate_size": 16,
+              "num_hidden_layers": 2, "num_attention_heads": 2, "rms_norm_eps": 1e-5}
+    text = {"not JSON": "{", "a list": "[]"}.get(damage) or json.dumps(
+        {**config, "num_hidden_layers": "2"} if damage == "layers a string" else
+        {k: v for k, v in config.items() if k != "num_attention_heads"} if damage == "heads missing" else
+        {**config, "rope_scaling": {"rope_type": "linear", "factor": "x"}})
+    (model / "config.json").write_text(text)
+    assert re.fullmatch(rf"convert error: {re.escape(str(model))}/{message}", _convert_error(capsys, model))
+
+
+@pytest.mark.parametrize("damage", ["safetensors dtype", "tokenizer_config.json", "tokenizer.model"])
+def test_a_malformed_hf_model_dir_ends_in_one_convert_error_line(tmp_path, capsys, damage):
+    import re
+
+    from tokenizers import Tokenizer, models
+    model = tmp_path / "hf"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps({
+        "architectures": ["LlamaForCausalLM"], "vocab_size": 8, "hidden_size": 8, "intermediate_size": 16,
+        "num_hidden_layers": 1, "num_attention_heads": 2, "rms_norm_eps": 1e-5}))
+    if damage == "tokenizer.model":
+        (model / "tokenizer.model").write_bytes(b"not a sentencepiece model")
+    else:
+        tok = Tokenizer(models.BPE({c: i for i, c in enumerate("abcdefg")} | {"</s>": 7}, []))
+        tok.add_special_tokens(["</s>"])
+        tok.save(str(model / "tokenizer.json"))
+    if damage == "tokenizer_config.json":
+        (model / "tokenizer_config.json").write_text('{"eos_token": ')
+    _safetensors(model / "model.safetensors", {"w": {"dtype": "F8_E9", "shape": [1], "data_offsets": [0, 1]}}, b"\0")
+    where = re.escape(str(model))
+    message = {
+        "safetensors dtype": rf"tensor w in {where}/model\.safetensors has dtype F8_E9, not one of \[.*\]",
+        "tokenizer_config.json": rf"tokenizer_config\.json beside {where}/tokenizer\.json: malformed JSON: "
+                                 rf"JSONDecodeError: .*",
+        "tokenizer.model": rf"{where}/tokenizer\.model: not a valid sentencepiece model: .*"}[damage]
+    assert re.fullmatch(f"convert error: {message}", _convert_error(capsys, model))
