@@ -220,6 +220,14 @@ def test_a_cache_root_or_data_dir_others_can_write_is_refused(tmp_path, monkeypa
     root.chmod(0o755)
     assert corpora.default_cache_dir() == root
     assert pipeline.data_dir(ml_collections.ConfigDict({"dir": str(root / "data")})) == root / "data"
+    old = os.umask(0o002)  # new folders would be group-writable: the ones cpt_jax makes are not
+    try:
+        assert pipeline.data_dir(ml_collections.ConfigDict({"dir": str(tmp_path / "new")})) == tmp_path / "new"
+        monkeypatch.setenv("CPT_JAX_CACHE", str(tmp_path / "new-cache"))
+        assert stat.S_IMODE(corpora.default_cache_dir().stat().st_mode) == 0o700
+    finally:
+        os.umask(old)
+    monkeypatch.setenv("CPT_JAX_CACHE", str(root))
     if os.geteuid() == 0:  # only root can give a folder to another user
         os.chown(root, 12345, -1)
         with pytest.raises(ConfigError, match=rf"^{root}: owned by uid 12345, not by this user"):

@@ -53,8 +53,8 @@ class Data:
 
 def data_dir(dcfg) -> Path:
     """`data.dir`, or the cache's `data`: its tokenizers and stores are trusted on their markers,
-    so others must not be able to write it (storage.private_dir; created with the umask's mode)."""
-    return private_dir(dcfg.dir, mode=0o777) if dcfg.dir else default_cache_dir() / "data"
+    so others must not be able to write it (storage.private_dir; created 0755 less the umask)."""
+    return private_dir(dcfg.dir, mode=0o755) if dcfg.dir else default_cache_dir() / "data"
 
 
 def source_specs(dcfg) -> dict[str, src_lib.SourceSpec]:
