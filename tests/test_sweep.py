@@ -19,7 +19,7 @@ from cpt_jax.config import load_file
 from cpt_jax.errors import ConfigError
 from cpt_jax.scaling.report import SECTIONS
 
-from helpers import LAPTOP, MINI, MINI_ARGS, PAPER, ROOT
+from helpers import LANGUAGES, LAPTOP, MINI, MINI_ARGS, PAPER, ROOT
 
 
 def test_mini_expands_into_stable_phases_and_their_cooldown_branches(tmp_path):
@@ -273,6 +273,26 @@ def test_laptop_plan_is_in_the_papers_regime(bible, tmp_path):
     # the plan's check: a sweep that would read a split more often stops before any run, naming it
     with pytest.raises(ConfigError, match=r"max_epochs=1: lap5/\w+ reads the (en|zh) training split"):
         sweep.check_epochs(runs, train, 1)
+
+
+def test_languages_plan_runs_each_target_on_its_own_two_languages(tmp_path):
+    """configs/sweeps/languages.py, planned and not run (its epochs need all seven corpora: the
+    laptop plan's test checks the arithmetic on two)."""
+    config = load_file(LANGUAGES)
+    runs = sweep.expand(config, str(tmp_path))
+    assert {"fr", "de", "ru", "zh"} <= set(sweep.targets(config)) and config.base.data.tokenizer.model_type == "bytes"
+    sizes = {r.size: r.params for r in runs}
+    assert len(sizes) >= 2
+    for r in runs:
+        want = {"en"} if r.kind == "source" else {"en", r.target}
+        assert set(r.config.data.sources) == want and r.config.data.target == ("en" if r.kind == "source" else r.target)
+        if r.kind == "source":
+            assert r.tokens >= 20 * r.params
+    points = {(r.size, r.target, r.kind, r.budget) for r in runs if r.role == "branch" and not r.seed}
+    assert len(points) == len(sizes) * len(sweep.targets(config)) * 2 * len(config.tokens_per_param)
+    seeded = {(r.target, r.kind, r.seed) for r in runs if r.size == config.seed_study.size and r.role == "stable"}
+    assert seeded == {(t, k, s) for t in sweep.targets(config) for k in ("scratch", "cpt") for s in range(3)}
+    assert len({r.name for r in runs}) == len(runs)
 
 
 def test_sweep_config_errors_are_one_line(tmp_path):
