@@ -71,6 +71,25 @@ def check(scaling: dict, head_dim: int | None) -> None:
                              f"{head_dim // 2})")
 
 
+def override(theta: float, scaling: tuple, parameters: dict, head_dim: int | None) -> tuple[float, tuple]:
+    """(theta, scaling) with transformers' `rope_parameters` applied over them: its rope_theta
+    replaces theta; its rope_type, with that type's keys, replaces the scaling ("default": none).
+    Errors name model.rope_parameters."""
+    rest = dict(parameters)
+    theta = rest.pop("rope_theta", theta)
+    if not isinstance(theta, (int, float)) or theta <= 0:
+        raise ValueError(f"model.rope_parameters={parameters}: rope_theta={theta!r} must be a number > 0")
+    if not rest:
+        return float(theta), scaling
+    if "rope_type" not in rest:  # which scaling would the keys amend?
+        raise ValueError(f"model.rope_parameters={parameters}: {', '.join(sorted(rest))} without a rope_type")
+    try:
+        check(rest, head_dim)
+    except ValueError as e:
+        raise ValueError(f"model.rope_parameters={parameters}: {e}") from None
+    return float(theta), canonical(rest)
+
+
 def attention_factor(scaling: tuple) -> float:
     """What transformers multiplies cos and sin by (its `attention_scaling`): so q.k by its square."""
     s = dict(scaling)
