@@ -111,6 +111,10 @@ def _declared() -> SimpleNamespace:
     # sequence positions per cross-entropy chunk (x local batch rows); 0: plain
     c.model.loss_chunk = field(256, RESUME, NUMERICS)
     c.model.rope_theta = field(10000.0)
+    # transformers' rope_parameters over the model's own RoPE (a size's: rope_theta, unscaled; init_from's: its own):
+    # rope_theta replaces the theta; rope_type (cpt_jax.models.rope.TYPES) with its keys replaces the scaling. E.g.
+    # {"rope_theta": 5e5}, or {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 2048}.
+    c.model.rope_parameters = field({})
     c.model.tie_embeddings = field(False)
     c.model.qkv_bias = field(False)
 

@@ -29,6 +29,9 @@ VOCAB = COMMON["vocab_size"]
 LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 5000.0, "factor": 8.0, "low_freq_factor": 1.0,
                "high_freq_factor": 4.0, "original_max_position_embeddings": 16}
 
+DYNAMIC_ROPE = {"rope_type": "dynamic", "rope_theta": 5000.0, "factor": 2.0}
+YARN_ROPE = {"rope_type": "yarn", "rope_theta": 5000.0, "factor": 4.0, "original_max_position_embeddings": 16}
+
 
 def hf_model(arch: str, vocab: int = VOCAB):
     """A randomly initialised small HF model (weights N(0, 0.2), so layers matter)."""
@@ -44,6 +47,12 @@ def hf_model(arch: str, vocab: int = VOCAB):
     if arch == "qwen2-window":
         return randomised(transformers.Qwen2ForCausalLM, transformers.Qwen2Config(
             **common, rope_theta=5000.0, use_sliding_window=True, sliding_window=24, max_window_layers=0))
+    if arch == "llama-dynamic":  # dynamic NTK RoPE past its max_position_embeddings of 32
+        return randomised(transformers.LlamaForCausalLM, transformers.LlamaConfig(
+            **{**common, "max_position_embeddings": 32}, rope_parameters=DYNAMIC_ROPE))
+    if arch == "qwen3-yarn":  # YaRN over an original context of 16, its attention factor and all
+        return randomised(transformers.Qwen3ForCausalLM, transformers.Qwen3Config(
+            **common, head_dim=32, rope_parameters=YARN_ROPE))
     if arch == "qwen3":  # q/k norms, and a head_dim that is not hidden / heads
         return randomised(transformers.Qwen3ForCausalLM, transformers.Qwen3Config(
             **common, head_dim=32, rope_theta=5000.0, tie_word_embeddings=False))
@@ -87,6 +96,10 @@ FAMILY_FIELDS = {
     "llama": {}, "llama3-rope": {"tie_embeddings": True}, "mistral": {"sliding_window": 24},
     "qwen2": {"qkv_bias": True}, "qwen2-window": {"qkv_bias": True, "sliding_window": 24},
     "qwen3": {"qk_norm": "head", "head_dim": 32},
+    "llama-dynamic": {"rope_scaling": (("factor", 2.0), ("original_max_position_embeddings", 32),
+                                       ("rope_type", "dynamic"))},
+    "qwen3-yarn": {"qk_norm": "head", "rope_scaling": (("factor", 4.0), ("original_max_position_embeddings", 16),
+                                                       ("rope_type", "yarn"))},
     "gemma3": {"qk_norm": "head", "norms": "sandwich", "norm_offset": 1.0, "activation": "gelu_tanh",
                "embed_scale": True, "sliding_window": 24, "full_attention_layers": (1,), "local_rope_theta": 500.0,
                "query_pre_attn_scalar": 24.0, "rope_theta": 50000.0, "tie_embeddings": True},
@@ -109,7 +122,7 @@ def test_import_export_parity_with_transformers(arch, tmp_path):
     model, tok = inference.load(str(tmp_path / "ckpt"))
     assert {k: getattr(model.cfg, k) for k in FAMILY_FIELDS[arch]} == FAMILY_FIELDS[arch]
     assert tok.vocab_size == 27
-    # 80 positions: past the windows of 24 and llama3's original context of 16.
+    # 80 positions: past the windows of 24, the original contexts of 16 (llama3, yarn) and 32 (dynamic).
     ids = np.random.default_rng(0).integers(0, VOCAB, (2, 80))
     expected = hf_logits(ref, ids)
     np.testing.assert_allclose(np.asarray(model(jnp.asarray(ids))), expected, atol=1e-4, rtol=0)
@@ -122,7 +135,7 @@ def test_import_export_parity_with_transformers(arch, tmp_path):
 
     convert.export_model(str(tmp_path / "ckpt"), str(tmp_path / "exported"))
     back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "exported", dtype=torch.float32).eval()
-    assert type(back) is type(ref)
+    assert type(back) is type(ref) and back.config.rope_parameters == ref.config.rope_parameters
     np.testing.assert_allclose(hf_logits(back, ids), expected, atol=1e-5, rtol=0)
     hf_tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "exported")
     assert hf_tok.encode("abc", add_special_tokens=False) == tok.encode("abc")
@@ -287,7 +300,7 @@ def test_rope_freqs_without_context_metadata_give_the_same_frequencies():
     """llama.cpp writes no original context for Llama 3.1: any context reproduces the factors
     (only the bands' factors scale with it), so import assumes Llama 3's 8192."""
     from cpt_jax.convert.gguf import llama3_scaling
-    from cpt_jax.models.llama import rope_frequencies
+    from cpt_jax.models.rope import rope_frequencies
 
     factors = llama_cpp_rope_factors(LLAMA31_ROPE, 16)
     scaling = llama3_scaling(factors, 16, 5000.0, 8192, "m.gguf")
@@ -471,8 +484,8 @@ def test_unknown_tensor_and_unsupported_field_are_named(tmp_path):
                                     "sliding_attention": {"rope_type": "linear", "factor": 2.0}}},
      "rope_parameters=.* is not supported .scaled RoPE on the sliding-window layers"),
     ("olmo2", {"hidden_act": "relu"}, "hidden_act='relu' is not supported"),
-    ("qwen3", {"rope_scaling": {"rope_type": "yarn", "factor": 4.0}},
-     r"rope_scaling=.* is not supported \(rope_type 'yarn'"),
+    ("qwen3", {"rope_scaling": {"rope_type": "proportional", "factor": 4.0}},
+     r"rope_scaling=.* is not supported \(rope_type 'proportional' is not one of default, linear, dynamic, yarn"),
 ])
 def test_unsupported_family_options_are_named(arch, change, message, tmp_path):
     src = save_hf(hf_model(arch), tmp_path / "hf")

@@ -27,7 +27,7 @@ from tokenizers import pre_tokenizers
 
 from cpt_jax.convert.hf import FAMILIES, KINDS, short
 from cpt_jax.data.tokenizer import HFTokenizer, SentencePieceTokenizer
-from cpt_jax.models.llama import rope_frequencies
+from cpt_jax.models.rope import rope_frequencies
 
 log = logging.getLogger(__name__)
 

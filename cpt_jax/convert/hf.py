@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from cpt_jax.models import ModelConfig, spec
+from cpt_jax.models import ModelConfig, rope, spec
 
 log = logging.getLogger(__name__)
 
@@ -190,7 +190,7 @@ def config_from_hf(c: dict, source: str) -> ModelConfig:
         refuse("attention_bias", "o_proj has no bias; q/k/v biases are Qwen2's")
     if c.get("use_bidirectional_attention"):
         refuse("use_bidirectional_attention", "the model is a causal LM")
-    full_rope, local_theta = rope(c, refuse)
+    full_rope, local_theta = rope_from_hf(c, refuse)
     window, full_layers = sliding_window(c, arch, refuse)
     softcaps = {"attn_softcap": c.get("attn_logit_softcapping"), "final_softcap": c.get("final_logit_softcapping")}
     heads = c["num_attention_heads"]
@@ -209,9 +209,11 @@ def config_from_hf(c: dict, source: str) -> ModelConfig:
         raise ValueError(f"{source}: {e}") from None
 
 
-def rope(c: dict, refuse: Callable) -> tuple[dict, float]:
+def rope_from_hf(c: dict, refuse: Callable) -> tuple[dict, float]:
     """(rope_theta and rope_scaling of the full-attention layers, the windowed layers' own theta
-    or 0). transformers v5 moves rope_theta into `rope_parameters`, per layer type for Gemma 3."""
+    or 0). transformers v5 moves rope_theta into `rope_parameters`, per layer type for Gemma 3.
+    The scaling is made whole as transformers standardises it: what it would read from
+    max_position_embeddings is written into it, so the model computes from it alone."""
     params = dict(c.get("rope_parameters") or {})
     local_theta = 0.0
     if "full_attention" in params:  # Gemma 3: {"full_attention": {...}, "sliding_attention": {...}}
@@ -225,13 +227,21 @@ def rope(c: dict, refuse: Callable) -> tuple[dict, float]:
     theta = c.get("rope_theta", params.pop("rope_theta", 10000.0))
     scaling = dict(c.get("rope_scaling") or params)
     scaling.pop("rope_theta", None)
-    rope_type = scaling.pop("type", None) or scaling.get("rope_type")
-    if rope_type in (None, "default"):
+    scaling["rope_type"] = scaling.pop("type", None) or scaling.get("rope_type") or "default"
+    kind = scaling["rope_type"]
+    if kind == "default":
         scaling = {}
-    elif rope_type in ("linear", "llama3"):
-        scaling["rope_type"] = rope_type
-    else:
-        refuse("rope_scaling", f"rope_type {rope_type!r}; supported: linear, llama3")
+    elif kind in ("llama3", "yarn", "longrope"):  # a top-level original length wins (Phi-3's)
+        scaling["original_max_position_embeddings"] = (c.get("original_max_position_embeddings") or scaling.get(
+            "original_max_position_embeddings") or c.get("max_position_embeddings"))
+    elif kind == "dynamic":  # it rescales past max_position_embeddings
+        scaling["original_max_position_embeddings"] = c.get("max_position_embeddings")
+    if kind in ("yarn", "longrope") and scaling.get("factor") is None and c.get("max_position_embeddings"):
+        scaling["factor"] = c["max_position_embeddings"] / scaling["original_max_position_embeddings"]
+    try:
+        rope.check(scaling, None)  # longrope's factors are counted against head_dim by ModelConfig
+    except ValueError as e:
+        refuse("rope_scaling" if "rope_scaling" in c else "rope_parameters", str(e))
     return {"rope_theta": float(theta), "rope_scaling": tuple(scaling.items())}, local_theta
 
 
@@ -307,6 +317,10 @@ def config_to_hf(cfg: ModelConfig, base: dict | None = None) -> dict:
         "hidden_activation" if arch.startswith("Gemma") else "hidden_act":
             {"silu": "silu", "gelu_tanh": "gelu_pytorch_tanh"}[cfg.activation],
     })
+    # The scaling holds its original length; a top-level one (Phi-3's) would override it in transformers.
+    c.pop("original_max_position_embeddings", None)
+    if c["rope_scaling"] and c["rope_scaling"]["rope_type"] == "dynamic":  # its original length, where HF reads it
+        c["max_position_embeddings"] = c["rope_scaling"].pop("original_max_position_embeddings")
     types = ["sliding_attention" if w else "full_attention" for w in cfg.windowed()]
     if "full_attention_layers" in variable:
         c["layer_types"] = types
