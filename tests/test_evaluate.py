@@ -158,6 +158,31 @@ def test_task_accuracies_and_generations_equal_the_harness_hf_backend(both, expo
     assert generated[0] == generated[1] and any(r[0] for r in generated[0])
 
 
+def test_generate_until_honours_the_tasks_sampling_and_stop_sequences(both):
+    """A request's do_sample, temperature, top_k, top_p and `until` as the HF backend takes them. At
+    temperature 5 a random model's draws leave the greedy path; top_k=1 or a tiny top_p bring
+    them back to it, in both backends. An `until` string taken from the greedy text cuts both there."""
+    ours, theirs = both
+    contexts = [d["context"] for d in task_lib.bible_next_verse("en")[:3]]
+
+    def generate(lm, **kwargs) -> list[str]:
+        reqs = [Instance("generate_until", {}, (c, {"max_gen_toks": 16, **kwargs}), i) for i, c in enumerate(contexts)]
+        return lm.generate_until(reqs, disable_tqdm=True)
+
+    greedy = generate(ours, do_sample=False)
+    assert greedy == generate(theirs, do_sample=False) and all(len(g) > 6 for g in greedy)
+    assert generate(ours, do_sample=True, temperature=5.0) != greedy  # sampling is on
+    for kwargs in ({"top_k": 1}, {"top_p": 1e-6}):
+        got = generate(ours, do_sample=True, temperature=5.0, **kwargs)
+        assert got == greedy == generate(theirs, do_sample=True, temperature=5.0, **kwargs), kwargs
+    stop = greedy[0][3:5]
+    cut = generate(ours, do_sample=False, until=[stop, "\n\n"])
+    assert cut == generate(theirs, do_sample=False, until=[stop, "\n\n"])
+    assert cut[0] == greedy[0][:greedy[0].index(stop)]
+    with pytest.raises(ValueError, match=r"generation_kwargs \['num_beams'\] are not supported"):
+        generate(ours, do_sample=False, num_beams=2)
+
+
 def test_evaluate_command_writes_results(exported, tmp_path, capsys):
     assert evaluate_main(["--workdir", exported[0], "--tasks", "bible_next_verse_zh", "--limit", "4",
                           "--batch_size", "8", "--output", str(tmp_path / "out")]) == 0
