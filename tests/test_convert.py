@@ -441,9 +441,7 @@ def test_load_reads_a_gguf_and_a_bundled_name_in_one_call(smollm2, smollm2_hf, t
         assert tok.encode(text) == hf[f"ids{i}"].tolist(), text
     got = np.asarray(model(jnp.asarray(prompt)))
     np.testing.assert_allclose(got, hf["logits"], atol=1e-5 * np.abs(hf["logits"]).max(), rtol=0)
-    converted, _ = inference.load(smollm2)
-    np.testing.assert_array_equal(np.asarray(converted(jnp.asarray(prompt))), got)
-    # The name: a conversion already in the cache is read (the fixture's, linked there), not redone.
+    # The name: a conversion already in the cache is read (the fixture's import, linked there), not redone.
     (cache / "models").mkdir(parents=True)
     os.symlink(smollm2, cache / "models" / "smollm2")
     named, _ = cpt_jax.load("smollm2")
