@@ -98,7 +98,7 @@ def generate_ids(model: Llama, prompts: list[list[int]], max_new_tokens: int = 3
     return [[int(t) for t in row if t >= 0] for row in np.asarray(out)]
 
 
-def stop_ids(model: Llama, tokenizer: TokenizerLike) -> list[int]:
+def stop_tokens(model: Llama, tokenizer: TokenizerLike) -> list[int]:
     """Where generation stops by default: the tokenizer's EOS and the end of the documents the
     model was trained on (`model.document_end`, where they differ: an Instruct model's EOS ends
     chat turns, while a run may have ended its documents with the base model's <|endoftext|>)."""
@@ -112,14 +112,14 @@ def generate(model: Llama, tokenizer: TokenizerLike, prompt: str | list[str], ma
 
     Greedy at temperature 0; else sampled at `temperature` from the `top_k` most likely tokens
     (0: all) and the nucleus of `top_p` (1: all). Stops at the tokenizer's EOS or the run's
-    document end (`stop_ids`). `add_bos=None` prepends BOS where the tokenizer's own config asks
+    document end (`stop_tokens`). `add_bos=None` prepends BOS where the tokenizer's own config asks
     for it (Llama 2), not for tokenizers trained here."""
     prompts = [prompt] if isinstance(prompt, str) else list(prompt)
     bos = getattr(tokenizer, "add_bos", False) if add_bos is None else add_bos
     if bos and tokenizer.bos_id is None:
         raise ValueError("add_bos=True, but the tokenizer has no BOS token")
     ids = [([tokenizer.bos_id] if bos else []) + tokenizer.encode(p) for p in prompts]
-    stops = stop_ids(model, tokenizer)
+    stops = stop_tokens(model, tokenizer)
     new = generate_ids(model, ids, max_new_tokens, temperature, top_k, top_p, seed, stops)
     texts = [tokenizer.decode(row[:-1] if row and row[-1] in stops else row) for row in new]
     return texts[0] if isinstance(prompt, str) else texts

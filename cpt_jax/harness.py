@@ -10,10 +10,10 @@ one-off forms for a loaded model (`cpt_jax.models.load`).
 
 `loglikelihood` and `loglikelihood_rolling` score rows of tokens batched by length (rows sorted
 longest first, padded to a bucket of BUCKET tokens and a fixed batch), sharded over the mesh's
-batch axis as training is; `generate_until` decodes with the KV-cache generator, greedy or
-sampled as the task's do_sample, temperature, top_k and top_p say, cut at its `until` strings. Requests are
-tokenized as the harness's HF backend tokenizes them (BOS where the tokenizer's convention adds
-it; a context's trailing spaces moved to the continuation; contexts truncated on the left to
+batch axis as training is; `generate_until` decodes with the KV-cache generator, greedy or sampled
+as the task's do_sample, temperature, top_k and top_p say, cut at its `until` strings. Requests
+are tokenized as the harness's HF backend tokenizes them (BOS where the tokenizer's convention
+adds it; a context's trailing spaces moved to the continuation; contexts truncated on the left to
 `max_length`), so an exported model scored by that backend gets the same loglikelihoods.
 """
 
