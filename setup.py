@@ -1,7 +1,7 @@
 """cpt_jax: cross-lingual continual pre-training of LLaMA-style models in JAX.
 
 Core pins are what pip resolves on a fresh Python 3.11 CPU machine (2026-11); accelerator extras
-swap in the matching jax plugin: `pip install -e '.[cuda12]'` or `'.[tpu]'`.
+swap in the matching jax plugin: `pip install -e '.[cuda12]'`, `'.[cuda13]'` or `'.[tpu]'`.
 """
 
 from setuptools import find_packages, setup
@@ -18,6 +18,7 @@ setup(
     long_description_content_type="text/markdown",
     packages=find_packages(include=["cpt_jax", "cpt_jax.*"]),
     python_requires=">=3.11",
+    license="Apache-2.0",
     install_requires=[
         f"jax=={JAX}",
         f"jaxlib=={JAX}",
@@ -52,6 +53,7 @@ setup(
         # Viewing runs' TensorBoard events (`tensorboard --logdir WORKDIR`); runs write them without it.
         "tensorboard": ["tensorboard==2.21.0"],
         "cuda12": [f"jax[cuda12]=={JAX}"],
+        "cuda13": [f"jax[cuda13]=={JAX}"],  # CUDA 13 drivers (the H200 figures in docs/benchmarks.md)
         "tpu": [f"jax[tpu]=={JAX}"],
     },
 )

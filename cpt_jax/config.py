@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import importlib.util
+import json
 import os
 from types import SimpleNamespace
 from typing import Any, NamedTuple
@@ -233,6 +234,19 @@ def fields(*kinds: str) -> tuple[str, ...]:
     """The fields (by command-line name) of any of these kinds; a field names its whole subtree
     (`data.sources` covers `data.sources.en.lang`)."""
     return tuple(name for name, f in _flat_fields(_declared()).items() if f.kinds & set(kinds))
+
+
+def reference() -> str:
+    """Every field's default and kinds as a Markdown table (docs/running.md holds it; a test keeps
+    the two equal): `python -c "from cpt_jax.config import reference; print(reference())"`."""
+    def code(value: Any) -> str:
+        return "`" + json.dumps(value.to_dict() if isinstance(value, ml_collections.ConfigDict) else value) + "`"
+
+    rows = ["| field | default | may differ from the checkpoint it continues | numerics |", "|---|---|---|---|"]
+    for name, f in _flat_fields(_declared()).items():
+        change = ("on resume and in a branch" if RESUME in f.kinds else "in a branch" if BRANCH in f.kinds else "no")
+        rows.append(f"| `{name}` | {code(f.default)} | {change} | {'yes' if NUMERICS in f.kinds else ''} |")
+    return "\n".join(rows)
 
 
 def few_steps(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:

@@ -39,6 +39,7 @@ from absl import flags
 
 from cpt_jax import cli, models, storage, trainer, update
 from cpt_jax.data import pipeline
+from cpt_jax.data.corpora import default_cache_dir
 from cpt_jax.data.tokenizer import load_tokenizer, made_vocab_size
 from cpt_jax.errors import ConfigError, Preempted, RunError
 from cpt_jax.rundir import RunDir
@@ -310,14 +311,21 @@ def cost_table(runs: list[Run], train: dict[str, int] | None = None) -> str:
             f"sizes: {', '.join(f'{name} (N {n:,})' for name, n in sizes)}: {span:.1f}x in N" + reads)
 
 
+def compilation_cache() -> str:
+    """JAX_COMPILATION_CACHE_DIR, or the user's cache's `jax-cache`: compiled programs are code
+    the runs execute, so never in the sweep dir (which may be shared or downloaded), and a local
+    one only if this user alone can write it (storage.private_dir). A gs:// cache is taken as
+    given."""
+    cache = os.environ.get("JAX_COMPILATION_CACHE_DIR") or str(default_cache_dir() / "jax-cache")
+    return cache if storage.is_remote(cache) else str(storage.private_dir(cache))
+
+
 def launch_local(runs: list[Run], sweep_dir: str) -> list[str]:
     """Runs every unfinished run in order, in this process (one start of Python and JAX for all:
     seconds per run), each as `sweep run` would; returns the names of the runs that failed or
     were skipped because what they start from failed. The runs share a persistent compilation
-    cache (SWEEP_DIR/jax_cache, unless JAX_COMPILATION_CACHE_DIR says otherwise): runs of one size
-    compile the same train step whatever their schedule and length."""
-    if not os.environ.get("JAX_COMPILATION_CACHE_DIR"):
-        jax.config.update("jax_compilation_cache_dir", os.path.join(sweep_dir, "jax_cache"))
+    cache: runs of one size compile the same train step whatever their schedule and length."""
+    jax.config.update("jax_compilation_cache_dir", compilation_cache())
     failed: list[str] = []
     for run in runs:
         if run.depends_on in failed:

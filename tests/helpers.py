@@ -24,6 +24,7 @@ MINI = os.path.join(ROOT, "configs", "sweeps", "mini.py")
 MINI_ARGS = ["--config", MINI]  # as `cli.config_args` gives them
 PAPER = os.path.join(ROOT, "configs", "sweeps", "paper.py")
 LAPTOP = os.path.join(ROOT, "configs", "sweeps", "laptop.py")
+LANGUAGES = os.path.join(ROOT, "configs", "sweeps", "languages.py")
 
 
 def config_of(args: list[str]):

@@ -134,7 +134,7 @@ def test_mixture_stages_from_config(tmp_path):
 
 
 def test_a_stage_replaces_the_mixture_before_it(tmp_path):
-    """The README's example: three weighted sources, then a stage given as a replay ratio, which
+    """docs/data.md's example: three weighted sources, then a stage given as a replay ratio, which
     is target + replay alone (the third source leaves at the switch)."""
     d = _dcfg(tmp_path, zh={"kind": "bible", "lang": "zh"}, en={"kind": "bible", "lang": "en"},
               bible_en={"kind": "bible", "lang": "en"})

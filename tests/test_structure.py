@@ -127,6 +127,16 @@ def test_every_config_field_declares_its_kinds():
     assert not set(config.fields(config.RESUME)) & set(config.fields(config.BRANCH))
 
 
+def test_the_docs_list_every_config_field_with_its_default():
+    """docs/running.md's reference table is config.reference() itself: it cannot drift from the code."""
+    text = (pathlib.Path(__file__).parent.parent / "docs" / "running.md").read_text()
+    begin, end = "<!-- config reference: begin -->\n", "\n<!-- config reference: end -->"
+    assert text[text.index(begin) + len(begin):text.index(end)] == config.reference()
+    rows = config.reference().splitlines()[2:]
+    assert [r.split("`")[1] for r in rows] == list(config._flat_fields(config._declared()))
+    assert "| `optimizer.peak_lr` | `0.0002` | in a branch |" in config.reference()  # the paper's 2e-4
+
+
 def test_the_loader_and_its_old_name_in_a_fresh_notebook():
     """`import cpt_jax` then `cpt_jax.load`, and the old `cpt_jax.models.load`, as a fresh
     interpreter sees them (the package imports nothing heavy until asked)."""

@@ -6,6 +6,7 @@ import os
 import re
 import shlex
 import shutil
+import stat
 import subprocess
 import sys
 
@@ -19,7 +20,7 @@ from cpt_jax.config import load_file
 from cpt_jax.errors import ConfigError
 from cpt_jax.scaling.report import SECTIONS
 
-from helpers import LAPTOP, MINI, MINI_ARGS, PAPER, ROOT
+from helpers import LANGUAGES, LAPTOP, MINI, MINI_ARGS, PAPER, ROOT
 
 
 def test_mini_expands_into_stable_phases_and_their_cooldown_branches(tmp_path):
@@ -290,6 +291,26 @@ def test_laptop_plan_is_in_the_papers_regime(bible, tmp_path):
         sweep.check_epochs(runs, train, 1)
 
 
+def test_languages_plan_runs_each_target_on_its_own_two_languages(tmp_path):
+    """configs/sweeps/languages.py, planned and not run (its epochs need all seven corpora: the
+    laptop plan's test checks the arithmetic on two)."""
+    config = load_file(LANGUAGES)
+    runs = sweep.expand(config, str(tmp_path))
+    assert {"fr", "de", "ru", "zh"} <= set(sweep.targets(config)) and config.base.data.tokenizer.model_type == "bytes"
+    sizes = {r.size: r.params for r in runs}
+    assert len(sizes) >= 2
+    for r in runs:
+        want = {"en"} if r.kind == "source" else {"en", r.target}
+        assert set(r.config.data.sources) == want and r.config.data.target == ("en" if r.kind == "source" else r.target)
+        if r.kind == "source":
+            assert r.tokens >= 20 * r.params
+    points = {(r.size, r.target, r.kind, r.budget) for r in runs if r.role == "branch" and not r.seed}
+    assert len(points) == len(sizes) * len(sweep.targets(config)) * 2 * len(config.tokens_per_param)
+    seeded = {(r.target, r.kind, r.seed) for r in runs if r.size == config.seed_study.size and r.role == "stable"}
+    assert seeded == {(t, k, s) for t in sweep.targets(config) for k in ("scratch", "cpt") for s in range(3)}
+    assert len({r.name for r in runs}) == len(runs)
+
+
 def test_sweep_config_errors_are_one_line(tmp_path):
     r = sweep_cli("--config", MINI, "--sweep_dir", str(tmp_path), "--config.base.no_such=1")
     assert r.returncode == 2 and r.stderr.strip().splitlines() == ["config error: config.base.no_such: no such config "
@@ -300,18 +321,28 @@ def test_sweep_config_errors_are_one_line(tmp_path):
     assert not (tmp_path / "sweep.json").exists()
 
 
-def test_local_backend_shares_a_compilation_cache_in_the_sweep_dir_unless_told_otherwise(tmp_path, monkeypatch):
-    """Where the local backend's runs share their compiled programs: SWEEP_DIR/jax_cache, or
-    JAX_COMPILATION_CACHE_DIR's (as in these tests: the slow sweep below uses the tests' cache)."""
+def test_local_backend_keeps_its_compilation_cache_per_user(tmp_path, monkeypatch):
+    """The local backend's runs share their compiled programs in the user's cache (`jax-cache`,
+    0700) or JAX_COMPILATION_CACHE_DIR's (as in these tests), never in the sweep dir, which may be
+    shared or downloaded: compiled programs are code the runs execute. A cache dir others can
+    write is refused, also one the variable names."""
     before = jax.config.jax_compilation_cache_dir
     try:
+        monkeypatch.setenv("CPT_JAX_CACHE", str(tmp_path / "cache"))
         monkeypatch.delenv("JAX_COMPILATION_CACHE_DIR", raising=False)
-        assert sweep.launch_local([], str(tmp_path)) == []
-        assert jax.config.jax_compilation_cache_dir == str(tmp_path / "jax_cache")
-        jax.config.update("jax_compilation_cache_dir", before)
-        monkeypatch.setenv("JAX_COMPILATION_CACHE_DIR", str(tmp_path / "elsewhere"))
-        assert sweep.launch_local([], str(tmp_path)) == []
-        assert jax.config.jax_compilation_cache_dir == before  # left to JAX, which reads the variable
+        assert sweep.launch_local([], str(tmp_path / "sweep")) == []
+        cache = tmp_path / "cache" / "jax-cache"
+        assert jax.config.jax_compilation_cache_dir == str(cache) and stat.S_IMODE(cache.stat().st_mode) == 0o700
+        assert not (tmp_path / "sweep" / "jax_cache").exists()
+        shared = tmp_path / "shared"
+        shared.mkdir()
+        shared.chmod(0o777)
+        monkeypatch.setenv("JAX_COMPILATION_CACHE_DIR", str(shared))
+        with pytest.raises(ConfigError, match=rf"^{shared}: writable by others"):
+            sweep.launch_local([], str(tmp_path / "sweep"))
+        shared.chmod(0o755)
+        assert sweep.launch_local([], str(tmp_path / "sweep")) == []
+        assert jax.config.jax_compilation_cache_dir == str(shared)
     finally:
         jax.config.update("jax_compilation_cache_dir", before)
 
@@ -343,9 +374,9 @@ def test_reduced_branched_sweep_runs_skips_reports_failures_and_writes_its_repor
     assert "[sweep] test/cpt_r0.05_0.16x: skipped, test/cpt_r0.05_stable failed" in r.stdout
     assert ("5 run(s) failed or skipped: test/source, test/cpt_r0.05_stable, test/cpt_r0.05_0.04x, "
             "test/cpt_r0.05_0.08x, test/cpt_r0.05_0.16x") in r.stdout, r.stdout
-    # The runs share their compiled programs: in the tests' cache (JAX_COMPILATION_CACHE_DIR),
-    # else in the sweep dir's (test_local_backend_shares_a_compilation_cache_in_the_sweep_dir...)
-    assert (out / "jax_cache").is_dir() != bool(os.environ.get("JAX_COMPILATION_CACHE_DIR"))
+    # The runs share their compiled programs in the user's cache, not the sweep dir's
+    # (test_local_backend_keeps_its_compilation_cache_per_user)
+    assert not (out / "jax_cache").exists()
     os.remove(out / "test" / "source")
     r = sweep_cli("--config", str(config), "--sweep_dir", str(out))
     assert r.returncode == 0, r.stdout + r.stderr

@@ -183,8 +183,7 @@ def read_pretrained(src: str) -> Pretrained:
         config_file = os.path.join(src, "config.json")
         if not os.path.isfile(config_file):
             raise FileNotFoundError(f"{config_file} is missing: an HF model dir needs it")
-        with open(config_file) as fh:
-            hf_config = json.load(fh)
+        hf_config = safetensors.json_file(config_file)
         cfg = hf.config_from_hf(hf_config, config_file)
         tokenizer = load_tokenizer(src)
         reader = safetensors.SafetensorsReader(src)

@@ -39,6 +39,67 @@ FAMILIES = {  # HF architecture -> (model_type, fixed fields, variable fields it
 ARCHITECTURES = list(FAMILIES)
 ACTIVATIONS = {"silu": "silu", "gelu_pytorch_tanh": "gelu_tanh", "gelu_tanh": "gelu_tanh"}  # HF name -> ours
 
+# What a value read from a file must be, by kind: (how an error says it, test). Checked before
+# anything computes with it, so a malformed file ends in one error naming the field.
+KINDS = {
+    "size": ("a positive integer", lambda v: type(v) is int and v > 0),
+    "int": ("an integer", lambda v: type(v) is int),
+    "number": ("a number", lambda v: type(v) in (int, float)),
+    "bool": ("true or false", lambda v: type(v) is bool),
+    "str": ("a string", lambda v: type(v) is str),
+    "object": ("an object", lambda v: type(v) is dict),
+    "strings": ("an array of strings", lambda v: type(v) is list and all(type(x) is str for x in v)),
+    "numbers": ("an array of numbers", lambda v: type(v) is list and all(type(x) in (int, float) for x in v)),
+    "ints": ("an array of integers", lambda v: type(v) is list and all(type(x) is int for x in v)),
+    "window pattern": ("a positive integer or an array of booleans",
+                       lambda v: (type(v) is int and v > 0) or (type(v) is list and all(type(x) is bool for x in v))),
+}
+# The config.json fields import reads, by kind (null or absent: the default); those it cannot do without.
+CONFIG_KINDS = {
+    "architectures": "strings", "vocab_size": "size", "hidden_size": "size", "intermediate_size": "size",
+    "num_hidden_layers": "size", "num_attention_heads": "size", "num_key_value_heads": "size", "head_dim": "int",
+    "rms_norm_eps": "number", "tie_word_embeddings": "bool", "hidden_act": "str", "hidden_activation": "str",
+    "mlp_bias": "bool", "attention_bias": "bool", "use_bidirectional_attention": "bool", "rope_theta": "number",
+    "rope_local_base_freq": "number", "rope_scaling": "object", "rope_parameters": "object", "sliding_window": "int",
+    "use_sliding_window": "bool", "max_window_layers": "int", "sliding_window_pattern": "size",
+    "layer_types": "strings", "query_pre_attn_scalar": "number", "attn_logit_softcapping": "number",
+    "final_logit_softcapping": "number",
+}
+REQUIRED = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
+# The fields of a rope_scaling (or rope_parameters, also per layer type) that import reads.
+ROPE_KINDS = {"rope_type": "str", "type": "str", "rope_theta": "number", "factor": "number",
+              "low_freq_factor": "number", "high_freq_factor": "number", "original_max_position_embeddings": "size"}
+
+
+def short(value: Any) -> str:
+    """A value as an error quotes it: a long array by its first items and length."""
+    if isinstance(value, list) and len(value) > 4:
+        return f"[{', '.join(map(repr, value[:3]))}, ... ({len(value)} items)]"
+    return repr(value)
+
+
+def check_config(c: Any, source: str) -> None:
+    """config.json's fields that import reads, each of its kind (CONFIG_KINDS, ROPE_KINDS), and
+    the REQUIRED ones present; else one ValueError naming the field."""
+    if not isinstance(c, dict):
+        raise ValueError(f"{source}: not a JSON object")
+    missing = next((f for f in REQUIRED if c.get(f) is None), None)
+    if missing:
+        raise ValueError(f"{source}: {missing} is missing")
+    given = [(f, c[f], kind) for f, kind in CONFIG_KINDS.items() if c.get(f) is not None]
+    for f in ("rope_scaling", "rope_parameters"):
+        rope = c.get(f)
+        if not isinstance(rope, dict):
+            continue
+        parts = [(f, rope)] + [(f"{f}.{k}", v) for k, v in rope.items() if f == "rope_parameters" and type(v) is dict]
+        given += [(f"{name}.{k}", part[k], kind) for name, part in parts for k, kind in ROPE_KINDS.items()
+                  if part.get(k) is not None]
+    for field, value, kind in given:
+        said, ok = KINDS[kind]
+        if not ok(value):
+            raise ValueError(f"{source}: {field}={short(value)} is not {said}")
+
+
 # Layout kinds: how one of our arrays (per layer) relates to the HF tensor.
 COPY, LINEAR, IN_HEADS, OUT_HEADS, FLAT = "copy", "linear", "in_heads", "out_heads", "flat"
 
@@ -108,8 +169,9 @@ def layer_tensors(cfg: ModelConfig) -> list[tuple[str, str, str]]:
 
 
 def config_from_hf(c: dict, source: str) -> ModelConfig:
-    """The ModelConfig of an HF config.json; anything this model cannot reproduce is refused,
-    naming the field."""
+    """The ModelConfig of an HF config.json; anything malformed (`check_config`) or that this
+    model cannot reproduce is refused, naming the field."""
+    check_config(c, source)
     archs = c.get("architectures") or []
     arch = next((a for a in archs if a in FAMILIES), None)
     if arch is None:
@@ -143,8 +205,6 @@ def config_from_hf(c: dict, source: str) -> ModelConfig:
             sliding_window=window, full_attention_layers=full_layers, **fixed,
             **{k: v for k, v in extra.items() if k in variable},
         )
-    except KeyError as e:
-        raise ValueError(f"{source}: config.json has no {e.args[0]}") from None
     except ValueError as e:
         raise ValueError(f"{source}: {e}") from None
 

@@ -53,6 +53,7 @@ def collect(sweep_dir: str) -> tuple[dict, dict[str, dict]]:
         curves[run["name"]] = {lang: eval_curve(recs, lang) for lang in langs}
         curves[run["name"]]["epochs"] = {lang: max(r.get(f"data/{lang}_epoch", 0.0) for r in recs)
                                          for lang in langs if recs}
+        curves[run["name"]]["tokens_per_s"] = [r["perf/tokens_per_sec"] for r in recs if "perf/tokens_per_sec" in r]
     return plan, curves
 
 
@@ -315,12 +316,19 @@ def runs_section(plan: dict, curves: dict) -> list[str]:
         epochs = ", ".join(f"{k} {v:.2f}" for k, v in sorted(curves[run["name"]]["epochs"].items()) if v) or "-"
         rows.append((run["name"], run["role"], f"{run['params']:,}", f"{run['tokens']:,}",
                      f"{tokens[-1]:,.0f}" if len(tokens) else "-", f"{loss[-1]:.4f}" if len(loss) else "-", epochs))
+    speed: dict[tuple, list[float]] = {}
+    for run in plan["runs"]:
+        speed.setdefault((run["size"], run["params"]), []).extend(curves[run["name"]]["tokens_per_s"])
+    throughput = _table(("size", "N", "median tokens/s of its runs' log records"),
+                        [(size, f"{n:,}", f"{np.median(v):,.0f}") for (size, n), v in speed.items() if v])
     most = {lang: max(c["epochs"].get(lang, 0.0) for c in curves.values())
             for lang in (plan["source"], *plan.get("targets", [plan["target"]]))}
     return ["## Runs", "", "Epochs: how many times the run has read each language's training split (measured: a "
             "branch with the stable phase it continues, a CPT run without its source model); at most "
-            + ", ".join(f"{lang} {e:.2f}" for lang, e in most.items()) + ".", "", *_table(("run", "role", "N", "tokens planned", "tokens done", "final loss (its target)", "epochs"),
-                        rows), ""]
+            + ", ".join(f"{lang} {e:.2f}" for lang, e in most.items()) + ".", "",
+            "Throughput of the train steps (evals not counted):", "", *throughput, "",
+            *_table(("run", "role", "N", "tokens planned", "tokens done", "final loss (its target)", "epochs"), rows),
+            ""]
 
 
 def unfinished(plan: dict, curves: dict) -> dict[str, list[str]]:
