@@ -2,7 +2,7 @@
 
   python -m cpt_jax.sweep --config configs/sweeps/mini.py --sweep_dir /tmp/mini [--backend local|slurm|print]
                           [--only SIZE,...] [--config.FIELD=VALUE ...]
-  python -m cpt_jax.sweep run --config configs/sweeps/mini.py --sweep_dir /tmp/mini --run tiny/cpt_r0.05
+  python -m cpt_jax.sweep run --config configs/sweeps/mini.py --sweep_dir /tmp/mini --run nano/source
   python -m cpt_jax.sweep report --sweep_dir /tmp/mini
   python -m cpt_jax.sweep cost --config configs/sweeps/paper.py:branched
 
@@ -57,7 +57,7 @@ _BACKEND = flags.DEFINE_enum("backend", "local", ["local", "slurm", "print"], "H
                              flag_values=CLI.flags)
 _ONLY = flags.DEFINE_list("only", [], "Sizes to run, comma-separated (default: all of the config's).",
                           flag_values=CLI.flags)
-_RUN = flags.DEFINE_string("run", None, "With `run`: the run to train, e.g. tiny/cpt_r0.05.", flag_values=CLI.flags)
+_RUN = flags.DEFINE_string("run", None, "With `run`: the run to train, e.g. nano/cpt_r0.05_stable.", flag_values=CLI.flags)
 
 KINDS = ("source", "scratch", "cpt")
 
@@ -528,6 +528,8 @@ def sweep_command(command: str) -> None:
         raise ConfigError("--sweep_dir is required")
     sweep_dir = os.path.abspath(_SWEEP_DIR.value or "SWEEP_DIR")
     if command == "report":
+        if not os.path.isfile(os.path.join(sweep_dir, "sweep.json")):
+            raise ConfigError(f"--sweep_dir {sweep_dir}: no sweep.json there (a sweep writes it when it starts)")
         print(write_report(sweep_dir))
         return
     if CLI.config.value is None:

@@ -14,6 +14,7 @@ import transformers
 from flax import nnx
 from tokenizers import Tokenizer, models, pre_tokenizers
 
+import cpt_jax
 from cpt_jax import convert, inference
 from cpt_jax import models as cpt_models
 from cpt_jax.config import base
@@ -139,6 +140,37 @@ def test_import_export_parity_with_transformers(arch, tmp_path):
     np.testing.assert_allclose(hf_logits(back, ids), expected, atol=1e-5, rtol=0)
     hf_tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "exported")
     assert hf_tok.encode("abc", add_special_tokens=False) == tok.encode("abc")
+
+
+def files_under(root) -> dict[str, float]:
+    return {os.path.join(d, f): os.path.getmtime(os.path.join(d, f)) for d, _, fs in os.walk(root) for f in fs}
+
+
+def test_load_reads_an_hf_dir_in_one_call_and_writes_nothing(tmp_path, monkeypatch):
+    """cpt_jax.load on what transformers' save_pretrained writes (plus a tokenizer): no import step,
+    no file written anywhere (its dir, the cache); the logits transformers gives; the model import
+    then load would give."""
+    monkeypatch.setenv("CPT_JAX_CACHE", str(tmp_path / "cache"))
+    ref = hf_model("qwen3")
+    src = save_hf(ref, tmp_path / "hf")
+    before = files_under(tmp_path)
+    model, tok = cpt_jax.load(src)
+    assert files_under(tmp_path) == before
+    ids = np.random.default_rng(0).integers(0, VOCAB, (2, 80))
+    expected = hf_logits(ref, ids)
+    got = np.asarray(model(jnp.asarray(ids)))
+    # Two float32 layers in two orders: a few ulps of the logits' scale (measured 4.7e-7 of it).
+    np.testing.assert_allclose(got, expected, atol=2e-6 * np.abs(expected).max(), rtol=0)
+    hf_tok = transformers.PreTrainedTokenizerFast(tokenizer_file=os.path.join(src, "tokenizer.json"))
+    assert tok.encode("a cab") == hf_tok.encode("a cab", add_special_tokens=False)
+    convert.import_model(src, str(tmp_path / "ckpt"))
+    imported, imported_tok = cpt_jax.load(str(tmp_path / "ckpt"))
+    np.testing.assert_array_equal(np.asarray(imported(jnp.asarray(ids))), got)
+    assert imported_tok.fingerprint == tok.fingerprint and model.document_end is None
+    with pytest.raises(ValueError, match="step=3: .* is a pretrained model"):
+        cpt_jax.load(src, step=3)
+    with pytest.raises(FileNotFoundError, match="no checkpoint there, and neither an HF model dir"):
+        cpt_jax.load(str(tmp_path / "nothing"))
 
 
 def test_cli_import_and_export_bfloat16(tmp_path):
@@ -408,6 +440,25 @@ def test_smollm2_matches_transformers_own_gguf_load(smollm2, smollm2_hf):
     got = np.asarray(model(jnp.asarray(prompt)))
     # 30 float32 layers computed in two orders: 1e-5 of the logits' scale.
     np.testing.assert_allclose(got, expected, atol=1e-5 * np.abs(expected).max(), rtol=0)
+
+
+def test_load_reads_a_gguf_and_a_bundled_name_in_one_call(smollm2, smollm2_hf, tmp_path, monkeypatch):
+    """cpt_jax.load on the GGUF file itself: converted in memory, nothing written, transformers'
+    logits; on the bundled model's name: the conversion kept in the cache ($CPT_JAX_CACHE/models)."""
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("CPT_JAX_CACHE", str(cache))
+    prompt, hf = smollm2_hf
+    model, tok = cpt_jax.load(convert.resolve_source("smollm2"))
+    assert not cache.exists()
+    for i, text in enumerate(SMOLLM2_TEXTS):
+        assert tok.encode(text) == hf[f"ids{i}"].tolist(), text
+    got = np.asarray(model(jnp.asarray(prompt)))
+    np.testing.assert_allclose(got, hf["logits"], atol=1e-5 * np.abs(hf["logits"]).max(), rtol=0)
+    # The name: a conversion already in the cache is read (the fixture's import, linked there), not redone.
+    (cache / "models").mkdir(parents=True)
+    os.symlink(smollm2, cache / "models" / "smollm2")
+    named, _ = cpt_jax.load("smollm2")
+    np.testing.assert_array_equal(np.asarray(named(jnp.asarray(prompt))), got)
 
 
 def test_smollm2_is_framed_as_it_was_pretrained(smollm2, smollm2_hf):

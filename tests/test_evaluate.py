@@ -33,7 +33,8 @@ def byte_level_with_bos() -> str:
     """A byte-level tokenizer.json (every byte a token) whose post-processor prepends <s>, as
     Llama's does: the BOS convention the harness must follow."""
     vocab = {"<unk>": 0, "<s>": BOS, "</s>": EOS}
-    vocab |= {c: 3 + i for i, c in enumerate(pre_tokenizers.ByteLevel.alphabet())}
+    # Sorted: alphabet() comes in a hash set's order, another in every process.
+    vocab |= {c: 3 + i for i, c in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
     tok = Tokenizer(tokenizers.models.BPE(vocab, []))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = tokenizers.decoders.ByteLevel()
@@ -156,6 +157,33 @@ def test_task_accuracies_and_generations_equal_the_harness_hf_backend(both, expo
                 assert results["ours"]["results"][task][metric] == results["theirs"]["results"][task][metric]
     generated = [[s["filtered_resps"] for s in results[n]["samples"]["verse_gen"]] for n in ("ours", "theirs")]
     assert generated[0] == generated[1] and any(r[0] for r in generated[0])
+
+
+def test_generate_until_honours_the_tasks_sampling_and_stop_sequences(both):
+    """A request's do_sample, temperature, top_k, top_p and `until` as the HF backend takes them. At
+    temperature 5 a random model's draws leave the greedy path; top_k=1 or a tiny top_p bring
+    them back to it, in both backends. An `until` string taken from the greedy text cuts both there."""
+    ours, theirs = both
+    contexts = [d["context"] for d in task_lib.bible_next_verse("en")[:3]]
+
+    def generate(lm, **kwargs) -> list[str]:
+        reqs = [Instance("generate_until", {}, (c, {"max_gen_toks": 16, **kwargs}), i) for i, c in enumerate(contexts)]
+        return lm.generate_until(reqs, disable_tqdm=True)
+
+    greedy = generate(ours, do_sample=False)
+    assert greedy == generate(theirs, do_sample=False) and all(len(g) > 6 for g in greedy)
+    assert generate(ours, do_sample=True, temperature=5.0) != greedy  # sampling is on
+    for kwargs in ({"top_k": 1}, {"top_p": 1e-6}):
+        got = generate(ours, do_sample=True, temperature=5.0, **kwargs)
+        assert got == greedy == generate(theirs, do_sample=True, temperature=5.0, **kwargs), kwargs
+    row = max(range(len(greedy)), key=lambda r: len(greedy[r]))
+    text = greedy[row]
+    at = next(k for k in range(2, len(text) - 1) if text.index(text[k:k + 2]) == k)  # first seen there
+    cut = generate(ours, do_sample=False, until=[text[at:at + 2], "\n\n"])
+    assert cut == generate(theirs, do_sample=False, until=[text[at:at + 2], "\n\n"])
+    assert cut[row] == text[:at]
+    with pytest.raises(ValueError, match=r"generation_kwargs \['num_beams'\] are not supported"):
+        generate(ours, do_sample=False, num_beams=2)
 
 
 def test_evaluate_command_writes_results(exported, tmp_path, capsys):

@@ -133,6 +133,18 @@ def test_mixture_stages_from_config(tmp_path):
         pipeline.mixture_stages(d, 1000)
 
 
+def test_a_stage_replaces_the_mixture_before_it(tmp_path):
+    """docs/data.md's example: three weighted sources, then a stage given as a replay ratio, which
+    is target + replay alone (the third source leaves at the switch)."""
+    d = _dcfg(tmp_path, zh={"kind": "bible", "lang": "zh"}, en={"kind": "bible", "lang": "en"},
+              bible_en={"kind": "bible", "lang": "en"})
+    d.target, d.replay = "zh", "en"
+    d.weights = {"zh": 0.9, "en": 0.07, "bible_en": 0.03}
+    d.stages = ((0.1, 0.05),)
+    assert pipeline.mixture_stages(d, total_steps=1000) == [
+        (0, {"zh": 0.9, "en": 0.07, "bible_en": 0.03}), (100, {"zh": 0.95, "en": 0.05, "bible_en": 0.0})]
+
+
 def test_bad_sources_name_the_field(tmp_path):
     with pytest.raises(ValueError, match="data.sources.x"):
         pipeline.source_specs(_dcfg(tmp_path, x={"kind": "nope"}))

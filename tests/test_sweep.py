@@ -3,6 +3,7 @@ sweep run for real with its report."""
 
 import json
 import os
+import re
 import shlex
 import shutil
 import stat
@@ -234,6 +235,21 @@ def test_print_backend_prints_the_preparation_then_the_runs_with_the_overrides(t
                             "--run", r.name] for r in runs]
     plan = json.loads((tmp_path / "sweep.json").read_text())
     assert plan["config"] == ["--config", MINI, *over]
+
+
+def test_report_of_a_dir_without_a_sweep_is_one_line(tmp_path, capsys):
+    for sweep_dir in (tmp_path / "nonexistent", tmp_path):
+        assert sweep.main(["report", "--sweep_dir", str(sweep_dir)]) == 2
+        assert capsys.readouterr().err.splitlines() == [
+            f"config error: --sweep_dir {sweep_dir}: no sweep.json there (a sweep writes it when it starts)"]
+
+
+def test_the_run_examples_name_runs_of_the_mini_sweep(tmp_path):
+    """`sweep run --run NAME` in the module's docstring and its flag's help."""
+    help_text = sweep.CLI.flags["run"].help
+    examples = re.findall(r"--run (\S+)", sweep.__doc__) + re.findall(r"e\.g\. (\S+?)\.$", help_text)
+    names = {r.name for r in sweep.expand(load_file(MINI), str(tmp_path), ())}
+    assert len(examples) == 2 and set(examples) <= names, (examples, sorted(names))
 
 
 def test_laptop_plan_is_in_the_papers_regime(bible, tmp_path):

@@ -317,6 +317,10 @@ class KVCache(NamedTuple):
 class Llama(nnx.Module):
     """Decoder-only LM: tokens [batch, seq] -> logits [batch, seq, vocab] (float32)."""
 
+    # The token that ended the documents these weights were trained on, where a loader knows it
+    # (a run's data framing): generation stops there as at the tokenizer's EOS.
+    document_end: int | None = None
+
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
         self.cfg = cfg
         self.embed = _param(rngs, (cfg.vocab_size, cfg.hidden), ("vocab", "embed"), cfg.init_std)
