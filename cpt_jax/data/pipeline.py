@@ -166,8 +166,8 @@ def store_dir(root: Path, name: str, spec: src_lib.SourceSpec, tokenizer, seq_le
 def build(dcfg, seq_len: int, workers: int | None = None) -> Data:
     """Prepares whatever is missing (sources, tokenizer, stores) and opens the stores.
     Bad input fails here, before the trainer compiles anything."""
+    specs = source_specs(dcfg)  # before data_dir makes the folder: bad input writes nothing
     root = data_dir(dcfg)
-    specs = source_specs(dcfg)
     for spec in specs.values():
         src_lib.prepare(spec, root)
     tok = tokenizer(dcfg, specs, root)
