@@ -6,12 +6,14 @@ import json
 import os
 import struct
 
+import gguf
 import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
 import transformers
 from flax import nnx
+from sentencepiece import sentencepiece_model_pb2 as pb
 from tokenizers import Tokenizer, models, pre_tokenizers
 
 from cpt_jax import convert, inference
@@ -28,11 +30,16 @@ from helpers import COMMON, randomised, reference
 VOCAB = COMMON["vocab_size"]
 LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 5000.0, "factor": 8.0, "low_freq_factor": 1.0,
                "high_freq_factor": 4.0, "original_max_position_embeddings": 16}
+# Each family's rms_norm_eps: neither the importer's fallback (1e-6) nor ModelConfig's default
+# (1e-5), one per family, and large enough that a dropped or swapped eps moves the logits past
+# the tests' tolerance (1e-5 for 1e-6 moves them by ~2e-4 only).
+NORM_EPS = {"llama": 2e-3, "llama3-rope": 3e-3, "mistral": 4e-3, "qwen2": 5e-3, "qwen2-window": 6e-3, "qwen3": 7e-3,
+            "gemma3": 8e-3, "gemma2": 9e-3, "olmo2": 1.1e-2}
 
 
 def hf_model(arch: str, vocab: int = VOCAB):
     """A randomly initialised small HF model (weights N(0, 0.2), so layers matter)."""
-    common = {**COMMON, "vocab_size": vocab}
+    common = {**COMMON, "vocab_size": vocab, "rms_norm_eps": NORM_EPS[arch]}
     if arch == "llama":
         return randomised(transformers.LlamaForCausalLM, transformers.LlamaConfig(**common, rope_theta=5000.0))
     if arch == "llama3-rope":
@@ -96,7 +103,7 @@ FAMILY_FIELDS = {
 }
 # Fields whose effect the comparison must see: set to their default, the logits move.
 MATTERS = ("sliding_window", "local_rope_theta", "query_pre_attn_scalar", "attn_softcap", "final_softcap",
-           "rope_scaling")
+           "rope_scaling", "norm_eps")
 
 
 @pytest.mark.parametrize("arch", list(FAMILY_FIELDS))
@@ -108,6 +115,7 @@ def test_import_export_parity_with_transformers(arch, tmp_path):
     convert.import_model(src, str(tmp_path / "ckpt"))
     model, tok = inference.load(str(tmp_path / "ckpt"))
     assert {k: getattr(model.cfg, k) for k in FAMILY_FIELDS[arch]} == FAMILY_FIELDS[arch]
+    assert model.cfg.norm_eps == NORM_EPS[arch]
     assert tok.vocab_size == 27
     # 80 positions: past the windows of 24 and llama3's original context of 16.
     ids = np.random.default_rng(0).integers(0, VOCAB, (2, 80))
@@ -151,18 +159,6 @@ def test_safetensors_round_trip_and_sharding(tmp_path):
         np.testing.assert_array_equal(reader.get(name), a)
 
 
-GGUF_NAMES = {"input_layernorm.weight": "attn_norm.weight", "self_attn.q_proj.weight": "attn_q.weight",
-              "self_attn.k_proj.weight": "attn_k.weight", "self_attn.v_proj.weight": "attn_v.weight",
-              "self_attn.o_proj.weight": "attn_output.weight", "post_attention_layernorm.weight": "ffn_norm.weight",
-              "mlp.gate_proj.weight": "ffn_gate.weight", "mlp.up_proj.weight": "ffn_up.weight",
-              "mlp.down_proj.weight": "ffn_down.weight", "self_attn.q_norm.weight": "attn_q_norm.weight",
-              "self_attn.k_norm.weight": "attn_k_norm.weight"}
-# llama.cpp's names where norms also follow attention (Gemma, OLMo 2).
-GGUF_POST_NORM_NAMES = {"post_attention_layernorm.weight": "post_attention_norm.weight",
-                        "pre_feedforward_layernorm.weight": "ffn_norm.weight",
-                        "post_feedforward_layernorm.weight": "post_ffw_norm.weight"}
-
-
 def llama_cpp_rope_factors(rope: dict, head_dim: int) -> np.ndarray:
     """rope_freqs.weight as llama.cpp's convert_hf_to_gguf.py computes it for a llama3 rope_scaling."""
     freqs = 1.0 / rope["rope_theta"] ** (np.arange(0, head_dim, 2, dtype=np.float32) / head_dim)
@@ -183,10 +179,8 @@ def llama_cpp_rope_factors(rope: dict, head_dim: int) -> np.ndarray:
 
 def write_gguf(path, ref, sp_proto: bytes) -> None:
     """A float32 GGUF of an HF model with a sentencepiece vocabulary, written the way llama.cpp's
-    convert_hf_to_gguf.py does: q/k rows permuted for its RoPE (llama), norms plus one (Gemma)."""
-    import gguf
-    from sentencepiece import sentencepiece_model_pb2 as pb
-
+    convert_hf_to_gguf.py does: tensor names from gguf's own table of them (TensorNameMap), q/k
+    rows permuted for its RoPE (llama), norms plus one (Gemma)."""
     c = ref.config
     arch = c.model_type.removesuffix("_text")
     gemma = arch.startswith("gemma")
@@ -229,23 +223,17 @@ def write_gguf(path, ref, sp_proto: bytes) -> None:
     def permute(a, n):
         return a.reshape(n, 2, a.shape[0] // n // 2, *a.shape[1:]).swapaxes(1, 2).reshape(a.shape)
 
-    names = {**GGUF_NAMES, **GGUF_POST_NORM_NAMES} if gemma or arch == "olmo2" else GGUF_NAMES
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH[arch.upper()], c.num_hidden_layers)
     for name, t in ref.state_dict().items():
+        if name == "lm_head.weight" and c.tie_word_embeddings:
+            continue
         a = t.numpy()
         if gemma and name.endswith("norm.weight"):
             a = a + 1.0
-        if name.startswith("model.layers."):
-            _, _, i, rest = name.split(".", 3)
-            if arch == "llama":
-                a = permute(a, c.num_attention_heads) if "q_proj" in rest else a
-                a = permute(a, c.num_key_value_heads) if "k_proj" in rest else a
-            name = f"blk.{i}.{names[rest]}"
-        else:
-            name = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
-                    "lm_head.weight": "output.weight"}[name]
-            if name == "output.weight" and c.tie_word_embeddings:
-                continue
-        w.add_tensor(name, np.ascontiguousarray(a))
+        if arch == "llama":
+            a = permute(a, c.num_attention_heads) if "q_proj" in name else a
+            a = permute(a, c.num_key_value_heads) if "k_proj" in name else a
+        w.add_tensor(names.get_name(name, try_suffixes=(".weight", ".bias")), np.ascontiguousarray(a))
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
@@ -269,7 +257,8 @@ LLAMA31_ROPE = {"rope_type": "llama3", "rope_theta": 5000.0, "factor": 8.0, "low
 
 
 def test_llama31_gguf_with_rope_freqs_imports_as_llama3_scaling(bible_sp, tmp_path):
-    config = transformers.LlamaConfig(**{**COMMON, "vocab_size": 400}, rope_parameters=LLAMA31_ROPE)
+    config = transformers.LlamaConfig(**{**COMMON, "vocab_size": 400, "rms_norm_eps": NORM_EPS["llama3-rope"]},
+                                      rope_parameters=LLAMA31_ROPE)
     ref = randomised(transformers.LlamaForCausalLM, config)
     write_gguf(tmp_path / "m.gguf", ref, bible_sp.files["tokenizer.model"])
     convert.import_model(str(tmp_path / "m.gguf"), str(tmp_path / "ckpt"))
@@ -319,18 +308,19 @@ GGUF_FAMILIES = {
 @pytest.mark.parametrize("arch", list(GGUF_FAMILIES))
 def test_gguf_of_each_family_matches_transformers(arch, bible_sp, tmp_path):
     cls, config, fields = GGUF_FAMILIES[arch]
-    ref = randomised(cls, config(**{**COMMON, "vocab_size": 400}, **fields))
+    ref = randomised(cls, config(**{**COMMON, "vocab_size": 400, "rms_norm_eps": NORM_EPS[arch]}, **fields))
     write_gguf(tmp_path / "m.gguf", ref, bible_sp.files["tokenizer.model"])
     convert.import_model(str(tmp_path / "m.gguf"), str(tmp_path / "ckpt"))
     model, _ = inference.load(str(tmp_path / "ckpt"))
+    assert model.cfg.norm_eps == pytest.approx(NORM_EPS[arch], rel=1e-6)  # GGUF keeps it as float32
     ids = np.random.default_rng(0).integers(0, 400, (2, 80))  # past the window of 24
     np.testing.assert_allclose(np.asarray(model(jnp.asarray(ids))), hf_logits(ref, ids), atol=1e-4, rtol=0)
 
 
 def test_gguf_with_a_sentencepiece_vocabulary(bible_sp, tmp_path):
     sp = bible_sp
-    ref = randomised(transformers.LlamaForCausalLM,
-                     transformers.LlamaConfig(**{**COMMON, "vocab_size": 400}, rope_theta=5000.0))
+    ref = randomised(transformers.LlamaForCausalLM, transformers.LlamaConfig(
+        **{**COMMON, "vocab_size": 400, "rms_norm_eps": NORM_EPS["llama"]}, rope_theta=5000.0))
     write_gguf(tmp_path / "m.gguf", ref, sp.files["tokenizer.model"])
     convert.import_model(str(tmp_path / "m.gguf"), str(tmp_path / "ckpt"))
     model, tok = inference.load(str(tmp_path / "ckpt"))
@@ -339,6 +329,24 @@ def test_gguf_with_a_sentencepiece_vocabulary(bible_sp, tmp_path):
     assert (tok.bos_id, tok.eos_id, tok.unk_id, tok.pad_id) == (sp.bos_id, sp.eos_id, sp.unk_id, sp.pad_id)
     ids = np.random.default_rng(0).integers(0, 400, (2, 40))
     np.testing.assert_allclose(np.asarray(model(jnp.asarray(ids))), hf_logits(ref, ids), atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_gguf_imports_as_transformers_reads_the_same_file(arch, bible_sp, tmp_path):
+    """The file against transformers' own GGUF reader (an independent implementation of llama.cpp's
+    conventions: tensor names, Llama's permuted q/k rows, metadata keys): the same logits and
+    tokens, so the test's writer and our reader cannot share a misreading."""
+    write_gguf(tmp_path / "m.gguf", hf_model(arch, vocab=400), bible_sp.files["tokenizer.model"])
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="m.gguf", dtype=torch.float32)
+    hf_tok = transformers.AutoTokenizer.from_pretrained(tmp_path, gguf_file="m.gguf")
+    convert.import_model(str(tmp_path / "m.gguf"), str(tmp_path / "ckpt"))
+    model, tok = inference.load(str(tmp_path / "ckpt"))
+    # No leading space: transformers' tokenizer of a GGUF drops one that sentencepiece keeps (and
+    # our import with it: test_gguf_with_a_sentencepiece_vocabulary).
+    for text in ["In the beginning God created the heaven", "two  spaces, 北京 and bytes"]:
+        assert tok.encode(text) == hf_tok.encode(text, add_special_tokens=False), text
+    ids = np.random.default_rng(0).integers(0, 400, (2, 40))
+    np.testing.assert_allclose(np.asarray(model(jnp.asarray(ids))), hf_logits(theirs.eval(), ids), atol=1e-5, rtol=0)
 
 
 # --------------------------------------------------------------------------------------------
@@ -484,8 +492,6 @@ def test_unsupported_family_options_are_named(arch, change, message, tmp_path):
 
 
 def test_gguf_of_an_unsupported_architecture_is_named(tmp_path):
-    import gguf
-
     w = gguf.GGUFWriter(str(tmp_path / "m.gguf"), "phi3")
     w.add_block_count(1)
     w.add_tensor("token_embd.weight", np.zeros((4, 8), np.float32))
