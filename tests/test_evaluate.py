@@ -254,11 +254,13 @@ def test_in_loop_task_metrics_at_their_steps_and_through_resume(tmp_path):
     rows = RunDir.of(str(tmp_path / "whole")).read_metrics()
     key = "eval/bible_next_verse_en/acc"
     assert [r["step"] for r in rows if key in r] == [0, 2, 4]
-    # What the loop wrote at a step is what `evaluate` gives that step's checkpoint.
+    # What the loop wrote at a step is what `evaluate` gives that step's checkpoint, at the context
+    # the loop scores with: the run's seq_len.
     for step in (2, 4):
         out = tmp_path / f"eval{step}"
         assert evaluate_main(["--workdir", str(tmp_path / "whole"), "--step", str(step), "--tasks",
-                              "bible_next_verse_en", "--limit", "8", "--batch_size", "8", "--output", str(out)]) == 0
+                              "bible_next_verse_en", "--limit", "8", "--batch_size", "8", "--max_length",
+                              str(config.seq_len), "--output", str(out)]) == 0
         results = json.loads((out / "results.json").read_text())
         row = next(r for r in rows if r["step"] == step and key in r)
         assert (row[key], row["eval/bible_next_verse_en/acc_norm"]) == tuple(
