@@ -2,27 +2,35 @@
 every supported architecture, both directions; the real bundled SmolLM2; bad input."""
 
 import dataclasses
+import hashlib
 import json
 import os
 import struct
+import sys
 
 import gguf
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import tokenizers
 import torch
 import transformers
 from flax import nnx
 from sentencepiece import sentencepiece_model_pb2 as pb
 from tokenizers import Tokenizer, models, pre_tokenizers
 
+import cpt_jax
 from cpt_jax import convert, inference
 from cpt_jax import models as cpt_models
-from cpt_jax.config import base
+from cpt_jax.config import base, load_file
 from cpt_jax.convert import hf, safetensors
 from cpt_jax.convert.__main__ import main as convert_main
+from cpt_jax.convert.gguf import llama3_scaling
 from cpt_jax.convert.vocab import extend_vocab
-
+from cpt_jax.data.corpora import default_cache_dir, load_bible, split_documents
+from cpt_jax.data.packing import Framing
+from cpt_jax.data.tokenizer import train_tokenizer
+from cpt_jax.models.llama import rope_frequencies
 from cpt_jax.storage import sha256
 
 from helpers import COMMON, randomised, reference
@@ -242,9 +250,6 @@ def write_gguf(path, ref, sp_proto: bytes) -> None:
 
 @pytest.fixture(scope="module")
 def bible_sp(tmp_path_factory):
-    from cpt_jax.data.corpora import default_cache_dir, load_bible, split_documents
-    from cpt_jax.data.tokenizer import train_tokenizer
-
     train, _ = split_documents(load_bible(default_cache_dir())["en"])
     return train_tokenizer([v for d in train[::8] for v in d.verses], tmp_path_factory.mktemp("sp") / "sp.model",
                            vocab_size=400)
@@ -275,9 +280,6 @@ def test_llama31_gguf_with_rope_freqs_imports_as_llama3_scaling(bible_sp, tmp_pa
 def test_rope_freqs_without_context_metadata_give_the_same_frequencies():
     """llama.cpp writes no original context for Llama 3.1: any context reproduces the factors
     (only the bands' factors scale with it), so import assumes Llama 3's 8192."""
-    from cpt_jax.convert.gguf import llama3_scaling
-    from cpt_jax.models.llama import rope_frequencies
-
     factors = llama_cpp_rope_factors(LLAMA31_ROPE, 16)
     scaling = llama3_scaling(factors, 16, 5000.0, 8192, "m.gguf")
     assert scaling["original_max_position_embeddings"] == 8192
@@ -387,8 +389,6 @@ def smollm2_hf(smollm2):
 
 
 def test_smollm2_knows_paris(smollm2):
-    import cpt_jax
-
     model, tok = inference.load(smollm2)
     out = cpt_jax.generate(model, tok, "The capital of France is", max_new_tokens=4)
     assert out.split()[0].strip(".,") == "Paris", out
@@ -408,9 +408,6 @@ def test_smollm2_matches_transformers_own_gguf_load(smollm2, smollm2_hf):
 def test_smollm2_is_framed_as_it_was_pretrained(smollm2, smollm2_hf):
     """No BOS (transformers' own tokenizer of the GGUF prepends none either); the Instruct model's EOS
     ends chat turns, so configs/cpt_smollm2_zh.py ends documents with the base model's <|endoftext|>."""
-    from cpt_jax.config import load_file
-    from cpt_jax.data.packing import Framing
-
     _, tok = inference.load(smollm2)
     _, hf = smollm2_hf
     assert hf["framed"].tolist() == tok.encode("The capital")  # nothing added around the text
@@ -533,9 +530,6 @@ def test_missing_bundled_package_says_how_to_install(monkeypatch):
 def test_bundled_parts_are_assembled_once_and_checked(tmp_path, monkeypatch):
     """A model split over packages is their parts in order, checked against its SHA-256; a
     mismatch is one error and leaves nothing in the cache."""
-    import hashlib
-    import sys
-
     parts = [os.urandom(3000), os.urandom(1000)]
     for i, data in enumerate(parts):
         (tmp_path / "site" / f"pkg_part{i}" / "data").mkdir(parents=True)
@@ -568,8 +562,6 @@ def test_interrupted_write_leaves_nothing(tmp_path):
 def test_vocabulary_extension_of_each_family(arch, tmp_path):
     """Extended, a model keeps its logits over the old vocabulary, and exported, transformers
     computes what it computes on text with the new tokens."""
-    import tokenizers
-
     ref = hf_model(arch, vocab=300)
     ref.save_pretrained(tmp_path / "hf")
     alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())  # it comes in another order in each process
@@ -634,16 +626,11 @@ def gemma3(tmp_path_factory):
 
 @pytest.mark.slow
 def test_gemma3_continues_chinese(gemma3):
-    import cpt_jax
-
     model, tok = inference.load(gemma3)
     assert model.cfg.full_attention_layers == (5, 11, 17) and model.cfg.sliding_window == 512
     assert tok.add_bos  # Gemma is pretrained with BOS, and generate prepends it
     assert cpt_jax.generate(model, tok, "北京是中国的", max_new_tokens=6).startswith("首都")
     # configs/cpt_gemma3_zh.py frames documents as <bos> text <eos>.
-    from cpt_jax.config import load_file
-    from cpt_jax.data.packing import Framing
-
     framing = load_file(os.path.join(os.path.dirname(__file__), "..", "configs", "cpt_gemma3_zh.py")).data.framing
     assert Framing.of(tok, **framing) == Framing(bos_id=2, eos_id=1)
 

@@ -10,7 +10,7 @@ import pytest
 
 from cpt_jax import sweep
 from cpt_jax.config import load_file
-from cpt_jax.scaling import findings, laws
+from cpt_jax.scaling import findings, languages, laws
 from cpt_jax.scaling import replay as replay_law
 from cpt_jax.scaling.analysis import Fits, Points, resample_runs
 from cpt_jax.scaling.report import write_report
@@ -293,8 +293,6 @@ def _language_points(gain: dict[str, float]):
     ({"fr": 1.02, "ru": 1.0, "zh": 0.3}, 0.02, "undetermined"),  # French and Russian within the seed noise
 ])
 def test_language_order_from_effective_data_transferred(gain, sigma, status):
-    from cpt_jax.scaling import languages
-
     scratch, cpt = _language_points(gain)
     study = languages.per_language(scratch, cpt, {"scratch": sigma, "cpt": sigma}, n=300)
     for lang, g in gain.items():  # Hernandez et al.'s D_T / D_cpt recovers the gain (log-linear between points)
@@ -307,8 +305,6 @@ def test_language_order_from_effective_data_transferred(gain, sigma, status):
 
 
 def test_byte_ngram_overlap_counts_the_targets_occurrences():
-    from cpt_jax.scaling import languages
-
     assert languages.ngram_overlap(["abc"], ["abcab"], 3) == pytest.approx(1 / 3)  # abc, bca, cab: 1 of 3 seen
     assert languages.ngram_overlap(["the"], ["тот"], 1) == 0.0  # Cyrillic shares no byte with ASCII
     assert languages.ngram_overlap(["a b"], ["é é"], 1) == pytest.approx(1 / 5)  # the space, of 5 bytes
