@@ -42,7 +42,7 @@ LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 5000.0, "factor": 8.0, "low_
 # (1e-5), one per family, and large enough that a dropped or swapped eps moves the logits past
 # the tests' tolerance (1e-5 for 1e-6 moves them by ~2e-4 only).
 NORM_EPS = {"llama": 2e-3, "llama3-rope": 3e-3, "mistral": 4e-3, "qwen2": 5e-3, "qwen2-window": 6e-3, "qwen3": 7e-3,
-            "gemma3": 8e-3, "gemma2": 9e-3, "olmo2": 1.1e-2}
+            "gemma3": 8e-3, "gemma2": 9e-3, "olmo2": 1.1e-2, "llama-dynamic": 2.5e-3, "qwen3-yarn": 7.5e-3}
 
 DYNAMIC_ROPE = {"rope_type": "dynamic", "rope_theta": 5000.0, "factor": 2.0}
 YARN_ROPE = {"rope_type": "yarn", "rope_theta": 5000.0, "factor": 4.0, "original_max_position_embeddings": 16}
