@@ -1,4 +1,4 @@
-r"""The paper's reproduction in its regime, on 2 CPU cores: five sizes over 16x in N on the bundled
+r"""The paper's reproduction in its regime, on 2 CPU cores: six sizes over 42x in N on the bundled
 Bible (English source, Chinese target) at byte level, every source model at 20 tokens per
 parameter, scratch and CPT at every size as a WSD stable phase with cooldown branches at 2.5, 5,
 10 and 20 tokens per parameter, three seeds at one size, dense evals over the start of every CPT
@@ -7,7 +7,7 @@ run, and a replay study; then the report with its findings table.
   python -m cpt_jax.sweep --config configs/sweeps/laptop.py --sweep_dir /tmp/laptop
   python -m cpt_jax.sweep cost --config configs/sweeps/laptop.py   # the plan: runs, FLOPs, epochs
 
-Expected: 82 runs; N = 17.6k, 33k, 63k, 146k, 283k non-embedding parameters (the laptop sizes of
+Expected: 106 runs; N = 6.8k, 17.6k, 33k, 63k, 146k, 283k non-embedding parameters (the laptop sizes of
 cpt_jax.models, 260 byte ids, so the sizes differ in their layers and not in a vocabulary head);
 no language's training split is read more than 2 times by any run. Measured results and time:
 README, "Reproducing the paper on a laptop".
@@ -28,7 +28,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.base.optimizer.peak_lr = 3e-3  # tiny models take a larger step than the paper's 2e-4
     c.base.optimizer.weight_decay = 0.0
     c.base.log_every = 50
-    c.sizes = ("lap1", "lap2", "lap3", "lap4", "lap5")
+    c.sizes = ("lap0", "lap1", "lap2", "lap3", "lap4", "lap5")
     c.source, c.target = "en", "zh"
     c.source_tokens_per_param = 20.0
     c.tokens_per_param = (2.5, 5.0, 10.0, 20.0)  # 8x, ending at the paper's 20 tokens per parameter

@@ -56,8 +56,9 @@ SIZES.update({
     "small": Size(None, 256, 704, 8, 6, kv_heads=4),
 })
 # Not in the paper: the laptop reproduction's ladder (configs/sweeps/laptop.py): at 260 byte ids,
-# N = 17.6k, 33k, 63k, 146k, 283k non-embedding parameters, about 2x apart, 16x in all.
+# N = 6.8k, 17.6k, 33k, 63k, 146k, 283k non-embedding parameters, 2-4x apart, 42x in all.
 SIZES.update({
+    "lap0": Size(None, 16, 32, 1, 1, kv_heads=1),
     "lap1": Size(None, 32, 64, 2, 1, kv_heads=1),
     "lap2": Size(None, 32, 96, 2, 2, kv_heads=1),
     "lap3": Size(None, 48, 128, 2, 2, kv_heads=1),
