@@ -177,7 +177,9 @@ def _declared() -> SimpleNamespace:
     c.data.workers = field(1, RESUME)
 
     c.mesh = SimpleNamespace()
-    c.mesh.shape = field((-1, 1, 1), RESUME)  # (data, fsdp, tensor); one -1 fills the remaining devices
+    # (data, fsdp, tensor) or (data, fsdp, tensor, context); one -1 fills the remaining devices. context > 1
+    # splits each row's sequence over that many devices (ring attention; cpt_jax/models/context_parallel.py).
+    c.mesh.shape = field((-1, 1, 1), RESUME)
 
     c.log_every = field(10, RESUME)
     c.eval_every = field(100, RESUME)
