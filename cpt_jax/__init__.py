@@ -1,6 +1,7 @@
 """cpt_jax: cross-lingual continual pre-training at scale, in JAX.
 
-In a notebook: `model, tokenizer = cpt_jax.load(DIR)`, then `cpt_jax.generate(model, tokenizer, "prompt")`.
+In a notebook: `model, tokenizer = cpt_jax.load(PATH)` (a run, an HF model dir, a .gguf file), then
+`cpt_jax.generate(model, tokenizer, "prompt")`.
 """
 
 

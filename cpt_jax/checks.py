@@ -11,6 +11,7 @@ Each raises ConfigError; a config that passes them all compiles and runs.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import os
@@ -68,6 +69,10 @@ def check_config(config: ml_collections.ConfigDict, devices=None) -> jax.shardin
     if config.model.size == "init_from":
         if not (config.init_from or config.branch_from):
             raise ConfigError("model.size='init_from' takes the architecture of init_from, which is not set")
+        try:  # its RoPE override now, over any RoPE; over init_from's once the run starts
+            models.rope.override(1.0, (), config.model.rope_parameters.to_dict(), None)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
     else:
         model_config(config, vocab_size=max(config.model.vocab_size, 1))
     try:
@@ -257,7 +262,8 @@ def frozen_mask(config: ml_collections.ConfigDict, mcfg: models.ModelConfig, ext
 def model_config(config: ml_collections.ConfigDict, vocab_size: int, source: dict | None = None,
                  seq_len: int | None = None, platform: str | None = None) -> models.ModelConfig:
     """The run's architecture: a named size, or (model.size="init_from") the architecture of the
-    init_from checkpoint, `source` (its metadata's model), with this run's numerics. With
+    init_from checkpoint, `source` (its metadata's model), with this run's numerics and RoPE
+    override (model.rope_parameters: a longer context's stage changes only that). With
     `seq_len`, the attention kernel is resolved for `platform` (default: this process's) and
     length: the one compiled."""
     m = config.model
@@ -269,6 +275,9 @@ def model_config(config: ml_collections.ConfigDict, vocab_size: int, source: dic
         else:
             mcfg = models.model_config(m.size, vocab_size, rope_theta=m.rope_theta, tie_embeddings=m.tie_embeddings,
                                        qkv_bias=m.qkv_bias, **numerics)
+        theta, scaling = models.rope.override(mcfg.rope_theta, mcfg.rope_scaling, m.rope_parameters.to_dict(),
+                                              mcfg.head_dim)
+        mcfg = dataclasses.replace(mcfg, rope_theta=theta, rope_scaling=scaling)
     except ValueError as e:
         raise ConfigError(str(e)) from None
     return mcfg if seq_len is None else mcfg.with_kernel(seq_len, platform)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import importlib.util
+import json
 import os
 from types import SimpleNamespace
 from typing import Any, NamedTuple
@@ -110,6 +111,10 @@ def _declared() -> SimpleNamespace:
     # sequence positions per cross-entropy chunk (x local batch rows); 0: plain
     c.model.loss_chunk = field(256, RESUME, NUMERICS)
     c.model.rope_theta = field(10000.0)
+    # transformers' rope_parameters over the model's own RoPE (a size's: rope_theta, unscaled; init_from's: its own):
+    # rope_theta replaces the theta; rope_type (cpt_jax.models.rope.TYPES) with its keys replaces the scaling. E.g.
+    # {"rope_theta": 5e5}, or {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 2048}.
+    c.model.rope_parameters = field({})
     c.model.tie_embeddings = field(False)
     c.model.qkv_bias = field(False)
 
@@ -235,6 +240,19 @@ def fields(*kinds: str) -> tuple[str, ...]:
     """The fields (by command-line name) of any of these kinds; a field names its whole subtree
     (`data.sources` covers `data.sources.en.lang`)."""
     return tuple(name for name, f in _flat_fields(_declared()).items() if f.kinds & set(kinds))
+
+
+def reference() -> str:
+    """Every field's default and kinds as a Markdown table (docs/running.md holds it; a test keeps
+    the two equal): `python -c "from cpt_jax.config import reference; print(reference())"`."""
+    def code(value: Any) -> str:
+        return "`" + json.dumps(value.to_dict() if isinstance(value, ml_collections.ConfigDict) else value) + "`"
+
+    rows = ["| field | default | may differ from the checkpoint it continues | numerics |", "|---|---|---|---|"]
+    for name, f in _flat_fields(_declared()).items():
+        change = ("on resume and in a branch" if RESUME in f.kinds else "in a branch" if BRANCH in f.kinds else "no")
+        rows.append(f"| `{name}` | {code(f.default)} | {change} | {'yes' if NUMERICS in f.kinds else ''} |")
+    return "\n".join(rows)
 
 
 def few_steps(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:

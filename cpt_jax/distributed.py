@@ -17,7 +17,7 @@ from typing import Callable, TypeVar
 
 import jax
 import numpy as np
-from jax._src import hardware_utils  # JAX's own TPU detection (what its Cloud TPU start-up uses)
+from jax._src import clusters, hardware_utils  # JAX's own cluster and TPU detection (what its start-up uses)
 from jax.experimental import multihost_utils
 
 from cpt_jax.errors import ConfigError
@@ -38,16 +38,24 @@ def detected_cluster() -> str | None:
 
 
 def initialize(coordinator_address: str = "", num_processes: int = 0, process_id: int = -1) -> None:
-    """Starts the multi-process runtime where the job has several processes; a no-op otherwise."""
+    """Starts the multi-process runtime where the job has several processes; a no-op otherwise.
+    Process 0's coordinator service, which takes connections unauthenticated, listens on the
+    coordinator's address only, not on every interface (JAX's default, `[::]:PORT`), unless
+    JAX_COORDINATOR_BIND_ADDRESS says where."""
     if coordinator_address:
         if num_processes < 1 or not 0 <= process_id < num_processes:
             raise ValueError(f"--coordinator_address needs --num_processes >= 1 and 0 <= --process_id < "
                              f"--num_processes (got {num_processes}, {process_id})")
         kwargs = dict(coordinator_address=coordinator_address, num_processes=num_processes, process_id=process_id)
     elif detected_cluster():
-        kwargs = {}
+        # The coordinator as jax.distributed.initialize() detects it (given one, it detects the rest).
+        coordinator = os.environ.get("JAX_COORDINATOR_ADDRESS") or \
+            clusters.ClusterEnv.auto_detect_unset_distributed_params(None, None, None, None, None, 300)[0]
+        kwargs = dict(coordinator_address=coordinator) if coordinator else {}
     else:
         return
+    if kwargs and "JAX_COORDINATOR_BIND_ADDRESS" not in os.environ:
+        kwargs["coordinator_bind_address"] = kwargs["coordinator_address"]
     # Collectives between CPU processes go through gloo (GPU/TPU use NCCL/ICI; this changes nothing there).
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(**kwargs)

@@ -10,9 +10,10 @@ one-off forms for a loaded model (`cpt_jax.models.load`).
 
 `loglikelihood` and `loglikelihood_rolling` score rows of tokens batched by length (rows sorted
 longest first, padded to a bucket of BUCKET tokens and a fixed batch), sharded over the mesh's
-batch axis as training is; `generate_until` decodes with the KV-cache generator. Requests are
-tokenized as the harness's HF backend tokenizes them (BOS where the tokenizer's convention adds
-it; a context's trailing spaces moved to the continuation; contexts truncated on the left to
+batch axis as training is; `generate_until` decodes with the KV-cache generator, greedy or sampled
+as the task's do_sample, temperature, top_k and top_p say, cut at its `until` strings. Requests
+are tokenized as the harness's HF backend tokenizes them (BOS where the tokenizer's convention
+adds it; a context's trailing spaces moved to the continuation; contexts truncated on the left to
 `max_length`), so an exported model scored by that backend gets the same loglikelihoods.
 """
 
@@ -35,6 +36,7 @@ from cpt_jax.generation import generate_ids
 from cpt_jax.models import Llama, ModelSpec, params_of, spec
 
 BUCKET = 64  # rows are padded to a multiple of this many tokens: one compile per bucket
+SAMPLING = {"temperature": float, "top_k": int, "top_p": float}  # what generate_until samples with
 
 
 class Scorer:
@@ -127,6 +129,21 @@ def score_rows(score: Callable[[np.ndarray, np.ndarray], tuple[np.ndarray, np.nd
     return out
 
 
+def sampling_kwargs(gen_kwargs: dict) -> dict:
+    """`generate_ids`' sampling arguments from a task's generation_kwargs as the harness normalises
+    them (without until and max_gen_toks): greedy unless do_sample, as its HF backend decodes; then
+    temperature, top_k (absent: all tokens) and top_p (absent: 1). Anything else is refused rather
+    than ignored."""
+    unknown = sorted(set(gen_kwargs) - {"do_sample", *SAMPLING})
+    if unknown:
+        raise ValueError(f"generation_kwargs {unknown} are not supported by cpt_jax's generate_until (it takes "
+                         f"until, max_gen_toks, do_sample, {', '.join(SAMPLING)})")
+    if not gen_kwargs.get("do_sample"):
+        return {"temperature": 0.0}
+    given = {k: gen_kwargs[k] for k in SAMPLING if gen_kwargs.get(k) is not None}
+    return {k: SAMPLING[k](v) for k, v in given.items()}
+
+
 @functools.cache  # one class, defined once the harness is importable
 def _jax_lm_class() -> type:
     try:  # optional heavy dependency (the [eval] extra), imported where the harness is used
@@ -197,17 +214,17 @@ def _jax_lm_class() -> type:
             groups: dict[str, list[int]] = {}
             for i, req in enumerate(requests):
                 groups.setdefault(json.dumps(req.args[1], sort_keys=True, default=str), []).append(i)
-            eos = self.tok.decode([self.tok.eos_id])
+            eos, stops = self.tok.decode([self.tok.eos_id]), [self.tok.eos_id]
             for members in groups.values():
                 kwargs = normalize_gen_kwargs(dict(requests[members[0]].args[1]), 256)
                 until = handle_stop_sequences(kwargs.pop("until", None), eos=eos)
                 new = int(kwargs.pop("max_gen_toks"))
-                temperature = float(kwargs.get("temperature", 0.0)) if kwargs.get("do_sample") else 0.0
+                sampling = sampling_kwargs(kwargs)
                 for start in range(0, len(members), self.batch_size):
                     batch = members[start:start + self.batch_size]
                     prompts = [self.tok_encode(requests[i].args[0], left_truncate_len=self.max_length - new)
                                for i in batch]
-                    for i, ids in zip(batch, generate_ids(model, prompts, new, temperature, eos_id=self.tok.eos_id)):
+                    for i, ids in zip(batch, generate_ids(model, prompts, new, **sampling, stop_ids=stops)):
                         text = self.tok.decode([t for t in ids if t != self.tok.eos_id])
                         for stop in until:
                             text = text.split(stop)[0] if stop else text

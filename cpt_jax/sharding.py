@@ -13,6 +13,7 @@ so configs written before it keep their meaning.
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Sequence
 
@@ -23,6 +24,10 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 CONTEXT = "context"
 MESH_AXES = ("data", "fsdp", "tensor", CONTEXT)
+# Logical axes whose replication costs compute as well as memory (every device computes every
+# head): param_shardings warns when a mesh axis that would split them does not divide them.
+WARN_REPLICATED = ("heads", "kv_heads")
+log = logging.getLogger("cpt_jax")
 
 # logical name -> mesh axes it may be split over, in order.
 RULES: dict[str, tuple[str, ...]] = {
@@ -111,11 +116,32 @@ def constrain(x: jax.Array, axes: Sequence[str | None]) -> jax.Array:
 
 
 def param_shardings(abstract_params, axes, mesh: Mesh):
-    """NamedShardings for a pure dict of parameters, from the matching pure dict of logical axes."""
+    """NamedShardings for a pure dict of parameters, from the matching pure dict of logical axes.
+    Attention heads that a mesh axis does not divide are replicated over it, with a warning."""
+    _warn_replicated(abstract_params, axes, mesh)
     return jax.tree.map(
         lambda p, a: NamedSharding(mesh, logical_spec(a, p.shape, mesh)), abstract_params, axes,
         is_leaf=lambda x: hasattr(x, "shape"),
     )
+
+
+def _warn_replicated(abstract_params, axes, mesh: Mesh) -> None:
+    """One warning per WARN_REPLICATED axis that its mesh axes would split but do not divide."""
+    found: dict[str, tuple[int, str | tuple[str, ...]]] = {}
+
+    def visit(p, a) -> None:
+        fitted, wanted = logical_spec(a, p.shape, mesh), logical_spec(a, None, mesh)
+        for i, name in enumerate(a):
+            if name in WARN_REPLICATED and fitted[i] != wanted[i]:
+                found[name] = (p.shape[i], wanted[i])
+
+    jax.tree.map(visit, abstract_params, axes, is_leaf=lambda x: hasattr(x, "shape"))
+    for name, (n, over) in sorted(found.items()):
+        over = over if isinstance(over, tuple) else (over,)
+        size = math.prod(mesh.shape[m] for m in over)
+        log.warning("model %s=%d is not a multiple of the mesh's %s axis (%d devices): the attention weights of "
+                    "those heads are replicated over it, and each of its devices computes all %d; a mesh.shape "
+                    "whose %s axis divides %d splits them", name, n, "x".join(over), size, n, "x".join(over), n)
 
 
 def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:

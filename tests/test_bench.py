@@ -1,10 +1,11 @@
 """bench/train_step.py runs for real on CPU and reports MFU by the issue's formula, checked here
-against a hand count of the FLOPs."""
+against a hand count of the FLOPs; bench/replay.py runs."""
 
 from __future__ import annotations
 
 import json
 import os
+import runpy
 import subprocess
 import sys
 
@@ -51,3 +52,11 @@ def test_mfu_formula_reproduces_the_pytorch_bar(size, flops, bar_tokens_per_s, b
     cfg = model_config(size, 32000)
     assert flops_per_token(cfg, 2048) == flops
     assert bar_tokens_per_s * flops / 989e12 == pytest.approx(bar_mfu, abs=0.005)
+
+
+def test_replay_bench_times_the_bootstrap(capsys):
+    main = runpy.run_path(os.path.join(ROOT, "bench", "replay.py"))["main"]
+    assert main(["--resamples", "20"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert (out["points"], out["resamples"], out["resamples_fitted"]) == (20, 20, 20)
+    assert out["critical_interval"][0] <= out["critical_ratio"] <= out["critical_interval"][1]

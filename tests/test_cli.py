@@ -25,6 +25,7 @@ ENTRY_POINTS = {  # module or bench script -> exactly the flags its --help lists
     "bench/data.py": {"rows", "steps"},
     "bench/freeze_memory.py": {"size", "vocab_size", "old_vocab", "batch_size", "seq_len"},
     "bench/harness.py": {"src", "requests", "batch_size"},
+    "bench/replay.py": {"resamples"},
     "bench/scaling.py": set(),
     "bench/tpu_slices.py": {"out", "sizes", "generations", "table"},
     "bench/train_step.py": {"sizes", "vocab_size", "seq_len", "batch_size", "grad_accum", "dtype", "attention",

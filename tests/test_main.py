@@ -58,6 +58,26 @@ def test_bad_input_as_a_user_sees_it(tmp_path):
     assert not (tmp_path / "run").exists()
 
 
+def test_a_workdir_resumes_another_config_only_with_allow_config_change(tmp_path, capsys):
+    """Refused with its differing fields named and nothing written; with --allow_config_change the
+    run resumes from its checkpoint under the new config."""
+    args = ["--workdir", str(tmp_path), *SMALL, "--config.checkpoint_every=2", "--config.eval_every=2",
+            "--config.log_every=2", "--config.data.eval_batches=1"]
+    assert main([*args, "--config.total_steps=2"]) == 0
+    changed = [*args, "--config.total_steps=4", "--config.optimizer.peak_lr=0.001"]
+    before = _snapshot(tmp_path)
+    capsys.readouterr()
+    assert main(changed) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"config error: workdir {tmp_path} was made by a different config (optimizer.peak_lr: 0.003 -> 0.001; "
+        "total_steps: 2 -> 4); use another workdir, or --allow_config_change to resume it anyway")
+    assert _snapshot(tmp_path) == before
+    assert main([*changed, "--allow_config_change"]) == 0
+    assert f"resumed {tmp_path} at step 2" in capsys.readouterr().err
+    assert [r["step"] for r in records(tmp_path) if "train/loss" in r][-1] == 4
+    assert json.loads((tmp_path / "config.json").read_text())["optimizer"]["peak_lr"] == 0.001
+
+
 def test_demo_prints_its_table_from_the_runs(tmp_path, capsys):
     args = ["--workdir", str(tmp_path), "--config", "configs/demo.py", "--config.runs.english.total_steps=8",
             "--config.runs.cpt.total_steps=4", "--config.runs.scratch.total_steps=4", "--config.eval_every=2",

@@ -17,7 +17,7 @@ from flax import nnx
 from cpt_jax import checks
 from cpt_jax.errors import ConfigError
 from cpt_jax.models import SIZES, ModelConfig, flops_per_token, init_params, model_config, spec
-from cpt_jax.models.llama import apply_rope, rope_tables
+from cpt_jax.models.rope import apply_rope, rope_tables
 from helpers import small_config
 
 VOCAB = 97  # odd and not a multiple of anything in the 'test' size

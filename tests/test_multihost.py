@@ -15,7 +15,7 @@ import textwrap
 
 import numpy as np
 import pytest
-from jax._src import hardware_utils
+from jax._src import clusters, hardware_utils
 
 from cpt_jax import distributed
 
@@ -51,12 +51,37 @@ def test_a_cloud_tpu_vm_joins_by_jax_detection(monkeypatch):
     monkeypatch.setattr(distributed.jax.config, "update", lambda *a: None)
     monkeypatch.delenv("TPU_WORKER_HOSTNAMES", raising=False)
     monkeypatch.delenv("SLURM_JOB_ID", raising=False)
+    monkeypatch.delenv("JAX_COORDINATOR_BIND_ADDRESS", raising=False)
     distributed.initialize()
     assert calls == []  # no TPU here, no flags: one process
-    # A TPU VM's chips on the PCI bus (what JAX's start-up counts); no GKE variables: the metadata server's job
+    # A TPU VM's chips on the PCI bus (what JAX's start-up counts); worker 0's address, as JAX's
+    # detection reads it from the metadata server
     monkeypatch.setattr(hardware_utils, "num_available_tpu_chips_and_device_id", lambda: (4, None))
+    monkeypatch.setattr(clusters.ClusterEnv, "auto_detect_unset_distributed_params",
+                        lambda *args: ("10.0.0.2:8476", 4, 1, None))
     distributed.initialize()
-    assert calls == [{}]  # jax.distributed.initialize() finds the workers itself
+    # jax.distributed.initialize() finds the rest itself; the coordinator listens on its own address only
+    assert calls == [{"coordinator_address": "10.0.0.2:8476", "coordinator_bind_address": "10.0.0.2:8476"}]
+
+
+def test_the_coordinator_listens_on_its_own_address_only(monkeypatch):
+    """JAX's coordinator service, unauthenticated, listens on every interface (`[::]:PORT`) unless
+    told where: it is bound to the coordinator's address, given or detected (SLURM's first node);
+    JAX_COORDINATOR_BIND_ADDRESS still says otherwise."""
+    calls = []
+    monkeypatch.setattr(distributed.jax.distributed, "initialize", lambda **kw: calls.append(kw))
+    monkeypatch.setattr(distributed.jax.config, "update", lambda *a: None)
+    monkeypatch.delenv("JAX_COORDINATOR_BIND_ADDRESS", raising=False)
+    distributed.initialize("127.0.0.1:1234", 2, 0)
+    assert calls.pop()["coordinator_bind_address"] == "127.0.0.1:1234"
+    for var, value in {"SLURM_JOB_ID": "4096", "SLURM_NTASKS": "2", "SLURM_STEP_NODELIST": "node[001-002]",
+                       "SLURM_PROCID": "0", "SLURM_LOCALID": "0"}.items():
+        monkeypatch.setenv(var, value)
+    distributed.initialize()
+    assert calls.pop() == {"coordinator_address": "node001:61440", "coordinator_bind_address": "node001:61440"}
+    monkeypatch.setenv("JAX_COORDINATOR_BIND_ADDRESS", "[::]:61440")
+    distributed.initialize()
+    assert calls.pop() == {"coordinator_address": "node001:61440"}  # JAX reads the variable
 
 
 SCRIPT = textwrap.dedent("""\

@@ -81,7 +81,8 @@ def test_skipped_bad_documents_reach_the_manifests_and_every_runs_log(tmp_path, 
     d.bad_documents = "error"
     with pytest.raises(ValueError, match=rf"web\.jsonl: invalid UTF-8 at byte {byte} \(line 11\)$"):
         pipeline.build(d, seq_len=64, workers=1)
-    assert not (tmp_path / "data").exists()  # both fail before anything is written
+    # both fail before anything is written: at most the (private) data dir itself, empty
+    assert not (tmp_path / "data").exists() or not [p for p in (tmp_path / "data").rglob("*") if p.is_file()]
 
     d.bad_documents = "skip"
     line = (f"skipped 2 bad documents of source web: {path}: line 11 (invalid UTF-8 at byte {byte}), "
@@ -131,6 +132,18 @@ def test_mixture_stages_from_config(tmp_path):
     d.stages, d.target = (), "fr"
     with pytest.raises(ValueError, match="data.target"):
         pipeline.mixture_stages(d, 1000)
+
+
+def test_a_stage_replaces_the_mixture_before_it(tmp_path):
+    """docs/data.md's example: three weighted sources, then a stage given as a replay ratio, which
+    is target + replay alone (the third source leaves at the switch)."""
+    d = _dcfg(tmp_path, zh={"kind": "bible", "lang": "zh"}, en={"kind": "bible", "lang": "en"},
+              bible_en={"kind": "bible", "lang": "en"})
+    d.target, d.replay = "zh", "en"
+    d.weights = {"zh": 0.9, "en": 0.07, "bible_en": 0.03}
+    d.stages = ((0.1, 0.05),)
+    assert pipeline.mixture_stages(d, total_steps=1000) == [
+        (0, {"zh": 0.9, "en": 0.07, "bible_en": 0.03}), (100, {"zh": 0.95, "en": 0.05, "bible_en": 0.0})]
 
 
 def test_bad_sources_name_the_field(tmp_path):

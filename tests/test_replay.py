@@ -1,8 +1,6 @@
 """The forgetting law with replay: its critical ratio, fits recovering known constants, bootstrap
 intervals, and target loss compared at equal target tokens."""
 
-import time
-
 import numpy as np
 import pytest
 
@@ -46,9 +44,7 @@ def test_noisy_fit_recovers_constants_and_bootstrap_covers_the_critical_ratio():
     assert fit.K == pytest.approx(0.8, rel=0.05) and abs(fit.kappa - 0.3) < 0.03
     assert fit.r0 == pytest.approx(0.02, rel=0.3) and abs(fit.rho - 1.2) < 0.15
     assert 0.025 < fit.rmse < 0.075  # about the noise's sd, in log rise
-    start = time.perf_counter()
-    b = rp.bootstrap(R, D, rise, epsilon=0.1, at_tokens=8e6, n=200)
-    assert time.perf_counter() - start < 10
+    b = rp.bootstrap(R, D, rise, epsilon=0.1, at_tokens=8e6, n=200)  # its time: bench/replay.py
     assert b["fit"] == fit and b["n_used"] == 200
     assert b["critical"] == rp.critical_ratio(fit, 8e6, 0.1)
     lo, hi = b["critical_interval"]

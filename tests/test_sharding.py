@@ -1,6 +1,7 @@
 """The same training on 1 device and on 8-device meshes: equal losses and params, real shardings."""
 
 import functools
+import logging
 
 import jax
 import ml_collections
@@ -97,6 +98,22 @@ def test_indivisible_dimension_stays_replicated():
         jax.sharding.PartitionSpec(None, None, None)
     assert sharding.logical_spec(("embed", "heads", "head_dim"), (64, 8, 16), mesh) == \
         jax.sharding.PartitionSpec(None, "tensor", None)
+
+
+@pytest.mark.parametrize("shape,warned", [((1, 1, 8), ["heads=4", "kv_heads=2"]), ((1, 2, 4), ["kv_heads=2"]),
+                                          ((1, 4, 2), [])])
+def test_heads_the_tensor_axis_does_not_divide_are_replicated_with_a_warning(shape, warned, caplog):
+    """The 'test' size has 4 heads and 2 kv heads: a warning names each kind the mesh's tensor axis
+    cannot split, and those weights are replicated as it says."""
+    model_spec = models.spec(models.model_config("test", VOCAB))
+    with caplog.at_level(logging.WARNING, "cpt_jax"):
+        shardings = sharding.param_shardings(model_spec.abstract_params, model_spec.axes,
+                                             sharding.make_mesh(shape, jax.devices()))
+    assert [r.getMessage().split()[1] for r in caplog.records] == warned
+    assert all(f"mesh's tensor axis ({shape[2]} devices)" in r.getMessage() for r in caplog.records)
+    layers = shardings["layers"]
+    assert (layers["q"].spec[2], layers["o"].spec[1]) == ((None, None) if "heads=4" in warned else ("tensor",) * 2)
+    assert layers["k"].spec[2] == (None if "kv_heads=2" in warned else "tensor")
 
 
 @pytest.mark.parametrize("shape,msg", [((3, 1, 1), "does not divide"), ((2, 2, 1), "uses 4 devices"),

@@ -78,6 +78,17 @@ def read_all(spec: SourceSpec, data_dir) -> dict[str, list[str]]:
     return {s: split.texts(0, len(split)) for s, split in splits.items()}
 
 
+def content_hash_by_hand(text: str) -> int:
+    return int.from_bytes(hashlib.blake2b(text.encode("utf-8"), digest_size=8).digest(), "big")
+
+
+def held_out_by_hand(docs: list[str], eval_fraction: float) -> list[str]:
+    """The documents a files source holds out, in order: those whose content hash is below
+    eval_fraction of 2**64 or, where none is, those with the lowest hash."""
+    below = [d for d in docs if content_hash_by_hand(d) < eval_fraction * 2**64]
+    return below or [d for d in docs if content_hash_by_hand(d) == min(map(content_hash_by_hand, docs))]
+
+
 def prepared_files(data_dir: Path) -> dict[str, int]:
     """Every file of the prepared datasets -> its mtime."""
     return {str(p): p.stat().st_mtime_ns for p in (data_dir / "tfds").rglob("*") if p.is_file()}
@@ -130,10 +141,9 @@ def test_files_round_trip(tmp_path, fmt):
     spec = files_spec(write_source(tmp_path / "src", fmt))
     prepare(spec, tmp_path / "data")
     got = read_all(spec, tmp_path / "data")
-    # Disjoint, together exactly the documents, each split in file order.
-    assert got["eval"] and not set(got["train"]) & set(got["eval"])
+    # The documents held out by their content, the others for training, each split in file order.
+    assert got["eval"] == held_out_by_hand(DOCS, 0.01)
     assert got["train"] == [d for d in DOCS if d not in got["eval"]]
-    assert got["eval"] == [d for d in DOCS if d in got["eval"]]
 
 
 def test_text_field_and_explicit_format(tmp_path):
@@ -148,7 +158,7 @@ def test_split_is_fixed_and_prepared_data_is_reused(tmp_path):
     prepare(spec, tmp_path / "a")
     before = prepared_files(tmp_path / "a")
     first = read_all(spec, tmp_path / "a")
-    assert 4 <= len(first["eval"]) <= 14  # about 20% of 40
+    assert first["eval"] == held_out_by_hand(DOCS, 0.2) and 0 < len(first["eval"]) < len(DOCS)
 
     prepare(spec, tmp_path / "a")  # reused: not one file rewritten
     assert prepared_files(tmp_path / "a") == before
@@ -182,7 +192,7 @@ def test_duplicates_share_a_split_and_tiny_sources_hold_out_one(tmp_path):
     spec = files_spec(str(tmp_path / "two.txt"))
     prepare(spec, tmp_path / "data")
     got = read_all(spec, tmp_path / "data")
-    assert len(got["train"]) == len(got["eval"]) == 1
+    assert got["eval"] == held_out_by_hand(["first", "second"], 0.01) and len(got["train"]) == 1
 
 
 def bad_utf8_txt(d: Path) -> str:
@@ -513,10 +523,6 @@ def test_tfds_source_reads_a_prepared_dataset(tmp_path):
                    "eval": [d for d, e in zip(expected["train"], low) if e]}
     assert read_all(held, tmp_path / "unused") == got
     assert fingerprint(held) == fingerprint(held) != fingerprint(with_eval)
-
-
-def content_hash_by_hand(text: str) -> int:
-    return int.from_bytes(hashlib.blake2b(text.encode("utf-8"), digest_size=8).digest(), "big")
 
 
 def test_tfds_source_holds_out_every_copy_of_a_document(tmp_path):

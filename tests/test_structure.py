@@ -3,6 +3,7 @@ body), and every config field declares its kinds beside its default."""
 
 import ast
 import pathlib
+import re
 import subprocess
 import sys
 
@@ -126,9 +127,32 @@ def test_every_config_field_declares_its_kinds():
     assert not set(config.fields(config.RESUME)) & set(config.fields(config.BRANCH))
 
 
+def test_the_docs_list_every_config_field_with_its_default():
+    """docs/running.md's reference table is config.reference() itself: it cannot drift from the code."""
+    text = (pathlib.Path(__file__).parent.parent / "docs" / "running.md").read_text()
+    begin, end = "<!-- config reference: begin -->\n", "\n<!-- config reference: end -->"
+    assert text[text.index(begin) + len(begin):text.index(end)] == config.reference()
+    rows = config.reference().splitlines()[2:]
+    assert [r.split("`")[1] for r in rows] == list(config._flat_fields(config._declared()))
+    assert "| `optimizer.peak_lr` | `0.0002` | in a branch |" in config.reference()  # the paper's 2e-4
+
+
 def test_the_loader_and_its_old_name_in_a_fresh_notebook():
     """`import cpt_jax` then `cpt_jax.load`, and the old `cpt_jax.models.load`, as a fresh
     interpreter sees them (the package imports nothing heavy until asked)."""
     code = ("import sys, cpt_jax; assert 'jax' not in sys.modules; assert cpt_jax.models.load is cpt_jax.load; "
             "from cpt_jax.inference import load; assert load is cpt_jax.load")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=PACKAGE.parent, timeout=120)
+
+
+def test_every_extra_the_docs_name_is_one_setup_py_defines():
+    """`pip install -e '.[a,b]'` in the README and docs/ installs what it says (TensorBoard once had none)."""
+    tree = ast.parse((PACKAGE.parent / "setup.py").read_text())
+    extras = next(k.value for node in ast.walk(tree) if isinstance(node, ast.Call)
+                  for k in node.keywords if k.arg == "extras_require")
+    defined = {key.value for key in extras.keys}
+    root = PACKAGE.parent
+    docs = [root / "README.md", *(root / "docs").rglob("*.md"), *(root / "launch").rglob("*")]
+    named = {name for path in docs if path.is_file()
+             for group in re.findall(r"\.\[([a-z0-9_,-]+)\]", path.read_text()) for name in group.split(",")}
+    assert "tensorboard" in named and named <= defined, sorted(named - defined)

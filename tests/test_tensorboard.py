@@ -3,6 +3,7 @@ TFRecord framing parsed here, CRCs checked with tensorboardX's crc32c, each reco
 protobuf classes."""
 
 import glob
+import json
 import math
 import os
 import re
@@ -59,7 +60,8 @@ def test_metric_writer_events_end_to_end(tmp_path):
     w.close()
     assert scalars(events) == [("eval/zh/loss", 0, 5.5), ("train/loss", 10, 4.25),
                                ("train/lr", 10, float(np.float32(3e-4)))]
-    assert [len(line) > 0 for line in open(tmp_path / "metrics.jsonl")] == [True, True]
+    assert [json.loads(line) for line in open(tmp_path / "metrics.jsonl")] == [
+        {"step": 0, "eval/zh/loss": 5.5}, {"step": 10, "train/loss": 4.25, "train/lr": 3e-4}]
 
 
 def test_metric_writer_imports_neither_tensorboardx_nor_torch(tmp_path):

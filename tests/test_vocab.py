@@ -3,10 +3,15 @@ converted model continued by the main job with `model.size="init_from"`."""
 
 import json
 
+import gguf
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import sentencepiece as spm
+import torch
+import transformers
+from sentencepiece import sentencepiece_model_pb2 as pb
 
 import cpt_jax
 from cpt_jax import convert, inference, models
@@ -43,9 +48,6 @@ def test_sentencepiece_extension_keeps_old_rows_and_old_text(english_model, tmp_
 
 def gguf_vocabulary(tok, path):
     """`tok` as llama.cpp writes a sentencepiece vocabulary into a GGUF, read back by the importer."""
-    import gguf
-    from sentencepiece import sentencepiece_model_pb2 as pb
-
     m = pb.ModelProto.FromString(tok.files["tokenizer.model"])
     w = gguf.GGUFWriter(str(path), "llama")
     w.add_tokenizer_model("llama")
@@ -117,7 +119,12 @@ def test_main_continues_an_extended_model_and_load_reads_the_run(english_model, 
     model, tok = inference.load(str(tmp_path / "run"))
     _, ext_tok = inference.load(ext)
     assert tok.fingerprint == ext_tok.fingerprint and model.cfg.vocab_size == ext_tok.vocab_size
-    assert isinstance(cpt_jax.generate(model, tok, "起初，神创造天地。", max_new_tokens=3), str)
+    # Greedy decoding by hand, a whole forward pass per token (no cache): what generate must give.
+    prompt, new = tok.encode("起初，神创造天地。"), []
+    while len(new) < 3 and tok.eos_id not in new:
+        new.append(int(np.argmax(np.asarray(model(jnp.asarray([prompt + new])))[0, -1])))
+    assert cpt_jax.generate(model, tok, "起初，神创造天地。", max_new_tokens=3) == tok.decode(
+        [t for t in new if t != tok.eos_id])
 
 
 def test_init_from_size_needs_init_from(tmp_path, capsys):
@@ -127,9 +134,6 @@ def test_init_from_size_needs_init_from(tmp_path, capsys):
 
 
 def test_sentencepiece_models_export_to_an_equivalent_tokenizer_json(english_model, bible, tmp_path):
-    import torch
-    import transformers
-
     ext = str(tmp_path / "ext")
     extend_vocab(english_model, ext, base().data, "zh", 4000)  # appended pieces must merge last, as in sentencepiece
     convert.export_model(ext, str(tmp_path / "hf"))

@@ -1,7 +1,8 @@
 """Pretrained weights in and out: HF safetensors and GGUF -> a cpt_jax checkpoint, and back to HF.
 
 A converted model is a directory laid out like a run's workdir (cpt_jax.rundir), so `init_from`,
-`cpt_jax.load` and `export` read it as they read any run: step 0 of `checkpoints/` holds the params
+`cpt_jax.load` and `export` read it as they read any run (`cpt_jax.load` also reads an HF dir or a
+GGUF file itself, in memory: `read_pretrained`): step 0 of `checkpoints/` holds the params
 and a meta with the architecture and the source's config.json, `tokenizer/` the tokenizer the
 weights speak (tokenizer.json or .model).
 
@@ -30,9 +31,9 @@ from cpt_jax import checkpoint, dtypes, rundir
 from cpt_jax.convert import hf, safetensors
 from cpt_jax.convert.gguf import GGUFFile
 from cpt_jax.data.corpora import default_cache_dir
-from cpt_jax.data.tokenizer import HF_CONFIG_FILE, HF_FILE, SP_FILE, load_tokenizer
-from cpt_jax.inference import load
+from cpt_jax.data.tokenizer import HF_CONFIG_FILE, HF_FILE, SP_FILE, TokenizerLike, load_tokenizer
 from cpt_jax.models import ModelConfig, params_of
+from cpt_jax.restore import read_model
 from cpt_jax.storage import atomic_path, exclusive, sha256
 
 log = logging.getLogger(__name__)
@@ -149,9 +150,27 @@ def save_model(dst: str | os.PathLike, cfg: ModelConfig, params: dict, tokenizer
         tokenizer.save(layout.tokenizer)
 
 
-def import_model(src: str, dst: str) -> ModelConfig:
-    """HF dir (config.json + safetensors) or a .gguf file (or a BUNDLED name) -> `dst`."""
-    check_destination(dst)
+@dataclasses.dataclass(frozen=True)
+class Pretrained:
+    """A pretrained model read into memory: what import writes, and what `cpt_jax.load` returns."""
+
+    cfg: ModelConfig
+    params: dict  # float32, on the default device
+    tokenizer: TokenizerLike
+    hf_config: dict
+    source: str  # the file or dir it was read from
+
+
+def is_pretrained(path: str) -> bool:
+    """Whether `path` is what import reads: a .gguf file, or a dir with config.json and safetensors."""
+    if os.path.isfile(path):
+        return path.endswith(".gguf")
+    return os.path.isfile(os.path.join(path, "config.json")) and any(
+        os.path.isfile(os.path.join(path, name)) for name in (safetensors.SINGLE, safetensors.INDEX))
+
+
+def read_pretrained(src: str) -> Pretrained:
+    """An HF dir (config.json + safetensors) or a .gguf file (or a BUNDLED name), in memory."""
     src = resolve_source(src)
     if os.path.isfile(src) and src.endswith(".gguf"):
         f = GGUFFile(src)
@@ -164,8 +183,7 @@ def import_model(src: str, dst: str) -> ModelConfig:
         config_file = os.path.join(src, "config.json")
         if not os.path.isfile(config_file):
             raise FileNotFoundError(f"{config_file} is missing: an HF model dir needs it")
-        with open(config_file) as fh:
-            hf_config = json.load(fh)
+        hf_config = safetensors.json_file(config_file)
         cfg = hf.config_from_hf(hf_config, config_file)
         tokenizer = load_tokenizer(src)
         reader = safetensors.SafetensorsReader(src)
@@ -177,9 +195,16 @@ def import_model(src: str, dst: str) -> ModelConfig:
                          f"{cfg.vocab_size}")
     # Each array goes to the device as it is finished: one float32 copy of the model in memory.
     params = hf.params_from_hf(cfg, get, list(names), src, place=jax.device_put)
-    save_model(dst, cfg, params, tokenizer, hf_config=hf_config, converted_from=os.path.abspath(src))
-    log.info("imported %s -> %s: %s params, vocab %d", src, dst, f"{cfg.param_count():,}", cfg.vocab_size)
-    return cfg
+    return Pretrained(cfg, params, tokenizer, hf_config, os.path.abspath(src))
+
+
+def import_model(src: str, dst: str) -> ModelConfig:
+    """HF dir (config.json + safetensors) or a .gguf file (or a BUNDLED name) -> `dst`."""
+    check_destination(dst)
+    p = read_pretrained(src)
+    save_model(dst, p.cfg, p.params, p.tokenizer, hf_config=p.hf_config, converted_from=p.source)
+    log.info("imported %s -> %s: %s params, vocab %d", src, dst, f"{p.cfg.param_count():,}", p.cfg.vocab_size)
+    return p.cfg
 
 
 def export_model(src: str, dst: str, dtype: str = "float32", step: int | None = None) -> list[str]:
@@ -189,7 +214,7 @@ def export_model(src: str, dst: str, dtype: str = "float32", step: int | None = 
     if dtype not in dtypes.FLOATS:
         raise ValueError(f"--dtype {dtype!r} must be one of {', '.join(dtypes.FLOATS)}")
     np_dtype = dtypes.FLOATS[dtype]
-    model, tokenizer = load(src, step)
+    model, tokenizer = read_model(src, step)
     cfg = model.cfg
     meta = rundir.RunDir.of(src).meta(step)
     params = jax.tree.map(np.asarray, params_of(model))

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import re
 
@@ -24,9 +25,9 @@ import numpy as np
 import tokenizers
 from tokenizers import pre_tokenizers
 
-from cpt_jax.convert.hf import FAMILIES
+from cpt_jax.convert.hf import FAMILIES, KINDS, short
 from cpt_jax.data.tokenizer import HFTokenizer, SentencePieceTokenizer
-from cpt_jax.models.llama import rope_frequencies
+from cpt_jax.models.rope import rope_frequencies
 
 log = logging.getLogger(__name__)
 
@@ -109,6 +110,29 @@ class _BoundedReader(gguf.GGUFReader):
                              f"({self.data.size} bytes), in or after field {last}")
         return super()._get(offset, dtype, count, override_order)
 
+    def _build_tensors(self, start_offs: int, fields: list) -> None:
+        """Each tensor's name, type, element count and data range checked (in Python integers,
+        which do not wrap) before the plain reader maps its data."""
+        for field in fields:
+            _, name, _, dims, raw_type, offset = field.parts
+            name = bytes(name).decode("utf-8", "backslashreplace")
+            try:
+                block, size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType(int(raw_type[0]))]
+            except (ValueError, KeyError):
+                raise ValueError(f"tensor {name}: type {int(raw_type[0])} is not a GGML type") from None
+            n = math.prod(int(d) for d in dims)
+            if n % block:
+                raise ValueError(f"tensor {name}: {n} elements are not whole blocks of {block}")
+            begin = start_offs + int(offset[0])
+            end = begin + n // block * size
+            if end > self.data.size:
+                raise ValueError(f"tensor {name}: data [{begin}, {end}) runs past the end of the file "
+                                 f"({self.data.size} bytes)")
+        super()._build_tensors(start_offs, fields)
+
+
+_MISSING = object()
+
 
 class GGUFFile:
     def __init__(self, path: str):
@@ -118,37 +142,59 @@ class GGUFFile:
         except (ValueError, KeyError, IndexError) as e:  # the gguf package's own errors for bad headers
             raise ValueError(f"{path}: malformed GGUF header: {e}") from None
         self.tensors = {t.name: t for t in self.reader.tensors}
-        self.arch = self.field("general.architecture")
+        self.arch = self.field("general.architecture", kind="str")
         if self.arch not in ARCHITECTURES:
             raise ValueError(f"{path}: general.architecture={self.arch!r} is not supported; supported: "
                              f"{', '.join(ARCHITECTURES)}")
         self.gemma = self.arch.startswith("gemma")
 
-    def field(self, name: str, default=None):
+    def field(self, name: str, default=_MISSING, kind: str = "size"):
+        """The metadata value `name`, which must be a `kind` (of hf.KINDS); `default` where the file
+        has none, and without a default it must have one. Else ValueError naming the file and key."""
         f = self.reader.fields.get(name)
-        return default if f is None else f.contents()
+        if f is None:
+            if default is _MISSING:
+                raise ValueError(f"{self.path}: metadata {name} is missing")
+            return default
+        try:
+            value = f.contents()
+        except (ValueError, IndexError) as e:  # a string that is not UTF-8, a type with no value
+            raise ValueError(f"{self.path}: metadata {name} is unreadable ({e})") from None
+        said, ok = KINDS[kind]
+        if not ok(value):
+            raise ValueError(f"{self.path}: metadata {name}={short(value)} is not {said}")
+        return value
+
+    def token_id(self, role: str, tokens: list[str]) -> int | None:
+        """The id of the `role` ("bos", "eos", "unknown", "padding") token, if the file names one."""
+        name = f"tokenizer.ggml.{role}_token_id"
+        i = self.field(name, None, "int")
+        if i is not None and not 0 <= i < len(tokens):
+            raise ValueError(f"{self.path}: metadata {name}={i} is not a token of the {len(tokens)} in "
+                             f"tokenizer.ggml.tokens")
+        return i
 
     def hf_config(self) -> dict:
         """The HF config.json this file's metadata describes."""
-        g = lambda key, default=None: self.field(f"{self.arch}.{key}", default)  # noqa: E731
-        heads = g("attention.head_count")
+        g = lambda key, default=_MISSING, kind="size": self.field(f"{self.arch}.{key}", default, kind)  # noqa: E731
+        heads, hidden = g("attention.head_count"), g("embedding_length")
+        tokens = self.field("tokenizer.ggml.tokens", kind="strings")
         c = {
             "architectures": [ARCHITECTURES[self.arch]], "model_type": FAMILIES[ARCHITECTURES[self.arch]][0],
-            "vocab_size": len(self.field("tokenizer.ggml.tokens")), "hidden_size": g("embedding_length"),
+            "vocab_size": len(tokens), "hidden_size": hidden,
             "intermediate_size": g("feed_forward_length"), "num_hidden_layers": g("block_count"),
             "num_attention_heads": heads, "num_key_value_heads": g("attention.head_count_kv", heads),
-            "head_dim": g("attention.key_length") or g("embedding_length") // heads,
-            "rms_norm_eps": g("attention.layer_norm_rms_epsilon"), "rope_theta": g("rope.freq_base", 10000.0),
-            "max_position_embeddings": g("context_length", 4096),
+            "head_dim": g("attention.key_length", 0, "int") or hidden // heads,
+            "rms_norm_eps": g("attention.layer_norm_rms_epsilon", kind="number"),
+            "rope_theta": g("rope.freq_base", 10000.0, "number"), "max_position_embeddings": g("context_length", 4096),
             **({} if self.gemma else {"hidden_act": "silu"}),
             "tie_word_embeddings": "output.weight" not in self.tensors,
             "attention_bias": "blk.0.attn_q.bias" in self.tensors,
-            "bos_token_id": self.field("tokenizer.ggml.bos_token_id"),
-            "eos_token_id": self.field("tokenizer.ggml.eos_token_id"),
+            "bos_token_id": self.token_id("bos", tokens), "eos_token_id": self.token_id("eos", tokens),
         }
-        scaling = g("rope.scaling.type", "none")
+        scaling = g("rope.scaling.type", "none", "str")
         if scaling == "linear":
-            c["rope_scaling"] = {"rope_type": "linear", "factor": g("rope.scaling.factor")}
+            c["rope_scaling"] = {"rope_type": "linear", "factor": g("rope.scaling.factor", kind="number")}
         elif scaling != "none":
             raise ValueError(f"{self.path}: {self.arch}.rope.scaling.type={scaling!r} is not supported; supported: "
                              f"linear")
@@ -158,14 +204,11 @@ class GGUFFile:
             c["rope_scaling"] = llama3_scaling(factors, c["head_dim"], c["rope_theta"], context, self.path)
         if self.gemma:
             c.update(self._gemma(g, c))
-        missing = [k for k, v in c.items() if v is None and not k.endswith(("token_id", "softcapping"))]
-        if missing:
-            raise ValueError(f"{self.path}: metadata for {missing[0]} is missing")
         return c
 
     def _gemma(self, g, c: dict) -> dict:
         """The Gemma fields of the config: window, windowed layers, soft-caps, attention scale."""
-        pattern = g("attention.sliding_window_pattern", 2 if self.arch == "gemma2" else 6)
+        pattern = g("attention.sliding_window_pattern", 2 if self.arch == "gemma2" else 6, "window pattern")
         layers = c["num_hidden_layers"]
         if isinstance(pattern, list):  # newer llama.cpp: one flag per layer, true where windowed
             types = ["sliding_attention" if p else "full_attention" for p in pattern]
@@ -173,10 +216,10 @@ class GGUFFile:
             types = ["full_attention" if (i + 1) % pattern == 0 else "sliding_attention" for i in range(layers)]
         out = {"sliding_window": g("attention.sliding_window"), "layer_types": types,
                "query_pre_attn_scalar": c["head_dim"], "hidden_activation": "gelu_pytorch_tanh",
-               "attn_logit_softcapping": g("attn_logit_softcapping"),
-               "final_logit_softcapping": g("final_logit_softcapping")}
+               "attn_logit_softcapping": g("attn_logit_softcapping", None, "number"),
+               "final_logit_softcapping": g("final_logit_softcapping", None, "number")}
         if self.arch == "gemma3":
-            out["rope_local_base_freq"] = g("rope.freq_base_swa", GEMMA3_LOCAL_THETA)
+            out["rope_local_base_freq"] = g("rope.freq_base_swa", GEMMA3_LOCAL_THETA, "number")
         return out
 
     def hf_names(self) -> dict[str, str]:
@@ -200,18 +243,31 @@ class GGUFFile:
         a = a.reshape(tuple(int(d) for d in reversed(t.shape)))
         for proj, n in (("q_proj", heads), ("k_proj", kv_heads)):
             if self.arch == "llama" and f"self_attn.{proj}." in hf_name:  # undoes convert_hf_to_gguf.py's permute
+                if a.shape[0] % (2 * n):
+                    raise ValueError(f"{self.path}: tensor {gguf_name} has {a.shape[0]} rows, not pairs of rows for "
+                                     f"each of {n} heads")
                 a = a.reshape(n, a.shape[0] // n // 2, 2, *a.shape[1:]).swapaxes(1, 2).reshape(a.shape)
         if self.gemma and hf_name.endswith("norm.weight"):
             a = a - 1.0
         return a
 
+    def per_token(self, name: str, tokens: list[str], default, kind: str) -> list:
+        """An array of one value per token (`default` for each where the file has none)."""
+        values = self.field(name, [default] * len(tokens), kind)
+        if len(values) != len(tokens):
+            raise ValueError(f"{self.path}: metadata {name} has {len(values)} values for {len(tokens)} tokens")
+        return values
+
     def tokenizer(self):
         """The file's tokenizer: byte-level BPE ("gpt2") as an HF tokenizer.json, sentencepiece
         ("llama") as a sentencepiece model."""
-        kind = self.field("tokenizer.ggml.model")
-        tokens = self.field("tokenizer.ggml.tokens")
-        types = self.field("tokenizer.ggml.token_type") or [1] * len(tokens)
-        special = {role: self.field(f"tokenizer.ggml.{role}_token_id") for role in ("bos", "eos", "unknown", "padding")}
+        kind = self.field("tokenizer.ggml.model", kind="str")
+        tokens = self.field("tokenizer.ggml.tokens", kind="strings")
+        types = self.per_token("tokenizer.ggml.token_type", tokens, 1, "ints")
+        if any(not 1 <= k <= 6 for k in types):  # sentencepiece's piece types, which GGUF copies
+            raise ValueError(f"{self.path}: metadata tokenizer.ggml.token_type holds {max(types, key=abs)}, not a "
+                             f"piece type (1-6)")
+        special = {role: self.token_id(role, tokens) for role in ("bos", "eos", "unknown", "padding")}
         if kind == "gpt2":
             return self._byte_level_bpe(tokens, types, special)
         if kind == "llama":
@@ -219,19 +275,26 @@ class GGUFFile:
         raise ValueError(f"{self.path}: tokenizer.ggml.model={kind!r} is not supported; supported: gpt2, llama")
 
     def _byte_level_bpe(self, tokens, types, special) -> HFTokenizer:
-        pre = self.field("tokenizer.ggml.pre", "default")
+        pre = self.field("tokenizer.ggml.pre", "default", "str")
         if pre not in PRE_TOKENIZERS:
             log.warning("%s: tokenizer.ggml.pre=%r is unknown here; splitting text as GPT-2 does", self.path, pre)
-        merges = [tuple(m.split(" ", 1)) for m in self.field("tokenizer.ggml.merges")]
-        tok = tokenizers.Tokenizer(tokenizers.models.BPE({t: i for i, t in enumerate(tokens)}, merges,
-                                                         ignore_merges=pre in ("llama3", "llama-bpe", "llama-v3")))
+        merges = [tuple(m.split(" ", 1)) for m in self.field("tokenizer.ggml.merges", kind="strings")]
+        bad = next((i for i, m in enumerate(merges) if len(m) != 2), None)
+        if bad is not None:
+            raise ValueError(f"{self.path}: metadata tokenizer.ggml.merges[{bad}]={merges[bad][0]!r} is not two pieces")
+        try:
+            model = tokenizers.models.BPE({t: i for i, t in enumerate(tokens)}, merges,
+                                          ignore_merges=pre in ("llama3", "llama-bpe", "llama-v3"))
+        except Exception as e:  # noqa: BLE001  (tokenizers raises a plain Exception for a vocabulary it refuses)
+            raise ValueError(f"{self.path}: metadata tokenizer.ggml.merges: {e}") from None
+        tok = tokenizers.Tokenizer(model)
         tok.pre_tokenizer = pre_tokenizers.Sequence(
             [pre_tokenizers.Split(tokenizers.Regex(r), behavior="isolated") for r in PRE_TOKENIZERS.get(pre, [_GPT2])]
             + [pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
         tok.decoder = tokenizers.decoders.ByteLevel()
         tok.add_special_tokens([tokenizers.AddedToken(t, special=True, normalized=False)
                                 for t, k in zip(tokens, types) if k == 3])
-        config = {"add_bos_token": bool(self.field("tokenizer.ggml.add_bos_token", False))}
+        config = {"add_bos_token": self.field("tokenizer.ggml.add_bos_token", False, "bool")}
         for role, name in (("bos", "bos"), ("eos", "eos"), ("unknown", "unk"), ("padding", "pad")):
             if special[role] is not None:
                 config[f"{name}_token"] = tokens[special[role]]
@@ -240,7 +303,7 @@ class GGUFFile:
     def _sentencepiece(self, tokens, types, special) -> SentencePieceTokenizer:
         from sentencepiece import sentencepiece_model_pb2 as pb
 
-        scores = self.field("tokenizer.ggml.scores") or [0.0] * len(tokens)
+        scores = self.per_token("tokenizer.ggml.scores", tokens, 0.0, "numbers")
         m = pb.ModelProto()
         for t, s, k in zip(tokens, scores, types):
             # Gemma's files spell its whitespace-run pieces with spaces; sentencepiece matches
@@ -256,11 +319,12 @@ class GGUFFile:
             if i is not None:  # sentencepiece finds its special tokens by piece
                 setattr(m.trainer_spec, f"{name}_piece", m.pieces[i].piece)
         m.normalizer_spec.name = "identity"
-        m.normalizer_spec.add_dummy_prefix = bool(self.field("tokenizer.ggml.add_space_prefix", True))
+        m.normalizer_spec.add_dummy_prefix = self.field("tokenizer.ggml.add_space_prefix", True, "bool")
         m.normalizer_spec.remove_extra_whitespaces = False
         m.normalizer_spec.escape_whitespaces = True
         # llama.cpp prepends BOS to a sentencepiece vocabulary unless the file says not to.
-        return SentencePieceTokenizer(m.SerializeToString(), bool(self.field("tokenizer.ggml.add_bos_token", True)))
+        return SentencePieceTokenizer(m.SerializeToString(), self.field("tokenizer.ggml.add_bos_token", True, "bool"),
+                                      source=f"{self.path} (tokenizer)")
 
 
 def is_gguf(path: str) -> bool:

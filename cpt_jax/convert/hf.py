@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from cpt_jax.models import ModelConfig, spec
+from cpt_jax.models import ModelConfig, rope, spec
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +38,67 @@ FAMILIES = {  # HF architecture -> (model_type, fixed fields, variable fields it
 }
 ARCHITECTURES = list(FAMILIES)
 ACTIVATIONS = {"silu": "silu", "gelu_pytorch_tanh": "gelu_tanh", "gelu_tanh": "gelu_tanh"}  # HF name -> ours
+
+# What a value read from a file must be, by kind: (how an error says it, test). Checked before
+# anything computes with it, so a malformed file ends in one error naming the field.
+KINDS = {
+    "size": ("a positive integer", lambda v: type(v) is int and v > 0),
+    "int": ("an integer", lambda v: type(v) is int),
+    "number": ("a number", lambda v: type(v) in (int, float)),
+    "bool": ("true or false", lambda v: type(v) is bool),
+    "str": ("a string", lambda v: type(v) is str),
+    "object": ("an object", lambda v: type(v) is dict),
+    "strings": ("an array of strings", lambda v: type(v) is list and all(type(x) is str for x in v)),
+    "numbers": ("an array of numbers", lambda v: type(v) is list and all(type(x) in (int, float) for x in v)),
+    "ints": ("an array of integers", lambda v: type(v) is list and all(type(x) is int for x in v)),
+    "window pattern": ("a positive integer or an array of booleans",
+                       lambda v: (type(v) is int and v > 0) or (type(v) is list and all(type(x) is bool for x in v))),
+}
+# The config.json fields import reads, by kind (null or absent: the default); those it cannot do without.
+CONFIG_KINDS = {
+    "architectures": "strings", "vocab_size": "size", "hidden_size": "size", "intermediate_size": "size",
+    "num_hidden_layers": "size", "num_attention_heads": "size", "num_key_value_heads": "size", "head_dim": "int",
+    "rms_norm_eps": "number", "tie_word_embeddings": "bool", "hidden_act": "str", "hidden_activation": "str",
+    "mlp_bias": "bool", "attention_bias": "bool", "use_bidirectional_attention": "bool", "rope_theta": "number",
+    "rope_local_base_freq": "number", "rope_scaling": "object", "rope_parameters": "object", "sliding_window": "int",
+    "use_sliding_window": "bool", "max_window_layers": "int", "sliding_window_pattern": "size",
+    "layer_types": "strings", "query_pre_attn_scalar": "number", "attn_logit_softcapping": "number",
+    "final_logit_softcapping": "number",
+}
+REQUIRED = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
+# The fields of a rope_scaling (or rope_parameters, also per layer type) that import reads.
+ROPE_KINDS = {"rope_type": "str", "type": "str", "rope_theta": "number", "factor": "number",
+              "low_freq_factor": "number", "high_freq_factor": "number", "original_max_position_embeddings": "size"}
+
+
+def short(value: Any) -> str:
+    """A value as an error quotes it: a long array by its first items and length."""
+    if isinstance(value, list) and len(value) > 4:
+        return f"[{', '.join(map(repr, value[:3]))}, ... ({len(value)} items)]"
+    return repr(value)
+
+
+def check_config(c: Any, source: str) -> None:
+    """config.json's fields that import reads, each of its kind (CONFIG_KINDS, ROPE_KINDS), and
+    the REQUIRED ones present; else one ValueError naming the field."""
+    if not isinstance(c, dict):
+        raise ValueError(f"{source}: not a JSON object")
+    missing = next((f for f in REQUIRED if c.get(f) is None), None)
+    if missing:
+        raise ValueError(f"{source}: {missing} is missing")
+    given = [(f, c[f], kind) for f, kind in CONFIG_KINDS.items() if c.get(f) is not None]
+    for f in ("rope_scaling", "rope_parameters"):
+        rope = c.get(f)
+        if not isinstance(rope, dict):
+            continue
+        parts = [(f, rope)] + [(f"{f}.{k}", v) for k, v in rope.items() if f == "rope_parameters" and type(v) is dict]
+        given += [(f"{name}.{k}", part[k], kind) for name, part in parts for k, kind in ROPE_KINDS.items()
+                  if part.get(k) is not None]
+    for field, value, kind in given:
+        said, ok = KINDS[kind]
+        if not ok(value):
+            raise ValueError(f"{source}: {field}={short(value)} is not {said}")
+
 
 # Layout kinds: how one of our arrays (per layer) relates to the HF tensor.
 COPY, LINEAR, IN_HEADS, OUT_HEADS, FLAT = "copy", "linear", "in_heads", "out_heads", "flat"
@@ -108,8 +169,9 @@ def layer_tensors(cfg: ModelConfig) -> list[tuple[str, str, str]]:
 
 
 def config_from_hf(c: dict, source: str) -> ModelConfig:
-    """The ModelConfig of an HF config.json; anything this model cannot reproduce is refused,
-    naming the field."""
+    """The ModelConfig of an HF config.json; anything malformed (`check_config`) or that this
+    model cannot reproduce is refused, naming the field."""
+    check_config(c, source)
     archs = c.get("architectures") or []
     arch = next((a for a in archs if a in FAMILIES), None)
     if arch is None:
@@ -128,7 +190,7 @@ def config_from_hf(c: dict, source: str) -> ModelConfig:
         refuse("attention_bias", "o_proj has no bias; q/k/v biases are Qwen2's")
     if c.get("use_bidirectional_attention"):
         refuse("use_bidirectional_attention", "the model is a causal LM")
-    full_rope, local_theta = rope(c, refuse)
+    full_rope, local_theta = rope_from_hf(c, refuse)
     window, full_layers = sliding_window(c, arch, refuse)
     softcaps = {"attn_softcap": c.get("attn_logit_softcapping"), "final_softcap": c.get("final_logit_softcapping")}
     heads = c["num_attention_heads"]
@@ -143,15 +205,15 @@ def config_from_hf(c: dict, source: str) -> ModelConfig:
             sliding_window=window, full_attention_layers=full_layers, **fixed,
             **{k: v for k, v in extra.items() if k in variable},
         )
-    except KeyError as e:
-        raise ValueError(f"{source}: config.json has no {e.args[0]}") from None
     except ValueError as e:
         raise ValueError(f"{source}: {e}") from None
 
 
-def rope(c: dict, refuse: Callable) -> tuple[dict, float]:
+def rope_from_hf(c: dict, refuse: Callable) -> tuple[dict, float]:
     """(rope_theta and rope_scaling of the full-attention layers, the windowed layers' own theta
-    or 0). transformers v5 moves rope_theta into `rope_parameters`, per layer type for Gemma 3."""
+    or 0). transformers v5 moves rope_theta into `rope_parameters`, per layer type for Gemma 3.
+    The scaling is made whole as transformers standardises it: what it would read from
+    max_position_embeddings is written into it, so the model computes from it alone."""
     params = dict(c.get("rope_parameters") or {})
     local_theta = 0.0
     if "full_attention" in params:  # Gemma 3: {"full_attention": {...}, "sliding_attention": {...}}
@@ -165,13 +227,21 @@ def rope(c: dict, refuse: Callable) -> tuple[dict, float]:
     theta = c.get("rope_theta", params.pop("rope_theta", 10000.0))
     scaling = dict(c.get("rope_scaling") or params)
     scaling.pop("rope_theta", None)
-    rope_type = scaling.pop("type", None) or scaling.get("rope_type")
-    if rope_type in (None, "default"):
+    scaling["rope_type"] = scaling.pop("type", None) or scaling.get("rope_type") or "default"
+    kind = scaling["rope_type"]
+    if kind == "default":
         scaling = {}
-    elif rope_type in ("linear", "llama3"):
-        scaling["rope_type"] = rope_type
-    else:
-        refuse("rope_scaling", f"rope_type {rope_type!r}; supported: linear, llama3")
+    elif kind in ("llama3", "yarn", "longrope"):  # a top-level original length wins (Phi-3's)
+        scaling["original_max_position_embeddings"] = (c.get("original_max_position_embeddings") or scaling.get(
+            "original_max_position_embeddings") or c.get("max_position_embeddings"))
+    elif kind == "dynamic":  # it rescales past max_position_embeddings
+        scaling["original_max_position_embeddings"] = c.get("max_position_embeddings")
+    if kind in ("yarn", "longrope") and scaling.get("factor") is None and c.get("max_position_embeddings"):
+        scaling["factor"] = c["max_position_embeddings"] / scaling["original_max_position_embeddings"]
+    try:
+        rope.check(scaling, None)  # longrope's factors are counted against head_dim by ModelConfig
+    except ValueError as e:
+        refuse("rope_scaling" if "rope_scaling" in c else "rope_parameters", str(e))
     return {"rope_theta": float(theta), "rope_scaling": tuple(scaling.items())}, local_theta
 
 
@@ -247,6 +317,10 @@ def config_to_hf(cfg: ModelConfig, base: dict | None = None) -> dict:
         "hidden_activation" if arch.startswith("Gemma") else "hidden_act":
             {"silu": "silu", "gelu_tanh": "gelu_pytorch_tanh"}[cfg.activation],
     })
+    # The scaling holds its original length; a top-level one (Phi-3's) would override it in transformers.
+    c.pop("original_max_position_embeddings", None)
+    if c["rope_scaling"] and c["rope_scaling"]["rope_type"] == "dynamic":  # its original length, where HF reads it
+        c["max_position_embeddings"] = c["rope_scaling"].pop("original_max_position_embeddings")
     types = ["sliding_attention" if w else "full_attention" for w in cfg.windowed()]
     if "full_attention_layers" in variable:
         c["layer_types"] = types

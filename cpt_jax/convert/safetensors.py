@@ -12,9 +12,12 @@ import os
 import struct
 from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
 import ml_dtypes
 import numpy as np
+
+from cpt_jax.storage import parse_json
 
 SINGLE = "model.safetensors"
 INDEX = "model.safetensors.index.json"
@@ -33,20 +36,16 @@ def _header(path: Path) -> tuple[dict, int]:
         (n,) = struct.unpack("<Q", raw)
         if n > os.path.getsize(path) - 8:
             raise ValueError(f"{path} is not a safetensors file (header length {n} past the end)")
-        header = _json(path, f.read(n))
+        header = parse_json(f.read(n), path)
     if not isinstance(header, dict):
         raise ValueError(f"{path}: the header is not a JSON object")
     header.pop("__metadata__", None)
     return header, 8 + n
 
 
-def _json(path: Path, text: str | bytes):
-    """Parsed JSON, or one ValueError naming the file (a deeply nested document would raise
-    RecursionError)."""
-    try:
-        return json.loads(text)
-    except (ValueError, RecursionError) as e:
-        raise ValueError(f"{path}: malformed JSON: {type(e).__name__}: {str(e)[:200]}") from None
+def json_file(path: str | os.PathLike) -> Any:
+    """A model dir's JSON file (config.json, the index), parsed; malformed: one ValueError naming it."""
+    return parse_json(Path(path).read_bytes(), path)
 
 
 def _check_tensors(path: Path, header: dict, start: int, size: int) -> None:
@@ -83,7 +82,7 @@ class SafetensorsReader:
     def __init__(self, directory: str | os.PathLike):
         directory = Path(directory)
         if (directory / INDEX).is_file():
-            weight_map = _json(directory / INDEX, (directory / INDEX).read_bytes())
+            weight_map = json_file(directory / INDEX)
             weight_map = weight_map.get("weight_map") if isinstance(weight_map, dict) else None
             if not isinstance(weight_map, dict):
                 raise ValueError(f"{directory / INDEX}: no weight_map object")

@@ -32,7 +32,8 @@ from cpt_jax.data.tokenizer import (
     SentencePieceTokenizer,
     TokenizerLike,
 )
-from cpt_jax.models import load, params_of
+from cpt_jax.models import params_of
+from cpt_jax.restore import read_model
 
 log = logging.getLogger(__name__)
 
@@ -119,7 +120,7 @@ def extend_vocab(src: str, dst: str, dcfg: ml_collections.ConfigDict, source: st
     specs = pipeline.source_specs(dcfg)
     if source not in specs:
         raise ValueError(f"--source {source!r} is not one of the config's data.sources: {', '.join(specs)}")
-    model, old = load(src)
+    model, old = read_model(src)
     if old is None:
         raise ValueError(f"{src} has no tokenizer dir to extend")
     root = pipeline.data_dir(dcfg)

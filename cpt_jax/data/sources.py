@@ -53,6 +53,7 @@ from typing import Any
 import numpy as np
 import tensorflow_datasets as tfds
 
+from cpt_jax.data import tfds_features
 from cpt_jax.data.builders.bible import EVAL_FRACTION as BIBLE_EVAL_FRACTION
 from cpt_jax.data.builders.bible import Bible
 from cpt_jax.data.builders.text_files import (
@@ -258,6 +259,10 @@ def _prepared_tfds(spec: SourceSpec) -> tfds.core.DatasetBuilder:
     builder code, so no catalog imports and no downloads), checked for our use."""
     where = f"data.sources.{spec.name}"
     data_dir = spec.data_dir or tfds.core.constants.DATA_DIR
+    try:
+        tfds_features.check(data_dir, spec.tfds_name)  # before TFDS imports what its files name
+    except ValueError as e:
+        raise ValueError(f"{where}: {e}") from None
     try:
         builder = tfds.core.read_only_builder.builder_from_files(spec.tfds_name, data_dir=data_dir)
     except tfds.core.DatasetNotFoundError:

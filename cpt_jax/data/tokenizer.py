@@ -29,7 +29,7 @@ import sentencepiece as spm
 import tokenizers
 from etils import epath
 
-from cpt_jax.storage import atomic_path, write_atomic
+from cpt_jax.storage import atomic_path, parse_json, write_atomic
 
 PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
 
@@ -96,6 +96,14 @@ def load_tokenizer(path: str | os.PathLike) -> TokenizerLike:
                      f"or a directory containing one of {HF_FILE}, {SP_FILE}, {BYTES_FILE}")
 
 
+def _config(text: str, where: str | os.PathLike) -> dict:
+    """A tokenizer_config.json's fields; malformed: one ValueError naming it."""
+    config = parse_json(text, where)
+    if not isinstance(config, dict):
+        raise ValueError(f"{where}: not a JSON object")
+    return config
+
+
 def _save_files(directory: str | os.PathLike, files: Mapping[str, bytes]) -> epath.Path:
     for name, content in files.items():
         write_atomic(os.path.join(str(directory), name), content)  # local or gs://
@@ -106,9 +114,12 @@ class SentencePieceTokenizer:
     """A sentencepiece model; `add_bos`: the model's convention (a GGUF's add_bos_token, kept in a
     tokenizer_config.json beside the .model), none for one trained here."""
 
-    def __init__(self, model_proto: bytes, add_bos: bool = False):
+    def __init__(self, model_proto: bytes, add_bos: bool = False, source: str = SP_FILE):
         self._proto = model_proto
-        self._sp = spm.SentencePieceProcessor(model_proto=model_proto)
+        try:
+            self._sp = spm.SentencePieceProcessor(model_proto=model_proto)
+        except RuntimeError as e:  # the library's errors do not say which file
+            raise ValueError(f"{source}: not a valid sentencepiece model: {str(e).splitlines()[0]}") from None
         self.fingerprint: str = hashlib.sha256(model_proto).hexdigest()[:16]
         self.vocab_size: int = self._sp.get_piece_size()
         # sentencepiece reports a disabled special token as -1.
@@ -123,8 +134,8 @@ class SentencePieceTokenizer:
     def load(cls, path: str | os.PathLike) -> SentencePieceTokenizer:
         path = epath.Path(path)
         config = path.parent / HF_CONFIG_FILE
-        add_bos = bool(json.loads(config.read_text()).get("add_bos_token", False)) if config.is_file() else False
-        return cls(path.read_bytes(), add_bos)
+        add_bos = bool(_config(config.read_text(), config).get("add_bos_token", False)) if config.is_file() else False
+        return cls(path.read_bytes(), add_bos, source=str(path))
 
     def encode(self, text: str) -> list[int]:
         return self._sp.encode(text)
@@ -169,7 +180,7 @@ class HFTokenizer:
         self._tok.no_truncation()
         self._tok.no_padding()
         self.vocab_size: int = self._tok.get_vocab_size(with_added_tokens=True)
-        config = json.loads(config_json) if config_json is not None else {}
+        config = _config(config_json, f"{HF_CONFIG_FILE} beside {source}") if config_json is not None else {}
         ids = {role: self._special_id(role, config, source) for role in SPECIAL_TOKEN_NAMES}
         if ids["eos"] is None:
             raise ValueError(f"{source}: no EOS token found: none of the special tokens "
@@ -192,9 +203,11 @@ class HFTokenizer:
         if key in config:  # an explicit null means the model has none (e.g. Qwen's BOS)
             token = config[key]
             if isinstance(token, dict):
-                token = token["content"]
+                token = token.get("content")
             if token is None:
                 return None
+            if not isinstance(token, str):
+                raise ValueError(f"{source}: {key}={token!r} from {HF_CONFIG_FILE} is not a token")
             token_id = self._tok.token_to_id(token)
             if token_id is None:
                 raise ValueError(f"{source}: {key}={token!r} from {HF_CONFIG_FILE} is not in the vocabulary")

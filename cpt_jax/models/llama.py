@@ -13,7 +13,6 @@ depend on `scan_layers` (the scan-vs-unrolled mismatch is a known pitfall of oth
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import NamedTuple
 
 import jax
@@ -21,7 +20,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from cpt_jax import dtypes, sharding
-from cpt_jax.models import attention, context_parallel, cross_entropy
+from cpt_jax.models import attention, context_parallel, cross_entropy, rope
 
 QK_NORMS = ("", "head", "proj")
 NORMS = ("pre", "sandwich", "post")
@@ -47,7 +46,7 @@ class ModelConfig:
     kv_heads: int
     head_dim: int = 0  # 0: hidden // heads
     rope_theta: float = 10000.0
-    # HF `rope_scaling` as sorted (key, value) pairs; rope_type "linear" or "llama3" (Llama 3.1+).
+    # HF `rope_scaling` as sorted (key, value) pairs: a rope_type of models.rope.TYPES and its keys.
     rope_scaling: tuple = ()
     norm_eps: float = 1e-5
     tie_embeddings: bool = False
@@ -102,10 +101,11 @@ class ModelConfig:
         if self.attn_softcap and self.attention == "cudnn":
             raise ValueError(f"model.attention='cudnn' has no attention soft-capping (attn_softcap="
                              f"{self.attn_softcap}); use auto, xla or splash")
-        scaling = tuple(sorted((str(k), v) for k, v in dict(self.rope_scaling).items()))
-        object.__setattr__(self, "rope_scaling", scaling)
-        if scaling and dict(scaling).get("rope_type") not in ("linear", "llama3"):
-            raise ValueError(f"model rope_scaling={dict(scaling)} is not supported: rope_type must be linear or llama3")
+        object.__setattr__(self, "rope_scaling", rope.canonical(self.rope_scaling))
+        try:
+            rope.check(dict(self.rope_scaling), self.head_dim)
+        except ValueError as e:
+            raise ValueError(f"model rope_scaling={dict(self.rope_scaling)}: {e}") from None
 
     @classmethod
     def from_dict(cls, d: dict) -> ModelConfig:
@@ -196,37 +196,6 @@ def rms_norm(x: jax.Array, weight: jax.Array, eps: float, offset: float = 0.0, a
     return (y * (offset + weight)).astype(x.dtype)
 
 
-def rope_frequencies(head_dim: int, theta: float, scaling: tuple = ()) -> jax.Array:
-    """Inverse frequencies [head_dim // 2], with HF's "linear" or "llama3" scaling applied."""
-    inv_freq = 1.0 / theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim)
-    s = dict(scaling)
-    if s.get("rope_type") == "linear":
-        return inv_freq / s["factor"]
-    if s.get("rope_type") == "llama3":
-        # Long wavelengths are divided by `factor`, short ones kept, the band between interpolated.
-        factor, low, high = s["factor"], s["low_freq_factor"], s["high_freq_factor"]
-        context = s["original_max_position_embeddings"]
-        wavelen = 2 * math.pi / inv_freq
-        scaled = jnp.where(wavelen > context / low, inv_freq / factor, inv_freq)
-        smooth = (context / wavelen - low) / (high - low)
-        medium = (wavelen >= context / high) & (wavelen <= context / low)
-        return jnp.where(medium, (1 - smooth) * scaled / factor + smooth * scaled, scaled)
-    return inv_freq
-
-
-def rope_tables(positions: jax.Array, head_dim: int, theta: float, scaling: tuple = ()) -> tuple[jax.Array, jax.Array]:
-    """cos/sin of shape [batch, seq, head_dim // 2] for the half-rotation (HF LLaMA) layout."""
-    angles = positions.astype(jnp.float32)[..., None] * rope_frequencies(head_dim, theta, scaling)
-    return jnp.cos(angles), jnp.sin(angles)
-
-
-def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
-    """x: [batch, seq, heads, head_dim]; rotates the two halves of head_dim (HF convention)."""
-    x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
-    cos, sin = cos[:, :, None, :], sin[:, :, None, :]
-    return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
-
-
 class Block(nnx.Module):
     """One transformer layer: attention, then the gated MLP, each a residual branch normed as
     `cfg.norms` says."""
@@ -259,9 +228,9 @@ class Block(nnx.Module):
         self.up = _param(rngs, (d, f), ("embed", "mlp"), std)
         self.down = _param(rngs, (f, d), ("mlp", "embed"), std)
 
-    def __call__(self, x: jax.Array, rope: tuple, windowed: jax.Array | bool, cache: tuple | None = None,
+    def __call__(self, x: jax.Array, tables: tuple, windowed: jax.Array | bool, cache: tuple | None = None,
                  segment_ids: jax.Array | None = None) -> tuple[jax.Array, tuple | None]:
-        """`rope`: (cos, sin) of the full-attention layers, then of the windowed ones; `windowed`
+        """`tables`: RoPE's (cos, sin) of the full-attention layers, then of the windowed ones; `windowed`
         (traced when the layers are scanned): whether this layer attends within the sliding window.
         `cache` (decoding only): (k [b, slots, kv_heads, head_dim], v, index, full-attention mask
         [b, t, slots], windowed mask); this step's keys and values are written at slot `index`.
@@ -285,9 +254,9 @@ class Block(nnx.Module):
         if cfg.qk_norm:
             axes = 2 if cfg.qk_norm == "proj" else 1
             q, k = norm(q, self.q_norm, axes), norm(k, self.k_norm, axes)
-        cos, sin = pick(*rope)
-        q = sharding.constrain(apply_rope(q, cos, sin), ("batch", "length", "heads", "head_dim"))
-        k = sharding.constrain(apply_rope(k, cos, sin), ("batch", "length", "kv_heads", "head_dim"))
+        cos, sin = pick(*tables)
+        q = sharding.constrain(rope.apply_rope(q, cos, sin), ("batch", "length", "heads", "head_dim"))
+        k = sharding.constrain(rope.apply_rope(k, cos, sin), ("batch", "length", "kv_heads", "head_dim"))
         scale = (cfg.query_pre_attn_scalar or cfg.head_dim) ** -0.5
         if cache is None:
             a = context_parallel.causal_attention(q, k, v, cfg.kernel(q.shape[1])[0], segment_ids, cfg.sliding_window,
@@ -343,6 +312,10 @@ class KVCache(NamedTuple):
 class Llama(nnx.Module):
     """Decoder-only LM: tokens [batch, seq] -> logits [batch, seq, vocab] (float32)."""
 
+    # The token that ended the documents these weights were trained on, where a loader knows it
+    # (a run's data framing): generation stops there as at the tokenizer's EOS.
+    document_end: int | None = None
+
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
         self.cfg = cfg
         self.embed = _param(rngs, (cfg.vocab_size, cfg.hidden), ("vocab", "embed"), cfg.init_std)
@@ -368,8 +341,9 @@ class Llama(nnx.Module):
                 positions = jnp.maximum(slots[None, :] - cache.start[:, None], 0)
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
-        rope = rope_tables(positions, cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
-        local_rope = rope_tables(positions, cfg.head_dim, cfg.local_rope_theta) if cfg.local_rope_theta else rope
+        tables = local_tables = rope.rope_tables(positions, cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
+        if cfg.local_rope_theta:  # Gemma 3's windowed layers: their own theta, unscaled
+            local_tables = rope.rope_tables(positions, cfg.head_dim, cfg.local_rope_theta)
         # Gather, then cast: the backward pass then sums a token's occurrences into its float32 row
         # (cast first, a frequent token's row would be a long sum in the compute dtype).
         x = self.embed[...][tokens].astype(cfg.dtype)
@@ -383,7 +357,7 @@ class Llama(nnx.Module):
 
         def layer(x, xs):
             params, kv, windowed_i = xs
-            return nnx.merge(graphdef, params)(x, (rope, local_rope), windowed[0] if uniform else windowed_i,
+            return nnx.merge(graphdef, params)(x, (tables, local_tables), windowed[0] if uniform else windowed_i,
                                                None if kv is None else (*kv, cache.index, *masks), segment_ids)
 
         if cfg.remat != "none":

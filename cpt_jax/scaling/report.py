@@ -609,7 +609,8 @@ def start_of_cpt(plan: dict, curves: dict, sweep_dir: str) -> dict:
 
 def start_section(start: dict, plan: dict, sweep_dir: str) -> list[str]:
     if not start["target"]:
-        return []
+        return ["## Start of CPT", "", "No CPT run of this sweep has evals over its first steps (`dense_evals`): the "
+                "stability gap (finding 5) is not judged.", ""]
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     for i, n in enumerate(start["target"]):
         for ax, key in zip(axes, ("target", "source")):
