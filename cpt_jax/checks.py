@@ -47,6 +47,10 @@ def check_config(config: ml_collections.ConfigDict, devices=None) -> jax.shardin
     _check_eval_tasks(config)
     if config.init_from_optimizer and not config.init_from:
         raise ConfigError("init_from_optimizer=True takes the optimizer state of init_from, which is not set")
+    bucket = config.eval_position_bucket
+    if not (isinstance(bucket, int) and 0 <= bucket < config.seq_len):
+        raise ConfigError(f"eval_position_bucket={bucket!r} must be an integer in [0, seq_len={config.seq_len}): "
+                          f"positions per bucket of the held-out loss by position, 0 for none")
     if config.nonfinite not in ("stop", "skip"):
         raise ConfigError(f"nonfinite={config.nonfinite!r} must be stop or skip")
     if config.data.packing not in PACKINGS:

