@@ -6,6 +6,8 @@
   python bench/train_step.py --sizes paper --batch_size 8 --remat dots_no_batch          # paper rows 49m..1393m
   python bench/train_step.py --sizes 5534m --compile_only                                # compile time and memory
   python bench/train_step.py --sizes tiny --seq_len 128 --batch_size 16 --packing documents   # the document mask's cost
+  python bench/train_step.py --sizes ref1100m --seq_len 131072 --batch_size 1 --mesh 1,1,1,8 --compile_only
+                                                                # a 128k row split over a context axis of 8
 
 It times the real train step of `cpt_jax.update.compile_steps` (jitted ahead of time over the mesh,
 state donated, bf16 compute with float32 params and AdamW state on accelerators, the platform's
@@ -52,7 +54,7 @@ flags.DEFINE_integer("loss_chunk", 256, "Positions per cross-entropy chunk; 0: p
 flags.DEFINE_bool("unrolled", False, "A Python loop over layers instead of scan.", flag_values=CLI.flags)
 flags.DEFINE_enum("packing", "concat", ["concat", "documents"], "How rows hold documents.", flag_values=CLI.flags)
 flags.DEFINE_integer("doc_len", 1000, "--packing documents: tokens per document (with EOS).", flag_values=CLI.flags)
-flags.DEFINE_list("mesh", ["-1", "1", "1"], "data,fsdp,tensor", flag_values=CLI.flags)
+flags.DEFINE_list("mesh", ["-1", "1", "1"], "data,fsdp,tensor[,context]", flag_values=CLI.flags)
 flags.DEFINE_integer("steps", 10, "Timed steps.", flag_values=CLI.flags)
 flags.DEFINE_integer("warmup", 2, "Untimed steps after compilation.", flag_values=CLI.flags)
 flags.DEFINE_float("peak_flops", 0.0, "Per device; default: the known peak of the device.", flag_values=CLI.flags)

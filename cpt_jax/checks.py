@@ -27,6 +27,7 @@ from cpt_jax.data import pipeline
 from cpt_jax.data.packing import BOS_CHOICES, PACKINGS
 from cpt_jax.data.tokenizer import MODEL_TYPES
 from cpt_jax.errors import ConfigError
+from cpt_jax.models import context_parallel
 from cpt_jax.rundir import RunDir
 
 
@@ -46,6 +47,10 @@ def check_config(config: ml_collections.ConfigDict, devices=None) -> jax.shardin
     _check_eval_tasks(config)
     if config.init_from_optimizer and not config.init_from:
         raise ConfigError("init_from_optimizer=True takes the optimizer state of init_from, which is not set")
+    bucket = config.eval_position_bucket
+    if not (isinstance(bucket, int) and 0 <= bucket < config.seq_len):
+        raise ConfigError(f"eval_position_bucket={bucket!r} must be an integer in [0, seq_len={config.seq_len}): "
+                          f"positions per bucket of the held-out loss by position, 0 for none")
     if config.nonfinite not in ("stop", "skip"):
         raise ConfigError(f"nonfinite={config.nonfinite!r} must be stop or skip")
     if config.data.packing not in PACKINGS:
@@ -65,9 +70,6 @@ def check_config(config: ml_collections.ConfigDict, devices=None) -> jax.shardin
         raise ConfigError(f"data.tokenizer.model_type={config.data.tokenizer.model_type!r}: must be one of {MODEL_TYPES}")
     if config.data.tokenizer.path and not epath.Path(config.data.tokenizer.path).exists():
         raise ConfigError(f"data.tokenizer.path={config.data.tokenizer.path!r} does not exist")
-    chunk = config.model.loss_chunk
-    if chunk and config.seq_len % min(chunk, config.seq_len):
-        raise ConfigError(f"model.loss_chunk={chunk} does not divide seq_len={config.seq_len}")
     if config.model.size == "init_from":
         if not (config.init_from or config.branch_from):
             raise ConfigError("model.size='init_from' takes the architecture of init_from, which is not set")
@@ -81,12 +83,29 @@ def check_config(config: ml_collections.ConfigDict, devices=None) -> jax.shardin
         mesh = sharding.make_mesh(config.mesh.shape, devices)
     except ValueError as e:
         raise ConfigError(str(e)) from None
+    _check_context(config, sharding.context_size(mesh))
     dp, accum = sharding.data_parallel_size(mesh), config.optimizer.grad_accum
     if config.batch_size % (dp * accum):
         raise ConfigError(
             f"batch_size={config.batch_size} is not divisible by data-parallel size {dp} "
             f"(mesh data x fsdp) x optimizer.grad_accum={accum}")
     return mesh
+
+
+def _check_context(config: ml_collections.ConfigDict, shards: int) -> None:
+    """The sequence splits over the context axis of the mesh (`shards` devices): evenly, with a
+    kernel that can attend across the split, into whole loss chunks."""
+    if config.seq_len % shards:
+        raise ConfigError(f"seq_len={config.seq_len} does not split over the context axis of mesh.shape="
+                          f"{tuple(config.mesh.shape)} ({shards} devices): it must be a multiple of {shards}")
+    if shards > 1 and config.model.attention not in context_parallel.KERNELS:
+        raise ConfigError(f"model.attention={config.model.attention!r} cannot attend across the context axis of "
+                          f"mesh.shape={tuple(config.mesh.shape)}: ring attention computes its blocks in XLA; use "
+                          f"{' or '.join(context_parallel.KERNELS)}")
+    local, chunk = config.seq_len // shards, config.model.loss_chunk
+    if chunk and local % min(chunk, local):
+        where = f"seq_len={config.seq_len}" if shards == 1 else f"the {local} positions per context shard"
+        raise ConfigError(f"model.loss_chunk={chunk} does not divide {where}")
 
 
 def check_run(config: ml_collections.ConfigDict, workdir: str, devices=None, allow_change: bool = False,

@@ -182,11 +182,15 @@ def _declared() -> SimpleNamespace:
     c.data.workers = field(1, RESUME)
 
     c.mesh = SimpleNamespace()
-    c.mesh.shape = field((-1, 1, 1), RESUME)  # (data, fsdp, tensor); one -1 fills the remaining devices
+    # (data, fsdp, tensor) or (data, fsdp, tensor, context); one -1 fills the remaining devices. context > 1
+    # splits each row's sequence over that many devices (ring attention; cpt_jax/models/context_parallel.py).
+    c.mesh.shape = field((-1, 1, 1), RESUME)
 
     c.log_every = field(10, RESUME)
     c.eval_every = field(100, RESUME)
     c.eval_steps = field((), RESUME)  # plus held-out losses at these steps (e.g. dense over a CPT run's start)
+    # > 0: the held-out losses also per bucket of this many positions (cpt_jax/positions.py); 0: none
+    c.eval_position_bucket = field(0, RESUME)
     # Downstream tasks of lm-evaluation-harness (the [eval] extra) run in the loop: names or groups
     # (cpt_jax.tasks: bible_next_verse, cpt_paper; or any harness task), logged as
     # eval/<task>/<metric>, before the first step, every eval_tasks_every steps (0: none between)

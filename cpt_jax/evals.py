@@ -8,13 +8,14 @@ from collections.abc import Sequence
 import jax
 import numpy as np
 
-from cpt_jax import harness, sharding, update
+from cpt_jax import harness, positions, sharding, update
 
 
 def heldout_losses(steps: update.Steps, params: dict, eval_sets: dict[str, np.ndarray], batch_size: int,
-                   max_batches: int = 0) -> dict[str, float]:
+                   max_batches: int = 0, position_bucket: int = 0) -> dict[str, float]:
     """Mean token loss over every held-out row of each source (rows [n, seq+1]; up to `max_batches`
-    batches, 0: all), as eval/<source>/loss; the last batch is padded with masked rows so nothing
+    batches, 0: all), as eval/<source>/loss, and with `position_bucket` > 0 over each bucket of
+    that many positions (`positions.key`); the last batch is padded with masked rows so nothing
     is dropped."""
     b, rows = batch_size, sharding.process_rows(steps.batch_sharding["tokens"], batch_size)
     out = {}
@@ -30,8 +31,10 @@ def heldout_losses(steps: update.Steps, params: dict, eval_sets: dict[str, np.nd
             chunk = np.concatenate([chunk, np.zeros((b - len(chunk), eval_rows.shape[1]), np.int32)])
             batch = sharding.to_device({"tokens": chunk[rows], "valid": valid[rows]}, steps.batch_sharding, b)
             sums.append(steps.eval(params, batch["tokens"], batch["valid"]))
-        total, count = np.sum(jax.device_get(sums), axis=0)
-        out[f"eval/{name}/loss"] = total / count
+        total, count = np.sum(jax.device_get(sums), axis=0, dtype=np.float64)  # [2, seq]
+        out[f"eval/{name}/loss"] = total.sum() / count.sum()
+        if position_bucket:
+            out |= positions.buckets(name, total, count, position_bucket)
     return out
 
 

@@ -19,7 +19,7 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 
-from cpt_jax import storage
+from cpt_jax import positions, storage
 from cpt_jax.tensorboard import EventWriter
 
 log = logging.getLogger("cpt_jax")
@@ -79,9 +79,10 @@ def log_line(step: int, total: int, scalars: dict, eta_s: float | None) -> str:
                    ("perf/tokens_per_sec", "{:,.0f} tok/s"), ("perf/mfu", "MFU {:.1%}")):
         if k in scalars:
             parts.append(fmt.format(scalars[k]))
-    # eval/en/loss as "en", eval/bible_next_verse_zh/acc as "bible_next_verse_zh/acc"
+    # eval/en/loss as "en", eval/bible_next_verse_zh/acc as "bible_next_verse_zh/acc"; losses by
+    # position only in the records
     parts += [f"{k.removeprefix('eval/').removesuffix('/loss')} {v:.4f}" for k, v in scalars.items()
-              if k.startswith("eval/")]
+              if k.startswith("eval/") and not positions.is_key(k)]
     if scalars.get("train/nonfinite_steps"):
         parts.append(f"{scalars['train/nonfinite_steps']:.0f} non-finite steps skipped")
     if eta_s is not None and math.isfinite(eta_s):

@@ -1,9 +1,14 @@
 """Device mesh and the one table that maps logical axis names to mesh axes.
 
 Parameters and key activations name their dimensions logically ("embed", "mlp", ...). `RULES` is
-the single place that decides how those names land on the mesh axes (data, fsdp, tensor). A
-dimension that a mesh axis does not divide stays replicated on that axis, so the same model runs
+the single place that decides how those names land on the mesh axes (data, fsdp, tensor, context).
+A dimension that a mesh axis does not divide stays replicated on that axis, so the same model runs
 on 1 device, on 8, or on a pod without edits.
+
+The context axis splits each row's sequence (context parallelism, for long rows): activations
+along "length" are sharded over it and attention passes keys and values around it
+(`models.context_parallel`). `mesh.shape` may leave it out: (data, fsdp, tensor) means context 1,
+so configs written before it keep their meaning.
 """
 
 from __future__ import annotations
@@ -17,7 +22,8 @@ import numpy as np
 from jax.experimental import mesh_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
-MESH_AXES = ("data", "fsdp", "tensor")
+CONTEXT = "context"
+MESH_AXES = ("data", "fsdp", "tensor", CONTEXT)
 # Logical axes whose replication costs compute as well as memory (every device computes every
 # head): param_shardings warns when a mesh axis that would split them does not divide them.
 WARN_REPLICATED = ("heads", "kv_heads")
@@ -26,9 +32,13 @@ log = logging.getLogger("cpt_jax")
 # logical name -> mesh axes it may be split over, in order.
 RULES: dict[str, tuple[str, ...]] = {
     "batch": ("data", "fsdp"),
-    "length": (),
+    "length": (CONTEXT,),
     "vocab": ("tensor",),
-    "embed": ("fsdp",),
+    # The context axis holds other tokens of the same rows, as data parallelism holds other rows:
+    # it also shards the parameters and their AdamW moments (ZeRO-3, as fsdp does), else each
+    # context shard would keep a whole replica. Activations' "embed" never gets it: their
+    # "length" takes it first.
+    "embed": ("fsdp", CONTEXT),
     "mlp": ("tensor",),
     "heads": ("tensor",),
     "kv_heads": ("tensor",),
@@ -39,10 +49,12 @@ RULES: dict[str, tuple[str, ...]] = {
 
 
 def mesh_shape(shape: Sequence[int], num_devices: int) -> tuple[int, ...]:
-    """Resolves one -1 entry of `mesh.shape` so the product is `num_devices`; checks the rest."""
+    """Resolves one -1 entry of `mesh.shape` so the product is `num_devices`; checks the rest.
+    Three entries (data, fsdp, tensor) mean a context axis of 1."""
     shape = tuple(int(s) for s in shape)
-    if len(shape) != len(MESH_AXES):
-        raise ValueError(f"mesh.shape={shape} must have {len(MESH_AXES)} entries {MESH_AXES}")
+    if len(shape) not in (len(MESH_AXES) - 1, len(MESH_AXES)):
+        raise ValueError(f"mesh.shape={shape} must have 3 entries (data, fsdp, tensor) or 4 (data, fsdp, tensor, "
+                         f"context)")
     if shape.count(-1) > 1 or any(s == 0 or s < -1 for s in shape):
         raise ValueError(f"mesh.shape={shape}: entries must be positive, with at most one -1")
     known = math.prod(s for s in shape if s != -1)
@@ -51,23 +63,24 @@ def mesh_shape(shape: Sequence[int], num_devices: int) -> tuple[int, ...]:
     shape = tuple(num_devices // known if s == -1 else s for s in shape)
     if math.prod(shape) != num_devices:
         raise ValueError(f"mesh.shape={shape} uses {math.prod(shape)} devices but {num_devices} are available")
-    return shape
+    return shape + (1,) * (len(MESH_AXES) - len(shape))
 
 
 def make_mesh(shape: Sequence[int], devices: Sequence[jax.Device] | None = None) -> Mesh:
-    """The mesh of `mesh.shape` over `devices` (default: all). Over several TPU slices the data
-    axis is the one that crosses them (DCN); fsdp and tensor stay within a slice (ICI)."""
+    """The mesh of `mesh.shape` over `devices` (default: all), always with the four MESH_AXES. Over
+    several TPU slices the data axis is the one that crosses them (DCN); fsdp, tensor and context
+    stay within a slice (ICI)."""
     devices = list(jax.devices() if devices is None else devices)
-    shape = mesh_shape(shape, len(devices))
+    given, shape = len(shape), mesh_shape(shape, len(devices))
     # Auto axes: Flax layers with sharded params fail under the Explicit default of make_mesh.
     auto = (AxisType.Auto,) * len(MESH_AXES)
     slices = len({getattr(d, "slice_index", 0) for d in devices})
     if slices == 1:
         return jax.make_mesh(shape, MESH_AXES, axis_types=auto, devices=devices)
     if shape[0] % slices:
-        raise ValueError(f"mesh.shape={shape}: the data axis crosses the {slices} slices, so it must be a multiple "
-                         f"of {slices}, e.g. ({slices}, -1, 1)")
-    grid = mesh_utils.create_hybrid_device_mesh((shape[0] // slices, *shape[1:]), (slices, 1, 1), devices,
+        raise ValueError(f"mesh.shape={shape[:given]}: the data axis crosses the {slices} slices, so it must be a "
+                         f"multiple of {slices}, e.g. ({slices}, -1, 1)")
+    grid = mesh_utils.create_hybrid_device_mesh((shape[0] // slices, *shape[1:]), (slices, 1, 1, 1), devices,
                                                 allow_split_physical_axes=True)
     return Mesh(grid, MESH_AXES, axis_types=auto)
 
@@ -139,9 +152,15 @@ def data_parallel_size(mesh: Mesh) -> int:
     return int(np.prod([mesh.shape[m] for m in RULES["batch"]]))
 
 
+def context_size(mesh=None) -> int:
+    """The size of the context axis of `mesh` (default: the mesh set by `jax.set_mesh`, 1 where none)."""
+    mesh = jax.sharding.get_abstract_mesh() if mesh is None else mesh
+    return 1 if mesh.empty or CONTEXT not in mesh.axis_names else int(mesh.shape[CONTEXT])
+
+
 __all__ = [
-    "MESH_AXES", "RULES", "batch_sharding", "constrain", "data_parallel_size", "logical_spec",
-    "make_mesh", "mesh_shape", "param_shardings", "process_rows", "to_device",
+    "CONTEXT", "MESH_AXES", "RULES", "batch_sharding", "constrain", "context_size", "data_parallel_size",
+    "logical_spec", "make_mesh", "mesh_shape", "param_shardings", "process_rows", "to_device",
 ]
 
 

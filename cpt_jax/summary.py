@@ -1,7 +1,8 @@
 """The comparison printed after a multi-run config: CPT vs from-scratch, and forgetting.
 
 Everything comes from the runs' own `metrics.jsonl`; nothing is recomputed. Also draws the eval
-curves of every run to `DIR/summary.png`.
+curves of every run to `DIR/summary.png`, and, where runs logged the held-out loss by position
+(`eval_position_bucket`), those curves at each run's first and last eval to `DIR/positions.png`.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import os
 
 import numpy as np
 
+from cpt_jax import positions as pos
 from cpt_jax import storage
 from cpt_jax.rundir import RunDir
 
@@ -98,10 +100,7 @@ def _task_table(recs: dict[str, list[dict]], runs: list[str]) -> list[str]:
 def _plot(workdir: str, recs: dict[str, list[dict]], report: dict) -> str:
     """Eval curves of every run in both languages, plus the target language of CPT vs scratch
     from their first eval on, where the gap is too small to see on the full scale."""
-    import matplotlib
-    matplotlib.use("Agg")  # headless: clusters and CI have no display
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     src, tgt = report["replay"], report["target"]
     panels = [(f"{src} eval loss", src, list(recs), 0), (f"{tgt} eval loss", tgt, list(recs), 0),
               (f"{tgt}: CPT vs scratch", tgt, [report["cpt"], report["scratch"]], 1)]
@@ -114,10 +113,58 @@ def _plot(workdir: str, recs: dict[str, list[dict]], report: dict) -> str:
         ax.set(title=title, xlabel="tokens trained in the run (M)", ylabel="loss")
         ax.legend()
         ax.grid(alpha=0.3)
+    return _save(fig, os.path.join(workdir, "summary.png"))
+
+
+def positions(workdir: str, runs: list[str]) -> str:
+    """Each run's held-out loss by position, at its first eval and its last, as a table and
+    `workdir/positions.png`; "" where no run logged it."""
+    recs = {r: [rec for rec in RunDir.of(os.path.join(workdir, r)).read_metrics() if any(map(pos.is_key, rec))]
+            for r in runs}
+    recs = {r: rs for r, rs in recs.items() if rs}
+    if not recs:
+        return ""
+    lines = ["", "held-out loss by position (first eval -> last eval of each run):"]
+    for run, rs in recs.items():
+        for source in pos.sources(rs):
+            starts, first = pos.curve(rs[0], source)
+            _, last = pos.curve(rs[-1], source)
+            lines.append(f"{run} ({source}, step {rs[0]['step']} -> {rs[-1]['step']}):")
+            lines += [f"  positions {s:>6}+: {a:.3f} -> {b:.3f}" for s, a, b in zip(starts, first, last)]
+    lines.append(f"by position: {_plot_positions(workdir, recs)}")
+    return "\n".join(lines)
+
+
+def _plot_positions(workdir: str, recs: dict[str, list[dict]]) -> str:
+    plt = _pyplot()
+    names = sorted({s for rs in recs.values() for s in pos.sources(rs)})
+    fig, axes = plt.subplots(1, len(names), figsize=(6 * len(names), 4), squeeze=False)
+    for ax, source in zip(axes[0], names):
+        for i, (run, rs) in enumerate(recs.items()):
+            for rec, style, when in ((rs[0], "--", "first eval"), (rs[-1], "-", "last eval")):
+                starts, loss = pos.curve(rec, source)
+                if len(starts):
+                    ax.plot(starts, loss, style, marker="o", markersize=3, color=f"C{i}",
+                            label=f"{run}, {when} (step {rec['step']})")
+        ax.set(title=f"{source}: held-out loss by position", xlabel="position in the context (bucket start)",
+               ylabel="loss")
+        ax.legend(fontsize=8)
+        ax.grid(alpha=0.3)
     fig.tight_layout()
-    path = os.path.join(workdir, "summary.png")
+    return _save(fig, os.path.join(workdir, "positions.png"))
+
+
+def _pyplot():
+    import matplotlib  # seconds to import: only when a run's report draws
+    matplotlib.use("Agg")  # headless: clusters and CI have no display
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig, path: str) -> str:
     png = io.BytesIO()
     fig.savefig(png, format="png", dpi=100)
-    plt.close(fig)
+    _pyplot().close(fig)
     storage.write_atomic(path, png.getvalue())  # local or gs://
     return path

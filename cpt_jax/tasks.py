@@ -1,5 +1,5 @@
-"""The harness tasks cpt_jax names: the paper's zero-shot suite as one group, and an offline
-multiple-choice task made of the bundled Bibles' held-out chapters.
+"""The harness tasks cpt_jax names: the paper's zero-shot suite as one group, an offline
+multiple-choice task made of the bundled Bibles' held-out chapters, and passkey retrieval.
 
 - `cpt_paper`: the English and Chinese subsets the harness has of the paper's suite (Table 6):
   XNLI, XWinograd and XStoryCloze en/zh, XCOPA zh (XCOPA has no English: COPA, its source, stands
@@ -8,8 +8,16 @@ multiple-choice task made of the bundled Bibles' held-out chapters.
   reach it, not on this project's offline CI.
 - `bible_next_verse` (`_en`, `_zh`): given three verses of a held-out chapter (the eval split the
   runs' eval losses use), choose the verse that follows among four verses of that chapter (the
-  other three drawn at random, seeded by chapter and verse). Chance is 25%. The task files (YAML
-  and JSONL) are written into the cache on first use.
+  other three drawn at random, seeded by chapter and verse). Chance is 25%.
+- `passkey` (long context; Mohtashami and Jaggi 2023): a five-digit key hidden at a depth of 0,
+  25, 50, 75 or 100% of filler text ("The grass is green. ..."), then "What is the pass key? The
+  pass key is"; `acc` is 1 where the key is the model's greedy continuation (every digit the
+  argmax), `perplexity` that of the key. One task per length in characters (1k to 32k: about 250
+  to 8k tokens of an English BPE) and depth, `passkey_<length>_d<depth>`, grouped by length
+  (`passkey_<length>`) and all together (`passkey`); 10 keys each. A context longer than the
+  scorer's `max_length` is cut on the left, as the harness's HF backend cuts it.
+
+The task files (YAML and JSONL) are written into the cache on first use.
 
 `resolve` checks names, and the local datasets they read, before anything is loaded.
 """
@@ -30,7 +38,10 @@ PAPER_SUITE = ("xnli_en", "xnli_zh", "xwinograd_en", "xwinograd_zh", "xstorycloz
                "xcopa_zh", "copa", "hellaswag", "piqa")
 BIBLE_LANGUAGES = {"en": " ", "zh": ""}  # language -> what joins its verses
 CONTEXT_VERSES, CHOICES = 3, 4
-VERSION = 1  # of the task files: a change writes them anew
+PASSKEY_LENGTHS = {"1k": 1_000, "2k": 2_000, "4k": 4_000, "8k": 8_000, "16k": 16_000, "32k": 32_000}  # characters
+PASSKEY_DEPTHS = (0, 25, 50, 75, 100)  # % of the filler before the key
+PASSKEY_KEYS = 10  # per length and depth
+VERSION = 2  # of the task files: a change writes them anew
 
 
 def bible_next_verse(language: str) -> list[dict]:
@@ -51,6 +62,52 @@ def bible_next_verse(language: str) -> list[dict]:
             docs.append({"context": join.join(verses[i - CONTEXT_VERSES:i]), "choices": [verses[j] for j in picked],
                          "gold": picked.index(i), "chapter": c, "verse": i})
     return docs
+
+
+def passkey(length: int, depth: int) -> list[dict]:
+    """The passkey task's documents at `length` characters with the key at `depth` % of the filler."""
+    intro = ("There is an important info hidden inside a lot of irrelevant text. Find it and memorize it. "
+             "I will quiz you about the important information there.")
+    filler = " The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
+    question = " What is the pass key? The pass key is"
+    docs = []
+    for i in range(PASSKEY_KEYS):
+        key = int(np.random.default_rng([VERSION, length, depth, i]).integers(10_000, 100_000))
+        needle = f" The pass key is {key}. Remember it. {key} is the pass key."
+        n = max(0, (length - len(intro) - len(needle) - len(question)) // len(filler))
+        before = round(n * depth / 100)
+        context = intro + filler * before + needle + filler * (n - before) + question
+        docs.append({"context": context, "target": f" {key}", "depth": depth, "length": len(context)})
+    return docs
+
+
+def _passkey_yaml(name: str, data: Path) -> dict:
+    return {
+        "task": name, "dataset_path": "json", "dataset_kwargs": {"data_files": {"test": str(data)}},
+        "test_split": "test", "output_type": "loglikelihood", "doc_to_text": "{{context}}",
+        "doc_to_target": "{{target}}", "target_delimiter": "",
+        "metric_list": [{"metric": "acc", "aggregation": "mean", "higher_is_better": True},
+                        {"metric": "perplexity", "aggregation": "perplexity", "higher_is_better": False}],
+        "metadata": {"version": VERSION},
+    }
+
+
+def _passkey_files(root: Path) -> dict[str, dict]:
+    """The passkey tasks' YAML by file name (their data written beside them), and their groups."""
+    files, lengths = {}, []
+    for label, length in PASSKEY_LENGTHS.items():
+        tasks = []
+        for depth in PASSKEY_DEPTHS:
+            name = f"passkey_{label}_d{depth}"
+            data = root / f"{name}.jsonl"
+            with atomic_path(data) as tmp:
+                tmp.write_text("".join(json.dumps(d) + "\n" for d in passkey(length, depth)))
+            files[f"{name}.yaml"] = _passkey_yaml(name, data)
+            tasks.append(name)
+        files[f"passkey_{label}.yaml"] = _group_yaml(f"passkey_{label}", tasks)
+        lengths.append(f"passkey_{label}")
+    files["passkey.yaml"] = _group_yaml("passkey", lengths)
+    return files
 
 
 def _task_yaml(language: str, data: Path) -> dict:
@@ -87,6 +144,7 @@ def task_dir() -> Path:
                         tmp.write_text("".join(json.dumps(d, ensure_ascii=False) + "\n"
                                                for d in bible_next_verse(lang)))
                     files[f"bible_next_verse_{lang}.yaml"] = _task_yaml(lang, data)
+                files |= _passkey_files(root)
                 for name, content in files.items():
                     with atomic_path(root / name) as tmp:
                         tmp.write_text(json.dumps(content, indent=1, ensure_ascii=False))
@@ -115,7 +173,8 @@ def resolve(names: Sequence[str], include_path: str | None = None) -> list[str]:
             near = sorted(n for n in tm.all_tasks if n.startswith(name.split("_")[0]))[:8]
             raise ValueError(f"task {name!r} is not a harness task or group" +
                              (f"; similar: {', '.join(near)}" if near else "") +
-                             "; cpt_jax's own: bible_next_verse (_en, _zh), cpt_paper")
+                             "; cpt_jax's own: bible_next_verse (_en, _zh), cpt_paper, passkey (_1k ... _32k, "
+                             "_<length>_d<depth>)")
         for task in _leaves(tm, name):
             cfg = tm.task_index[task].cfg or {}
             files = (cfg.get("dataset_kwargs") or {}).get("data_files") or {}

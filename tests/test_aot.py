@@ -81,14 +81,14 @@ def test_fsdp_and_data_parallel_meshes_compile_with_their_collectives():
     assert rc == 0, err
     assert KEYS <= set(fsdp)
     assert (fsdp["topology"], fsdp["chips"], fsdp["slices"], fsdp["hbm_bytes"]) == ("v5e:2x2", 4, 1, 16 << 30)
-    assert fsdp["mesh"] == {"data": 1, "fsdp": 4, "tensor": 1} and fsdp["fits"]
+    assert fsdp["mesh"] == {"data": 1, "fsdp": 4, "tensor": 1, "context": 1} and fsdp["fits"]
     assert fsdp["model"]["attention"] == "splash" and fsdp["model"]["dtype"] == "bfloat16"  # TPU's, not this CPU's
     assert fsdp["collectives"]["all-gather"] > 0 and fsdp["collectives"]["reduce-scatter"] > 0
     assert 0 < fsdp["argument_bytes"] < fsdp["hbm_bytes"] and fsdp["temp_bytes"] > 0 and fsdp["compile_s"] > 0
     # Data parallel over a v5p slice: replicated parameters, gradients all-reduced, nothing gathered.
     rc, dp, err = compile_json("--topology", "v5p:2x2x1", "--config.mesh.shape=(-1,1,1)")
     assert rc == 0, err
-    assert dp["mesh"] == {"data": 4, "fsdp": 1, "tensor": 1} and dp["hbm_bytes"] == 95 << 30
+    assert dp["mesh"] == {"data": 4, "fsdp": 1, "tensor": 1, "context": 1} and dp["hbm_bytes"] == 95 << 30
     assert dp["collectives"]["all-reduce"] > 0
     assert dp["collectives"]["all-gather"] == dp["collectives"]["reduce-scatter"] == 0
     assert dp["argument_bytes"] > 3 * fsdp["argument_bytes"]  # the whole state on every chip, not a quarter
@@ -105,7 +105,7 @@ def test_two_slices_put_the_data_axis_across_them():
     assert r.returncode == 0 and r.stdout.split("\n")[-2] == "[[0], [1]]", r.stderr  # each data index one slice
     rc, out, err = compile_json("--topology", "v5p:2x2x1", "--num_slices", "2", "--config.mesh.shape=(2,-1,1)")
     assert rc == 0, err
-    assert (out["chips"], out["slices"], out["mesh"]) == (4, 2, {"data": 2, "fsdp": 4, "tensor": 1})
+    assert (out["chips"], out["slices"], out["mesh"]) == (4, 2, {"data": 2, "fsdp": 4, "tensor": 1, "context": 1})
     assert out["collectives"]["all-reduce"] > 0  # the gradients' sum over the data axis, across the slices
     rc, out, err = compile_json("--topology", "v5p:2x2x1", "--num_slices", "2", "--config.mesh.shape=(1,-1,1)")
     assert rc == 2 and out is None

@@ -35,7 +35,7 @@ def test_train_step_bench_on_cpu():
     assert tiny["tokens_per_s"] == pytest.approx(b * t / tiny["step_s"])
     assert tiny["mfu"] == pytest.approx(tiny["tokens_per_s"] * hand / (peak * 8))
     for r in rows:
-        assert r["devices"] == 8 and r["mesh"] == {"data": 2, "fsdp": 2, "tensor": 2}
+        assert r["devices"] == 8 and r["mesh"] == {"data": 2, "fsdp": 2, "tensor": 2, "context": 1}
         assert r["attention"] == "xla" and r["dtype"] == "float32"  # what auto means on CPU
         assert r["compile_s"] > 0 and r["compiled_temp_gib"] > 0
         assert 0 < r["loss"] < 2 * 6.24  # finite, near log(512) = 6.24 at init

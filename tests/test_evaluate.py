@@ -168,6 +168,23 @@ def test_task_accuracies_and_generations_equal_the_harness_hf_backend(both, expo
     assert generated[0] == generated[1] and any(r[0] for r in generated[0])
 
 
+def test_passkey_scores_equal_the_harness_hf_backend(both):
+    """Passkey contexts of 1k characters (over 512 byte tokens: both backends cut them on the left)
+    with the key in the middle and at the end: each key's log-likelihood, whether it is the greedy
+    continuation, and the tasks' acc and perplexity."""
+    names = ["passkey_1k_d50", "passkey_1k_d100"]
+    results = {name: lm_eval.simple_evaluate(model=lm, tasks=names, limit=3, task_manager=task_lib.manager(),
+                                             log_samples=True, bootstrap_iters=0)
+               for name, lm in zip(("ours", "theirs"), both)}
+    for task in names:
+        got, want = (results[n]["results"][task] for n in ("ours", "theirs"))
+        assert got["acc,none"] == want["acc,none"]
+        np.testing.assert_allclose(got["perplexity,none"], want["perplexity,none"], rtol=1e-5)
+        got, want = ([s["resps"][0][0] for s in results[n]["samples"][task]] for n in ("ours", "theirs"))
+        np.testing.assert_allclose([g[0] for g in got], [w[0] for w in want], atol=1e-4, rtol=1e-6)
+        assert [g[1] for g in got] == [w[1] for w in want]
+
+
 def test_generate_until_honours_the_tasks_sampling_and_stop_sequences(both):
     """A request's do_sample, temperature, top_k, top_p and `until` as the HF backend takes them. At
     temperature 5 a random model's draws leave the greedy path; top_k=1 or a tiny top_p bring

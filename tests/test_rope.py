@@ -16,7 +16,7 @@ import torch
 import transformers
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
-from cpt_jax import checks, inference, models, trainer
+from cpt_jax import checks, inference, models, positions, summary, trainer
 from cpt_jax.convert import hf, save_model
 from cpt_jax.errors import ConfigError
 from cpt_jax.models import rope
@@ -192,8 +192,15 @@ def test_a_longer_seq_len_stage_trains_and_resumes_exactly(tmp_path):
     trainer.train_run(small_config("--config.total_steps=3", "--config.batch_size=16", "--config.checkpoint_every=3"),
                       short)
     config = continuation(short, YARN, "--config.total_steps=4", "--config.checkpoint_every=2",
-                          "--config.keep_checkpoints=3", "--config.eval_every=2", "--config.log_every=1")
+                          "--config.keep_checkpoints=3", "--config.eval_every=2", "--config.log_every=1",
+                          "--config.eval_position_bucket=32")
     whole = trainer.train_run(config, str(tmp_path / "whole"))
+    evals = [r for r in whole if "eval/zh/loss" in r]
+    assert [r["step"] for r in evals] == [0, 2, 4]  # held-out losses, each also by position
+    assert all(positions.curve(r, "zh")[0].tolist() == [0, 32, 64, 96] for r in evals)
+    table = summary.positions(str(tmp_path), ["short", "whole"])  # the short run logged none
+    assert "\nwhole (en, step 0 -> 4):" in table and "\nshort (" not in table
+    assert os.path.getsize(tmp_path / "positions.png") > 10_000
     meta = RunDir.of(str(tmp_path / "whole")).meta()
     assert dict(meta.model["rope_scaling"]) == YARN and meta.config["seq_len"] == 128
     start = models.params_of(inference.load(short)[0])

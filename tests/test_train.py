@@ -105,7 +105,8 @@ def test_eval_step_masks_padding_rows():
     spec = models.spec(mcfg)
     params = models.init_params(mcfg, jax.random.key(2))
     tokens = jnp.asarray(np.random.default_rng(2).integers(0, 64, (4, 9)), jnp.int32)
-    total, count = update.eval_step(params, tokens, jnp.array([1, 1, 1, 0], jnp.float32), graphdef=spec.graphdef)
+    total, count = (x.sum() for x in update.eval_step(params, tokens, jnp.array([1, 1, 1, 0], jnp.float32),
+                                                      graphdef=spec.graphdef))  # sums by position
     # Independent: cross-entropy from the logits with optax on the 3 real rows only.
     logits = nnx.merge(spec.graphdef, params)(tokens[:3, :-1])
     ref = optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:3, 1:])

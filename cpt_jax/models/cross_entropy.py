@@ -34,10 +34,10 @@ def cross_entropy(x: jax.Array, w: jax.Array, labels: jax.Array, chunk: int = 0,
     if chunk <= 0:
         losses = _chunk_losses(x, w, labels, softcap)
         return _mean(losses, weights, count), jax.lax.stop_gradient(losses)
-    t = x.shape[1]
-    chunk = min(chunk, t)
-    if t % chunk:
-        raise ValueError(f"model.loss_chunk={chunk} does not divide the sequence length {t}")
+    local = x.shape[1] // _shards(x.shape[1])  # the positions each context shard holds
+    chunk = min(chunk, local)
+    if local % chunk:
+        raise ValueError(f"model.loss_chunk={chunk} does not divide the {local} positions of a row per context shard")
     mean, losses = _fused(x, w, labels, weights, count, chunk, softcap)
     return mean, jax.lax.stop_gradient(losses)
 
@@ -66,20 +66,32 @@ def _chunk_losses(x, w, labels, softcap):
     return jax.nn.logsumexp(z, axis=-1) - label_logit
 
 
+def _shards(t: int) -> int:
+    """The context shards a sequence of `t` positions is split over (as sharding.RULES splits "length")."""
+    shards = sharding.context_size()
+    return shards if t % shards == 0 else 1
+
+
 def _chunks(a: jax.Array, chunk: int) -> jax.Array:
-    """[b, t, ...] -> [t // chunk, b, chunk, ...]: the scan walks the sequence, batch stays sharded."""
-    return a.reshape(a.shape[0], a.shape[1] // chunk, chunk, *a.shape[2:]).swapaxes(0, 1)
+    """[b, t, ...] -> [steps, b, shards x chunk, ...]: the scan walks the sequence, batch stays
+    sharded. Over a context axis of n shards, step i takes chunk i of each shard's t / n positions,
+    so each device computes the logits of its own positions, `chunk` at a time."""
+    b, t, shards = a.shape[0], a.shape[1], _shards(a.shape[1])
+    a = jnp.moveaxis(a.reshape(b, shards, t // (shards * chunk), chunk, *a.shape[2:]), 2, 0)
+    return a.reshape(a.shape[0], b, shards * chunk, *a.shape[4:])
 
 
-def _unchunk(a: jax.Array) -> jax.Array:
-    a = a.swapaxes(0, 1)
-    return a.reshape(a.shape[0], a.shape[1] * a.shape[2], *a.shape[3:])
+def _unchunk(a: jax.Array, chunk: int) -> jax.Array:
+    """The inverse of `_chunks`."""
+    steps, b, shards = a.shape[0], a.shape[1], a.shape[2] // chunk
+    a = jnp.moveaxis(a.reshape(steps, b, shards, chunk, *a.shape[3:]), 0, 2)
+    return a.reshape(b, steps * shards * chunk, *a.shape[4:])
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
 def _fused(x, w, labels, weights, count, chunk, softcap):
     xs = (_chunks(x, chunk), _chunks(labels, chunk))
-    losses = _unchunk(jax.lax.map(lambda xs: _chunk_losses(xs[0], w, xs[1], softcap), xs))
+    losses = _unchunk(jax.lax.map(lambda xs: _chunk_losses(xs[0], w, xs[1], softcap), xs), chunk)
     return _mean(losses, weights, count), losses
 
 
@@ -103,8 +115,8 @@ def _fused_fwd(x, w, labels, weights, count, chunk, softcap):
 
     xs = (_chunks(x, chunk), _chunks(labels, chunk), None if weights is None else scale)
     dw, (losses, dx) = jax.lax.scan(step, jnp.zeros(w.shape, jnp.float32), xs)
-    losses = _unchunk(losses)
-    return (_mean(losses, weights, count), losses), (_unchunk(dx), dw.astype(w.dtype))
+    losses = _unchunk(losses, chunk)
+    return (_mean(losses, weights, count), losses), (_unchunk(dx, chunk), dw.astype(w.dtype))
 
 
 def _fused_bwd(chunk, softcap, res, cotangents):

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from cpt_jax import dtypes, sharding
-from cpt_jax.models import attention, cross_entropy, rope
+from cpt_jax.models import attention, context_parallel, cross_entropy, rope
 
 QK_NORMS = ("", "head", "proj")
 NORMS = ("pre", "sandwich", "post")
@@ -259,13 +259,8 @@ class Block(nnx.Module):
         k = sharding.constrain(rope.apply_rope(k, cos, sin), ("batch", "length", "kv_heads", "head_dim"))
         scale = (cfg.query_pre_attn_scalar or cfg.head_dim) ** -0.5
         if cache is None:
-            impl = cfg.kernel(q.shape[1])[0]
-            attend = lambda window: attention.causal_attention(  # noqa: E731
-                q, k, v, impl, segment_ids, window, scale, cfg.attn_softcap)
-            if isinstance(windowed, bool):
-                a = attend(cfg.sliding_window if windowed else 0)
-            else:  # scanned layers of both kinds: both kernels compiled, one runs per layer
-                a = jax.lax.cond(windowed, lambda: attend(cfg.sliding_window), lambda: attend(0))
+            a = context_parallel.causal_attention(q, k, v, cfg.kernel(q.shape[1])[0], segment_ids, cfg.sliding_window,
+                                                  windowed, scale, cfg.attn_softcap)
             new_cache = None
         else:
             k_cache, v_cache, index, full_mask, window_mask = cache
