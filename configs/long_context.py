@@ -12,7 +12,10 @@ DIR/positions.png.
 
   python -m cpt_jax.main --config configs/long_context.py --workdir /tmp/long_context
 
-Expected and time: docs/running.md, "Longer context" (measured on 2 CPU cores).
+Expected (measured; the whole table in docs/running.md, "Long-context evals"): at the first eval
+at 512, YaRN 0.03 nats worse than the unchanged RoPE within the trained 128 positions and 0.07-0.09
+better past 320; after 200 steps both at the same loss at every position (within 0.005).
+Time: 4m34s on 2 CPU cores with the corpus cached.
 Re-running resumes or skips finished runs.
 """
 
@@ -26,12 +29,13 @@ def get_config() -> ml_collections.ConfigDict:
     c.model.size = "tiny"
     c.optimizer.peak_lr = 3e-3  # tiny models on few tokens want a far higher LR than the paper's 2e-4
     c.optimizer.weight_decay = 0.0
-    c.data.tokenizer.vocab_size = 4000  # the demo's tokenizer (configs/demo.py): prepared once for both
-    c.data.target, c.data.replay_ratio = "en", 0.0
+    c.data.sources = ml_collections.ConfigDict({"en": {"kind": "bible", "lang": "en"}})  # the KJV alone
+    c.data.tokenizer.vocab_size = 4000
+    c.data.target, c.data.replay, c.data.replay_ratio = "en", "en", 0.0  # no replay: one source
     # Positions count from each chapter's start, and attention stays within it: the loss at position
     # p is the loss with p tokens of the chapter before it.
     c.data.packing = "documents"
-    c.data.eval_batches = 8
+    c.data.eval_batches = 0  # every held-out chapter: the far positions have only the long ones
     c.eval_position_bucket = 64
     c.log_every = 20
     c.eval_every = 100

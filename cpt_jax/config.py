@@ -47,12 +47,13 @@ def load_file(path: str) -> ml_collections.ConfigDict:
     return module.get_config(arg) if arg else module.get_config()
 
 
-def flatten(d: dict, prefix: str = "") -> dict:
-    """{"a": {"b": 1}} -> {"a.b": 1}: config fields by their command-line names."""
+def flatten(d: dict, prefix: str = "", whole: frozenset[str] = frozenset()) -> dict:
+    """{"a": {"b": 1}} -> {"a.b": 1}: config fields by their command-line names; a field named in
+    `whole` keeps its dict as one value."""
     flat = {}
     for k, v in d.items():
-        if isinstance(v, dict):
-            flat.update(flatten(v, f"{prefix}{k}."))
+        if isinstance(v, dict) and f"{prefix}{k}" not in whole:
+            flat.update(flatten(v, f"{prefix}{k}.", whole))
         else:
             flat[f"{prefix}{k}"] = v
     return flat
@@ -72,7 +73,7 @@ def expand_runs(config: ml_collections.ConfigDict, workdir: str) -> list[tuple[s
     for name, overrides in config.runs.items():
         run = copy.deepcopy(base_)
         try:
-            run.update_from_flattened_dict(flatten(overrides.to_dict()))
+            run.update_from_flattened_dict(flatten(overrides.to_dict(), whole=_mappings()))
         except (KeyError, AttributeError) as e:
             raise ConfigError(f"runs.{name}: unknown config field {e}") from None
         for field in ("init_from", "branch_from"):
@@ -220,6 +221,12 @@ def _declared() -> SimpleNamespace:
     c.branch_from = field("", BRANCH)
     c.branch_step = field(0, BRANCH)
     return c
+
+
+def _mappings() -> frozenset[str]:
+    """The fields whose keys the user picks (`data.weights`, `model.rope_parameters`: a plain dict
+    by default): a run's override replaces such a field whole."""
+    return frozenset(name for name, f in _flat_fields(_declared()).items() if type(f.default) is dict)
 
 
 def _flat_fields(ns: SimpleNamespace, prefix: str = "") -> dict[str, Field]:

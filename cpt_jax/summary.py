@@ -119,11 +119,13 @@ def _plot(workdir: str, recs: dict[str, list[dict]], report: dict) -> str:
 def positions(workdir: str, runs: list[str]) -> str:
     """Each run's held-out loss by position, at its first eval and its last, as a table and
     `workdir/positions.png`; "" where no run logged it."""
-    recs = {r: [rec for rec in RunDir.of(os.path.join(workdir, r)).read_metrics() if any(map(pos.is_key, rec))]
-            for r in runs}
+    dirs = {r: RunDir.of(os.path.join(workdir, r)) for r in runs}
+    recs = {r: [rec for rec in d.read_metrics() if any(map(pos.is_key, rec))] for r, d in dirs.items()}
     recs = {r: rs for r, rs in recs.items() if rs}
     if not recs:
         return ""
+    # a run that continues another starts from a trained model: its first eval is the "before"
+    continued = {r for r in recs if (dirs[r].read_config() or {}).get("init_from")}
     lines = ["", "held-out loss by position (first eval -> last eval of each run):"]
     for run, rs in recs.items():
         for source in pos.sources(rs):
@@ -131,17 +133,20 @@ def positions(workdir: str, runs: list[str]) -> str:
             _, last = pos.curve(rs[-1], source)
             lines.append(f"{run} ({source}, step {rs[0]['step']} -> {rs[-1]['step']}):")
             lines += [f"  positions {s:>6}+: {a:.3f} -> {b:.3f}" for s, a, b in zip(starts, first, last)]
-    lines.append(f"by position: {_plot_positions(workdir, recs)}")
+    lines.append(f"by position: {_plot_positions(workdir, recs, continued)}")
     return "\n".join(lines)
 
 
-def _plot_positions(workdir: str, recs: dict[str, list[dict]]) -> str:
+def _plot_positions(workdir: str, recs: dict[str, list[dict]], continued: set[str]) -> str:
+    """Each run's loss by position at its last eval, and at its first where it continues another
+    run (a random model's first eval would only stretch the scale)."""
     plt = _pyplot()
     names = sorted({s for rs in recs.values() for s in pos.sources(rs)})
     fig, axes = plt.subplots(1, len(names), figsize=(6 * len(names), 4), squeeze=False)
     for ax, source in zip(axes[0], names):
         for i, (run, rs) in enumerate(recs.items()):
-            for rec, style, when in ((rs[0], "--", "first eval"), (rs[-1], "-", "last eval")):
+            evals = [(rs[0], "--", "first eval")] if run in continued else []
+            for rec, style, when in evals + [(rs[-1], "-", "last eval")]:
                 starts, loss = pos.curve(rec, source)
                 if len(starts):
                     ax.plot(starts, loss, style, marker="o", markersize=3, color=f"C{i}",

@@ -13,9 +13,10 @@ import pytest
 from flax import nnx
 
 from cpt_jax import checks, evals, metrics, models, positions, sharding, tasks, update
+from cpt_jax.config import expand_runs
 from cpt_jax.errors import ConfigError
 
-from helpers import small_config
+from helpers import config_of, small_config
 
 VOCAB, EOS, T, ROWS, BATCH, WIDTH = 64, 1, 32, 11, 8, 8  # 11 rows: a second batch padded with masked rows
 
@@ -123,3 +124,20 @@ def test_passkey_tasks_resolve_as_groups_by_length_and_all():
     tm = tasks.manager()
     assert sorted(tasks._leaves(tm, "passkey_2k")) == sorted(f"passkey_2k_d{d}" for d in tasks.PASSKEY_DEPTHS)
     assert len(tasks._leaves(tm, "passkey")) == len(tasks.PASSKEY_LENGTHS) * len(tasks.PASSKEY_DEPTHS)
+
+
+def test_the_long_context_config_expands_to_its_stages(tmp_path):
+    """configs/long_context.py, locked as the command line leaves it: a run's dict fields
+    (rope_parameters) replace the base's whole, and each stage passes the config checks on one CPU."""
+    config = config_of(["--config", "configs/long_context.py"])
+    config.lock()
+    runs = {name: run for name, run, _ in expand_runs(config, str(tmp_path))}
+    assert list(runs)[0] == "short" and set(runs) == {"short", "yarn_512", "base_512"}  # short first: both continue it
+    assert runs["yarn_512"].model.rope_parameters.to_dict() == {
+        "rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 128}
+    assert runs["base_512"].model.rope_parameters.to_dict() == {} == runs["short"].model.rope_parameters.to_dict()
+    for name in ("yarn_512", "base_512"):
+        assert runs[name].init_from == str(tmp_path / "short") and runs[name].seq_len == 4 * runs["short"].seq_len
+        assert runs[name].seq_len * runs[name].batch_size == runs["short"].seq_len * runs["short"].batch_size
+    for run in runs.values():
+        checks.check_config(run, jax.devices()[:1])  # a laptop's CPU, as JAX sees it by default
