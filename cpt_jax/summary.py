@@ -155,7 +155,6 @@ def _plot_positions(workdir: str, recs: dict[str, list[dict]], continued: set[st
                ylabel="loss")
         ax.legend(fontsize=8)
         ax.grid(alpha=0.3)
-    fig.tight_layout()
     return _save(fig, os.path.join(workdir, "positions.png"))
 
 
@@ -168,6 +167,7 @@ def _pyplot():
 
 
 def _save(fig, path: str) -> str:
+    fig.tight_layout()
     png = io.BytesIO()
     fig.savefig(png, format="png", dpi=100)
     _pyplot().close(fig)
