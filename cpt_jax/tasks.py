@@ -9,12 +9,13 @@ multiple-choice task made of the bundled Bibles' held-out chapters, and passkey 
 - `bible_next_verse` (`_en`, `_zh`): given three verses of a held-out chapter (the eval split the
   runs' eval losses use), choose the verse that follows among four verses of that chapter (the
   other three drawn at random, seeded by chapter and verse). Chance is 25%.
-- `passkey` (long context; Mohtashami and Jaggi 2023): a five-digit key hidden at a depth of 0,
+- `cpt_passkey` (long context; Mohtashami and Jaggi 2023): a five-digit key hidden at a depth of 0,
   25, 50, 75 or 100% of filler text ("The grass is green. ..."), then "What is the pass key? The
   pass key is"; `acc` is 1 where the key is the model's greedy continuation (every digit the
   argmax), `perplexity` that of the key. One task per length in characters (1k to 32k: about 250
-  to 8k tokens of an English BPE) and depth, `passkey_<length>_d<depth>`, grouped by length
-  (`passkey_<length>`) and all together (`passkey`); 10 keys each. A context longer than the
+  to 8k tokens of an English BPE) and depth, `cpt_passkey_<length>_d<depth>`, grouped by length
+  (`cpt_passkey_<length>`) and all together (`cpt_passkey`; the harness's own `passkey` is
+  another task); 10 keys each. A context longer than the
   scorer's `max_length` is cut on the left, as the harness's HF backend cuts it.
 
 The task files (YAML and JSONL) are written into the cache on first use.
@@ -41,7 +42,10 @@ CONTEXT_VERSES, CHOICES = 3, 4
 PASSKEY_LENGTHS = {"1k": 1_000, "2k": 2_000, "4k": 4_000, "8k": 8_000, "16k": 16_000, "32k": 32_000}  # characters
 PASSKEY_DEPTHS = (0, 25, 50, 75, 100)  # % of the filler before the key
 PASSKEY_KEYS = 10  # per length and depth
-VERSION = 2  # of the task files: a change writes them anew
+VERSION = 3  # of the task files: a change writes them anew
+# Seeds the documents' random choices (distractors, keys), apart from VERSION: the questions stay
+# the ones every earlier run was scored on whenever the files are written anew.
+SEED = 1
 
 
 def bible_next_verse(language: str) -> list[dict]:
@@ -56,7 +60,7 @@ def bible_next_verse(language: str) -> list[dict]:
             others = list({verses[j]: j for j in range(len(verses)) if verses[j] != verses[i]}.values())
             if len(others) < CHOICES - 1:
                 continue
-            rng = np.random.default_rng([VERSION, c, i])
+            rng = np.random.default_rng([SEED, c, i])
             picked = [i, *rng.choice(others, CHOICES - 1, replace=False).tolist()]
             rng.shuffle(picked)
             docs.append({"context": join.join(verses[i - CONTEXT_VERSES:i]), "choices": [verses[j] for j in picked],
@@ -72,7 +76,7 @@ def passkey(length: int, depth: int) -> list[dict]:
     question = " What is the pass key? The pass key is"
     docs = []
     for i in range(PASSKEY_KEYS):
-        key = int(np.random.default_rng([VERSION, length, depth, i]).integers(10_000, 100_000))
+        key = int(np.random.default_rng([SEED, length, depth, i]).integers(10_000, 100_000))
         needle = f" The pass key is {key}. Remember it. {key} is the pass key."
         n = max(0, (length - len(intro) - len(needle) - len(question)) // len(filler))
         before = round(n * depth / 100)
@@ -98,15 +102,15 @@ def _passkey_files(root: Path) -> dict[str, dict]:
     for label, length in PASSKEY_LENGTHS.items():
         tasks = []
         for depth in PASSKEY_DEPTHS:
-            name = f"passkey_{label}_d{depth}"
+            name = f"cpt_passkey_{label}_d{depth}"
             data = root / f"{name}.jsonl"
             with atomic_path(data) as tmp:
                 tmp.write_text("".join(json.dumps(d) + "\n" for d in passkey(length, depth)))
             files[f"{name}.yaml"] = _passkey_yaml(name, data)
             tasks.append(name)
-        files[f"passkey_{label}.yaml"] = _group_yaml(f"passkey_{label}", tasks)
-        lengths.append(f"passkey_{label}")
-    files["passkey.yaml"] = _group_yaml("passkey", lengths)
+        files[f"cpt_passkey_{label}.yaml"] = _group_yaml(f"cpt_passkey_{label}", tasks)
+        lengths.append(f"cpt_passkey_{label}")
+    files["cpt_passkey.yaml"] = _group_yaml("cpt_passkey", lengths)
     return files
 
 
@@ -173,7 +177,7 @@ def resolve(names: Sequence[str], include_path: str | None = None) -> list[str]:
             near = sorted(n for n in tm.all_tasks if n.startswith(name.split("_")[0]))[:8]
             raise ValueError(f"task {name!r} is not a harness task or group" +
                              (f"; similar: {', '.join(near)}" if near else "") +
-                             "; cpt_jax's own: bible_next_verse (_en, _zh), cpt_paper, passkey (_1k ... _32k, "
+                             "; cpt_jax's own: bible_next_verse (_en, _zh), cpt_paper, cpt_passkey (_1k ... _32k, "
                              "_<length>_d<depth>)")
         for task in _leaves(tm, name):
             cfg = tm.task_index[task].cfg or {}

@@ -172,7 +172,7 @@ def test_passkey_scores_equal_the_harness_hf_backend(both):
     """Passkey contexts of 1k characters (over 512 byte tokens: both backends cut them on the left)
     with the key in the middle and at the end: each key's log-likelihood, whether it is the greedy
     continuation, and the tasks' acc and perplexity."""
-    names = ["passkey_1k_d50", "passkey_1k_d100"]
+    names = ["cpt_passkey_1k_d50", "cpt_passkey_1k_d100"]
     results = {name: lm_eval.simple_evaluate(model=lm, tasks=names, limit=3, task_manager=task_lib.manager(),
                                              log_samples=True, bootstrap_iters=0)
                for name, lm in zip(("ours", "theirs"), both)}
@@ -273,10 +273,13 @@ def test_unknown_task_or_missing_dataset_fails_before_any_model_is_loaded(tmp_pa
     assert f"task 'mine': its dataset file {tmp_path / 'gone.jsonl'} does not exist" in capsys.readouterr().err
 
 
-def test_bible_next_verse_is_real_and_seeded():
+def test_bible_next_verse_is_real_and_seeded(monkeypatch):
     for lang in ("en", "zh"):
         docs = task_lib.bible_next_verse(lang)
         assert len(docs) > 500 and docs == task_lib.bible_next_verse(lang)
+        with monkeypatch.context() as m:  # new task files (another passkey, say) keep the questions
+            m.setattr(task_lib, "VERSION", task_lib.VERSION + 1)
+            assert task_lib.bible_next_verse(lang) == docs
         golds = np.bincount([d["gold"] for d in docs], minlength=4) / len(docs)
         assert golds.min() > 0.15  # the true verse is not always in one place
         assert all(len(set(d["choices"])) == 4 for d in docs)

@@ -11,6 +11,7 @@ import jax
 import numpy as np
 import pytest
 from flax import nnx
+from lm_eval.tasks import TaskManager
 
 from cpt_jax import checks, evals, metrics, models, positions, sharding, tasks, update
 from cpt_jax.config import expand_runs
@@ -119,11 +120,14 @@ def test_passkey_documents_hide_their_key_at_their_depth(label, depth):
 
 
 def test_passkey_tasks_resolve_as_groups_by_length_and_all():
-    names = tasks.resolve(["passkey", "passkey_2k", "passkey_8k_d75"])
-    assert names == ["passkey", "passkey_2k", "passkey_8k_d75"]
+    names = tasks.resolve(["cpt_passkey", "cpt_passkey_2k", "cpt_passkey_8k_d75"])
+    assert names == ["cpt_passkey", "cpt_passkey_2k", "cpt_passkey_8k_d75"]
     tm = tasks.manager()
-    assert sorted(tasks._leaves(tm, "passkey_2k")) == sorted(f"passkey_2k_d{d}" for d in tasks.PASSKEY_DEPTHS)
-    assert len(tasks._leaves(tm, "passkey")) == len(tasks.PASSKEY_LENGTHS) * len(tasks.PASSKEY_DEPTHS)
+    assert sorted(tasks._leaves(tm, "cpt_passkey_2k")) == sorted(f"cpt_passkey_2k_d{d}" for d in tasks.PASSKEY_DEPTHS)
+    assert len(tasks._leaves(tm, "cpt_passkey")) == len(tasks.PASSKEY_LENGTHS) * len(tasks.PASSKEY_DEPTHS)
+    # no name of ours shadows one of the harness's own (it has a `passkey`, LIBRA's)
+    ours = {p.stem for p in tasks.task_dir().glob("*.yaml")}
+    assert "cpt_passkey_2k_d50" in ours and not ours & set(TaskManager(verbosity="ERROR").all_tasks)
 
 
 def test_the_long_context_config_expands_to_its_stages(tmp_path):
