@@ -85,17 +85,6 @@ def passkey(length: int, depth: int) -> list[dict]:
     return docs
 
 
-def _passkey_yaml(name: str, data: Path) -> dict:
-    return {
-        "task": name, "dataset_path": "json", "dataset_kwargs": {"data_files": {"test": str(data)}},
-        "test_split": "test", "output_type": "loglikelihood", "doc_to_text": "{{context}}",
-        "doc_to_target": "{{target}}", "target_delimiter": "",
-        "metric_list": [{"metric": "acc", "aggregation": "mean", "higher_is_better": True},
-                        {"metric": "perplexity", "aggregation": "perplexity", "higher_is_better": False}],
-        "metadata": {"version": VERSION},
-    }
-
-
 def _passkey_files(root: Path) -> dict[str, dict]:
     """The passkey tasks' YAML by file name (their data written beside them), and their groups."""
     files, lengths = {}, []
@@ -103,10 +92,9 @@ def _passkey_files(root: Path) -> dict[str, dict]:
         tasks = []
         for depth in PASSKEY_DEPTHS:
             name = f"cpt_passkey_{label}_d{depth}"
-            data = root / f"{name}.jsonl"
-            with atomic_path(data) as tmp:
-                tmp.write_text("".join(json.dumps(d) + "\n" for d in passkey(length, depth)))
-            files[f"{name}.yaml"] = _passkey_yaml(name, data)
+            files[f"{name}.yaml"] = _local_task(
+                root, name, passkey(length, depth), output_type="loglikelihood", doc_to_target="{{target}}",
+                target_delimiter="", metrics={"acc": ("mean", True), "perplexity": ("perplexity", False)})
             tasks.append(name)
         files[f"cpt_passkey_{label}.yaml"] = _group_yaml(f"cpt_passkey_{label}", tasks)
         lengths.append(f"cpt_passkey_{label}")
@@ -114,16 +102,18 @@ def _passkey_files(root: Path) -> dict[str, dict]:
     return files
 
 
-def _task_yaml(language: str, data: Path) -> dict:
-    return {
-        "task": f"bible_next_verse_{language}", "dataset_path": "json",
-        "dataset_kwargs": {"data_files": {"test": str(data)}}, "test_split": "test",
-        "output_type": "multiple_choice", "doc_to_text": "{{context}}", "doc_to_choice": "{{choices}}",
-        "doc_to_target": "{{gold}}", "target_delimiter": BIBLE_LANGUAGES[language],
-        "metric_list": [{"metric": "acc", "aggregation": "mean", "higher_is_better": True},
-                        {"metric": "acc_norm", "aggregation": "mean", "higher_is_better": True}],
-        "metadata": {"version": VERSION},
-    }
+def _local_task(root: Path, name: str, docs: list[dict], metrics: dict[str, tuple[str, bool]], **spec) -> dict:
+    """Writes `docs` to root/name.jsonl and returns the harness task over it: the context is each
+    document's "context", `spec` the rest (output type, target, ...), `metrics` {metric:
+    (aggregation, higher is better)}."""
+    data = root / f"{name}.jsonl"
+    with atomic_path(data) as tmp:
+        tmp.write_text("".join(json.dumps(d, ensure_ascii=False) + "\n" for d in docs))
+    return {"task": name, "dataset_path": "json", "dataset_kwargs": {"data_files": {"test": str(data)}},
+            "test_split": "test", "doc_to_text": "{{context}}", **spec,
+            "metric_list": [{"metric": metric, "aggregation": agg, "higher_is_better": up}
+                            for metric, (agg, up) in metrics.items()],
+            "metadata": {"version": VERSION}}
 
 
 def _group_yaml(name: str, tasks: Sequence[str]) -> dict:
@@ -143,11 +133,10 @@ def task_dir() -> Path:
                          "bible_next_verse.yaml": _group_yaml(
                              "bible_next_verse", [f"bible_next_verse_{lang}" for lang in BIBLE_LANGUAGES])}
                 for lang in BIBLE_LANGUAGES:
-                    data = root / f"bible_next_verse_{lang}.jsonl"
-                    with atomic_path(data) as tmp:
-                        tmp.write_text("".join(json.dumps(d, ensure_ascii=False) + "\n"
-                                               for d in bible_next_verse(lang)))
-                    files[f"bible_next_verse_{lang}.yaml"] = _task_yaml(lang, data)
+                    files[f"bible_next_verse_{lang}.yaml"] = _local_task(
+                        root, f"bible_next_verse_{lang}", bible_next_verse(lang), output_type="multiple_choice",
+                        doc_to_choice="{{choices}}", doc_to_target="{{gold}}", target_delimiter=BIBLE_LANGUAGES[lang],
+                        metrics={"acc": ("mean", True), "acc_norm": ("mean", True)})
                 files |= _passkey_files(root)
                 for name, content in files.items():
                     with atomic_path(root / name) as tmp:
