@@ -132,6 +132,19 @@ def dense_steps(dense: ml_collections.ConfigDict | None, steps: int) -> tuple[in
     return tuple(sorted({int(round(s)) for s in np.geomspace(1, last, dense.count)}))
 
 
+def fitted_budgets(sweep: ml_collections.ConfigDict, n: int, params: dict[str, int]) -> list[float]:
+    """Tokens per parameter of a size's scratch and fitted CPT points: `tokens_per_param`, and
+    with `extend_to_largest` more budgets, doubling from the last, while their tokens stay within
+    the largest size's last point. Every size then has points at the tokens of the sizes above
+    it: the laws' N and D terms (and the CPT law's gamma, the N-dependence of its D term) are
+    told apart by points at equal D, which budgets in proportion to N alone barely give."""
+    budgets = sorted(sweep.tokens_per_param)
+    most = budgets[-1] * max(params.values())
+    while sweep.get("extend_to_largest") and 2 * budgets[-1] * n <= most:
+        budgets.append(2 * budgets[-1])
+    return budgets
+
+
 def expand(sweep: ml_collections.ConfigDict, sweep_dir: str, only: tuple[str, ...] = ()) -> list[Run]:
     """Every run of the sweep, each after the run it starts from, with its full `cpt_jax.main`
     config. Per size: a source run, then for scratch and for CPT at each replay ratio either a
@@ -153,12 +166,13 @@ def expand(sweep: ml_collections.ConfigDict, sweep_dir: str, only: tuple[str, ..
                          f"({', '.join(sweep.base.data.sources)})")
     vocab = vocab_size(sweep.base)
     branched, seq = sweep.get("branches", False), sweep.base.seq_len
-    budgets = sorted(sweep.tokens_per_param)
+    params = {size: models.model_config(size, vocab, tie_embeddings=sweep.base.model.tie_embeddings
+                                        ).non_embedding_params() for size in sweep.sizes}
     runs = []
     for size in sweep.sizes:
         if only and size not in only:
             continue
-        n = models.model_config(size, vocab, tie_embeddings=sweep.base.model.tie_embeddings).non_embedding_params()
+        n = params[size]
         batch = sweep.batch_size or max(1, paper_batch_tokens(n) // seq)
         steps_of = lambda tpp: max(sweep.eval_points, math.ceil(tpp * n / (batch * seq)))  # noqa: E731
 
@@ -196,6 +210,8 @@ def expand(sweep: ml_collections.ConfigDict, sweep_dir: str, only: tuple[str, ..
             label = (("scratch" if kind == "scratch" else f"cpt_r{ratio:g}") + (f"_{target}" if len(langs) > 1 else "")
                      + (f"_seed{seed}" if seed else ""))
             init = source.name if kind == "cpt" else None
+            fitted = not seed and (kind == "scratch" or ratio == fit_ratio(sweep))
+            budgets = fitted_budgets(sweep, n, params) if fitted else sorted(sweep.tokens_per_param)
             if not branched:
                 for tpp in budgets:
                     suffix = "" if len(budgets) == 1 else f"_{tpp:g}x"

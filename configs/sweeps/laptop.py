@@ -32,6 +32,9 @@ def get_config() -> ml_collections.ConfigDict:
     c.source, c.target = "en", "zh"
     c.source_tokens_per_param = 20.0
     c.tokens_per_param = (2.5, 5.0, 10.0, 20.0)  # 8x, ending at the paper's 20 tokens per parameter
+    # and each smaller size's scratch and fitted CPT runs on, doubling, to lap5's 5.7M tokens: points at
+    # equal D over every size, which separate the laws' N and D terms (budgets in proportion to N do not)
+    c.extend_to_largest = True
     c.branches = True
     c.replay_ratios = (0.05,)  # CPT at every size, with the paper's 5% replay; the CPT law is fitted to these
     c.replay_study = ml_collections.ConfigDict({"size": "lap3", "ratios": (0.0, 0.01, 0.2, 0.5)})
