@@ -264,6 +264,7 @@ def test_laptop_plan_is_in_the_papers_regime(bible, tmp_path):
     runs = sweep.expand(config, str(tmp_path))
     n = {r.size: r.params for r in runs}
     assert len(n) >= 5 and max(n.values()) / min(n.values()) >= 16
+    most = 20 * max(n.values())  # the largest size's last point, in tokens
     for size, params in n.items():
         mine = [r for r in runs if r.size == size]
         assert [r.tokens >= 20 * params for r in mine if r.kind == "source"] == [True]
@@ -271,12 +272,18 @@ def test_laptop_plan_is_in_the_papers_regime(bible, tmp_path):
             points = [r for r in mine if r.kind == kind and r.role == "branch" and not r.seed
                       and r.replay_ratio == (sweep.fit_ratio(config) if kind == "cpt" else 0.0)]
             budgets = sorted(r.budget for r in points)  # tokens per parameter; each run's whole steps reach it
-            assert len(budgets) == 4 and budgets[-1] >= 20 and budgets[-1] / budgets[0] >= 8, (size, kind, budgets)
+            assert budgets[:4] == [2.5, 5, 10, 20], (size, kind, budgets)
+            # then doubling up to the largest size's tokens: every size has points at the D of those above it
+            assert budgets == [2.5 * 2 ** k for k in range(len(budgets))]
+            assert budgets[-1] * params <= most < 2 * budgets[-1] * params or budgets[-1] == 20
             assert all(r.budget * params <= r.tokens < r.budget * params + r.config.batch_size * 128 for r in points)
+        others = [r.budget for r in mine if r.role == "branch" and (r.seed or r.replay_ratio not in (0, .05))]
+        assert set(others) <= {2.5, 5, 10, 20}  # seed repeats and the replay study: the sweep's own budgets
         for r in mine:
             if r.kind == "cpt" and r.role == "stable":  # dense evals: within the first 5%, log-spaced
                 steps = r.config.eval_steps
                 assert len(steps) >= 5 and max(steps) <= 0.05 * r.config.total_steps and steps[0] == 1
+    assert max(r.budget for r in runs if r.size == "lap0" and r.role == "branch") >= 320
     seeded = {(r.kind, r.seed) for r in runs if r.size == "lap3" and r.role == "branch" and r.replay_ratio in (0, .05)}
     assert all(r.config.seed == r.seed for r in runs)  # the base seed is 0
     assert seeded == {(k, s) for k in ("scratch", "cpt") for s in range(3)}
@@ -290,7 +297,7 @@ def test_laptop_plan_is_in_the_papers_regime(bible, tmp_path):
     most = max(e for r in runs for e in sweep.epochs(r, train).values())
     assert 1 < most <= config.max_epochs
     # the plan's check: a sweep that would read a split more often stops before any run, naming it
-    with pytest.raises(ConfigError, match=r"max_epochs=1: lap5/\w+ reads the (en|zh) training split"):
+    with pytest.raises(ConfigError, match=r"max_epochs=1: lap\d/\w+ reads the (en|zh) training split"):
         sweep.check_epochs(runs, train, 1)
 
 
