@@ -13,7 +13,7 @@ from cpt_jax.config import load_file
 from cpt_jax.scaling import findings, languages, laws
 from cpt_jax.scaling import replay as replay_law
 from cpt_jax.scaling.analysis import Fits, Points, resample_runs
-from cpt_jax.scaling.report import write_report
+from cpt_jax.scaling.report import collect, replay_study, write_report
 
 from helpers import MINI
 
@@ -190,12 +190,14 @@ FORGET = replay_law.ReplayFit(K=0.9, kappa=0.3, r0=0.02, rho=1.2)
 SOURCE_LOSS = 4.0
 
 
-def generated_sweep(root, cpt_law, noise=0.0003):
-    """The mini sweep's plan, every run's metrics.jsonl written from the laws (with a relative
-    `noise` on target losses): target loss of scratch and CPT points, the source loss of CPT
-    runs as SOURCE_LOSS + the forgetting law (x 2% lognormal noise), and a replay run's target
-    loss as its law at its own target tokens (so ratios agree at equal target compute)."""
+def generated_sweep(root, cpt_law, noise=0.0003, **fields):
+    """The mini sweep's plan (its `fields` replaced), every run's metrics.jsonl written from the
+    laws (with a relative `noise` on target losses): target loss of scratch and CPT points, the
+    source loss of CPT runs as SOURCE_LOSS + the forgetting law (x 2% lognormal noise), and a
+    replay run's target loss as its law at its own target tokens (so ratios agree at equal target
+    compute)."""
     config = load_file(MINI)
+    config.update(fields)
     runs = sweep.expand(config, str(root))
     sweep.write_plan(runs, str(root), ["--config", MINI], config)
     rng = np.random.default_rng(0)
@@ -243,6 +245,18 @@ def test_report_verdicts_follow_the_data(tmp_path, cpt_law, expected):
         assert data["replay"]["critical_ratio"] == pytest.approx(true, rel=0.1)
         assert data["replay"]["fit"]["rho"] == pytest.approx(FORGET.rho, rel=0.1)
         assert 0 < data["replay"]["critical_interval"][0] < data["replay"]["critical_interval"][1] < 1
+
+
+def test_replay_study_compares_ratios_at_the_budgets_all_of_them_have(tmp_path):
+    """With extend_to_largest the replay study's fitted ratio has budgets past the others': the
+    study compares the ratios at the sweep's own budgets, every ratio at the largest of them."""
+    root = generated_sweep(tmp_path, CPT, extend_to_largest=True)
+    plan, curves = collect(str(root))
+    at_study = [r for r in plan["runs"] if r["size"] == "test" and r["kind"] == "cpt" and r["role"] == "branch"]
+    assert max(r["budget"] for r in at_study) > 1.0  # the fitted ratio's runs go past the sweep's budgets
+    study = replay_study(plan, curves, bootstrap=20)
+    assert sorted({p[4] for p in study["points"]}) == [0.25, 0.5, 1.0]
+    assert sorted(study["rise_at_largest"]) == [0.0, 0.01, 0.05, 0.2, 0.5]
 
 
 def test_report_command_writes_the_report_of_a_sweep_dir(tmp_path, capsys):
