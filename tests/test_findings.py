@@ -13,7 +13,7 @@ from cpt_jax.config import load_file
 from cpt_jax.scaling import findings, languages, laws
 from cpt_jax.scaling import replay as replay_law
 from cpt_jax.scaling.analysis import Fits, Points, resample_runs
-from cpt_jax.scaling.report import collect, replay_study, write_report
+from cpt_jax.scaling.report import collect, replay_study, seed_noise, write_report
 
 from helpers import MINI
 
@@ -257,6 +257,20 @@ def test_replay_study_compares_ratios_at_the_budgets_all_of_them_have(tmp_path):
     study = replay_study(plan, curves, bootstrap=20)
     assert sorted({p[4] for p in study["points"]}) == [0.25, 0.5, 1.0]
     assert sorted(study["rise_at_largest"]) == [0.0, 0.01, 0.05, 0.2, 0.5]
+
+
+def test_seed_noise_pools_the_points_that_have_repeats():
+    """sigma of log L across seeds, pooled over the points run with several seeds; a point run
+    once (a budget past the sweep's own, extend_to_largest) is left out of both."""
+    losses = {(2.5, 0): 2.0, (2.5, 1): 2.2, (10, 0): 1.5, (10, 1): 1.4, (10, 2): 1.6, (40, 0): 1.0}
+    runs = [{"name": f"s{b}_{k}", "size": "lap3", "kind": "scratch", "role": "branch", "replay_ratio": 0.0,
+             "budget": b, "seed": k, "tokens": 100, "target": "zh"} for b, k in losses]
+    curves = {r["name"]: {"zh": (np.array([100]), np.array([losses[r["budget"], r["seed"]]]))} for r in runs}
+    noise = seed_noise({"seed_study": {"size": "lap3", "count": 3}, "runs": runs, "fit_replay_ratio": 0.05,
+                       "target": "zh"}, curves)
+    assert list(noise) == ["scratch"] and list(noise["scratch"]["losses"]) == ["zh 2.5x", "zh 10x"]
+    pooled = np.mean([np.var(np.log([2.0, 2.2]), ddof=1), np.var(np.log([1.5, 1.4, 1.6]), ddof=1)])
+    assert noise["scratch"]["sigma"] == pytest.approx(np.sqrt(pooled), rel=1e-12) and noise["scratch"]["seeds"] == 3
 
 
 def test_report_command_writes_the_report_of_a_sweep_dir(tmp_path, capsys):

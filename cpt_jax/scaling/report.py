@@ -358,7 +358,7 @@ def seed_noise(plan: dict, curves: dict) -> dict:
         return {}
     out = {}
     for kind in ("scratch", "cpt"):
-        by_point: dict[str, list[float]] = {}  # "<target> <budget>x" -> a loss per seed
+        by_point: dict[tuple[str, float], list[float]] = {}  # (target, budget) -> a loss per seed
         for run in plan["runs"]:
             if (run["size"] != study["size"] or run["kind"] != kind or run["role"] == "stable"
                     or (kind == "cpt" and run["replay_ratio"] != plan["fit_replay_ratio"])):
@@ -366,11 +366,13 @@ def seed_noise(plan: dict, curves: dict) -> dict:
             target = run.get("target", plan["target"])
             loss = final(run, curves, target)
             if loss is not None:
-                by_point.setdefault(f"{target} {run['budget']:g}x", []).append(loss)
-        var = [float(np.var(np.log(v), ddof=1)) for v in by_point.values() if len(v) > 1]
-        if var:
-            out[kind] = {"sigma": float(np.sqrt(np.mean(var))), "seeds": max(map(len, by_point.values())),
-                         "losses": dict(sorted(by_point.items()))}
+                by_point.setdefault((target, run["budget"]), []).append(loss)
+        # points with repeats only (extend_to_largest takes seed 0 alone past the sweep's budgets)
+        repeated = {f"{t} {b:g}x": v for (t, b), v in sorted(by_point.items()) if len(v) > 1}
+        if repeated:
+            var = [float(np.var(np.log(v), ddof=1)) for v in repeated.values()]
+            out[kind] = {"sigma": float(np.sqrt(np.mean(var))), "seeds": max(map(len, repeated.values())),
+                         "losses": repeated}
     return out
 
 
