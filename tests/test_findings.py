@@ -4,6 +4,7 @@ hand-made numbers, then the whole report on a sweep whose evals are generated fr
 import dataclasses
 import json
 import os
+import runpy
 
 import numpy as np
 import pytest
@@ -15,7 +16,7 @@ from cpt_jax.scaling import replay as replay_law
 from cpt_jax.scaling.analysis import Fits, Points, resample_runs
 from cpt_jax.scaling.report import collect, replay_study, seed_noise, write_report
 
-from helpers import MINI
+from helpers import MINI, ROOT
 
 SIZES = {1e5: ([1e5, 2e5, 4e5], [6.0, 5.6, 5.3]), 3e5: ([3e5, 6e5, 1.2e6], [5.5, 5.1, 4.8])}
 
@@ -271,6 +272,22 @@ def test_seed_noise_pools_the_points_that_have_repeats():
     assert list(noise) == ["scratch"] and list(noise["scratch"]["losses"]) == ["zh 2.5x", "zh 10x"]
     pooled = np.mean([np.var(np.log([2.0, 2.2]), ddof=1), np.var(np.log([1.5, 1.4, 1.6]), ddof=1)])
     assert noise["scratch"]["sigma"] == pytest.approx(np.sqrt(pooled), rel=1e-12) and noise["scratch"]["seeds"] == 3
+
+
+@pytest.mark.slow  # seconds: some ten full multi-start fits
+def test_bootstrap_coverage_bench_takes_its_truth_from_the_sweep(tmp_path, capsys):
+    """bench/bootstrap_coverage.py on a sweep generated from CPT's laws: its truth is the sweep's
+    own fit (near the generating gamma), and it reports both bootstraps' coverage."""
+    root = generated_sweep(tmp_path, CPT)
+    bench = runpy.run_path(os.path.join(ROOT, "bench", "bootstrap_coverage.py"))
+    assert bench["main"](["--sweep_dir", str(root), "--datasets", "1", "--resamples", "4"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["truth"]["gamma"] == pytest.approx(CPT.gamma, abs=0.01)
+    for method in ("runs", "wild_cluster"):
+        assert set(out[method]["coverage"]) == {"gamma", "gamma_on_scratch", "a_scratch"}
+        assert all(0 <= v <= 1 for v in out[method]["coverage"].values())
+    assert bench["main"](["--datasets", "2"]) == 2
+    assert capsys.readouterr().err.strip() == "bench error: --sweep_dir: give a finished sweep's directory"
 
 
 def test_report_command_writes_the_report_of_a_sweep_dir(tmp_path, capsys):
