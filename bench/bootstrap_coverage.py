@@ -85,11 +85,18 @@ def wild_cluster(scratch: analysis.Points, cpt: analysis.Points, n: int, sigmas:
             (("scratch", th_s), ("cpt", th_c), ("cpt_on_scratch", th_o))}
 
 
+def allocation_exponent(theta: np.ndarray) -> float:
+    """a of N_opt ~ C^a under a Chinchilla parameter vector (nan where there is no optimum)."""
+    try:
+        return laws.allocation(fitting.as_fit(theta, cpt=False))[1]
+    except ValueError:
+        return float("nan")
+
+
 def quantities(boot: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """gamma on CPT points, gamma on scratch points, scratch's allocation exponent a = beta / (alpha + beta)."""
-    s = boot["scratch"]
+    """gamma on CPT points, gamma on scratch points, scratch's allocation exponent a."""
     return {"gamma": boot["cpt"][:, 4], "gamma_on_scratch": boot["cpt_on_scratch"][:, 4],
-            "a_scratch": s[:, 3] / (s[:, 1] + s[:, 3])}
+            "a_scratch": np.array([allocation_exponent(t) for t in boot["scratch"]])}
 
 
 def bench() -> None:
@@ -101,8 +108,7 @@ def bench() -> None:
     sigmas = {k: v["sigma"] for k, v in report.seed_noise(plan, curves).items()}
     s = fitting.fit_params(*scratch.ndl, fitting.CHINCHILLA_FREE)
     c = fitting.fit_params(*cpt.ndl, fitting.CPT_FREE, s.theta)
-    truth = {"gamma": float(c.theta[4]), "gamma_on_scratch": 0.0,
-             "a_scratch": float(s.theta[3] / (s.theta[1] + s.theta[3]))}
+    truth = {"gamma": float(c.theta[4]), "gamma_on_scratch": 0.0, "a_scratch": allocation_exponent(s.theta)}
     noise = {"scratch": noise_components(scratch, s.theta), "cpt": noise_components(cpt, c.theta)}
     n, t0 = _RESAMPLES.value, time.perf_counter()
     hits = {m: {k: [] for k in truth} for m in ("runs", "wild_cluster")}

@@ -656,11 +656,10 @@ def replay_study(plan: dict, curves: dict, bootstrap: int = 200) -> dict | None:
             rows.append((r, (1 - r) * run["tokens"], end - start, loss, run["budget"]))
     if not rows:
         return {"error": f"no finished CPT runs at size {study['size']}"}
-    r, d, rise, loss, budget = (np.array(x, float) for x in zip(*rows))
     # the fitted ratio's runs may go past the others' budgets (extend_to_largest): compare where all have runs
-    shared = budget <= min(budget[r == x].max() for x in np.unique(r))
-    r, d, rise, loss, budget = r[shared], d[shared], rise[shared], loss[shared], budget[shared]
-    rows = [row for row, keep in zip(rows, shared) if keep]
+    shared = min(max(row[4] for row in rows if row[0] == ratio) for ratio in {row[0] for row in rows})
+    rows = [row for row in rows if row[4] <= shared]
+    r, d, rise, loss, budget = (np.array(x, float) for x in zip(*rows))
     largest = budget == budget.max()
     result = {"size": study["size"], "points": rows, "rise_at_largest": dict(zip(r[largest], rise[largest]))}
     curves_by_ratio = {float(x): (d[r == x][np.argsort(d[r == x])], loss[r == x][np.argsort(d[r == x])])
