@@ -3,6 +3,11 @@ size, the scratch law refitted in each resample, the seed noise drawn) contain t
 synthetic sweeps with a finished sweep's design; JSON on stdout.
 
     python bench/bootstrap_coverage.py --sweep_dir /tmp/laptop [--datasets 60] [--resamples 100]
+    python bench/bootstrap_coverage.py --sweep_dir /tmp/laptop --config configs/sweeps/X.py --nowild
+
+With --config, the synthetic sweeps have that sweep config's design instead (its plan, nothing
+trained: a point per cooldown branch or whole run), the truth and noise still the finished
+sweep's: how often a planned sweep would decide gamma if the laws are what DIR measured.
 
 Truth: the sweep's own full fits (Chinchilla to its scratch points, the CPT law to its CPT
 points). Each synthetic sweep has the same (N, D) points and runs, with log L = the law + a
@@ -20,16 +25,18 @@ import time
 import numpy as np
 from absl import flags
 
-from cpt_jax import cli
+from cpt_jax import cli, sweep
 from cpt_jax.errors import ConfigError
 from cpt_jax.scaling import analysis, laws, report
 from cpt_jax.scaling import fit as fitting
 
-CLI = cli.Command(__doc__, label="bench error")
+CLI = cli.Command(__doc__, label="bench error", config="A sweep config whose design the synthetic sweeps take "
+                  "(default: the finished sweep's own).")
 _SWEEP_DIR = flags.DEFINE_string("sweep_dir", None, "A finished sweep (its sweep.json and runs).",
                                  flag_values=CLI.flags)
 _DATASETS = flags.DEFINE_integer("datasets", 60, "Synthetic sweeps.", flag_values=CLI.flags)
 _RESAMPLES = flags.DEFINE_integer("resamples", 100, "Bootstrap resamples per synthetic sweep.", flag_values=CLI.flags)
+_WILD = flags.DEFINE_boolean("wild", True, "Also the wild cluster bootstrap, for comparison.", flag_values=CLI.flags)
 
 WEBB = np.array([-np.sqrt(1.5), -1.0, -np.sqrt(0.5), np.sqrt(0.5), 1.0, np.sqrt(1.5)])
 
@@ -49,6 +56,14 @@ def noise_components(p: analysis.Points, theta: np.ndarray) -> tuple[float, floa
     means = np.array([r[p.N == n].mean() for n in sizes])
     tau2 = max(0.0, float(means.var(ddof=1)) - sigma2 / float(np.mean([np.sum(p.N == n) for n in sizes])))
     return float(np.sqrt(tau2)), float(np.sqrt(sigma2))
+
+
+def design(config, kind: str) -> analysis.Points:
+    """The (N, D) points of a sweep config's fitted `kind` runs (loss nan), from its plan alone."""
+    runs = sweep.expand(config, "SWEEP_DIR")
+    fitted = [(r.params, r.tokens, np.nan, i) for i, r in enumerate(runs) if r.kind == kind and r.role != "stable"
+              and not r.seed and r.target == config.target and (kind == "scratch" or r.replay_ratio == sweep.fit_ratio(config))]
+    return analysis.Points.of(np.array(fitted, dtype=float))
 
 
 def synthetic(p: analysis.Points, theta: np.ndarray, tau: float, sigma: float, rng) -> analysis.Points:
@@ -110,15 +125,21 @@ def bench() -> None:
     c = fitting.fit_params(*cpt.ndl, fitting.CPT_FREE, s.theta)
     truth = {"gamma": float(c.theta[4]), "gamma_on_scratch": 0.0, "a_scratch": allocation_exponent(s.theta)}
     noise = {"scratch": noise_components(scratch, s.theta), "cpt": noise_components(cpt, c.theta)}
+    if CLI.config.value is not None:
+        try:
+            scratch, cpt = design(CLI.config.value, "scratch"), design(CLI.config.value, "cpt")
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
     n, t0 = _RESAMPLES.value, time.perf_counter()
-    hits = {m: {k: [] for k in truth} for m in ("runs", "wild_cluster")}
+    hits = {m: {k: [] for k in truth} for m in ("runs", "wild_cluster")[:2 if _WILD.value else 1]}
     widths = {m: {k: [] for k in truth} for m in hits}
     decided = {m: {"below_0": 0, "above_0": 0} for m in hits}
     for i in range(_DATASETS.value):
         rng = np.random.default_rng(i)
         sp, cp = synthetic(scratch, s.theta, *noise["scratch"], rng), synthetic(cpt, c.theta, *noise["cpt"], rng)
-        boots = {"runs": analysis.Fits.of(sp, cp, n, seed=i, noise=sigmas).boot,
-                 "wild_cluster": wild_cluster(sp, cp, n, sigmas, rng)}
+        boots = {"runs": analysis.Fits.of(sp, cp, n, seed=i, noise=sigmas).boot}
+        if _WILD.value:
+            boots["wild_cluster"] = wild_cluster(sp, cp, n, sigmas, rng)
         for method, boot in boots.items():
             for k, samples in quantities(boot).items():
                 lo, hi = np.nanpercentile(samples, [2.5, 97.5])
@@ -128,7 +149,9 @@ def bench() -> None:
                     decided[method]["below_0"] += int(hi < 0)
                     decided[method]["above_0"] += int(lo > 0)
     print(json.dumps({
-        "sweep_dir": _SWEEP_DIR.value, "datasets": _DATASETS.value, "resamples": n, "truth": truth,
+        "sweep_dir": _SWEEP_DIR.value, "design": {"sizes": len(np.unique(cpt.N)), "N": [float(cpt.N.min()), float(cpt.N.max())],
+                                                   "points": {"scratch": len(scratch.N), "cpt": len(cpt.N)}},
+        "datasets": _DATASETS.value, "resamples": n, "truth": truth,
         "noise_tau_sigma_of_log_L": noise, "seed_noise": sigmas, "seconds": round(time.perf_counter() - t0, 1),
         **{method: {"coverage": {k: round(float(np.mean(v)), 3) for k, v in hits[method].items()},
                     "median_width": {k: round(float(np.median(v)), 4) for k, v in widths[method].items()},

@@ -22,7 +22,7 @@ ENTRY_POINTS = {  # module or bench script -> exactly the flags its --help lists
     "cpt_jax.data.prepare": {"config"},
     "cpt_jax.scaling.plan": {"compute", "fits", "json"},
     "cpt_jax.aot": {"config", "topology", "num_slices", "json", "config_run"},
-    "bench/bootstrap_coverage.py": {"sweep_dir", "datasets", "resamples"},
+    "bench/bootstrap_coverage.py": {"config", "sweep_dir", "datasets", "resamples", "wild"},
     "bench/data.py": {"rows", "steps"},
     "bench/freeze_memory.py": {"size", "vocab_size", "old_vocab", "batch_size", "seq_len"},
     "bench/harness.py": {"src", "requests", "batch_size"},

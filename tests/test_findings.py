@@ -288,6 +288,18 @@ def test_bootstrap_coverage_bench_takes_its_truth_from_the_sweep(tmp_path, capsy
         assert all(0 <= v <= 1 for v in out[method]["coverage"].values())
     assert bench["main"](["--datasets", "2"]) == 2
     assert capsys.readouterr().err.strip() == "bench error: --sweep_dir: give a finished sweep's directory"
+    # A planned design (here the sweep's config with a fourth budget): its points, the sweep's truth.
+    args = ["--sweep_dir", str(root), "--datasets", "1", "--resamples", "4", "--nowild", "--config", MINI,
+            "--config.tokens_per_param=(0.25, 0.5, 1.0, 2.0)"]
+    assert bench["main"](args) == 0
+    out = json.loads(capsys.readouterr().out)
+    def fitted(config):
+        return sum(r.kind == "cpt" and r.role == "branch" and r.replay_ratio == 0.05
+                   for r in sweep.expand(config, str(root)))
+    longer = load_file(MINI)
+    longer.tokens_per_param = (0.25, 0.5, 1.0, 2.0)
+    assert out["design"]["points"]["cpt"] == fitted(longer) > fitted(load_file(MINI))
+    assert out["truth"]["gamma"] == pytest.approx(CPT.gamma, abs=0.01) and "wild_cluster" not in out
 
 
 def test_report_command_writes_the_report_of_a_sweep_dir(tmp_path, capsys):

@@ -30,7 +30,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.base.optimizer.peak_lr = 3e-3  # tiny models take a larger step than the paper's 2e-4
     c.base.optimizer.weight_decay = 0.0
     c.base.log_every = 50
-    c.sizes = ("lap0", "lap1", "lap2", "lap3", "lap4", "lap5")
+    c.sizes = ("lap0", "lap0h", "lap1", "lap1h", "lap2", "lap2h", "lap3", "lap4", "lap5")
     c.source, c.target = "en", "zh"
     c.source_tokens_per_param = 20.0
     c.tokens_per_param = (2.5, 5.0, 10.0, 20.0)  # 8x, ending at the paper's 20 tokens per parameter

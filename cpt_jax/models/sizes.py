@@ -56,11 +56,15 @@ SIZES.update({
     "small": Size(None, 256, 704, 8, 6, kv_heads=4),
 })
 # Not in the paper: the laptop reproduction's ladder (configs/sweeps/laptop.py): at 260 byte ids,
-# N = 6.8k, 17.6k, 33k, 63k, 146k, 283k non-embedding parameters, 2-4x apart, 42x in all.
+# N = 6.8k, 12k, 17.6k, 27k, 33k, 43k, 63k, 146k, 283k non-embedding parameters, 42x in all
+# (lapKh: half a step above lapK, the cheap sizes that give the fits more sizes).
 SIZES.update({
     "lap0": Size(None, 16, 32, 1, 1, kv_heads=1),
+    "lap0h": Size(None, 24, 48, 1, 1, kv_heads=1),
     "lap1": Size(None, 32, 64, 2, 1, kv_heads=1),
+    "lap1h": Size(None, 32, 64, 2, 2, kv_heads=1),
     "lap2": Size(None, 32, 96, 2, 2, kv_heads=1),
+    "lap2h": Size(None, 40, 96, 2, 2, kv_heads=1),
     "lap3": Size(None, 48, 128, 2, 2, kv_heads=1),
     "lap4": Size(None, 64, 160, 4, 3, kv_heads=2),
     "lap5": Size(None, 80, 192, 4, 4, kv_heads=2),
