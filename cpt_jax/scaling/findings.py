@@ -57,8 +57,8 @@ PAPER = {
 DECIDE = {  # the runs that would narrow an undetermined verdict's interval
     "transfer": "seeds at the sizes whose interval straddles 0 (seed_study), or CPT budgets past scratch's largest",
     "cpt_law": ("more sizes over a wider range of N (gamma is a slope in N); seeds narrow its interval only where "
-                "the seed noise, not the law's misfit, sets it (bench/bootstrap_coverage.py: how often such a sweep "
-                "decides it)"),
+                "the seed noise, not the law's misfit, sets it (bench/bootstrap_coverage.py --sweep_dir DIR --config "
+                "PLANNED: how often a planned sweep would decide it)"),
     "allocation": "more sizes over a wider range of N (the allocation exponents are slopes in N)",
     "replay": "more budgets at the replay study's size, or seeds of its runs",
     "stability_gap": "denser evals over the first steps of CPT (dense_evals), or seeds at the undetermined sizes",
