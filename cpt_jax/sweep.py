@@ -3,7 +3,7 @@
   python -m cpt_jax.sweep --config configs/sweeps/mini.py --sweep_dir /tmp/mini [--backend local|slurm|print]
                           [--only SIZE,...] [--config.FIELD=VALUE ...]
   python -m cpt_jax.sweep run --config configs/sweeps/mini.py --sweep_dir /tmp/mini --run nano/source
-  python -m cpt_jax.sweep report --sweep_dir /tmp/mini
+  python -m cpt_jax.sweep report --sweep_dir /tmp/mini [--resamples 1000]
   python -m cpt_jax.sweep cost --config configs/sweeps/paper.py:branched
 
 A sweep config gives sizes, token budgets (tokens per parameter) and replay ratios; each size
@@ -44,13 +44,13 @@ from cpt_jax.data.tokenizer import load_tokenizer, made_vocab_size
 from cpt_jax.errors import ConfigError, Preempted, RunError
 from cpt_jax.rundir import RunDir
 from cpt_jax.scaling import languages
-from cpt_jax.scaling.report import write_report
+from cpt_jax.scaling.report import BOOTSTRAP, write_report
 
 CLI = cli.Command(__doc__, config="The sweep config, e.g. configs/sweeps/mini.py[:arg]; any field can be overridden: "
                   "--config.base.seq_len=64.", processes=True, default_command="launch",
                   commands={"launch": ("config", "sweep_dir", "backend", "only"),
                             "run": ("config", "sweep_dir", "only", "run"),
-                            "report": ("sweep_dir",), "cost": ("config", "only", "sweep_dir")})
+                            "report": ("sweep_dir", "resamples"), "cost": ("config", "only", "sweep_dir")})
 _SWEEP_DIR = flags.DEFINE_string("sweep_dir", None, "Where the sweep's runs, plan and report go.",
                                  flag_values=CLI.flags)
 _BACKEND = flags.DEFINE_enum("backend", "local", ["local", "slurm", "print"], "How the runs are launched.",
@@ -58,6 +58,8 @@ _BACKEND = flags.DEFINE_enum("backend", "local", ["local", "slurm", "print"], "H
 _ONLY = flags.DEFINE_list("only", [], "Sizes to run, comma-separated (default: all of the config's).",
                           flag_values=CLI.flags)
 _RUN = flags.DEFINE_string("run", None, "With `run`: the run to train, e.g. nano/cpt_r0.05_stable.", flag_values=CLI.flags)
+_RESAMPLES = flags.DEFINE_integer("resamples", BOOTSTRAP, "With `report`: resamples of each bootstrap (fewer: a "
+                                  "quicker, rougher report).", lower_bound=1, flag_values=CLI.flags)
 
 KINDS = ("source", "scratch", "cpt")
 
@@ -546,7 +548,7 @@ def sweep_command(command: str) -> None:
     if command == "report":
         if not os.path.isfile(os.path.join(sweep_dir, "sweep.json")):
             raise ConfigError(f"--sweep_dir {sweep_dir}: no sweep.json there (a sweep writes it when it starts)")
-        print(write_report(sweep_dir))
+        print(write_report(sweep_dir, _RESAMPLES.value))
         return
     if CLI.config.value is None:
         raise ConfigError("--config is required")

@@ -15,7 +15,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PROCESSES = {"coordinator_address", "num_processes", "process_id"}
 ENTRY_POINTS = {  # module or bench script -> exactly the flags its --help lists
     "cpt_jax.main": {"config", "workdir", "allow_config_change", *PROCESSES},
-    "cpt_jax.sweep": {"config", "sweep_dir", "backend", "only", "run", *PROCESSES},
+    "cpt_jax.sweep": {"config", "sweep_dir", "backend", "only", "run", "resamples", *PROCESSES},
     "cpt_jax.convert.__main__": {"config", "src", "dst", "dtype", "step", "source", "vocab_size"},
     "cpt_jax.evaluate": {"workdir", "step", "tasks", "limit", "batch_size", "max_length", "dtype", "include_path",
                          "output"},

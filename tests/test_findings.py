@@ -306,7 +306,7 @@ def test_report_command_writes_the_report_of_a_sweep_dir(tmp_path, capsys):
     """`python -m cpt_jax.sweep report --sweep_dir DIR` in this process: DIR's report, judged on
     the runs' metrics there (generated from CPT's laws: its verdicts)."""
     root = generated_sweep(tmp_path, CPT)
-    assert sweep.main(["report", "--sweep_dir", str(root)]) == 0
+    assert sweep.main(["report", "--sweep_dir", str(root), "--resamples", "40"]) == 0
     assert capsys.readouterr().out.strip() == str(root / "report.md")
     data = json.loads((root / "report.json").read_text())
     assert data["sweep_dir"] == str(root) and {k: v["status"] for k, v in data["findings"].items()} == CPT_VERDICTS
