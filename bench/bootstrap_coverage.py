@@ -59,10 +59,11 @@ def noise_components(p: analysis.Points, theta: np.ndarray) -> tuple[float, floa
 
 
 def design(config, kind: str) -> analysis.Points:
-    """The (N, D) points of a sweep config's fitted `kind` runs (loss nan), from its plan alone."""
-    runs = sweep.expand(config, "SWEEP_DIR")
-    fitted = [(r.params, r.tokens, np.nan, i) for i, r in enumerate(runs) if r.kind == kind and r.role != "stable"
-              and not r.seed and r.target == config.target and (kind == "scratch" or r.replay_ratio == sweep.fit_ratio(config))]
+    """The (N, D) points of a sweep config's fitted `kind` runs into its first target (loss nan),
+    from its plan alone."""
+    ratio, target = 0.0 if kind == "scratch" else sweep.fit_ratio(config), sweep.targets(config)[0]
+    fitted = [(r.params, r.tokens, np.nan, i) for i, r in enumerate(sweep.expand(config, "SWEEP_DIR"))
+              if (r.kind, r.replay_ratio, r.target) == (kind, ratio, target) and r.role != "stable" and not r.seed]
     return analysis.Points.of(np.array(fitted, dtype=float))
 
 
@@ -131,7 +132,8 @@ def bench() -> None:
         except ValueError as e:
             raise ConfigError(str(e)) from None
     n, t0 = _RESAMPLES.value, time.perf_counter()
-    hits = {m: {k: [] for k in truth} for m in ("runs", "wild_cluster")[:2 if _WILD.value else 1]}
+    methods = ("runs", "wild_cluster") if _WILD.value else ("runs",)
+    hits = {m: {k: [] for k in truth} for m in methods}
     widths = {m: {k: [] for k in truth} for m in hits}
     decided = {m: {"below_0": 0, "above_0": 0} for m in hits}
     for i in range(_DATASETS.value):
@@ -149,8 +151,9 @@ def bench() -> None:
                     decided[method]["below_0"] += int(hi < 0)
                     decided[method]["above_0"] += int(lo > 0)
     print(json.dumps({
-        "sweep_dir": _SWEEP_DIR.value, "design": {"sizes": len(np.unique(cpt.N)), "N": [float(cpt.N.min()), float(cpt.N.max())],
-                                                   "points": {"scratch": len(scratch.N), "cpt": len(cpt.N)}},
+        "sweep_dir": _SWEEP_DIR.value,
+        "design": {"sizes": len(np.unique(cpt.N)), "N": [float(cpt.N.min()), float(cpt.N.max())],
+                   "points": {"scratch": len(scratch.N), "cpt": len(cpt.N)}},
         "datasets": _DATASETS.value, "resamples": n, "truth": truth,
         "noise_tau_sigma_of_log_L": noise, "seed_noise": sigmas, "seconds": round(time.perf_counter() - t0, 1),
         **{method: {"coverage": {k: round(float(np.mean(v)), 3) for k, v in hits[method].items()},
