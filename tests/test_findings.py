@@ -310,6 +310,7 @@ def test_report_command_writes_the_report_of_a_sweep_dir(tmp_path, capsys):
     assert capsys.readouterr().out.strip() == str(root / "report.md")
     data = json.loads((root / "report.json").read_text())
     assert data["sweep_dir"] == str(root) and {k: v["status"] for k, v in data["findings"].items()} == CPT_VERDICTS
+    assert data["bootstrap"]["resamples"] == 40 and data["replay"]["resamples"] == 40  # --resamples, for every bootstrap
     report = (root / "report.md").read_text()
     assert [report.count(f": **{s}**") for s in ("holds", "undetermined")] == [4, 1]
 

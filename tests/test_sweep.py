@@ -433,6 +433,7 @@ def test_reduced_branched_sweep_runs_skips_reports_failures_and_writes_its_repor
     assert sorted(data["findings"]) == ["allocation", "cpt_law", "replay", "stability_gap", "transfer"]
     assert all(isinstance(v["holds"], bool) and v["evidence"] for v in data["findings"].values())
     assert data["flops"]["spent"] < data["flops"]["one_run_per_point"]
+    assert data["bootstrap"]["resamples"] == data["replay"]["resamples"] == 1000  # the report's default
     assert len(data["replay"]["points"]) == 3 * 3  # three ratios at nano, three budgets each
     for png in ("loss_vs_tokens.png", "forgetting.png", "fit.png"):
         assert (out / png).stat().st_size > 1000

@@ -693,7 +693,7 @@ def replay_section(study: dict | None, plan: dict, out: dict) -> list[str]:
     out["replay"] = {"size": study["size"], "fit": vars(f), "critical_ratio": study["critical"],
                      "critical_interval": (lo, hi), "rho_interval": study["rho_interval"],
                      "kappa_interval": study["kappa_interval"], "epsilon": study["epsilon"],
-                     "at_tokens": study["at_tokens"], "points": study["points"],
+                     "at_tokens": study["at_tokens"], "points": study["points"], "resamples": study["n"],
                      "equal_compute": {"at": list(study["equal"]["at"]),
                                        "relative_spread": list(study["equal"]["relative_spread"])}}
     md += [f"Size {study['size']}: the rise of the `{plan['source']}` loss over its source model's, fitted as "
