@@ -18,6 +18,7 @@ narrower, and the coverage says whether they are right. Also: how often gamma's 
 below or above 0, the chance that such a sweep decides finding 2's gamma rule.
 """
 
+import dataclasses
 import json
 import sys
 import time
@@ -58,13 +59,17 @@ def noise_components(p: analysis.Points, theta: np.ndarray) -> tuple[float, floa
     return float(np.sqrt(tau2)), float(np.sqrt(sigma2))
 
 
-def design(config, kind: str) -> analysis.Points:
-    """The (N, D) points of a sweep config's fitted `kind` runs into its first target (loss nan),
-    from its plan alone."""
-    ratio, target = 0.0 if kind == "scratch" else sweep.fit_ratio(config), sweep.targets(config)[0]
-    fitted = [(r.params, r.tokens, np.nan, i) for i, r in enumerate(sweep.expand(config, "SWEEP_DIR"))
-              if (r.kind, r.replay_ratio, r.target) == (kind, ratio, target) and r.role != "stable" and not r.seed]
-    return analysis.Points.of(np.array(fitted, dtype=float))
+def design(config) -> tuple[analysis.Points, analysis.Points]:
+    """The (N, D) points of a sweep config's scratch and fitted CPT runs into its first target
+    (loss nan; a point per cooldown branch or whole run), from its plan alone."""
+    runs = [{f.name: getattr(r, f.name) for f in dataclasses.fields(r)} for r in sweep.expand(config, "SWEEP_DIR")]
+    target = sweep.targets(config)[0]
+
+    def of(kind: str, ratio: float | None) -> analysis.Points:
+        rows = [(r["params"], r["tokens"], np.nan, i) for i, r in enumerate(runs)
+                if report.fitted(r, kind, target, ratio)]
+        return analysis.Points.of(np.array(rows, dtype=float).reshape(-1, 4))
+    return of("scratch", None), of("cpt", sweep.fit_ratio(config))
 
 
 def synthetic(p: analysis.Points, theta: np.ndarray, tau: float, sigma: float, rng) -> analysis.Points:
@@ -128,7 +133,7 @@ def bench() -> None:
     noise = {"scratch": noise_components(scratch, s.theta), "cpt": noise_components(cpt, c.theta)}
     if CLI.config.value is not None:
         try:
-            scratch, cpt = design(CLI.config.value, "scratch"), design(CLI.config.value, "cpt")
+            scratch, cpt = design(CLI.config.value)
         except ValueError as e:
             raise ConfigError(str(e)) from None
     n, t0 = _RESAMPLES.value, time.perf_counter()

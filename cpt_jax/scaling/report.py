@@ -63,14 +63,19 @@ def final(run: dict, curves: dict, lang: str) -> float | None:
     return float(loss[-1]) if len(tokens) and tokens[-1] >= run["tokens"] else None
 
 
+def fitted(run: dict, kind: str, lang: str, ratio: float | None = None) -> bool:
+    """Whether a planned run (a sweep.json entry) gives points to the fits of `kind` into `lang`
+    (at replay `ratio`): not a stable phase, and not a seed repeat (those measure noise: seed_noise)."""
+    return (run["kind"] == kind and run["role"] != "stable" and (ratio is None or run["replay_ratio"] == ratio)
+            and not run.get("seed", 0) and run.get("target", lang) == lang)
+
+
 def points(plan: dict, curves: dict, kind: str, lang: str, ratio: float | None = None) -> np.ndarray:
     """[k, 4] (N, D, L, run index in the plan) of the runs of `kind` (at replay `ratio`): a
     branched sweep's branch ends, or every eval after the start of each whole run."""
     out = []
     for i, run in enumerate(plan["runs"]):
-        if run["kind"] != kind or run["role"] == "stable" or (ratio is not None and run["replay_ratio"] != ratio):
-            continue
-        if run.get("seed", 0) or run.get("target", lang) != lang:  # seed repeats measure noise (seed_noise)
+        if not fitted(run, kind, lang, ratio):
             continue
         if run["role"] == "branch":
             loss = final(run, curves, lang)
